@@ -1,0 +1,39 @@
+"""The handler interfaces between the sources and the control plane.
+
+A source (manifest files, the Kubernetes API) converts what it reads into
+``userproxy.model`` objects and calls these methods.  They are plain functions: cheap, no
+I/O, never awaited, so a source can call them from anywhere on the event loop.  The
+``*_synced`` calls say that the source's initial listing has been fully delivered; the proxy
+serves nothing until both Services and EndpointSlices are synced.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from userproxy.model import EndpointSlice, Node, Service
+
+
+class ServiceHandler(Protocol):
+    def on_service_add(self, service: Service) -> None: ...
+    def on_service_update(self, old: Service, new: Service) -> None: ...
+    def on_service_delete(self, service: Service) -> None: ...
+    def on_services_synced(self) -> None: ...
+
+
+class EndpointSliceHandler(Protocol):
+    def on_endpointslice_add(self, endpoint_slice: EndpointSlice) -> None: ...
+    def on_endpointslice_update(self, old: EndpointSlice, new: EndpointSlice) -> None: ...
+    def on_endpointslice_delete(self, endpoint_slice: EndpointSlice) -> None: ...
+    def on_endpointslices_synced(self) -> None: ...
+
+
+class NodeHandler(Protocol):
+    def on_node_add(self, node: Node) -> None: ...
+    def on_node_update(self, old: Node, new: Node) -> None: ...
+    def on_node_delete(self, node: Node) -> None: ...
+    def on_node_synced(self) -> None: ...
+
+
+class Handlers(ServiceHandler, EndpointSliceHandler, NodeHandler, Protocol):
+    """Everything a source feeds; the control plane's ``ChangeRecorder`` implements it."""

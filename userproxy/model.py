@@ -1,0 +1,237 @@
+"""userproxy's own model of the Kubernetes objects it proxies for.
+
+Everything here is a frozen, slotted dataclass built at the source boundary (see
+``userproxy.sources.decode``) from validated API data.  Nothing downstream of the sources
+ever sees a raw API dict, so every field has the type its annotation says and every
+invariant stated in a docstring holds.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+
+class Protocol(enum.StrEnum):
+    """The transport protocol of a Service port (Kubernetes spells these upper-case)."""
+
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class IPFamily(enum.StrEnum):
+    """An address family as Kubernetes names it in ``ipFamilies`` and ``addressType``."""
+
+    IPv4 = "IPv4"
+    IPv6 = "IPv6"
+
+    @staticmethod
+    def of(address: str) -> IPFamily:
+        """The family of a literal IP address (raises ValueError for anything else)."""
+        return IPFamily.IPv6 if ipaddress.ip_address(address).version == 6 else IPFamily.IPv4
+
+
+class ServiceType(enum.StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+    EXTERNAL_NAME = "ExternalName"
+
+
+class TrafficPolicy(enum.StrEnum):
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
+
+
+#: Default and maximum of ``sessionAffinityConfig.clientIP.timeoutSeconds``.
+DEFAULT_AFFINITY_TIMEOUT = 10800
+MAX_AFFINITY_TIMEOUT = 86400
+
+#: Annotation on a Service that names its balancer (see ``userproxy.balancers``).
+BALANCER_ANNOTATION = "userproxy.io/balancer"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePortName:
+    """The unit kube-proxy proxies: one port of one Service.
+
+    ``port`` is the port's name ("" for the single unnamed port a Service may have).
+    """
+
+    namespace: str
+    name: str
+    port: str
+    protocol: Protocol
+
+    def __str__(self) -> str:
+        suffix = f":{self.port}" if self.port else ""
+        return f"{self.namespace}/{self.name}{suffix}/{self.protocol}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    """Namespace and name of a Service (the key EndpointSlices point at)."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    """One entry of ``spec.ports``.
+
+    Invariants: ``1 <= port <= 65535``; ``node_port`` is None or in 1..65535.
+    ``target_port`` is informational only: the backend port always comes from the
+    EndpointSlice's own port entry with the same name and protocol.
+    """
+
+    name: str
+    protocol: Protocol
+    port: int
+    node_port: int | None = None
+    target_port: int | str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancerIngress:
+    """One ``status.loadBalancer.ingress`` entry that has an IP.
+
+    ``ip_mode`` is None when unset; only None and "VIP" are captured by the proxy.
+    """
+
+    ip: str
+    ip_mode: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A v1 Service reduced to what a service proxy needs.
+
+    Invariants: ``cluster_ips`` holds literal IPs (the primary first), or is empty for a
+    headless Service; ``ports`` names are unique per protocol; ``affinity_timeout`` is None
+    without ClientIP affinity and otherwise in 1..86400 seconds.
+    """
+
+    namespace: str
+    name: str
+    type: ServiceType = ServiceType.CLUSTER_IP
+    cluster_ips: tuple[str, ...] = ()
+    ports: tuple[ServicePort, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ingress: tuple[LoadBalancerIngress, ...] = ()
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    health_check_node_port: int | None = None
+    affinity_timeout: int | None = None
+    balancer: str | None = None
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.name)
+
+    @property
+    def is_proxied(self) -> bool:
+        """False for headless and ExternalName Services, which a service proxy skips."""
+        return self.type is not ServiceType.EXTERNAL_NAME and bool(self.cluster_ips)
+
+    @property
+    def externally_accessible(self) -> bool:
+        """True when the Service has NodePorts, external IPs or load-balancer IPs."""
+        return (
+            self.type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER)
+            or bool(self.external_ips)
+            or bool(self.load_balancer_ingress)
+        )
+
+    def port_name(self, port: ServicePort) -> ServicePortName:
+        return ServicePortName(self.namespace, self.name, port.name, port.protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPort:
+    """One entry of an EndpointSlice's ``ports``; ``port`` None means "no port number"."""
+
+    name: str
+    protocol: Protocol
+    port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    """One entry of an EndpointSlice's ``endpoints``, with its conditions resolved.
+
+    ``address`` is ``addresses[0]``.  Unset conditions were resolved at decoding time the
+    Kubernetes way: ready and serving default to True, terminating to False.
+    ``zone_hints``/``node_hints`` are empty when the endpoint carries no such hints.
+    """
+
+    address: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """A discovery.k8s.io/v1 EndpointSlice of address type IPv4 or IPv6.
+
+    FQDN slices never get this far.  ``trigger_time`` is the
+    ``endpoints.kubernetes.io/last-change-trigger-time`` annotation as a UNIX timestamp.
+    """
+
+    namespace: str
+    name: str
+    service_name: str
+    address_type: IPFamily
+    ports: tuple[EndpointPort, ...] = ()
+    endpoints: tuple[SliceEndpoint, ...] = ()
+    trigger_time: float | None = None
+
+    @property
+    def service_key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.service_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """The proxy's own v1 Node: its zone label and whether it is being removed."""
+
+    name: str
+    zone: str | None = None
+    deleting: bool = False
+    to_be_deleted_taint: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A usable backend of one ServicePort: the data plane dials ``(ip, port)``.
+
+    ``is_local`` says the endpoint runs on this node.  The conditions and hints are kept
+    so selection rules (``userproxy.control.selection``) can be applied to it.
+    """
+
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    is_local: bool = False
+    zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.ip, self.port)
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
