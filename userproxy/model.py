@@ -235,3 +235,41 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+class AddressKind(enum.StrEnum):
+    """Which of a Service's addresses a listener serves."""
+
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    EXTERNAL_IP = "ExternalIP"
+    LOAD_BALANCER = "LoadBalancer"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """What a listener balances over: the usable endpoints and how to choose among them.
+
+    ``endpoints`` is already filtered by the selection rules for the listener's traffic
+    class; an empty tuple means "refuse new connections".
+    """
+
+    endpoints: tuple[Endpoint, ...]
+    balancer: str
+    affinity_timeout: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """One address the proxy listens on for one ServicePort, and its pool."""
+
+    spn: ServicePortName
+    kind: AddressKind
+    ip: str
+    port: int
+    pool: PoolSpec
+
+    @property
+    def key(self) -> tuple[Protocol, str, int]:
+        """Listeners are unique per (protocol, ip, port)."""
+        return (self.spn.protocol, self.ip, self.port)

@@ -1,0 +1,188 @@
+"""Change trackers: what changed since the last sync, with changes that cancel out dropped.
+
+Like kube-proxy's ServiceChangeTracker and EndpointsChangeTracker, each pending change is
+kept as ``(previous, current)`` where previous is the state the last sync applied and
+current the newest state seen (None meaning "absent").  An add followed by a delete, or an
+update back to the applied object, leaves nothing pending, so the sync that follows does
+no work for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from userproxy.model import EndpointSlice, Node, Service, ServiceKey
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Change(Generic[V]):
+    previous: V | None
+    current: V | None
+
+
+class ChangeTracker(Generic[K, V]):
+    """Pending ``Change``s per key; ``total`` counts every recorded change, even cancelled."""
+
+    __slots__ = ("_pending", "total")
+
+    def __init__(self) -> None:
+        self._pending: dict[K, Change[V]] = {}
+        self.total = 0
+
+    def record(self, key: K, previous: V | None, current: V | None) -> bool:
+        """Record one change; True when something is pending for ``key`` afterwards."""
+        self.total += 1
+        pending = self._pending.get(key)
+        base = pending.previous if pending is not None else previous
+        if base == current:
+            self._pending.pop(key, None)
+            return False
+        self._pending[key] = Change(base, current)
+        return True
+
+    def take(self) -> dict[K, Change[V]]:
+        """Hand the pending changes to a sync and start afresh."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+SliceKey = tuple[str, str]
+
+
+@dataclass(slots=True)
+class PendingChanges:
+    """Everything a sync takes at once (see ``ChangeRecorder.take``)."""
+
+    services: dict[ServiceKey, Change[Service]]
+    slices: dict[SliceKey, Change[EndpointSlice]]
+    node: Change[Node] | None
+    #: When the oldest of these changes was queued (monotonic clock), None if none.
+    queued_at: float | None
+    #: ``last-change-trigger-time`` of the changed slices (wall clock), for the
+    #: network programming latency.
+    trigger_times: list[float] = field(default_factory=list)
+
+
+class ChangeRecorder:
+    """Implements the source handlers by recording changes and asking for a sync.
+
+    Invariant: ``request_sync`` is called after every change that leaves something pending
+    and once both initial listings are complete; the recorder itself never touches sockets.
+    """
+
+    def __init__(
+        self,
+        node_name: str,
+        request_sync: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node_name = node_name
+        self._request_sync = request_sync
+        self._clock = clock
+        self.services: ChangeTracker[ServiceKey, Service] = ChangeTracker()
+        self.slices: ChangeTracker[SliceKey, EndpointSlice] = ChangeTracker()
+        self._node: Change[Node] | None = None
+        self._node_seen: Node | None = None
+        self._queued_at: float | None = None
+        self._trigger_times: list[float] = []
+        self.services_synced = False
+        self.slices_synced = False
+
+    @property
+    def initialized(self) -> bool:
+        """Both initial listings delivered: only then may the proxy serve anything."""
+        return self.services_synced and self.slices_synced
+
+    @property
+    def queued_at(self) -> float | None:
+        """Monotonic time the oldest unapplied change was queued (None when all applied)."""
+        return self._queued_at
+
+    def take(self) -> PendingChanges:
+        pending = PendingChanges(
+            services=self.services.take(),
+            slices=self.slices.take(),
+            node=self._node,
+            queued_at=self._queued_at,
+            trigger_times=self._trigger_times,
+        )
+        self._node = None
+        self._queued_at = None
+        self._trigger_times = []
+        return pending
+
+    def _changed(self, pending: bool) -> None:
+        if not pending:
+            return
+        if self._queued_at is None:
+            self._queued_at = self._clock()
+        if self.initialized:
+            self._request_sync()
+
+    # -- Services ---------------------------------------------------------------------------
+    def on_service_add(self, service: Service) -> None:
+        self._changed(self.services.record(service.key, None, service))
+
+    def on_service_update(self, old: Service, new: Service) -> None:
+        self._changed(self.services.record(new.key, old, new))
+
+    def on_service_delete(self, service: Service) -> None:
+        self._changed(self.services.record(service.key, service, None))
+
+    def on_services_synced(self) -> None:
+        self.services_synced = True
+        if self.initialized:
+            self._request_sync()
+
+    # -- EndpointSlices ---------------------------------------------------------------------
+    def _slice_changed(self, previous: EndpointSlice | None, new: EndpointSlice | None) -> None:
+        some = new or previous
+        assert some is not None
+        if new is not None and new.trigger_time is not None:
+            self._trigger_times.append(new.trigger_time)
+        self._changed(self.slices.record((some.namespace, some.name), previous, new))
+
+    def on_endpointslice_add(self, endpoint_slice: EndpointSlice) -> None:
+        self._slice_changed(None, endpoint_slice)
+
+    def on_endpointslice_update(self, old: EndpointSlice, new: EndpointSlice) -> None:
+        self._slice_changed(old, new)
+
+    def on_endpointslice_delete(self, endpoint_slice: EndpointSlice) -> None:
+        self._slice_changed(endpoint_slice, None)
+
+    def on_endpointslices_synced(self) -> None:
+        self.slices_synced = True
+        if self.initialized:
+            self._request_sync()
+
+    # -- the own Node -----------------------------------------------------------------------
+    def _node_changed(self, node: Node | None) -> None:
+        if node is not None and node.name != self.node_name:
+            return
+        base = self._node.previous if self._node is not None else self._node_seen
+        self._node_seen = node
+        self._node = None if base == node else Change(base, node)
+        self._changed(self._node is not None)
+
+    def on_node_add(self, node: Node) -> None:
+        self._node_changed(node)
+
+    def on_node_update(self, old: Node, new: Node) -> None:
+        self._node_changed(new)
+
+    def on_node_delete(self, node: Node) -> None:
+        if node.name == self.node_name:
+            self._node_changed(None)
+
+    def on_node_synced(self) -> None:
+        """The node is optional (a manifest set may not describe it): nothing to wait for."""

@@ -1,0 +1,176 @@
+"""The set of listeners: opened, updated and closed as the control plane's syncs say.
+
+``apply(service, specs)`` is the only entry point the control plane uses.  It touches only
+the listeners of that Service: a listener whose spec is unchanged is left alone, one whose
+pool changed gets its pool swapped, new ones are opened and the rest are closed.  A closed
+listener's open connections are left to finish and aborted ``drain_grace`` seconds later.
+
+One sweeper task (not a timer per connection) enforces the idle and half-close timeouts
+and the drain deadlines once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.limits import ConnectionLimit
+from userproxy.dataplane.tcp_listener import TcpListener
+from userproxy.dataplane.tcp_relay import DownstreamProtocol
+from userproxy.model import ListenerSpec, Protocol, ServiceKey
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 1.0
+ListenerKey = tuple[Protocol, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TcpTimeouts:
+    """``fin`` bounds a half-closed connection; ``idle`` (None = off) an idle one;
+    ``drain_grace`` how long connections of a removed listener may go on."""
+
+    fin: float = 120.0
+    idle: float | None = None
+    drain_grace: float = 30.0
+
+
+class ListenerSet:
+    def __init__(
+        self,
+        registry: BalancerRegistry,
+        limit: ConnectionLimit,
+        timeouts: TcpTimeouts,
+    ) -> None:
+        self.registry = registry
+        self.limit = limit
+        self.timeouts = timeouts
+        self.listeners: dict[ListenerKey, TcpListener] = {}
+        self._owner: dict[ListenerKey, ServiceKey] = {}
+        self._by_service: dict[ServiceKey, set[ListenerKey]] = {}
+        #: Closed listeners whose connections are still open, each with its deadline.
+        self._draining: dict[TcpListener, float] = {}
+        self._unsupported_warned: set[ListenerKey] = set()
+
+    # -- applying --------------------------------------------------------------------------
+    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+        """Make the listeners of ``service`` exactly ``specs`` (empty: remove them all)."""
+        wanted: dict[ListenerKey, ListenerSpec] = {}
+        for spec in specs:
+            key = spec.key
+            if spec.spn.protocol is not Protocol.TCP:
+                if key not in self._unsupported_warned:
+                    self._unsupported_warned.add(key)
+                    log.warning("%s: protocol %s is not proxied yet", spec.spn, spec.spn.protocol)
+                continue
+            owner = self._owner.get(key)
+            if owner is not None and owner != service:
+                log.error(
+                    "%s: %s:%d is already served for Service %s; not listening",
+                    spec.spn,
+                    spec.ip,
+                    spec.port,
+                    owner,
+                )
+                continue
+            wanted[key] = spec
+        current = self._by_service.get(service, set())
+        for key in current - wanted.keys():
+            self._remove(key)
+        for key, spec in wanted.items():
+            listener = self.listeners.get(key)
+            if listener is None:
+                self.listeners[key] = TcpListener(spec, self.registry, self.limit)
+                self._owner[key] = service
+            elif listener.spec != spec:
+                listener.update(spec)
+            elif listener.bind_error is not None:
+                listener.update(spec)  # retry a failed bind at every sync
+        if wanted:
+            self._by_service[service] = set(wanted)
+        else:
+            self._by_service.pop(service, None)
+
+    def _remove(self, key: ListenerKey) -> None:
+        listener = self.listeners.pop(key)
+        self._owner.pop(key, None)
+        listener.close()
+        if listener.connections:
+            loop = asyncio.get_running_loop()
+            self._draining[listener] = loop.time() + self.timeouts.drain_grace
+
+    # -- views -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[TcpListener]:
+        return iter(self.listeners.values())
+
+    def connections(self) -> Iterator[DownstreamProtocol]:
+        for listener in (*self.listeners.values(), *self._draining):
+            yield from listener.connections
+
+    @property
+    def active_connections(self) -> int:
+        return self.limit.active
+
+    # -- timeouts --------------------------------------------------------------------------
+    async def run_sweeper(self) -> None:
+        """Enforce idle/half-close timeouts and drain deadlines, once a second, forever."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep(asyncio.get_running_loop().time())
+
+    def sweep(self, now: float) -> None:
+        fin, idle = self.timeouts.fin, self.timeouts.idle
+        for conn in list(self.connections()):
+            if conn.half_closed_at is not None and now - conn.half_closed_at >= fin:
+                log.debug("closing a connection half-closed for %.0fs", fin)
+                conn.abort()
+                continue
+            if idle is not None:
+                if conn.active:
+                    conn.active = False
+                    conn.idle_since = now
+                elif now - conn.idle_since >= idle:
+                    log.debug("closing a connection idle for %.0fs", idle)
+                    conn.abort()
+        for listener, deadline in list(self._draining.items()):
+            if not listener.connections:
+                del self._draining[listener]
+            elif now >= deadline:
+                log.info(
+                    "%s: aborting %d connections left after the drain grace",
+                    listener.spec.spn,
+                    len(listener.connections),
+                )
+                listener.abort_all()
+                del self._draining[listener]
+
+    # -- shutdown --------------------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        for key in list(self.listeners):
+            listener = self.listeners.pop(key)
+            listener.close()
+            self._draining[listener] = float("inf")
+        self._owner.clear()
+        self._by_service.clear()
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` seconds for open connections to end; abort the rest.
+
+        Returns the number of connections that had to be aborted.
+        """
+        try:
+            async with asyncio.timeout(grace):
+                await self.limit.wait_empty()
+        except TimeoutError:
+            pass
+        left = list(self.connections())
+        for listener in (*self.listeners.values(), *self._draining):
+            listener.abort_all()
+        self._draining.clear()
+        if left:
+            # Let the aborts reach connection_lost before the loop goes away.
+            await asyncio.sleep(0)
+        return len(left)
