@@ -65,11 +65,20 @@ class Proxy:
         self._stop = asyncio.Event()
         self.synced = asyncio.Event()
         self.stopped = asyncio.Event()
+        self._next_sync = asyncio.Event()
 
     def _sync(self) -> None:
         self.proxier.sync()
         if self.proxier.status.syncs:
             self.synced.set()
+        # Wake everyone waiting for "a sync after N", then arm a fresh event.
+        self._next_sync.set()
+        self._next_sync = asyncio.Event()
+
+    async def wait_sync(self, after: int) -> None:
+        """Return once more than ``after`` syncs have been applied."""
+        while self.proxier.status.syncs <= after:
+            await self._next_sync.wait()
 
     def stop(self) -> None:
         """Begin the shutdown sequence (idempotent)."""

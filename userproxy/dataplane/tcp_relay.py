@@ -57,7 +57,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        stream = cast(asyncio.Transport, transport)
+        stream = cast("asyncio.Transport", transport)
         self.transport = stream
         self.conn.upstream_made(stream)
 
@@ -137,7 +137,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- client transport events ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        stream = cast(asyncio.Transport, transport)
+        stream = cast("asyncio.Transport", transport)
         stream.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self.downstream = stream
 

@@ -1,0 +1,75 @@
+"""Builders for Service and EndpointSlice manifests written to files for the proxy."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_next_net = itertools.count(1)
+
+
+def fresh_net() -> int:
+    """A number for picking 127.x addresses no other test in this process uses."""
+    return next(_next_net)
+
+
+def service(
+    name: str,
+    cluster_ip: str,
+    port: int,
+    *,
+    namespace: str = "default",
+    port_name: str = "tcp",
+    affinity_timeout: int | None = None,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "clusterIP": cluster_ip,
+        "ports": [{"name": port_name, "protocol": "TCP", "port": port, "targetPort": port_name}],
+    }
+    if affinity_timeout is not None:
+        spec["sessionAffinity"] = "ClientIP"
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity_timeout}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "annotations": annotations or {}},
+        "spec": spec,
+    }
+
+
+def endpoint_slice(
+    name: str,
+    service_name: str,
+    port: int,
+    addresses: Sequence[str],
+    *,
+    namespace: str = "default",
+    port_name: str = "tcp",
+    ready: Sequence[bool] | None = None,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service_name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": port_name, "protocol": "TCP", "port": port}],
+        "endpoints": [
+            {"addresses": [address], "conditions": {"ready": ready[i] if ready else True}}
+            for i, address in enumerate(addresses)
+        ],
+    }
+
+
+def write(path: Path, *objects: dict[str, Any]) -> None:
+    """Write ``objects`` as a JSON List, atomically (readers never see half a file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}))
+    tmp.replace(path)

@@ -1,0 +1,104 @@
+"""Running a proxy for a test: in-process on the test's loop, or as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from userproxy.config import Settings
+from userproxy.proxy import Proxy
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(manifests: Path, **overrides: Any) -> AsyncIterator[Proxy]:
+    """A Proxy serving ``manifests`` on the running loop, synced once, stopped at exit.
+
+    Fails the test if the loop's exception handler fires while the proxy runs.
+    """
+    options: dict[str, Any] = {
+        "hostname": "test-node",
+        "min_sync_period": 0.0,
+        "manifest_poll_interval": 0.05,
+        "shutdown_grace": 1.0,
+    }
+    options.update(overrides)
+    settings = Settings(manifests=(manifests,), **options)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    proxy = Proxy(settings)
+    task = asyncio.create_task(proxy.run())
+    try:
+        async with asyncio.timeout(10):
+            await proxy.synced.wait()
+        yield proxy
+    finally:
+        proxy.stop()
+        async with asyncio.timeout(15):
+            await task
+        loop.set_exception_handler(previous)
+    assert not errors, f"the loop's exception handler fired: {errors}"
+
+
+async def wait_for_sync(proxy: Proxy, syncs_after: int | None = None) -> None:
+    """Wait until the proxier ran a sync after the given count (default: the current one)."""
+    after = proxy.proxier.status.syncs if syncs_after is None else syncs_after
+    async with asyncio.timeout(5):
+        await proxy.wait_sync(after)
+
+
+def wait_listening(address: tuple[str, int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(address, timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@contextlib.contextmanager
+def proxy_process(args: Sequence[str], cwd: Path | None = None) -> Iterator[subprocess.Popen[str]]:
+    """``python -m userproxy ARGS`` as a child process; SIGTERM and reaped at exit."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "userproxy", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
