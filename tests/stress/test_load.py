@@ -1,0 +1,155 @@
+"""Load tests against a proxy subprocess: memory under backpressure, and survival of a
+mixed storm of short connections under uvloop with no descriptor left behind.
+
+Every loop here is bounded in count and time and talks only to 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.support.backends import Backend, recv_all, slow_reader
+from tests.support.manifests import endpoint_slice, fresh_net, service, write
+from tests.support.proxyrun import open_fds, proxy_process, rss_bytes, wait_listening
+
+PORT = 8080
+
+
+def addresses() -> tuple[str, str]:
+    net = fresh_net()
+    return f"127.{net // 200 + 100}.{net % 200}.1", f"127.{net // 200 + 150}.{net % 200}.1"
+
+
+@contextlib.contextmanager
+def echo_process(ip: str) -> Iterator[int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.echo_process", ip],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_backpressure_bounds_memory(tmp_path: Path, loop: str) -> None:
+    """200 MB toward a backend reading at ~50 MB/s: the proxy's RSS grows < 64 MB."""
+    cluster_ip, backend_ip = addresses()
+    backend = Backend(backend_ip, slow_reader(delay=0.004, chunk=256 * 1024))
+    write(
+        tmp_path / "s.json",
+        service("sink", cluster_ip, PORT),
+        endpoint_slice("sink-1", "sink", backend.port, [backend.ip]),
+    )
+    total = 200 * 1024 * 1024
+    chunk = b"\0" * (1024 * 1024)
+    try:
+        with proxy_process(["run", "--manifests", str(tmp_path), "--loop", loop]) as proc:
+            wait_listening((cluster_ip, PORT))
+            baseline = rss_bytes(proc.pid)
+            peak = baseline
+            done = threading.Event()
+
+            def sample() -> None:
+                nonlocal peak
+                while not done.wait(0.02):
+                    peak = max(peak, rss_bytes(proc.pid))
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            try:
+                with socket.create_connection((cluster_ip, PORT), timeout=60) as sock:
+                    for _ in range(total // len(chunk)):
+                        sock.sendall(chunk)
+                    sock.shutdown(socket.SHUT_WR)
+                    received = int(recv_all(sock))
+            finally:
+                done.set()
+                sampler.join()
+    finally:
+        backend.stop()
+    assert received == total
+    growth = peak - baseline
+    print(f"{loop}: RSS baseline {baseline >> 20} MiB, peak growth {growth / 2**20:.1f} MiB")
+    assert growth < 64 * 1024 * 1024
+
+
+def _one(address: tuple[str, int], i: int) -> str:
+    """One short connection in one of four ways; returns the way and whether it behaved."""
+    mode = ("clean", "half-close", "rst-after-send", "rst-at-once")[i % 4]
+    payload = f"request {i}\n".encode() * (1 + i % 50)
+    sock = socket.create_connection(address, timeout=10)
+    try:
+        if mode == "clean":
+            sock.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                got += data
+            return mode if got == payload else f"{mode}: short echo"
+        if mode == "half-close":
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            return mode if recv_all(sock) == payload else f"{mode}: short echo"
+        if mode == "rst-after-send":
+            sock.sendall(payload)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return mode
+    finally:
+        sock.close()
+
+
+def test_stress_mixed_connections_under_uvloop(tmp_path: Path) -> None:
+    """20 000 short connections (clean close, half-close, RST), 64 at once, through a
+    uvloop proxy: every exchange is right, the process survives, and its open descriptors
+    return to the baseline within 10 s."""
+    cluster_ip, backend_ip = addresses()
+    with echo_process(backend_ip) as backend_port:
+        write(
+            tmp_path / "s.json",
+            service("echo", cluster_ip, PORT),
+            endpoint_slice("echo-1", "echo", backend_port, [backend_ip]),
+        )
+        args = ["run", "--manifests", str(tmp_path), "--loop", "uvloop", "--log-level", "warning"]
+        with proxy_process(args) as proc:
+            address = (cluster_ip, PORT)
+            wait_listening(address)
+            _one(address, 1)
+            time.sleep(0.2)
+            baseline = open_fds(proc.pid)
+            started = time.monotonic()
+            with ThreadPoolExecutor(max_workers=64) as pool:
+                results = Counter(pool.map(lambda i: _one(address, i), range(20_000)))
+            elapsed = time.monotonic() - started
+            assert proc.poll() is None, "the proxy died"
+            deadline = time.monotonic() + 10
+            while (fds := open_fds(proc.pid)) > baseline and time.monotonic() < deadline:
+                time.sleep(0.1)
+            print(f"20000 connections in {elapsed:.1f}s; {results}; fds {baseline} -> {fds}")
+            assert results == Counter(
+                {"clean": 5000, "half-close": 5000, "rst-after-send": 5000, "rst-at-once": 5000}
+            )
+            assert fds <= baseline
+            assert _one(address, 0) == "clean"
+            assert proc.poll() is None
