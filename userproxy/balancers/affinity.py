@@ -39,8 +39,13 @@ class ClientIPAffinity:
         self._clock = clock
         self._picks = 0
         current = set(inner.endpoints)
+        now = clock()
+        # Carry over live pins to endpoints that stay; expired ones go here too, so a pool
+        # that changes more often than the sweep interval cannot grow the table.
         self._table: dict[str, tuple[Endpoint, float]] = {
-            ip: entry for ip, entry in (table or {}).items() if entry[0] in current
+            ip: entry
+            for ip, entry in (table or {}).items()
+            if entry[0] in current and entry[1] > now
         }
 
     @property

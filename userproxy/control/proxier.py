@@ -77,6 +77,9 @@ class Proxier:
         self.node: Node | None = None
         self.specs: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
         self.status = SyncStatus()
+        # Trigger times older than the proxy describe changes some earlier process applied
+        # (kube-proxy ignores those too); they would report hours of "latency" per restart.
+        self._started_wall = wall_clock()
 
     def sync(self) -> None:
         """Apply everything pending.  Does nothing until both initial listings are in."""
@@ -101,7 +104,9 @@ class Proxier:
         status.services_changed = len(changes.services)
         status.slices_changed = len(changes.slices)
         now = self._wall_clock()
-        status.programming_delays = [max(0.0, now - t) for t in changes.trigger_times]
+        status.programming_delays = [
+            max(0.0, now - t) for t in changes.trigger_times if t > self._started_wall
+        ]
         if affected:
             log.debug(
                 "sync %d: %d services, %d slices changed, %d services re-planned in %.1f ms",

@@ -93,7 +93,9 @@ class ChangeRecorder:
         self._node: Change[Node] | None = None
         self._node_seen: Node | None = None
         self._queued_at: float | None = None
-        self._trigger_times: list[float] = []
+        #: last-change-trigger-time per slice with a pending change (kube-proxy keeps these
+        #: per slice too, and forgets them when the change cancels out).
+        self._trigger_times: dict[SliceKey, list[float]] = {}
         self.services_synced = False
         self.slices_synced = False
 
@@ -113,11 +115,11 @@ class ChangeRecorder:
             slices=self.slices.take(),
             node=self._node,
             queued_at=self._queued_at,
-            trigger_times=self._trigger_times,
+            trigger_times=[t for times in self._trigger_times.values() for t in times],
         )
         self._node = None
         self._queued_at = None
-        self._trigger_times = []
+        self._trigger_times = {}
         return pending
 
     def _changed(self, pending: bool) -> None:
@@ -147,9 +149,13 @@ class ChangeRecorder:
     def _slice_changed(self, previous: EndpointSlice | None, new: EndpointSlice | None) -> None:
         some = new or previous
         assert some is not None
-        if new is not None and new.trigger_time is not None:
-            self._trigger_times.append(new.trigger_time)
-        self._changed(self.slices.record((some.namespace, some.name), previous, new))
+        key = (some.namespace, some.name)
+        pending = self.slices.record(key, previous, new)
+        if pending and new is not None and new.trigger_time is not None:
+            self._trigger_times.setdefault(key, []).append(new.trigger_time)
+        elif not pending:
+            self._trigger_times.pop(key, None)
+        self._changed(pending)
 
     def on_endpointslice_add(self, endpoint_slice: EndpointSlice) -> None:
         self._slice_changed(None, endpoint_slice)
