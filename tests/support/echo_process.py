@@ -1,5 +1,6 @@
 """An echo server in its own process (stock asyncio), for load tests whose client threads
 should not share a GIL with the backend.  Prints its port on stdout once listening.
+A chunk starting with ``close`` is echoed and then the server closes the connection.
 
 Usage: python -m tests.support.echo_process IP
 """
@@ -19,6 +20,9 @@ class Echo(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
+        if data.startswith(b"close"):
+            # Server-initiated close, as an HTTP server answering "Connection: close".
+            self.transport.close()
 
     def eof_received(self) -> bool:
         return False  # asyncio closes after flushing: echoes the FIN

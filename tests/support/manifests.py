@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_next_net = itertools.count(1)
+# Start at a per-process offset, so two test runs on one machine (a developer's and a
+# helper's) rarely pick the same addresses; nets stay below 10 000 (127.100-149.x).
+_next_net = itertools.count(1 + (os.getpid() % 40) * 200)
 
 
 def fresh_net() -> int:
