@@ -310,3 +310,20 @@ async def test_max_connections_pauses_accepting(scene: Scene) -> None:
         finally:
             first.close()
             second.close()
+
+
+async def test_failed_dial_re_pins_an_affine_client(scene: Scene) -> None:
+    """A client pinned to a backend that dies is served elsewhere and stays there."""
+    scene.publish(affinity_timeout=600)
+    client = "127.0.70.42"
+    async with running_proxy(scene.manifest.parent):
+        first = await asyncio.to_thread(ask, scene.address, b"hi\n", client)
+        pinned = scene.backends[int(first[1:]) - 1]
+        pinned.stop()
+
+        def after() -> Counter[str]:
+            return Counter(ask(scene.address, source=client) for _ in range(10))
+
+        seen = await asyncio.to_thread(after)
+    assert len(seen) == 1, seen
+    assert first not in seen
