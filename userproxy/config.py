@@ -6,6 +6,7 @@ here so a bad value is reported with its flag name before anything starts.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,34 @@ class ConfigError(ValueError):
     """A setting is invalid; the message names the flag or field."""
 
 
+def parse_host_port(text: str, what: str) -> tuple[str, int] | None:
+    """``ip:port`` or ``[ip6]:port`` (port 0 or empty text: disabled -> None)."""
+    if not text:
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"{what}: {text!r} is not IP:PORT (e.g. 0.0.0.0:10256)")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{what}: {host!r} in {text!r} is not an IP address") from None
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"{what}: port {port} is out of range 0..65535")
+    return None if port == 0 else (host, port)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Invariants: all durations are >= 0, ``sync_period > 0``, ``max_connections`` is None
-    (derive from RLIMIT_NOFILE) or >= 1, ``manifests`` is not empty."""
+    (derive from RLIMIT_NOFILE) or >= 1; exactly one source: ``manifests`` not empty, or a
+    Kubernetes API (``kubeconfig`` or ``in_cluster``); bind addresses parse with
+    ``parse_host_port`` ("" disables a server)."""
 
-    manifests: tuple[Path, ...]
+    manifests: tuple[Path, ...] = ()
+    kubeconfig: Path | None = None
+    in_cluster: bool = False
     hostname: str = field(default_factory=socket.gethostname)
     service_proxy_name: str | None = None
     loop: str = "auto"
@@ -37,10 +60,29 @@ class Settings:
     tcp_idle_timeout: float | None = None
     max_connections: int | None = None
     manifest_poll_interval: float = 0.2
+    config_sync_period: float = 900.0
+    healthz_bind_address: str = "0.0.0.0:10256"
+    metrics_bind_address: str = "127.0.0.1:10249"
+    nodeport_addresses: tuple[str, ...] = ()
+    cluster_cidr: str | None = None
+
+    @property
+    def healthz_address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.healthz_bind_address, "--healthz-bind-address")
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.metrics_bind_address, "--metrics-bind-address")
 
     def __post_init__(self) -> None:
-        if not self.manifests:
-            raise ConfigError("--manifests: at least one file or directory is required")
+        sources = bool(self.manifests) + (self.kubeconfig is not None or self.in_cluster)
+        if sources != 1:
+            raise ConfigError(
+                "give exactly one source: --manifests PATH, or --kubeconfig PATH "
+                "(or run in a pod for the in-cluster configuration)"
+            )
+        if self.kubeconfig is not None and not self.kubeconfig.is_file():
+            raise ConfigError(f"--kubeconfig: {self.kubeconfig} is not a file")
         for path in self.manifests:
             if not path.exists():
                 raise ConfigError(f"--manifests: {path} does not exist")
@@ -63,3 +105,20 @@ class Settings:
             raise ConfigError("--max-connections: must be >= 1")
         if self.manifest_poll_interval <= 0:
             raise ConfigError("manifest poll interval must be > 0")
+        if self.config_sync_period < 0:
+            raise ConfigError("--config-sync-period: must be >= 0 (0 disables resyncs)")
+        _ = self.healthz_address, self.metrics_address  # validate both
+        for cidr in self.nodeport_addresses:
+            if cidr != "primary":
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    raise ConfigError(
+                        f"--nodeport-addresses: {cidr!r} is not a CIDR or 'primary'"
+                    ) from None
+        if self.cluster_cidr is not None:
+            for cidr in self.cluster_cidr.split(","):
+                try:
+                    ipaddress.ip_network(cidr.strip(), strict=False)
+                except ValueError:
+                    raise ConfigError(f"--cluster-cidr: {cidr!r} is not a CIDR") from None
