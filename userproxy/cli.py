@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 from userproxy import __version__
 from userproxy.config import LOG_FORMATS, LOG_LEVELS, LOOPS, ConfigError, Settings
+from userproxy.configfile import describe, load_config_file, parse_go_duration
 from userproxy.logs import setup_logging
 from userproxy.proxy import Proxy
 from userproxy.sources.manifests import ManifestError
@@ -25,56 +27,101 @@ log = logging.getLogger(__name__)
 
 
 def _duration(text: str) -> float:
-    """Seconds, as a number or with a unit suffix (ms, s, m, h): ``1s``, ``250ms``, ``2m``."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for suffix in ("ms", "s", "m", "h"):
-        if text.endswith(suffix):
-            number, factor = text[: -len(suffix)], units[suffix]
-            break
-    else:
-        number, factor = text, 1.0
+    """Seconds: a plain number, or a Go duration as kube-proxy takes (``1s``, ``250ms``,
+    ``1m0s``)."""
     try:
-        value = float(number) * factor
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 1s, 250ms)") from None
+        try:
+            value = parse_go_duration(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a duration (e.g. 1s, 250ms, 1m0s)"
+            ) from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative")
     return value
 
 
+def _flag(parser: argparse.ArgumentParser, name: str, field: str, help: str, **kwargs: Any) -> None:
+    """A flag that sets Settings.``field``; absent flags leave the file's or default value."""
+    default = Settings.__dataclass_fields__[field].default
+    shown = "" if default in (None, "", ()) or callable(default) else f" (default: {default})"
+    parser.add_argument(name, dest=field, default=argparse.SUPPRESS, help=help + shown, **kwargs)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hostname-override", metavar="NAME", help="this node's name")
-    parser.add_argument("--loop", choices=LOOPS, default="auto", help="event loop (auto: uvloop)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text")
+    _flag(parser, "--hostname-override", "hostname", "this node's name", metavar="NAME")
+    _flag(parser, "--loop", "loop", "event loop (auto: uvloop when installed)", choices=LOOPS)
+    _flag(parser, "--log-level", "log_level", "log level", choices=LOG_LEVELS)
+    _flag(parser, "--log-format", "log_format", "log format", choices=LOG_FORMATS)
+    duration: dict[str, Any] = {"type": _duration, "metavar": "DURATION"}
+    _flag(
+        parser,
+        "--min-sync-period",
+        "min_sync_period",
+        "at most one sync per this period on average, burst 2 (0: every change)",
+        **duration,
+    )
+    _flag(parser, "--sync-period", "sync_period", "at least one sync per this period", **duration)
+    _flag(
+        parser,
+        "--shutdown-grace",
+        "shutdown_grace",
+        "on SIGTERM/SIGINT, how long open connections may go on",
+        **duration,
+    )
+    _flag(
+        parser,
+        "--tcp-fin-timeout",
+        "tcp_fin_timeout",
+        "how long a half-closed TCP connection may live",
+        **duration,
+    )
+    _flag(
+        parser,
+        "--tcp-idle-timeout",
+        "tcp_idle_timeout",
+        "close TCP connections idle this long (default: never)",
+        **duration,
+    )
+    _flag(
+        parser,
+        "--max-connections",
+        "max_connections",
+        "concurrent proxied connections (default: half the open-files limit, max 100000)",
+        type=int,
+        metavar="N",
+    )
+    _flag(
+        parser,
+        "--service-proxy-name",
+        "service_proxy_name",
+        "serve only objects labelled service.kubernetes.io/service-proxy-name=NAME",
+        metavar="NAME",
+    )
+    _flag(
+        parser,
+        "--healthz-bind-address",
+        "healthz_bind_address",
+        "IP:PORT of the health server, /healthz and /livez ('' or port 0: off)",
+        metavar="IP:PORT",
+    )
+    _flag(
+        parser,
+        "--metrics-bind-address",
+        "metrics_bind_address",
+        "IP:PORT of the metrics server: /metrics, /healthz, /proxyMode, /configz "
+        "('' or port 0: off)",
+        metavar="IP:PORT",
+    )
     parser.add_argument(
-        "--min-sync-period", type=_duration, default=1.0, metavar="DURATION",
-        help="at most one sync per this period on average, burst 2 (0: sync on every change)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--sync-period", type=_duration, default=30.0, metavar="DURATION",
-        help="at least one sync per this period",
-    )  # fmt: skip
-    parser.add_argument(
-        "--shutdown-grace", type=_duration, default=10.0, metavar="DURATION",
-        help="on SIGTERM/SIGINT, how long open connections may go on before they are closed",
-    )  # fmt: skip
-    parser.add_argument(
-        "--tcp-fin-timeout", type=_duration, default=120.0, metavar="DURATION",
-        help="how long a half-closed TCP connection may live",
-    )  # fmt: skip
-    parser.add_argument(
-        "--tcp-idle-timeout", type=_duration, default=None, metavar="DURATION",
-        help="close TCP connections idle this long (default: never)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-connections", type=int, default=None, metavar="N",
-        help="concurrent proxied connections (default: half the open-files limit, max 100000)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--service-proxy-name", metavar="NAME",
-        help="serve only objects labelled service.kubernetes.io/service-proxy-name=NAME",
-    )  # fmt: skip
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="a KubeProxyConfiguration (and optionally a UserProxyConfiguration) YAML file; "
+        "flags override it",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,39 +131,94 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"userproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("run", help="proxy the Services described by manifest files")
-    run.add_argument(
-        "--manifests", action="append", type=Path, required=True, metavar="PATH",
-        help="a manifest file or a directory of *.yaml, *.yml, *.json (repeatable)",
-    )  # fmt: skip
+    run = commands.add_parser(
+        "run", help="proxy the Services from manifest files or from the Kubernetes API"
+    )
+    _flag(
+        run,
+        "--manifests",
+        "manifests",
+        "a manifest file or a directory of *.yaml, *.yml, *.json (repeatable); "
+        "instead of the Kubernetes API",
+        action="append",
+        type=Path,
+        metavar="PATH",
+    )
+    _flag(
+        run,
+        "--kubeconfig",
+        "kubeconfig",
+        "kubeconfig of the API server to watch (in a pod: the in-cluster configuration)",
+        type=Path,
+        metavar="PATH",
+    )
+    _flag(
+        run,
+        "--config-sync-period",
+        "config_sync_period",
+        "how often to re-list Services and EndpointSlices from the API (0: never)",
+        type=_duration,
+        metavar="DURATION",
+    )
+    _flag(
+        run,
+        "--nodeport-addresses",
+        "nodeport_addresses",
+        "comma-separated CIDRs (or 'primary') of the node addresses NodePorts listen on",
+        type=_comma_list,
+        metavar="CIDRS",
+    )
+    _flag(
+        run,
+        "--cluster-cidr",
+        "cluster_cidr",
+        "the pods' CIDR range(s), comma-separated",
+        metavar="CIDRS",
+    )
     _add_common(run)
     demo = commands.add_parser("demo", help="run three demo backends and proxy them")
     demo.add_argument(
-        "--manifests", type=Path, default=None, metavar="DIR",
+        "--manifests",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        dest="demo_manifests",
         help="demo manifests (default: examples/demo if present, else a packaged copy)",
-    )  # fmt: skip
+    )
     _add_common(demo)
     return parser
 
 
-def settings_from(args: argparse.Namespace, manifests: Sequence[Path]) -> Settings:
-    extra: dict[str, Any] = {}
-    if args.hostname_override:
-        extra["hostname"] = args.hostname_override
-    return Settings(
-        manifests=tuple(manifests),
-        service_proxy_name=args.service_proxy_name,
-        loop=args.loop,
-        log_level=args.log_level,
-        log_format=args.log_format,
-        min_sync_period=args.min_sync_period,
-        sync_period=args.sync_period,
-        shutdown_grace=args.shutdown_grace,
-        tcp_fin_timeout=args.tcp_fin_timeout,
-        tcp_idle_timeout=args.tcp_idle_timeout,
-        max_connections=args.max_connections,
-        **extra,
-    )
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def settings_from(args: argparse.Namespace, **fixed: Any) -> tuple[Settings, str | None]:
+    """Defaults, then the ``--config`` file, then flags (then ``fixed``).
+
+    Returns the settings and a description of the config file's applied and ignored
+    fields to log once logging is set up.
+    """
+    values: dict[str, Any] = {}
+    described = None
+    fields = Settings.__dataclass_fields__
+    flags = {key: value for key, value in vars(args).items() if key in fields}
+    if args.config is not None:
+        file_config = load_config_file(args.config)
+        values.update(file_config.values)
+        if {"manifests", "kubeconfig"} & (flags.keys() | fixed.keys()):
+            # A source chosen on the command line replaces the file's, whichever it is.
+            values.pop("manifests", None)
+            values.pop("kubeconfig", None)
+        described = f"{args.config}: {describe(file_config)}"
+    values.update(flags)
+    values.update(fixed)
+    if isinstance(values.get("manifests"), list | tuple):
+        values["manifests"] = tuple(Path(p) for p in values["manifests"])
+    if not values.get("manifests") and values.get("kubeconfig") is None:
+        # kube-proxy's rule: no kubeconfig means the in-cluster configuration.
+        values["in_cluster"] = "KUBERNETES_SERVICE_HOST" in os.environ
+    return Settings(**values), described
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -158,14 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from userproxy.demo import DEMO_NODE, demo_manifests, run_demo
 
-            args.hostname_override = args.hostname_override or DEMO_NODE
-            settings = settings_from(args, [demo_manifests(args.manifests)])
-            setup_logging(settings.log_level, settings.log_format)
-            run_on_loop(run_demo(settings, install_stop_signals), settings.loop)
+            settings, described = settings_from(
+                args,
+                manifests=(demo_manifests(args.demo_manifests),),
+                hostname=getattr(args, "hostname", DEMO_NODE),
+                # The demo is for one machine: its health server stays on loopback.
+                healthz_bind_address=getattr(args, "healthz_bind_address", "127.0.0.1:10256"),
+            )
+            main_coroutine = run_demo(settings, install_stop_signals)
         else:
-            settings = settings_from(args, args.manifests)
-            setup_logging(settings.log_level, settings.log_format)
-            run_on_loop(serve(settings), settings.loop)
+            settings, described = settings_from(args)
+            main_coroutine = serve(settings)
+        setup_logging(settings.log_level, settings.log_format)
+        if described:
+            log.info("config file %s", described)
+        run_on_loop(main_coroutine, settings.loop)
     except ConfigError as exc:
         print(f"userproxy: {exc}", file=sys.stderr)
         return 2

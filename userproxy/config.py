@@ -122,3 +122,32 @@ class Settings:
                     ipaddress.ip_network(cidr.strip(), strict=False)
                 except ValueError:
                     raise ConfigError(f"--cluster-cidr: {cidr!r} is not a CIDR") from None
+
+
+def configz(settings: Settings) -> dict[str, object]:
+    """The effective configuration for ``/configz``: kube-proxy's view, then userproxy's."""
+    own: dict[str, object] = {}
+    for name in settings.__dataclass_fields__:
+        value = getattr(settings, name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = [str(item) for item in value]
+        own[name] = value
+    return {
+        "kubeproxy.config.k8s.io": {
+            "hostnameOverride": settings.hostname,
+            "healthzBindAddress": settings.healthz_bind_address,
+            "metricsBindAddress": settings.metrics_bind_address,
+            "clientConnection": {
+                "kubeconfig": str(settings.kubeconfig) if settings.kubeconfig else ""
+            },
+            "syncPeriod": f"{settings.sync_period:g}s",
+            "minSyncPeriod": f"{settings.min_sync_period:g}s",
+            "configSyncPeriod": f"{settings.config_sync_period:g}s",
+            "nodePortAddresses": list(settings.nodeport_addresses),
+            "clusterCIDR": settings.cluster_cidr or "",
+            "mode": "userspace",
+        },
+        "userproxy.io": own,
+    }

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
+from userproxy.admin.health import health_app
+from userproxy.admin.metrics_server import metrics_app
+from userproxy.admin.server import serve_app
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.config import Settings
+from userproxy.config import Settings, configz
+from userproxy.control.health import HealthState
 from userproxy.control.proxier import Proxier, SyncStatus
 from userproxy.control.runner import SyncRunner
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.limits import ConnectionLimit, default_max_connections, raise_nofile_limit
 from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
+from userproxy.metrics import Metrics
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
 log = logging.getLogger(__name__)
@@ -54,14 +60,29 @@ class Proxy:
             max_interval=settings.sync_period,
         )
         self.recorder = ChangeRecorder(settings.hostname, self.runner.request)
-        self.proxier = Proxier(self.recorder, self.listeners, self.registry, on_synced=on_synced)
-        self.source = ManifestSource(
-            settings.manifests,
-            self.recorder,
-            node_name=settings.hostname,
-            proxy_name=settings.service_proxy_name,
-            poll_interval=settings.manifest_poll_interval,
-        )
+        self.metrics = Metrics()
+        self.metrics.watch(self.recorder, self.listeners)
+
+        def synced(status: SyncStatus) -> None:
+            self.metrics.observe_sync(status, time.time())
+            if on_synced is not None:
+                on_synced(status)
+
+        self.proxier = Proxier(self.recorder, self.listeners, self.registry, on_synced=synced)
+        self.health = HealthState(self.recorder, self.proxier, settings.sync_period)
+        self.manifests: ManifestSource | None = None
+        if settings.manifests:
+            self.manifests = ManifestSource(
+                settings.manifests,
+                self.recorder,
+                node_name=settings.hostname,
+                proxy_name=settings.service_proxy_name,
+                poll_interval=settings.manifest_poll_interval,
+                on_reload_error=lambda _: self.metrics.reload_errors.inc(),
+            )
+        #: Set once each admin server listens (tests and the demo wait on these).
+        self.health_ready = asyncio.Event()
+        self.metrics_ready = asyncio.Event()
         self._stop = asyncio.Event()
         self.synced = asyncio.Event()
         self.stopped = asyncio.Event()
@@ -86,10 +107,11 @@ class Proxy:
 
     async def run(self) -> None:
         """Serve until ``stop()``; raises ManifestError if the first load fails."""
-        self.source.initial_load()
+        if self.manifests is not None:
+            self.manifests.initial_load()
         log.info(
-            "userproxy serving manifests %s as node %s (max %d connections)",
-            ", ".join(map(str, self.settings.manifests)),
+            "userproxy serving %s as node %s (max %d connections)",
+            self._source_description(),
             self.settings.hostname,
             self.limit.maximum,
         )
@@ -97,8 +119,9 @@ class Proxy:
             async with asyncio.TaskGroup() as tasks:
                 control = [
                     tasks.create_task(self.runner.run(), name="sync-runner"),
-                    tasks.create_task(self.source.run(), name="manifest-source"),
+                    tasks.create_task(self._run_source(), name="source"),
                     tasks.create_task(self.listeners.run_sweeper(), name="sweeper"),
+                    *self._admin_tasks(tasks),
                 ]
                 await self._stop.wait()
                 log.info("shutting down: no longer accepting connections")
@@ -111,6 +134,50 @@ class Proxy:
             log.info("stopped")
         finally:
             self.stopped.set()
+
+    def _source_description(self) -> str:
+        settings = self.settings
+        if settings.manifests:
+            return "manifests " + ", ".join(map(str, settings.manifests))
+        if settings.kubeconfig is not None:
+            return f"the API server of {settings.kubeconfig}"
+        return "the API server (in-cluster configuration)"
+
+    async def _run_source(self) -> None:
+        if self.manifests is not None:
+            await self.manifests.run()
+            return
+        from userproxy.sources.kubernetes import KubernetesSource, make_api_client
+
+        api = await make_api_client(self.settings.kubeconfig)
+        try:
+            source = KubernetesSource(
+                api,
+                self.recorder,
+                node_name=self.settings.hostname,
+                proxy_name=self.settings.service_proxy_name,
+                resync_period=self.settings.config_sync_period,
+                on_event=self.metrics.source_event,
+            )
+            await source.run()
+        finally:
+            await api.close()
+
+    def _admin_tasks(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        started = []
+        health_address = self.settings.healthz_address
+        if health_address is not None:
+            app = health_app(self.health, self.metrics)
+            started.append(
+                tasks.create_task(serve_app(app, health_address, "health", self.health_ready))
+            )
+        metrics_address = self.settings.metrics_address
+        if metrics_address is not None:
+            app = metrics_app(self.metrics, self.health, configz(self.settings))
+            started.append(
+                tasks.create_task(serve_app(app, metrics_address, "metrics", self.metrics_ready))
+            )
+        return started
 
 
 __all__ = ["ManifestError", "Proxy"]

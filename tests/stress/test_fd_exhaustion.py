@@ -32,7 +32,8 @@ def test_emfile_backs_off_and_recovers(tmp_path: Path, loop: str) -> None:
         endpoint_slice("web-1", "web", backend.port, [backend.ip]),
     )
     address = (cluster_ip, 8080)
-    args = ["run", "--manifests", str(tmp_path), "--loop", loop, "--max-connections", "10000"]
+    args = ["run", "--manifests", str(tmp_path), "--loop", loop, "--max-connections", "10000",
+            "--healthz-bind-address=", "--metrics-bind-address="]  # fmt: skip
     held: list[socket.socket] = []
     proc = subprocess.Popen(
         # prlimit (util-linux) pins the limit in the child only; preexec_fn is unsafe here

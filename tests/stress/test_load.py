@@ -162,7 +162,8 @@ def test_stress_mixed_connections_under_uvloop(tmp_path: Path) -> None:
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "userproxy", "run", "--manifests", str(manifests),
-             "--loop", "uvloop", "--log-level", "warning"],
+             "--loop", "uvloop", "--log-level", "warning",
+             "--healthz-bind-address=", "--metrics-bind-address="],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ async def running_proxy(manifests: Path, **overrides: Any) -> AsyncIterator[Prox
         "min_sync_period": 0.0,
         "manifest_poll_interval": 0.05,
         "shutdown_grace": 1.0,
+        # Admin servers off unless a test asks: tests must not bind 0.0.0.0:10256.
+        "healthz_bind_address": "",
+        "metrics_bind_address": "",
     }
     options.update(overrides)
     settings = Settings(manifests=(manifests,), **options)
@@ -82,9 +85,18 @@ def rss_bytes(pid: int) -> int:
 
 @contextlib.contextmanager
 def proxy_process(args: Sequence[str], cwd: Path | None = None) -> Iterator[subprocess.Popen[str]]:
-    """``python -m userproxy ARGS`` as a child process; SIGTERM and reaped at exit."""
+    """``python -m userproxy ARGS`` as a child process; SIGTERM and reaped at exit.
+
+    The health and metrics servers are off unless ``args`` names their flags, so tests
+    never bind the well-known ports.
+    """
+    extra = [
+        f"{flag}="
+        for flag in ("--healthz-bind-address", "--metrics-bind-address")
+        if not any(arg.startswith(flag) for arg in args)
+    ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "userproxy", *args],
+        [sys.executable, "-m", "userproxy", *args, *extra],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -102,3 +114,11 @@ def proxy_process(args: Sequence[str], cwd: Path | None = None) -> Iterator[subp
                 proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds, checking every 20 ms, failing after ``within`` s."""
+    async with asyncio.timeout(within):
+        # Polling on purpose: the values checked (metrics, counters) signal nobody.
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)

@@ -84,10 +84,15 @@ class ChangeRecorder:
         node_name: str,
         request_sync: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_name = node_name
         self._request_sync = request_sync
         self._clock = clock
+        self._wall_clock = wall_clock
+        #: Wall-clock time of the newest change queued (kube-proxy's
+        #: sync_proxy_rules_last_queued_timestamp_seconds); None before the first.
+        self.last_queued_wall: float | None = None
         self.services: ChangeTracker[ServiceKey, Service] = ChangeTracker()
         self.slices: ChangeTracker[SliceKey, EndpointSlice] = ChangeTracker()
         self._node: Change[Node] | None = None
@@ -125,6 +130,7 @@ class ChangeRecorder:
     def _changed(self, pending: bool) -> None:
         if not pending:
             return
+        self.last_queued_wall = self._wall_clock()
         if self._queued_at is None:
             self._queued_at = self._clock()
         if self.initialized:

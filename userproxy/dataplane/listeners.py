@@ -12,6 +12,7 @@ and the drain deadlines once a second.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,39 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 1.0
 ListenerKey = tuple[Protocol, str, int]
+
+
+@dataclass(slots=True)
+class PortTotals:
+    """Counters of one service port and protocol over all its listeners, past and present."""
+
+    accepted: int = 0
+    active: int = 0
+    dial_failures: int = 0
+    dial_retries: int = 0
+    dial_exhausted: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    listening: int = 0
+    bind_errors: int = 0
+
+    def add(self, listener: TcpListener) -> None:
+        stats = listener.stats
+        self.accepted += stats.accepted
+        self.dial_failures += stats.dial_failures
+        self.dial_retries += stats.dial_retries
+        self.dial_exhausted += stats.dial_exhausted
+        self.bytes_up += stats.bytes_up
+        self.bytes_down += stats.bytes_down
+
+
+TotalsKey = tuple[str, str]  # ("namespace/name:port", protocol)
+
+
+def _totals_key(listener: TcpListener) -> TotalsKey:
+    spn = listener.spec.spn
+    port = f":{spn.port}" if spn.port else ""
+    return (f"{spn.namespace}/{spn.name}{port}", str(spn.protocol))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +88,8 @@ class ListenerSet:
         #: Closed listeners whose connections are still open, each with its deadline.
         self._draining: dict[TcpListener, float] = {}
         self._unsupported_warned: set[ListenerKey] = set()
+        #: Counters of listeners that are gone, so totals never go backwards.
+        self._retired: dict[TotalsKey, PortTotals] = {}
 
     # -- applying --------------------------------------------------------------------------
     def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
@@ -101,6 +137,11 @@ class ListenerSet:
         if listener.connections:
             loop = asyncio.get_running_loop()
             self._draining[listener] = loop.time() + self.timeouts.drain_grace
+        else:
+            self._retire(listener)
+
+    def _retire(self, listener: TcpListener) -> None:
+        self._retired.setdefault(_totals_key(listener), PortTotals()).add(listener)
 
     # -- views -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[TcpListener]:
@@ -113,6 +154,20 @@ class ListenerSet:
     @property
     def active_connections(self) -> int:
         return self.limit.active
+
+    def totals(self) -> dict[TotalsKey, PortTotals]:
+        """Counters per service port and protocol (read by the metrics collector)."""
+        result = {key: dataclasses.replace(t) for key, t in self._retired.items()}
+        for listener in (*self.listeners.values(), *self._draining):
+            totals = result.setdefault(_totals_key(listener), PortTotals())
+            totals.add(listener)
+            totals.active += len(listener.connections)
+            for conn in listener.connections:
+                totals.bytes_up += conn.bytes_up
+                totals.bytes_down += conn.bytes_down
+            totals.listening += listener.listening
+            totals.bind_errors += listener.bind_error is not None
+        return result
 
     # -- timeouts --------------------------------------------------------------------------
     async def run_sweeper(self) -> None:
@@ -138,6 +193,7 @@ class ListenerSet:
         for listener, deadline in list(self._draining.items()):
             if not listener.connections:
                 del self._draining[listener]
+                self._retire(listener)
             elif now >= deadline:
                 log.info(
                     "%s: aborting %d connections left after the drain grace",

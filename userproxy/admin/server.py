@@ -1,0 +1,44 @@
+"""Running an aiohttp app on one address, retrying while the address cannot be bound.
+
+kube-proxy keeps retrying its health and metrics servers rather than exiting when the
+port is taken (another kube-proxy still shutting down, say); so does this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+RETRY_INTERVAL = 5.0
+
+
+async def serve_app(
+    app: web.Application, address: tuple[str, int], name: str, ready: asyncio.Event | None = None
+) -> None:
+    """Serve ``app`` on ``address`` until cancelled; cleans up on the way out."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        while True:
+            try:
+                await web.TCPSite(runner, address[0], address[1], reuse_address=True).start()
+                break
+            except OSError as exc:
+                log.error(
+                    "%s server cannot listen on %s:%d: %s; retrying in %.0fs",
+                    name,
+                    *address,
+                    exc.strerror or exc,
+                    RETRY_INTERVAL,
+                )
+                await asyncio.sleep(RETRY_INTERVAL)
+        log.info("%s server listening on %s:%d", name, *address)
+        if ready is not None:
+            ready.set()
+        await asyncio.Event().wait()  # until cancelled
+    finally:
+        await runner.cleanup()
