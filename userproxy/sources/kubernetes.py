@@ -53,7 +53,7 @@ from userproxy.sources.decode import (
     decode_service,
     is_selected,
 )
-from userproxy.sources.manifests import _diff
+from userproxy.sources.diff import deliver_diff
 
 __all__ = [
     "EVENT_KINDS",
@@ -578,7 +578,7 @@ class KubernetesSource:
                 continue
             if decoded.key is not None and decoded.value is not None:
                 new[decoded.key] = decoded.value
-        calls = _diff(res.view, new, res.on_add, res.on_update, res.on_delete)
+        calls = deliver_diff(res.view, new, res.on_add, res.on_update, res.on_delete)
         res.view = new
         res.resource_version = rv
         if not res.synced:

@@ -32,6 +32,7 @@ from userproxy.sources.decode import (
     decode_service,
     is_selected,
 )
+from userproxy.sources.diff import deliver_diff
 
 __all__ = [
     "MANIFEST_SUFFIXES",
@@ -337,30 +338,6 @@ def _is_racy(signature: _Signature) -> bool:
     return signature.newest_mtime_ns >= time.time_ns() - _RACY_NS
 
 
-def _diff(
-    old: Mapping[_K, _V],
-    new: Mapping[_K, _V],
-    add: Callable[[_V], None],
-    update: Callable[[_V, _V], None],
-    delete: Callable[[_V], None],
-) -> int:
-    """Call the handlers for what changed between two maps; returns how many calls."""
-    calls = 0
-    for key, value in old.items():
-        if key not in new:
-            delete(value)
-            calls += 1
-    for key, value in new.items():
-        previous = old.get(key)
-        if previous is None:
-            add(value)
-            calls += 1
-        elif previous != value:
-            update(previous, value)
-            calls += 1
-    return calls
-
-
 def _own_node(state: ManifestState, node_name: str) -> dict[str, Node]:
     node = state.nodes.get(node_name)
     return {node_name: node} if node is not None else {}
@@ -492,21 +469,21 @@ class ManifestSource:
         """
         old = self._state if self._state is not None else ManifestState()
         handlers = self._handlers
-        calls = _diff(
+        calls = deliver_diff(
             old.services,
             state.services,
             handlers.on_service_add,
             handlers.on_service_update,
             handlers.on_service_delete,
         )
-        calls += _diff(
+        calls += deliver_diff(
             old.slices,
             state.slices,
             handlers.on_endpointslice_add,
             handlers.on_endpointslice_update,
             handlers.on_endpointslice_delete,
         )
-        calls += _diff(
+        calls += deliver_diff(
             _own_node(old, self._node_name),
             _own_node(state, self._node_name),
             handlers.on_node_add,
