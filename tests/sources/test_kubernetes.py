@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fake_apiserver import FakeApiServer
+from tests.support.proxyrun import eventually
 from userproxy.model import EndpointSlice, Node, Service
 from userproxy.sources.kubernetes import KubernetesSource, label_selector, make_api_client
 
@@ -151,13 +152,7 @@ class Recorder:
 
 async def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
     """Poll ``predicate`` every 10 ms for at most ``seconds``."""
-    try:
-        async with asyncio.timeout(seconds):
-            # Polling on purpose: handler calls and server counters signal nobody.
-            while not predicate():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    await eventually(predicate, seconds, what)
 
 
 @dataclass

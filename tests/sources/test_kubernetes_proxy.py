@@ -22,7 +22,7 @@ from tests.sources.test_kubernetes import endpoint_slice, service, wait_until
 from tests.support.backends import Backend, ask, name_server
 from tests.support.fake_apiserver import FakeApiServer
 from tests.support.manifests import fresh_net
-from userproxy.config import Settings
+from tests.support.proxyrun import running_proxy
 from userproxy.proxy import Proxy
 from userproxy.sources.kubernetes import KubernetesSource
 
@@ -83,39 +83,11 @@ def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(defaults, "backoff_max", 1.0)
 
 
-@contextlib.asynccontextmanager
-async def k8s_proxy(
+def k8s_proxy(
     kubeconfig: Path, *, wait_synced: bool = True, **overrides: Any
-) -> AsyncIterator[Proxy]:
-    """A Proxy watching the API server of ``kubeconfig`` on the running loop.
-
-    Fails the test if the loop's exception handler fires while the proxy runs.
-    """
-    options: dict[str, Any] = {
-        "hostname": "test-node",
-        "min_sync_period": 0.0,
-        "shutdown_grace": 1.0,
-        "healthz_bind_address": "",
-        "metrics_bind_address": "",
-    }
-    options.update(overrides)
-    proxy = Proxy(Settings(kubeconfig=kubeconfig, **options))
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    task = asyncio.create_task(proxy.run())
-    try:
-        if wait_synced:
-            async with asyncio.timeout(10):
-                await proxy.synced.wait()
-        yield proxy
-    finally:
-        proxy.stop()
-        async with asyncio.timeout(15):
-            await task
-        loop.set_exception_handler(previous)
-    assert not errors, f"the loop's exception handler fired: {errors}"
+) -> contextlib.AbstractAsyncContextManager[Proxy]:
+    """A Proxy watching the API server of ``kubeconfig`` on the running loop."""
+    return running_proxy(kubeconfig=kubeconfig, wait_synced=wait_synced, **overrides)
 
 
 def answer(address: tuple[str, int]) -> str:
@@ -210,7 +182,8 @@ async def test_open_connection_survives_watch_trouble(
 ) -> None:
     api.create("services", scene.service())
     api.create("endpointslices", scene.slice("web-1", 0))
-    async with k8s_proxy(api.kubeconfig(tmp_path / "kubeconfig")):
+    async with k8s_proxy(api.kubeconfig(tmp_path / "kubeconfig")) as proxy:
+        counted = proxy.metrics.registry.get_sample_value
         await settle(scene.address, {"b1"})
         kept = await asyncio.to_thread(Kept, scene.address)
         try:
@@ -223,6 +196,7 @@ async def test_open_connection_survives_watch_trouble(
             api.create("endpointslices", scene.slice("web-2", 1))
             await settle(scene.address, {"b1", "b2"})
             await kept.check("b1")
+            assert counted("userproxy_watch_restarts_total", {"resource": "endpointslices"})
 
             # 2. 410 Gone with a deletion missed during the gap: the re-list removes b2.
             await api.wait_watching()
@@ -235,6 +209,7 @@ async def test_open_connection_survives_watch_trouble(
             api.release_watches()
             await settle(scene.address, {"b1", "b3"})
             await kept.check("b1")
+            assert counted("userproxy_relists_total", {"resource": "endpointslices"})
 
             # 3. The API server is down for 10 s; the proxy keeps serving its last state.
             await api.wait_watching()
@@ -257,5 +232,7 @@ async def test_open_connection_survives_watch_trouble(
             api.create("endpointslices", scene.slice("web-2", 1))
             await settle(scene.address, {"b1", "b2"})
             await kept.check("b1")
+            assert counted("userproxy_invalid_objects_total", {"resource": "endpointslices"})
+            assert counted("userproxy_api_errors_total", {"resource": "endpointslices"})
         finally:
             kept.close()

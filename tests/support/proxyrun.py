@@ -19,8 +19,11 @@ from userproxy.proxy import Proxy
 
 
 @contextlib.asynccontextmanager
-async def running_proxy(manifests: Path, **overrides: Any) -> AsyncIterator[Proxy]:
-    """A Proxy serving ``manifests`` on the running loop, synced once, stopped at exit.
+async def running_proxy(
+    manifests: Path | None = None, *, wait_synced: bool = True, **overrides: Any
+) -> AsyncIterator[Proxy]:
+    """A Proxy serving ``manifests`` (or, with ``kubeconfig=``, an API server) on the
+    running loop, synced once unless ``wait_synced`` is False, stopped at exit.
 
     Fails the test if the loop's exception handler fires while the proxy runs.
     """
@@ -34,7 +37,9 @@ async def running_proxy(manifests: Path, **overrides: Any) -> AsyncIterator[Prox
         "metrics_bind_address": "",
     }
     options.update(overrides)
-    settings = Settings(manifests=(manifests,), **options)
+    if manifests is not None:
+        options["manifests"] = (manifests,)
+    settings = Settings(**options)
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
@@ -42,8 +47,9 @@ async def running_proxy(manifests: Path, **overrides: Any) -> AsyncIterator[Prox
     proxy = Proxy(settings)
     task = asyncio.create_task(proxy.run())
     try:
-        async with asyncio.timeout(10):
-            await proxy.synced.wait()
+        if wait_synced:
+            async with asyncio.timeout(10):
+                await proxy.synced.wait()
         yield proxy
     finally:
         proxy.stop()
@@ -116,9 +122,14 @@ def proxy_process(args: Sequence[str], cwd: Path | None = None) -> Iterator[subp
             proc.stdout.close()
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds, checking every 20 ms, failing after ``within`` s."""
-    async with asyncio.timeout(within):
-        # Polling on purpose: the values checked (metrics, counters) signal nobody.
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+async def eventually(
+    predicate: Callable[[], bool], within: float = 5.0, what: str = "the condition"
+) -> None:
+    """Wait until ``predicate()`` holds, checking every 10 ms; fail after ``within`` s."""
+    try:
+        async with asyncio.timeout(within):
+            # Polling on purpose: the values checked (metrics, counters) signal nobody.
+            while not predicate():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
