@@ -211,6 +211,12 @@ def settings_from(args: argparse.Namespace, **fixed: Any) -> tuple[Settings, str
             values.pop("manifests", None)
             values.pop("kubeconfig", None)
         described = f"{args.config}: {describe(file_config)}"
+        overridden = sorted(
+            (file_config.values.keys() & (flags.keys() | fixed.keys()))
+            | ({"kubeconfig", "manifests"} & file_config.values.keys() - values.keys())
+        )
+        if overridden:
+            described += f"; overridden by the command line: {', '.join(overridden)}"
     values.update(flags)
     values.update(fixed)
     if isinstance(values.get("manifests"), list | tuple):

@@ -319,3 +319,37 @@ def test_log_format_json_writes_json_lines_to_stderr(tmp_path: Path) -> None:
     assert serving[0]["level"] == "info"
     assert serving[0]["logger"] == "userproxy.proxy"
     assert str(manifests) in serving[0]["msg"]
+
+
+def test_kube_proxy_configuration_file_is_reported_and_flags_override_it(
+    tmp_path: Path,
+) -> None:
+    """kubeadm's kube-proxy config loads; applied and ignored fields are logged once; the
+    --manifests flag replaces the file's API source."""
+    config = Path(__file__).parents[2] / "examples" / "config" / "kube-proxy-config.yaml"
+    with echo_service(tmp_path, 7) as (address, manifests):
+        args = ["run", "--config", str(config), "--manifests", str(manifests)]
+        with proxy_process(args) as proc:
+            wait_listening(address)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            output = output_of(proc)
+    line = next(line for line in output.splitlines() if "config file" in line)
+    assert "applied: clientConnection.kubeconfig, clusterCIDR" in line
+    assert "ignored: bindAddress" in line
+    assert "overridden by the command line: kubeconfig" in line
+
+
+def test_broken_config_file_exits_2_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+        "kind: KubeProxyConfiguration\n"
+        "iptables:\n  syncPeriod: abc\n"
+    )
+    manifests = tmp_path / "m.yaml"
+    manifests.write_text("")
+    result = run_cli("run", "--config", str(config), "--manifests", str(manifests))
+    assert result.returncode == 2
+    assert "iptables.syncPeriod" in result.stderr
+    assert "is not a duration" in result.stderr
