@@ -97,6 +97,8 @@ class Metrics:
         self.last_sync.set(wall_now)
         for delay in status.programming_delays:
             self.programming.observe(delay)
+        self.no_local_endpoints.labels("internal").set(status.no_local_internal)
+        self.no_local_endpoints.labels("external").set(status.no_local_external)
 
     def source_event(self, event: str, resource: str) -> None:
         """Count an event reported by the API source (``KubernetesSource(on_event=...)``)."""
@@ -162,9 +164,11 @@ class _DataplaneCollector(Collector):
             ),
             "refused": CounterMetricFamily(
                 "userproxy_connections_refused",
-                "Connections accepted and then reset because no endpoint could be reached "
-                "(with no endpoints at all the listener is closed and the kernel refuses)",
-                labels=labels,
+                "Connections accepted and then reset: reason dial_failed (no endpoint could "
+                "be reached), source_range (loadBalancerSourceRanges), no_endpoints (none "
+                "for the client's traffic class). With no endpoints at all the listener is "
+                "closed and the kernel refuses, uncounted.",
+                labels=[*labels, "reason"],
             ),
             "dial_failures": CounterMetricFamily(
                 "userproxy_upstream_dial_failures", "Failed dials to endpoints", labels=labels
@@ -190,7 +194,12 @@ class _DataplaneCollector(Collector):
             spn, protocol = key
             families["accepted"].add_metric([spn, protocol], totals.accepted)
             families["active"].add_metric([spn, protocol], totals.active)
-            families["refused"].add_metric([spn, protocol], totals.dial_exhausted)
+            for reason, count in (
+                ("dial_failed", totals.dial_exhausted),
+                ("source_range", totals.refused_source_range),
+                ("no_endpoints", totals.refused_no_endpoints),
+            ):
+                families["refused"].add_metric([spn, protocol, reason], count)
             families["dial_failures"].add_metric([spn, protocol], totals.dial_failures)
             families["dial_retries"].add_metric([spn, protocol], totals.dial_retries)
             families["listening"].add_metric([spn, protocol], totals.listening)

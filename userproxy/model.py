@@ -261,13 +261,29 @@ class PoolSpec:
 
 @dataclass(frozen=True, slots=True)
 class ListenerSpec:
-    """One address the proxy listens on for one ServicePort, and its pool."""
+    """One address the proxy listens on for one ServicePort, and its pools.
+
+    ``pool`` serves clients from outside the node (for a ClusterIP listener: everyone);
+    ``node_pool``, on NodePort, externalIP and load-balancer listeners, serves clients on
+    the node itself or in the cluster CIDR, which kube-proxy sends to the cluster-wide set
+    even with ``externalTrafficPolicy: Local``.  ``source_ranges`` (load-balancer listeners
+    only; empty: everyone) are the CIDRs clients must come from.
+    """
 
     spn: ServicePortName
     kind: AddressKind
     ip: str
     port: int
     pool: PoolSpec
+    node_pool: PoolSpec | None = None
+    source_ranges: tuple[str, ...] = ()
+
+    @property
+    def serves_anyone(self) -> bool:
+        """False when no client could be served: the listener should not listen at all."""
+        return bool(self.pool.endpoints) or bool(
+            self.node_pool is not None and self.node_pool.endpoints
+        )
 
     @property
     def key(self) -> tuple[Protocol, str, int]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.control.proxier import Proxier, SyncStatus
+from userproxy.control.proxier import Proxier, ServicePlan, SyncStatus
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import (
     AddressKind,
@@ -93,13 +93,13 @@ def world(monkeypatch: pytest.MonkeyPatch) -> World:
         recorder, applier, BalancerRegistry(), clock=time, wall_clock=wall, on_synced=synced.append
     )
     planned: list[ServiceKey] = []
-    plan = proxier.listener_specs
+    plan = proxier.plan
 
-    def recording_plan(key: ServiceKey) -> tuple[ListenerSpec, ...]:
+    def recording_plan(key: ServiceKey) -> ServicePlan:
         planned.append(key)
         return plan(key)
 
-    monkeypatch.setattr(proxier, "listener_specs", recording_plan)
+    monkeypatch.setattr(proxier, "plan", recording_plan)
     return World(recorder, proxier, applier, time, wall, planned, synced)
 
 
@@ -260,8 +260,9 @@ def test_sync_without_changes_plans_nothing(world: World) -> None:
 
 def test_service_change_with_equal_result_applies_nothing(world: World) -> None:
     _started(world)
-    # An external IP is not a ClusterIP listener: the ClusterIP listeners stay the same.
-    world.recorder.on_service_update(svc("web"), svc("web", external_ips=("192.0.2.1",)))
+    # targetPort is informational (the slice's port number is used): nothing changes.
+    renamed = (ServicePort("http", Protocol.TCP, 80, target_port="web"),)
+    world.recorder.on_service_update(svc("web"), svc("web", ports=renamed))
     assert world.sync() == {}
     assert world.planned == [key("web")]
 

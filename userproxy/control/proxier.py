@@ -29,6 +29,8 @@ from userproxy.model import (
     PoolSpec,
     Service,
     ServiceKey,
+    ServiceType,
+    TrafficPolicy,
 )
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,26 @@ class ListenerApplier(Protocol):
     """What the proxier drives (``userproxy.dataplane.listeners.ListenerSet``)."""
 
     def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None: ...
+
+
+#: Called with (service, healthCheckNodePort or None, local ready endpoints) when that changes.
+HealthCheckApplier = Callable[[ServiceKey, int | None, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePlan:
+    """Everything one Service asks of the data plane after a sync."""
+
+    listeners: tuple[ListenerSpec, ...] = ()
+    #: ``healthCheckNodePort`` of an ``externalTrafficPolicy: Local`` load balancer.
+    health_check_port: int | None = None
+    #: Distinct node-local ready endpoints (the health check's ``localEndpoints``).
+    local_endpoints: int = 0
+    #: Service ports with a Local policy and no local endpoints, per policy.
+    no_local_internal: int = 0
+    no_local_external: int = 0
+    #: The Service's own IPs (cluster, external, load-balancer VIPs) to make local.
+    addresses: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -52,6 +74,9 @@ class SyncStatus:
     slices_changed: int = 0
     #: Wall-clock delays from a slice's last-change-trigger-time to it being applied.
     programming_delays: list[float] = field(default_factory=list)
+    #: kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=internal|external}
+    no_local_internal: int = 0
+    no_local_external: int = 0
 
 
 class Proxier:
@@ -64,9 +89,14 @@ class Proxier:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_synced: Callable[[SyncStatus], None] | None = None,
+        node_addresses: Callable[[], Sequence[str]] = tuple,
+        health_checks: HealthCheckApplier | None = None,
     ) -> None:
         self.recorder = recorder
         self.listeners = listeners
+        self._node_addresses_of = node_addresses
+        self.node_addresses: tuple[str, ...] = ()
+        self._health_checks = health_checks
         self.registry = registry
         self.node_name = recorder.node_name
         self._clock = clock
@@ -75,7 +105,7 @@ class Proxier:
         self.services: dict[ServiceKey, Service] = {}
         self.slices: dict[ServiceKey, dict[SliceKey, EndpointSlice]] = {}
         self.node: Node | None = None
-        self.specs: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
+        self.plans: dict[ServiceKey, ServicePlan] = {}
         self.status = SyncStatus()
         # Trigger times older than the proxy describe changes some earlier process applied
         # (kube-proxy ignores those too); they would report hours of "latency" per restart.
@@ -88,14 +118,12 @@ class Proxier:
         started = self._clock()
         changes = self.recorder.take()
         affected = self._fold(changes)
+        addresses = tuple(self._node_addresses_of())
+        if addresses != self.node_addresses:
+            self.node_addresses = addresses
+            affected.update(key for key, svc in self.services.items() if svc.externally_accessible)
         for key in sorted(affected, key=str):
-            specs = self.listener_specs(key)
-            if specs != self.specs.get(key, ()):
-                self.listeners.apply(key, specs)
-                if specs:
-                    self.specs[key] = specs
-                else:
-                    self.specs.pop(key, None)
+            self._apply(key, self.plan(key))
         status = self.status
         status.syncs += 1
         status.last_sync_at = self._clock()
@@ -107,6 +135,8 @@ class Proxier:
         status.programming_delays = [
             max(0.0, now - t) for t in changes.trigger_times if t > self._started_wall
         ]
+        status.no_local_internal = sum(p.no_local_internal for p in self.plans.values())
+        status.no_local_external = sum(p.no_local_external for p in self.plans.values())
         if affected:
             log.debug(
                 "sync %d: %d services, %d slices changed, %d services re-planned in %.1f ms",
@@ -143,28 +173,124 @@ class Proxier:
                 self.slices.setdefault(owner, {})[slice_key] = slice_change.current
         if changes.node is not None:
             self.node = changes.node.current
-            affected.update(self.services, self.specs)
+            affected.update(self.services, self.plans)
         if self.status.syncs == 0:
             affected.update(self.services)
         return affected
 
+    def _apply(self, key: ServiceKey, plan: ServicePlan) -> None:
+        old = self.plans.get(key, ServicePlan())
+        if plan.listeners != old.listeners:
+            self.listeners.apply(key, plan.listeners)
+        health = (plan.health_check_port, plan.local_endpoints)
+        if self._health_checks is not None and health != (
+            old.health_check_port,
+            old.local_endpoints,
+        ):
+            self._health_checks(key, *health)
+        if plan == ServicePlan():
+            self.plans.pop(key, None)
+        else:
+            self.plans[key] = plan
+
+    @property
+    def specs(self) -> dict[ServiceKey, tuple[ListenerSpec, ...]]:
+        """The listeners each Service has now (Services with none are left out)."""
+        return {key: plan.listeners for key, plan in self.plans.items() if plan.listeners}
+
+    def service_addresses(self) -> frozenset[str]:
+        """Every IP a served Service owns (cluster, external, LB VIPs): what
+        ``--manage-addresses`` makes local."""
+        return frozenset().union(*(plan.addresses for plan in self.plans.values()))
+
     def listener_specs(self, key: ServiceKey) -> tuple[ListenerSpec, ...]:
         """The listeners Service ``key`` wants now (empty when it is gone or not proxied)."""
+        return self.plan(key).listeners
+
+    def plan(self, key: ServiceKey) -> ServicePlan:
+        """What Service ``key`` wants now: listeners for each of its addresses with the
+        endpoints each traffic class may use, its health check, its counts."""
         service = self.services.get(key)
         if service is None or not service.is_proxied:
-            return ()
+            return ServicePlan()
         endpoints = build_endpoints(service, self._slices_of(key), self.node_name)
         zone = self.node.zone if self.node is not None else None
         balancer = self.registry.resolve(service.balancer, str(key))
-        specs: list[ListenerSpec] = []
+        affinity = service.affinity_timeout
+        external_ips = (
+            *service.external_ips,
+            *(
+                ingress.ip
+                for ingress in service.load_balancer_ingress
+                if ingress.ip_mode in (None, "VIP")  # "Proxy": traffic goes via the real LB
+            ),
+        )
+        lb_ips = {i.ip for i in service.load_balancer_ingress if i.ip_mode in (None, "VIP")}
+        families = {IPFamily.of(ip) for ip in service.cluster_ips}
+        specs: dict[tuple[object, ...], ListenerSpec] = {}
+        local_ready: set[tuple[str, int]] = set()
+        no_local_internal = no_local_external = 0
         for port in service.ports:
             spn = service.port_name(port)
-            for ip in service.cluster_ips:
+            sets = {
+                family: categorize(endpoints.get((spn, family), ()), service, self.node_name, zone)
+                for family in families
+            }
+            for family_sets in sets.values():
+                local_ready.update(e.address for e in family_sets.local if e.ready)
+            if service.internal_traffic_policy is TrafficPolicy.LOCAL and any(
+                not s.local for s in sets.values()
+            ):
+                no_local_internal += 1
+            if (
+                service.externally_accessible
+                and service.external_traffic_policy is TrafficPolicy.LOCAL
+                and any(not s.local for s in sets.values())
+            ):
+                no_local_external += 1
+
+            def add(kind: AddressKind, ip: str, number: int, external: bool) -> None:
                 family = IPFamily.of(ip)
-                sets = categorize(endpoints.get((spn, family), ()), service, self.node_name, zone)
-                pool = PoolSpec(sets.internal, balancer, service.affinity_timeout)
-                specs.append(ListenerSpec(spn, AddressKind.CLUSTER_IP, ip, port.port, pool))
-        return tuple(specs)
+                if family not in sets:
+                    return  # an address of a family the Service does not have
+                chosen = sets[family]
+                internal = PoolSpec(chosen.internal, balancer, affinity)
+                spec = ListenerSpec(
+                    spn,
+                    kind,
+                    ip,
+                    number,
+                    PoolSpec(chosen.external, balancer, affinity) if external else internal,
+                    PoolSpec(chosen.cluster, balancer, affinity) if external else None,
+                    service.load_balancer_source_ranges if ip in lb_ips else (),
+                )
+                specs.setdefault(spec.key, spec)
+
+            for ip in service.cluster_ips:
+                add(AddressKind.CLUSTER_IP, ip, port.port, external=False)
+            if port.node_port is not None and service.type in (
+                ServiceType.NODE_PORT,
+                ServiceType.LOAD_BALANCER,
+            ):
+                for ip in self.node_addresses:
+                    add(AddressKind.NODE_PORT, ip, port.node_port, external=True)
+            for ip in external_ips:
+                kind = AddressKind.LOAD_BALANCER if ip in lb_ips else AddressKind.EXTERNAL_IP
+                add(kind, ip, port.port, external=True)
+        health_port = (
+            service.health_check_node_port
+            if service.type is ServiceType.LOAD_BALANCER
+            and service.external_traffic_policy is TrafficPolicy.LOCAL
+            else None
+        )
+        return ServicePlan(
+            listeners=tuple(specs.values()),
+            health_check_port=health_port,
+            local_endpoints=len(local_ready),
+            no_local_internal=no_local_internal,
+            no_local_external=no_local_external,
+            addresses=frozenset((*service.cluster_ips, *external_ips)),
+        )
 
     def _slices_of(self, key: ServiceKey) -> Iterable[EndpointSlice]:
         return self.slices.get(key, {}).values()

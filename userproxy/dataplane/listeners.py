@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.tcp_listener import TcpListener
 from userproxy.dataplane.tcp_relay import DownstreamProtocol
@@ -26,6 +27,8 @@ from userproxy.model import ListenerSpec, Protocol, ServiceKey
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 1.0
+#: How often a listener whose address was taken tries to bind again.
+BIND_RETRY_INTERVAL = 5.0
 ListenerKey = tuple[Protocol, str, int]
 
 
@@ -38,6 +41,8 @@ class PortTotals:
     dial_failures: int = 0
     dial_retries: int = 0
     dial_exhausted: int = 0
+    refused_source_range: int = 0
+    refused_no_endpoints: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     listening: int = 0
@@ -49,6 +54,8 @@ class PortTotals:
         self.dial_failures += stats.dial_failures
         self.dial_retries += stats.dial_retries
         self.dial_exhausted += stats.dial_exhausted
+        self.refused_source_range += stats.refused_source_range
+        self.refused_no_endpoints += stats.refused_no_endpoints
         self.bytes_up += stats.bytes_up
         self.bytes_down += stats.bytes_down
 
@@ -82,6 +89,9 @@ class ListenerSet:
         self.registry = registry
         self.limit = limit
         self.timeouts = timeouts
+        #: Classifies clients of NodePort/external/LB listeners (updated by the proxier).
+        self.node_local = NodeLocal()
+        self._last_bind_retry = 0.0
         self.listeners: dict[ListenerKey, TcpListener] = {}
         self._owner: dict[ListenerKey, ServiceKey] = {}
         self._by_service: dict[ServiceKey, set[ListenerKey]] = {}
@@ -119,7 +129,9 @@ class ListenerSet:
         for key, spec in wanted.items():
             listener = self.listeners.get(key)
             if listener is None:
-                self.listeners[key] = TcpListener(spec, self.registry, self.limit)
+                self.listeners[key] = TcpListener(
+                    spec, self.registry, self.limit, self.node_local
+                )
                 self._owner[key] = service
             elif listener.spec != spec:
                 listener.update(spec)
@@ -177,6 +189,10 @@ class ListenerSet:
             self.sweep(asyncio.get_running_loop().time())
 
     def sweep(self, now: float) -> None:
+        if now - self._last_bind_retry >= BIND_RETRY_INTERVAL:
+            self._last_bind_retry = now
+            for listener in self.listeners.values():
+                listener.retry_bind()
         fin, idle = self.timeouts.fin, self.timeouts.idle
         for conn in list(self.connections()):
             if conn.half_closed_at is not None and now - conn.half_closed_at >= fin:

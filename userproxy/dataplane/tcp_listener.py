@@ -18,12 +18,16 @@ no task).  Dialing therefore never blocks accepting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.classify import in_networks, parse_networks
 from userproxy.dataplane.limits import ConnectionLimit, RateLimitedLog
 from userproxy.dataplane.pool import BackendPool
 from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol
@@ -36,6 +40,9 @@ DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 #: Connections accepted per readiness event before yielding to the loop.
 ACCEPT_BATCH = 64
 BACKLOG = 4096
+# Linux socket options Python does not name (linux/in.h, linux/in6.h).
+IP_FREEBIND = 15
+IPV6_FREEBIND = 78
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _accept_error_log = RateLimitedLog()
 _dial_error_log = RateLimitedLog()
@@ -47,15 +54,25 @@ class ListenerStats:
     dial_failures: int = 0
     dial_retries: int = 0
     dial_exhausted: int = 0
+    refused_source_range: int = 0
+    refused_no_endpoints: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
 
 
+def _reset(sock: socket.socket) -> None:
+    """Close an accepted socket with an RST (SO_LINGER 0), never a clean FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 class TcpListener:
-    """Serves one ListenerSpec; ``update`` swaps its pool, ``close`` stops accepting.
+    """Serves one ListenerSpec; ``update`` swaps its pools, ``close`` stops accepting.
 
     Invariants: the listening socket is open exactly while the listener is not closed and
-    its pool has endpoints (and binding succeeded); the reader is registered exactly while
+    some traffic class has endpoints (and binding succeeded); a client whose class has no
+    endpoint, or outside the source ranges, is reset at once; the reader is registered exactly while
     the socket is open and accepting is neither paused by the connection limit nor backing
     off after a resource error.
     """
@@ -65,9 +82,14 @@ class TcpListener:
         spec: ListenerSpec,
         registry: BalancerRegistry,
         limit: ConnectionLimit,
+        node_local: Callable[[str], bool] = lambda _: False,
     ) -> None:
         self.spec = spec
+        self._registry = registry
         self.pool = BackendPool(spec.pool, registry)
+        self.node_pool = None if spec.node_pool is None else BackendPool(spec.node_pool, registry)
+        self._node_local = node_local
+        self._source_ranges = parse_networks(spec.source_ranges)
         self.limit = limit
         self.stats = ListenerStats()
         self.connections: set[DownstreamProtocol] = set()
@@ -91,10 +113,23 @@ class TcpListener:
 
     # -- control ---------------------------------------------------------------------------
     def update(self, spec: ListenerSpec) -> None:
-        """Swap in a new pool (and retry a failed bind); open connections are untouched."""
+        """Swap in new pools (and retry a failed bind); open connections are untouched."""
+        if spec.source_ranges != self.spec.source_ranges:
+            self._source_ranges = parse_networks(spec.source_ranges)
         self.spec = spec
         self.pool.update(spec.pool)
+        if spec.node_pool is None:
+            self.node_pool = None
+        elif self.node_pool is None:
+            self.node_pool = BackendPool(spec.node_pool, self._registry)
+        else:
+            self.node_pool.update(spec.node_pool)
         self._apply()
+
+    def retry_bind(self) -> None:
+        """Try a failed bind again (the sweeper calls this every few seconds)."""
+        if self.bind_error is not None:
+            self._apply()
 
     def close(self) -> None:
         """Stop accepting for good; open connections go on until they end or are drained."""
@@ -103,7 +138,7 @@ class TcpListener:
         self._apply()
 
     def _apply(self) -> None:
-        want = not self.closed and not self.pool.empty
+        want = not self.closed and self.spec.serves_anyone
         if want and self._sock is None:
             self._open()
         elif not want and self._sock is not None:
@@ -115,6 +150,13 @@ class TcpListener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # FREEBIND: a service IP may not be (yet) on any interface; the listener still
+            # starts, and serves as soon as the address is local (see docs/addressing.md).
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
             sock.setblocking(False)
             sock.bind((spec.ip, spec.port))
             sock.listen(BACKLOG)
@@ -182,8 +224,13 @@ class TcpListener:
                 continue
             self._backoff_delay = 0.0
             self.stats.accepted += 1
+            client_ip = address[0]
+            pool = self._pool_for(client_ip)
+            if pool is None:
+                _reset(client)
+                continue
             self.limit.acquire()
-            task = self._loop.create_task(self._serve(client, address[0]))
+            task = self._loop.create_task(self._serve(client, client_ip, pool))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -205,7 +252,21 @@ class TcpListener:
         self._resume()
 
     # -- one connection --------------------------------------------------------------------
-    async def _serve(self, client: socket.socket, client_ip: str) -> None:
+    def _pool_for(self, client_ip: str) -> BackendPool | None:
+        """The pool for this client, or None when it must be turned away (counted)."""
+        if self._source_ranges and not in_networks(client_ip, self._source_ranges):
+            self.stats.refused_source_range += 1
+            return None
+        node_pool = self.node_pool
+        pool = node_pool if node_pool is not None and self._node_local(client_ip) else self.pool
+        if pool.empty:
+            # The other traffic class has endpoints, so the socket listens; this one has
+            # none: an immediate reset is the closest a listener can come to a refusal.
+            self.stats.refused_no_endpoints += 1
+            return None
+        return pool
+
+    async def _serve(self, client: socket.socket, client_ip: str, pool: BackendPool) -> None:
         conn = DownstreamProtocol(self, client_ip)
         self.connections.add(conn)
         try:
@@ -222,15 +283,14 @@ class TcpListener:
             return
         conn.dial_task = asyncio.current_task()
         try:
-            await self._dial(conn)
+            await self._dial(conn, pool)
         finally:
             conn.dial_task = None
 
-    async def _dial(self, conn: DownstreamProtocol) -> None:
+    async def _dial(self, conn: DownstreamProtocol, pool: BackendPool) -> None:
         tried: list[Endpoint] = []
         for attempt, timeout in enumerate(DIAL_TIMEOUTS):
-            balancer = self.pool.balancer
-            endpoint = balancer.pick(conn.client_ip, tried)
+            endpoint = pool.balancer.pick(conn.client_ip, tried)
             if endpoint is None:
                 break
             if attempt:
@@ -245,7 +305,7 @@ class TcpListener:
                 self.stats.dial_failures += 1
                 # Forget the client's pin so the next attempt (and the next connection)
                 # goes elsewhere: kube-proxy's fix for clients stuck on a dead pod.
-                self.pool.balancer.failed(conn.client_ip, endpoint)
+                pool.balancer.failed(conn.client_ip, endpoint)
                 _dial_error_log(
                     log,
                     logging.WARNING,
