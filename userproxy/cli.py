@@ -170,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(
         run,
+        "--manage-addresses",
+        "manage_addresses",
+        "add the service IPs served (ClusterIPs, externalIPs, LB IPs) to a device of our "
+        "own over netlink so the kernel delivers them here (Linux, needs CAP_NET_ADMIN)",
+        action="store_true",
+    )
+    _flag(
+        run,
+        "--address-device",
+        "address_device",
+        "the device --manage-addresses owns",
+        metavar="NAME",
+    )
+    _flag(
+        run,
         "--cluster-cidr",
         "cluster_cidr",
         "the pods' CIDR range(s), comma-separated",

@@ -65,6 +65,8 @@ class Settings:
     metrics_bind_address: str = "127.0.0.1:10249"
     nodeport_addresses: tuple[str, ...] = ()
     cluster_cidr: str | None = None
+    manage_addresses: bool = False
+    address_device: str = "userproxy0"
 
     @property
     def healthz_address(self) -> tuple[str, int] | None:

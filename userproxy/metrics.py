@@ -74,6 +74,11 @@ class Metrics:
         for code in ("200", "503"):  # present from the first scrape, as dashboards expect
             self.healthz.labels(code)
             self.livez.labels(code)
+        self.health_check_bind_errors = Counter(
+            "userproxy_health_check_bind_errors",
+            "healthCheckNodePort servers that could not bind (retried every sync)",
+            registry=r,
+        )
         self.reload_errors = Counter(
             "userproxy_manifest_reload_errors",
             "Manifest reloads that failed (the last good state kept serving)",

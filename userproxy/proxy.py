@@ -17,18 +17,29 @@ from collections.abc import Callable
 from userproxy.admin.health import health_app
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
+from userproxy.admin.service_health import HealthCheck, ServiceHealthServers
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.config import Settings, configz
+from userproxy.config import ConfigError, Settings, configz
 from userproxy.control.health import HealthState
 from userproxy.control.proxier import Proxier, SyncStatus
 from userproxy.control.runner import SyncRunner
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.limits import ConnectionLimit, default_max_connections, raise_nofile_limit
 from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
+from userproxy.hostnet.addresses import (
+    AddressManager,
+    local_addresses,
+    primary_addresses,
+    select_nodeport_addresses,
+)
 from userproxy.metrics import Metrics
+from userproxy.model import ServiceKey
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
 log = logging.getLogger(__name__)
+
+#: How often the node's addresses (for NodePorts and traffic classes) are re-read at most.
+HOST_REFRESH_INTERVAL = 1.0
 
 
 class Proxy:
@@ -68,8 +79,26 @@ class Proxy:
             if on_synced is not None:
                 on_synced(status)
 
-        self.proxier = Proxier(self.recorder, self.listeners, self.registry, on_synced=synced)
+        self.service_health = ServiceHealthServers(
+            health=lambda: self.health.report().healthy,
+            addresses=lambda: self.proxier.node_addresses,
+            on_error=lambda _port, _exc: self.metrics.health_check_bind_errors.inc(),
+        )
+        self.proxier = Proxier(
+            self.recorder,
+            self.listeners,
+            self.registry,
+            on_synced=synced,
+            node_addresses=self._node_addresses,
+            health_checks=self._apply_health_check,
+        )
         self.health = HealthState(self.recorder, self.proxier, settings.sync_period)
+        self.addresses: AddressManager | None = None
+        if settings.manage_addresses:
+            self.addresses = AddressManager(settings.address_device)
+        self._host_read_at = float("-inf")
+        self._nodeport_addresses: tuple[str, ...] = ()
+        self._managed: frozenset[str] = frozenset()
         self.manifests: ManifestSource | None = None
         if settings.manifests:
             self.manifests = ManifestSource(
@@ -88,8 +117,42 @@ class Proxy:
         self.stopped = asyncio.Event()
         self._next_sync = asyncio.Event()
 
+    def _node_addresses(self) -> tuple[str, ...]:
+        """The NodePort addresses, re-read from the kernel at most once a second; also
+        refreshes which client addresses count as "on this node"."""
+        now = time.monotonic()
+        if now - self._host_read_at < HOST_REFRESH_INTERVAL:
+            return self._nodeport_addresses
+        self._host_read_at = now
+        settings = self.settings
+        local = local_addresses()
+        cluster_cidrs = settings.cluster_cidr.split(",") if settings.cluster_cidr else ()
+        self.listeners.node_local.update(local, cluster_cidrs)
+        # Service IPs on our own device are not node addresses for NodePorts.
+        own = (settings.address_device,) if self.addresses is not None else ()
+        candidates = local_addresses(exclude_devices=own) if own else local
+        primary = (
+            primary_addresses(exclude_devices=own)
+            if "primary" in settings.nodeport_addresses
+            else ()
+        )
+        self._nodeport_addresses = select_nodeport_addresses(
+            settings.nodeport_addresses, candidates, primary
+        )
+        return self._nodeport_addresses
+
+    def _apply_health_check(self, service: ServiceKey, port: int | None, local: int) -> None:
+        check = None if port is None else HealthCheck(service, port, local)
+        self.service_health.apply(service, check)
+
     def _sync(self) -> None:
         self.proxier.sync()
+        if self.addresses is not None:
+            wanted = self.proxier.service_addresses()
+            if wanted != self._managed:
+                self.addresses.sync(wanted)
+                self._managed = wanted
+        self.service_health.retry_failed()
         if self.proxier.status.syncs:
             self.synced.set()
         # Wake everyone waiting for "a sync after N", then arm a fresh event.
@@ -106,9 +169,18 @@ class Proxy:
         self._stop.set()
 
     async def run(self) -> None:
-        """Serve until ``stop()``; raises ManifestError if the first load fails."""
+        """Serve until ``stop()``; raises ManifestError if the first load fails and
+        ConfigError if ``--manage-addresses`` cannot create its device."""
         if self.manifests is not None:
             self.manifests.initial_load()
+        if self.addresses is not None:
+            try:
+                self.addresses.open()
+            except OSError as exc:
+                raise ConfigError(
+                    f"--manage-addresses: cannot create device {self.settings.address_device}: "
+                    f"{exc} (it needs CAP_NET_ADMIN)"
+                ) from exc
         log.info(
             "userproxy serving %s as node %s (max %d connections)",
             self._source_description(),
@@ -133,6 +205,10 @@ class Proxy:
                 log.warning("aborted %d connections still open after the grace period", aborted)
             log.info("stopped")
         finally:
+            await self.service_health.close()
+            if self.addresses is not None:
+                # Last: removing the addresses would break connections still draining.
+                self.addresses.close()
             self.stopped.set()
 
     def _source_description(self) -> str:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.endpoints import build_endpoints
-from userproxy.control.selection import categorize
+from userproxy.control.selection import EndpointSets, categorize
 from userproxy.control.trackers import ChangeRecorder, PendingChanges, SliceKey
 from userproxy.model import (
     AddressKind,
@@ -29,6 +29,7 @@ from userproxy.model import (
     PoolSpec,
     Service,
     ServiceKey,
+    ServicePortName,
     ServiceType,
     TrafficPolicy,
 )
@@ -249,7 +250,15 @@ class Proxier:
             ):
                 no_local_external += 1
 
-            def add(kind: AddressKind, ip: str, number: int, external: bool) -> None:
+            def add(
+                kind: AddressKind,
+                ip: str,
+                number: int,
+                external: bool,
+                *,
+                spn: ServicePortName = spn,
+                sets: dict[IPFamily, EndpointSets] = sets,
+            ) -> None:
                 family = IPFamily.of(ip)
                 if family not in sets:
                     return  # an address of a family the Service does not have

@@ -129,9 +129,7 @@ class ListenerSet:
         for key, spec in wanted.items():
             listener = self.listeners.get(key)
             if listener is None:
-                self.listeners[key] = TcpListener(
-                    spec, self.registry, self.limit, self.node_local
-                )
+                self.listeners[key] = TcpListener(spec, self.registry, self.limit, self.node_local)
                 self._owner[key] = service
             elif listener.spec != spec:
                 listener.update(spec)
