@@ -35,12 +35,13 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 # File capability on the real interpreter binary (python3 is a symlink to it). A non-root
 # process loses the capabilities that Kubernetes "adds" when it executes a program, unless
 # that program has file capabilities (Kubernetes sets no ambient capabilities), so this is
-# what makes `capabilities: add: [NET_BIND_SERVICE]` effective. setcap comes from
+# what makes `capabilities: add: [NET_BIND_SERVICE, NET_ADMIN]` effective (NET_ADMIN for
+# --manage-addresses, which puts the service IPs on a device over netlink). setcap comes from
 # libcap2-bin, removed again in the same layer. Debian revisions of bookworm's libcap 2.66
 # come and go from the mirror, so the upstream version is pinned and the revision is not.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends 'libcap2-bin=1:2.66-*' \
-    && setcap cap_net_bind_service=+ep "$(readlink -f /usr/local/bin/python3)" \
+    && setcap cap_net_bind_service,cap_net_admin=+ep "$(readlink -f /usr/local/bin/python3)" \
     && getcap "$(readlink -f /usr/local/bin/python3)" \
     && apt-get purge -y --auto-remove libcap2-bin \
     && rm -rf /var/lib/apt/lists/*

@@ -195,7 +195,7 @@ def test_dockerfile_matches_daemonset() -> None:
     assert 'CMD ["run"]' in text
     assert re.search(rf"^USER {UID}:{UID}$", text, re.MULTILINE)
     assert re.search(rf"^EXPOSE {HEALTH_PORT}$", text, re.MULTILINE)
-    assert "setcap cap_net_bind_service=+ep" in text
+    assert "setcap cap_net_bind_service,cap_net_admin=+ep" in text
     assert container()["args"][0] == "run"
 
 
@@ -298,7 +298,7 @@ def test_daemonset_security_context() -> None:
         "runAsGroup": UID,
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
+        "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE", "NET_ADMIN"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
