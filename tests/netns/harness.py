@@ -120,12 +120,12 @@ class _Agent:
         started = time.monotonic()
         try:
             if op == "connect":
-                sock = self._open(request, started + timeout)
+                sock, name = self._open(request, started + timeout)
                 sock.close()
-                result: dict[str, Any] = {"result": self._last_name}
+                result: dict[str, Any] = {"result": name}
             elif op == "hold":
-                self.held[request["id"]] = self._open(request, started + timeout)
-                result = {"result": self._last_name}
+                self.held[request["id"]], name = self._open(request, started + timeout)
+                result = {"result": name}
             elif op == "send":
                 sock = self.held[request["id"]]
                 sock.settimeout(timeout)
@@ -144,9 +144,8 @@ class _Agent:
         result["elapsed"] = time.monotonic() - started
         return result
 
-    _last_name = ""
-
-    def _open(self, request: dict[str, Any], deadline: float) -> socket.socket:
+    def _open(self, request: dict[str, Any], deadline: float) -> tuple[socket.socket, str]:
+        """A connection and the first line it got (the backend's name, or CLOSED)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             if request.get("source"):
@@ -157,8 +156,7 @@ class _Agent:
         except BaseException:
             sock.close()
             raise
-        self._last_name = name or CLOSED
-        return sock
+        return sock, name or CLOSED
 
     def _http(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         conn = http.client.HTTPConnection(request["host"], int(request["port"]), timeout=timeout)
