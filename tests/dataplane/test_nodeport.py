@@ -59,7 +59,7 @@ async def test_node_port_clash_is_reported_and_retried(
         endpoint_slice("other-1", "other", backend.port, [backend.ip]),
     )
     try:
-        with caplog.at_level(logging.INFO, logger="userproxy.dataplane.tcp_listener"):
+        with caplog.at_level(logging.INFO, logger="userproxy.dataplane.listener"):
             async with running_proxy(tmp_path, nodeport_addresses=("127.0.0.1/32",)) as proxy:
                 errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
                 assert any(

@@ -1,0 +1,194 @@
+"""What TCP and UDP listeners share: the socket's lifecycle, the pools, the traffic class.
+
+A listener serves one ``ListenerSpec`` (one protocol, address and port of one
+ServicePort).  Its socket is open exactly while the listener is not closed and some traffic
+class has endpoints: with none at all the socket is closed, so the kernel refuses (TCP RST
+on SYN, ICMP port unreachable for UDP), which is what kube-proxy answers.  Sockets bind with
+``IP_FREEBIND``: a service IP need not be on an interface yet.  A bind that fails (address
+taken by another process) is logged once per errno and retried by ``retry_bind``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.classify import in_networks, parse_networks
+from userproxy.dataplane.pool import BackendPool
+from userproxy.model import ListenerSpec
+
+log = logging.getLogger(__name__)
+
+# Linux socket options Python does not name (linux/in.h, linux/in6.h).
+IP_FREEBIND = 15
+IPV6_FREEBIND = 78
+
+
+@dataclass(slots=True)
+class ListenerStats:
+    """Plain counters of one listener, read by the metrics collector at scrape time."""
+
+    accepted: int = 0
+    dial_failures: int = 0
+    dial_retries: int = 0
+    dial_exhausted: int = 0
+    refused_source_range: int = 0
+    refused_no_endpoints: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    # UDP
+    sessions_created: int = 0
+    sessions_expired: int = 0
+    sessions_evicted: int = 0
+    sessions_closed_by_icmp: int = 0
+    datagrams_up: int = 0
+    datagrams_down: int = 0
+    drops_rate: int = 0
+    drops_send: int = 0
+
+
+class Listener:
+    """Base of TcpListener and UdpListener; subclasses set ``SOCK_TYPE`` and implement
+    ``_prepare`` (after bind), ``_can_read`` and ``_on_readable``."""
+
+    SOCK_TYPE = socket.SOCK_STREAM
+
+    def __init__(
+        self,
+        spec: ListenerSpec,
+        registry: BalancerRegistry,
+        node_local: Callable[[str], bool] = lambda _: False,
+    ) -> None:
+        self.spec = spec
+        self._registry = registry
+        self.pool = BackendPool(spec.pool, registry)
+        self.node_pool = None if spec.node_pool is None else BackendPool(spec.node_pool, registry)
+        self._node_local = node_local
+        self._source_ranges = parse_networks(spec.source_ranges)
+        self.stats = ListenerStats()
+        self.bind_error: OSError | None = None
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._sock: socket.socket | None = None
+        self._reading = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec.spn} {self.spec.ip}:{self.spec.port}>"
+
+    @property
+    def listening(self) -> bool:
+        return self._sock is not None
+
+    # -- control ---------------------------------------------------------------------------
+    def update(self, spec: ListenerSpec) -> None:
+        """Swap in new pools (and retry a failed bind); open connections are untouched."""
+        if spec.source_ranges != self.spec.source_ranges:
+            self._source_ranges = parse_networks(spec.source_ranges)
+        self.spec = spec
+        self.pool.update(spec.pool)
+        if spec.node_pool is None:
+            self.node_pool = None
+        elif self.node_pool is None:
+            self.node_pool = BackendPool(spec.node_pool, self._registry)
+        else:
+            self.node_pool.update(spec.node_pool)
+        self._apply()
+
+    def retry_bind(self) -> None:
+        """Try a failed bind again (the sweeper calls this every few seconds)."""
+        if self.bind_error is not None:
+            self._apply()
+
+    def close(self) -> None:
+        """Stop serving new clients for good; what is open goes on (or is drained)."""
+        self.closed = True
+        self._apply()
+
+    def _apply(self) -> None:
+        want = not self.closed and self.spec.serves_anyone
+        if want and self._sock is None:
+            self._open()
+        elif not want and self._sock is not None:
+            self._close_socket()
+
+    def _open(self) -> None:
+        spec = self.spec
+        family = socket.AF_INET6 if ":" in spec.ip else socket.AF_INET
+        sock = socket.socket(family, self.SOCK_TYPE)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # FREEBIND: a service IP may not be (yet) on any interface; the listener still
+            # starts, and serves as soon as the address is local (see docs/addressing.md).
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+            sock.setblocking(False)
+            sock.bind((spec.ip, spec.port))
+            self._prepare(sock)
+        except OSError as exc:
+            sock.close()
+            if self.bind_error is None or self.bind_error.errno != exc.errno:
+                log.error(
+                    "%s: cannot listen on %s:%d: %s (will retry)",
+                    spec.spn,
+                    spec.ip,
+                    spec.port,
+                    exc.strerror or exc,
+                )
+            self.bind_error = exc
+            return
+        if self.bind_error is not None:
+            log.info("%s: listening on %s:%d now", spec.spn, spec.ip, spec.port)
+        self.bind_error = None
+        self._sock = sock
+        log.debug("%s: listening on %s:%d", spec.spn, spec.ip, spec.port)
+        self._resume()
+
+    def _close_socket(self) -> None:
+        self._pause()
+        assert self._sock is not None
+        self._sock.close()
+        self._sock = None
+        log.debug("%s: stopped listening on %s:%d", self.spec.spn, self.spec.ip, self.spec.port)
+
+    def _pause(self) -> None:
+        if self._reading and self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        self._reading = False
+
+    def _resume(self) -> None:
+        if self._reading or self._sock is None or not self._can_read():
+            return
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._reading = True
+
+    # -- traffic classes -------------------------------------------------------------------
+    def _pool_for(self, client_ip: str) -> BackendPool | None:
+        """The pool for this client, or None when it must be turned away (counted)."""
+        if self._source_ranges and not in_networks(client_ip, self._source_ranges):
+            self.stats.refused_source_range += 1
+            return None
+        node_pool = self.node_pool
+        pool = node_pool if node_pool is not None and self._node_local(client_ip) else self.pool
+        if pool.empty:
+            # The other traffic class has endpoints, so the socket is open; this one has
+            # none: turn the client away (TCP: an immediate reset; UDP: a drop).
+            self.stats.refused_no_endpoints += 1
+            return None
+        return pool
+
+    # -- for subclasses --------------------------------------------------------------------
+    def _prepare(self, sock: socket.socket) -> None:
+        """Called after bind (TCP: listen)."""
+
+    def _can_read(self) -> bool:
+        return True
+
+    def _on_readable(self) -> None:
+        raise NotImplementedError
