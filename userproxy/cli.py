@@ -95,6 +95,31 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     _flag(
         parser,
+        "--udp-idle-timeout",
+        "udp_idle_timeout",
+        "end UDP sessions idle this long",
+        **duration,
+    )
+    _flag(
+        parser,
+        "--udp-max-sessions",
+        "udp_max_sessions",
+        "UDP sessions (and their descriptors) at most; the least recently used is evicted "
+        "(default: a quarter of the open-files limit, max 10000)",
+        type=int,
+        metavar="N",
+    )
+    _flag(
+        parser,
+        "--udp-session-rate",
+        "udp_session_rate",
+        "datagrams per second one UDP client may send before the excess is dropped "
+        "(fairness; 0: unlimited)",
+        type=float,
+        metavar="N",
+    )
+    _flag(
+        parser,
         "--service-proxy-name",
         "service_proxy_name",
         "serve only objects labelled service.kubernetes.io/service-proxy-name=NAME",

@@ -65,6 +65,9 @@ class Settings:
     metrics_bind_address: str = "127.0.0.1:10249"
     nodeport_addresses: tuple[str, ...] = ()
     cluster_cidr: str | None = None
+    udp_idle_timeout: float = 30.0
+    udp_max_sessions: int | None = None
+    udp_session_rate: float = 20_000.0
     manage_addresses: bool = False
     address_device: str = "userproxy0"
 
@@ -105,6 +108,12 @@ class Settings:
             raise ConfigError("--tcp-idle-timeout: must be > 0 (omit it to disable)")
         if self.max_connections is not None and self.max_connections < 1:
             raise ConfigError("--max-connections: must be >= 1")
+        if self.udp_idle_timeout <= 0:
+            raise ConfigError("--udp-idle-timeout: must be > 0")
+        if self.udp_max_sessions is not None and self.udp_max_sessions < 1:
+            raise ConfigError("--udp-max-sessions: must be >= 1")
+        if self.udp_session_rate < 0:
+            raise ConfigError("--udp-session-rate: must be >= 0 (0: unlimited)")
         if self.manifest_poll_interval <= 0:
             raise ConfigError("manifest poll interval must be > 0")
         if self.config_sync_period < 0:

@@ -195,21 +195,68 @@ class _DataplaneCollector(Collector):
         bytes_family = CounterMetricFamily(
             "userproxy_bytes", "Bytes relayed", labels=[*labels, "direction"]
         )
+        udp: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "active": GaugeMetricFamily(
+                "userproxy_udp_sessions_active", "UDP sessions open now", labels=labels
+            ),
+            "created": CounterMetricFamily(
+                "userproxy_udp_sessions_created", "UDP sessions created", labels=labels
+            ),
+            "expired": CounterMetricFamily(
+                "userproxy_udp_sessions_expired",
+                "UDP sessions ended by --udp-idle-timeout",
+                labels=labels,
+            ),
+            "evicted": CounterMetricFamily(
+                "userproxy_udp_sessions_evicted",
+                "UDP sessions evicted because the table was full (--udp-max-sessions)",
+                labels=labels,
+            ),
+            "datagrams": CounterMetricFamily(
+                "userproxy_udp_datagrams", "UDP datagrams relayed", labels=[*labels, "direction"]
+            ),
+            "drops": CounterMetricFamily(
+                "userproxy_udp_drops",
+                "UDP datagrams dropped: rate_limit (a client over --udp-session-rate), "
+                "send_failed (socket buffer full or no session socket), no_endpoints (none "
+                "for the client's traffic class), source_range, backend_unreachable (ICMP "
+                "error from the endpoint; the session ends)",
+                labels=[*labels, "reason"],
+            ),
+        }
         for key, totals in self.listeners.totals().items():
             spn, protocol = key
-            families["accepted"].add_metric([spn, protocol], totals.accepted)
-            families["active"].add_metric([spn, protocol], totals.active)
+            port = [spn, protocol]
+            bytes_family.add_metric([*port, "upstream"], totals.bytes_up)
+            bytes_family.add_metric([*port, "downstream"], totals.bytes_down)
+            families["listening"].add_metric(port, totals.listening)
+            families["bind_errors"].add_metric(port, totals.bind_errors)
+            if protocol == "UDP":
+                udp["active"].add_metric(port, totals.sessions_active)
+                udp["created"].add_metric(port, totals.sessions_created)
+                udp["expired"].add_metric(port, totals.sessions_expired)
+                udp["evicted"].add_metric(port, totals.sessions_evicted)
+                udp["datagrams"].add_metric([*port, "upstream"], totals.datagrams_up)
+                udp["datagrams"].add_metric([*port, "downstream"], totals.datagrams_down)
+                for reason, count in (
+                    ("rate_limit", totals.drops_rate),
+                    ("send_failed", totals.drops_send),
+                    ("no_endpoints", totals.refused_no_endpoints),
+                    ("source_range", totals.refused_source_range),
+                    ("backend_unreachable", totals.sessions_closed_by_icmp),
+                ):
+                    udp["drops"].add_metric([*port, reason], count)
+                continue
+            families["accepted"].add_metric(port, totals.accepted)
+            families["active"].add_metric(port, totals.active)
             for reason, count in (
                 ("dial_failed", totals.dial_exhausted),
                 ("source_range", totals.refused_source_range),
                 ("no_endpoints", totals.refused_no_endpoints),
             ):
-                families["refused"].add_metric([spn, protocol, reason], count)
-            families["dial_failures"].add_metric([spn, protocol], totals.dial_failures)
-            families["dial_retries"].add_metric([spn, protocol], totals.dial_retries)
-            families["listening"].add_metric([spn, protocol], totals.listening)
-            families["bind_errors"].add_metric([spn, protocol], totals.bind_errors)
-            bytes_family.add_metric([spn, protocol, "upstream"], totals.bytes_up)
-            bytes_family.add_metric([spn, protocol, "downstream"], totals.bytes_down)
+                families["refused"].add_metric([*port, reason], count)
+            families["dial_failures"].add_metric(port, totals.dial_failures)
+            families["dial_retries"].add_metric(port, totals.dial_retries)
+        yield from udp.values()
         yield from families.values()
         yield bytes_family

@@ -24,8 +24,14 @@ from userproxy.control.health import HealthState
 from userproxy.control.proxier import Proxier, SyncStatus
 from userproxy.control.runner import SyncRunner
 from userproxy.control.trackers import ChangeRecorder
-from userproxy.dataplane.limits import ConnectionLimit, default_max_connections, raise_nofile_limit
+from userproxy.dataplane.limits import (
+    ConnectionLimit,
+    default_max_connections,
+    default_udp_sessions,
+    raise_nofile_limit,
+)
 from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
+from userproxy.dataplane.udp import UdpSettings
 from userproxy.hostnet.addresses import (
     AddressManager,
     local_addresses,
@@ -53,7 +59,8 @@ class Proxy:
     ) -> None:
         self.settings = settings
         nofile = raise_nofile_limit()
-        maximum = settings.max_connections or default_max_connections(nofile)
+        udp_sessions = settings.udp_max_sessions or default_udp_sessions(nofile)
+        maximum = settings.max_connections or default_max_connections(nofile, udp_sessions)
         self.registry = BalancerRegistry()
         self.limit = ConnectionLimit(maximum)
         self.listeners = ListenerSet(
@@ -63,6 +70,11 @@ class Proxy:
                 fin=settings.tcp_fin_timeout,
                 idle=settings.tcp_idle_timeout,
                 drain_grace=settings.shutdown_grace,
+            ),
+            UdpSettings(
+                idle_timeout=settings.udp_idle_timeout,
+                max_sessions=udp_sessions,
+                session_rate=settings.udp_session_rate,
             ),
         )
         self.runner = SyncRunner(

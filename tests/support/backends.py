@@ -126,3 +126,45 @@ def recv_all(sock: socket.socket) -> bytes:
     while data := sock.recv(1 << 16):
         chunks.append(data)
     return b"".join(chunks)
+
+
+class UdpBackend:
+    """A UDP server on ``ip`` in a thread: answers each datagram with ``handle(data)``
+    (default: echo) and counts what it received; ``stop()`` closes it."""
+
+    def __init__(
+        self, ip: str, handle: Callable[[bytes], bytes | None] | None = None, port: int = 0
+    ) -> None:
+        self.ip = ip
+        self._handle = handle or (lambda data: data)
+        self._sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                                   socket.SOCK_DGRAM)  # fmt: skip
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self._sock.bind((ip, port))
+        self._sock.settimeout(0.2)
+        self.port: int = self._sock.getsockname()[1]
+        self.received = 0
+        self.peers: set[tuple[str, int]] = set()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                data, peer = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received += 1
+            self.peers.add(peer[:2])
+            reply = self._handle(data)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.sendto(reply, peer)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+        self._sock.close()

@@ -27,9 +27,15 @@ def raise_nofile_limit() -> int:
     return soft
 
 
-def default_max_connections(nofile: int) -> int:
-    """Each proxied TCP connection holds two descriptors (downstream and upstream)."""
-    return max(16, min(100_000, (nofile - FD_RESERVE) // 2))
+def default_udp_sessions(nofile: int) -> int:
+    """UDP sessions hold one descriptor each; they get a quarter of the budget."""
+    return max(16, min(10_000, (nofile - FD_RESERVE) // 4))
+
+
+def default_max_connections(nofile: int, udp_sessions: int = 0) -> int:
+    """Each proxied TCP connection holds two descriptors (downstream and upstream); what
+    the reserve and the UDP sessions leave is shared out."""
+    return max(16, min(100_000, (nofile - FD_RESERVE - udp_sessions) // 2))
 
 
 class RateLimitedLog:

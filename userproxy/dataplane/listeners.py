@@ -3,10 +3,11 @@
 ``apply(service, specs)`` is the only entry point the control plane uses.  It touches only
 the listeners of that Service: a listener whose spec is unchanged is left alone, one whose
 pool changed gets its pool swapped, new ones are opened and the rest are closed.  A closed
-listener's open connections are left to finish and aborted ``drain_grace`` seconds later.
+TCP listener's open connections are left to finish and aborted ``drain_grace`` seconds
+later; a closed UDP listener's sessions end with it (their replies would have no socket).
 
-One sweeper task (not a timer per connection) enforces the idle and half-close timeouts
-and the drain deadlines once a second.
+One sweeper task (not a timer per connection) enforces the TCP idle and half-close
+timeouts, the drain deadlines and the UDP idle timeout once a second.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.limits import ConnectionLimit
+from userproxy.dataplane.listener import ListenerStats
 from userproxy.dataplane.tcp_listener import TcpListener
 from userproxy.dataplane.tcp_relay import DownstreamProtocol
+from userproxy.dataplane.udp import SessionTable, UdpListener, UdpSettings
 from userproxy.model import ListenerSpec, Protocol, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -47,23 +50,33 @@ class PortTotals:
     bytes_down: int = 0
     listening: int = 0
     bind_errors: int = 0
+    sessions_active: int = 0
+    sessions_created: int = 0
+    sessions_expired: int = 0
+    sessions_evicted: int = 0
+    sessions_closed_by_icmp: int = 0
+    datagrams_up: int = 0
+    datagrams_down: int = 0
+    drops_rate: int = 0
+    drops_send: int = 0
 
-    def add(self, listener: TcpListener) -> None:
+    def add(self, listener: AnyListener) -> None:
+        """Add a listener's counters (the same names in ListenerStats)."""
         stats = listener.stats
-        self.accepted += stats.accepted
-        self.dial_failures += stats.dial_failures
-        self.dial_retries += stats.dial_retries
-        self.dial_exhausted += stats.dial_exhausted
-        self.refused_source_range += stats.refused_source_range
-        self.refused_no_endpoints += stats.refused_no_endpoints
-        self.bytes_up += stats.bytes_up
-        self.bytes_down += stats.bytes_down
+        for name in _STATS_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(stats, name))
+
+
+_STATS_FIELDS = tuple(
+    f.name for f in dataclasses.fields(PortTotals) if f.name in ListenerStats.__slots__
+)
+AnyListener = TcpListener | UdpListener
 
 
 TotalsKey = tuple[str, str]  # ("namespace/name:port", protocol)
 
 
-def _totals_key(listener: TcpListener) -> TotalsKey:
+def _totals_key(listener: AnyListener) -> TotalsKey:
     spn = listener.spec.spn
     port = f":{spn.port}" if spn.port else ""
     return (f"{spn.namespace}/{spn.name}{port}", str(spn.protocol))
@@ -85,14 +98,16 @@ class ListenerSet:
         registry: BalancerRegistry,
         limit: ConnectionLimit,
         timeouts: TcpTimeouts,
+        udp: UdpSettings | None = None,
     ) -> None:
         self.registry = registry
         self.limit = limit
         self.timeouts = timeouts
+        self.udp_sessions = SessionTable(udp or UdpSettings())
         #: Classifies clients of NodePort/external/LB listeners (updated by the proxier).
         self.node_local = NodeLocal()
         self._last_bind_retry = 0.0
-        self.listeners: dict[ListenerKey, TcpListener] = {}
+        self.listeners: dict[ListenerKey, AnyListener] = {}
         self._owner: dict[ListenerKey, ServiceKey] = {}
         self._by_service: dict[ServiceKey, set[ListenerKey]] = {}
         #: Closed listeners whose connections are still open, each with its deadline.
@@ -107,10 +122,10 @@ class ListenerSet:
         wanted: dict[ListenerKey, ListenerSpec] = {}
         for spec in specs:
             key = spec.key
-            if spec.spn.protocol is not Protocol.TCP:
+            if spec.spn.protocol is Protocol.SCTP:
                 if key not in self._unsupported_warned:
                     self._unsupported_warned.add(key)
-                    log.warning("%s: protocol %s is not proxied yet", spec.spn, spec.spn.protocol)
+                    log.warning("%s: SCTP is not proxied by userproxy", spec.spn)
                 continue
             owner = self._owner.get(key)
             if owner is not None and owner != service:
@@ -129,7 +144,7 @@ class ListenerSet:
         for key, spec in wanted.items():
             listener = self.listeners.get(key)
             if listener is None:
-                self.listeners[key] = TcpListener(spec, self.registry, self.limit, self.node_local)
+                self.listeners[key] = self._new_listener(spec)
                 self._owner[key] = service
             elif listener.spec != spec:
                 listener.update(spec)
@@ -140,26 +155,32 @@ class ListenerSet:
         else:
             self._by_service.pop(service, None)
 
+    def _new_listener(self, spec: ListenerSpec) -> AnyListener:
+        if spec.spn.protocol is Protocol.UDP:
+            return UdpListener(spec, self.registry, self.udp_sessions, self.node_local)
+        return TcpListener(spec, self.registry, self.limit, self.node_local)
+
     def _remove(self, key: ListenerKey) -> None:
         listener = self.listeners.pop(key)
         self._owner.pop(key, None)
         listener.close()
-        if listener.connections:
+        if isinstance(listener, TcpListener) and listener.connections:
             loop = asyncio.get_running_loop()
             self._draining[listener] = loop.time() + self.timeouts.drain_grace
         else:
             self._retire(listener)
 
-    def _retire(self, listener: TcpListener) -> None:
+    def _retire(self, listener: AnyListener) -> None:
         self._retired.setdefault(_totals_key(listener), PortTotals()).add(listener)
 
     # -- views -----------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[TcpListener]:
+    def __iter__(self) -> Iterator[AnyListener]:
         return iter(self.listeners.values())
 
     def connections(self) -> Iterator[DownstreamProtocol]:
         for listener in (*self.listeners.values(), *self._draining):
-            yield from listener.connections
+            if isinstance(listener, TcpListener):
+                yield from listener.connections
 
     @property
     def active_connections(self) -> int:
@@ -171,10 +192,13 @@ class ListenerSet:
         for listener in (*self.listeners.values(), *self._draining):
             totals = result.setdefault(_totals_key(listener), PortTotals())
             totals.add(listener)
-            totals.active += len(listener.connections)
-            for conn in listener.connections:
-                totals.bytes_up += conn.bytes_up
-                totals.bytes_down += conn.bytes_down
+            if isinstance(listener, UdpListener):
+                totals.sessions_active += listener.session_count
+            else:
+                totals.active += len(listener.connections)
+                for conn in listener.connections:
+                    totals.bytes_up += conn.bytes_up
+                    totals.bytes_down += conn.bytes_down
             totals.listening += listener.listening
             totals.bind_errors += listener.bind_error is not None
         return result
@@ -187,6 +211,7 @@ class ListenerSet:
             self.sweep(asyncio.get_running_loop().time())
 
     def sweep(self, now: float) -> None:
+        self.udp_sessions.expire(now)
         if now - self._last_bind_retry >= BIND_RETRY_INTERVAL:
             self._last_bind_retry = now
             for listener in self.listeners.values():
@@ -222,7 +247,10 @@ class ListenerSet:
         for key in list(self.listeners):
             listener = self.listeners.pop(key)
             listener.close()
-            self._draining[listener] = float("inf")
+            if isinstance(listener, TcpListener):
+                self._draining[listener] = float("inf")
+            else:
+                self._retire(listener)
         self._owner.clear()
         self._by_service.clear()
 
@@ -238,7 +266,8 @@ class ListenerSet:
             pass
         left = list(self.connections())
         for listener in (*self.listeners.values(), *self._draining):
-            listener.abort_all()
+            if isinstance(listener, TcpListener):
+                listener.abort_all()
         self._draining.clear()
         if left:
             # Let the aborts reach connection_lost before the loop goes away.
