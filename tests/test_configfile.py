@@ -223,7 +223,7 @@ def test_userproxy_zero_durations_are_real_values(tmp_path: Path) -> None:
             id="client-connection",
         ),
         pytest.param(
-            "udpIdleTimeout: 250ms\nportRange: 30000-32767\nresourceContainer: /kube-proxy\n"
+            "portRange: 30000-32767\nresourceContainer: /kube-proxy\n"
             "featureGates: {Foo: true}\nenableProfiling: true\n"
             "showHiddenMetricsForVersion: '1.30'\n"
             "detectLocalMode: ClusterCIDR\ndetectLocal: {bridgeInterface: cbr0}\n"
@@ -246,11 +246,17 @@ def test_userproxy_zero_durations_are_real_values(tmp_path: Path) -> None:
                 "portRange",
                 "resourceContainer",
                 "showHiddenMetricsForVersion",
-                "udpIdleTimeout",
                 "windowsRunAsService",
                 "winkernel.enableDSR",
             ),
             id="not-applicable-fields-ignored",
+        ),
+        pytest.param(
+            "udpIdleTimeout: 2s\n",
+            {"udp_idle_timeout": 2.0},
+            ("udpIdleTimeout",),
+            (),
+            id="userspace-udp-idle-timeout-honoured",
         ),
         pytest.param(
             "hostnameOverride: null\nclientConnection: null\nnodePortAddresses: []\n"

@@ -191,6 +191,10 @@ USERPROXY_FIELDS: Final[Mapping[str, str]] = {
     "tcpFinTimeout": _DURATION,
     "tcpIdleTimeout": _DURATION,
     "maxConnections": _INT,
+    "udpMaxSessions": _INT,
+    "udpSessionRate": _INT,
+    "manageAddresses": _BOOL,
+    "addressDevice": _STR,
 }
 
 # Settings that belong in the KubeProxyConfiguration document, for a helpful error.
@@ -524,6 +528,18 @@ def _max_connections(value: object, where: str) -> object:
     return value
 
 
+def _non_negative_rate(value: object, where: str) -> object:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{where}: {_show(value)} is not a rate >= 0 (0: unlimited)")
+    return float(value)
+
+
+def _flag_value(value: object, where: str) -> object:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {_show(value)} is not true or false")
+    return value
+
+
 # KubeProxyConfiguration field -> (Settings field, converter); the sync periods are chosen
 # separately.
 _KUBE_PROXY_HONOURED: Final[Mapping[str, tuple[str, Callable[[object, str], object]]]] = {
@@ -534,6 +550,8 @@ _KUBE_PROXY_HONOURED: Final[Mapping[str, tuple[str, Callable[[object, str], obje
     "configSyncPeriod": ("config_sync_period", _seconds),
     "nodePortAddresses": ("nodeport_addresses", _nodeport_addresses),
     "clusterCIDR": ("cluster_cidr", _cluster_cidr),
+    # The old userspace mode's own field: exactly userproxy's UDP session idle timeout.
+    "udpIdleTimeout": ("udp_idle_timeout", _positive_seconds),
 }
 
 _USERPROXY_HONOURED: Final[Mapping[str, tuple[str, Callable[[object, str], object]]]] = {
@@ -546,7 +564,12 @@ _USERPROXY_HONOURED: Final[Mapping[str, tuple[str, Callable[[object, str], objec
     "tcpFinTimeout": ("tcp_fin_timeout", _seconds),
     "tcpIdleTimeout": ("tcp_idle_timeout", _positive_seconds),
     "maxConnections": ("max_connections", _max_connections),
+    "udpMaxSessions": ("udp_max_sessions", _max_connections),
+    "udpSessionRate": ("udp_session_rate", _non_negative_rate),
+    "manageAddresses": ("manage_addresses", _flag_value),
+    "addressDevice": ("address_device", _text),
 }
+
 
 _SYNC_SECTIONS: Final[Mapping[str, str]] = {"ipvs": "ipvs", "nftables": "nftables"}
 
