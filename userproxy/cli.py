@@ -152,7 +152,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="userproxy",
-        description="A userspace TCP service proxy that does the job of kube-proxy.",
+        description="A userspace TCP and UDP service proxy that does the job of kube-proxy.",
     )
     parser.add_argument("--version", action="version", version=f"userproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
