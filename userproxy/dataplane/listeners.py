@@ -36,40 +36,23 @@ ListenerKey = tuple[Protocol, str, int]
 
 
 @dataclass(slots=True)
-class PortTotals:
-    """Counters of one service port and protocol over all its listeners, past and present."""
+class PortTotals(ListenerStats):
+    """Counters of one service port and protocol over all its listeners, past and present:
+    the listeners' own counters summed, plus what is open now."""
 
-    accepted: int = 0
     active: int = 0
-    dial_failures: int = 0
-    dial_retries: int = 0
-    dial_exhausted: int = 0
-    refused_source_range: int = 0
-    refused_no_endpoints: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
+    sessions_active: int = 0
     listening: int = 0
     bind_errors: int = 0
-    sessions_active: int = 0
-    sessions_created: int = 0
-    sessions_expired: int = 0
-    sessions_evicted: int = 0
-    sessions_closed_by_icmp: int = 0
-    datagrams_up: int = 0
-    datagrams_down: int = 0
-    drops_rate: int = 0
-    drops_send: int = 0
 
     def add(self, listener: AnyListener) -> None:
-        """Add a listener's counters (the same names in ListenerStats)."""
+        """Add a listener's own counters."""
         stats = listener.stats
         for name in _STATS_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(stats, name))
 
 
-_STATS_FIELDS = tuple(
-    f.name for f in dataclasses.fields(PortTotals) if f.name in ListenerStats.__slots__
-)
+_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ListenerStats))
 AnyListener = TcpListener | UdpListener
 
 
