@@ -32,20 +32,13 @@ from userproxy.dataplane.limits import (
 )
 from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
 from userproxy.dataplane.udp import UdpSettings
-from userproxy.hostnet.addresses import (
-    AddressManager,
-    local_addresses,
-    primary_addresses,
-    select_nodeport_addresses,
-)
+from userproxy.hostnet.addresses import AddressManager
+from userproxy.hostnet.node import NodeAddresses
 from userproxy.metrics import Metrics
 from userproxy.model import ServiceKey
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
 log = logging.getLogger(__name__)
-
-#: How often the node's addresses (for NodePorts and traffic classes) are re-read at most.
-HOST_REFRESH_INTERVAL = 1.0
 
 
 class Proxy:
@@ -101,15 +94,18 @@ class Proxy:
             self.listeners,
             self.registry,
             on_synced=synced,
-            node_addresses=self._node_addresses,
+            node_addresses=NodeAddresses(
+                self.listeners.node_local,
+                nodeport_cidrs=settings.nodeport_addresses,
+                cluster_cidrs=settings.cluster_cidr.split(",") if settings.cluster_cidr else (),
+                own_device=settings.address_device if settings.manage_addresses else None,
+            ),
             health_checks=self._apply_health_check,
         )
         self.health = HealthState(self.recorder, self.proxier, settings.sync_period)
         self.addresses: AddressManager | None = None
         if settings.manage_addresses:
             self.addresses = AddressManager(settings.address_device)
-        self._host_read_at = float("-inf")
-        self._nodeport_addresses: tuple[str, ...] = ()
         self._managed: frozenset[str] = frozenset()
         self.manifests: ManifestSource | None = None
         if settings.manifests:
@@ -128,30 +124,6 @@ class Proxy:
         self.synced = asyncio.Event()
         self.stopped = asyncio.Event()
         self._next_sync = asyncio.Event()
-
-    def _node_addresses(self) -> tuple[str, ...]:
-        """The NodePort addresses, re-read from the kernel at most once a second; also
-        refreshes which client addresses count as "on this node"."""
-        now = time.monotonic()
-        if now - self._host_read_at < HOST_REFRESH_INTERVAL:
-            return self._nodeport_addresses
-        self._host_read_at = now
-        settings = self.settings
-        local = local_addresses()
-        cluster_cidrs = settings.cluster_cidr.split(",") if settings.cluster_cidr else ()
-        self.listeners.node_local.update(local, cluster_cidrs)
-        # Service IPs on our own device are not node addresses for NodePorts.
-        own = (settings.address_device,) if self.addresses is not None else ()
-        candidates = local_addresses(exclude_devices=own) if own else local
-        primary = (
-            primary_addresses(exclude_devices=own)
-            if "primary" in settings.nodeport_addresses
-            else ()
-        )
-        self._nodeport_addresses = select_nodeport_addresses(
-            settings.nodeport_addresses, candidates, primary
-        )
-        return self._nodeport_addresses
 
     def _apply_health_check(self, service: ServiceKey, port: int | None, local: int) -> None:
         check = None if port is None else HealthCheck(service, port, local)
