@@ -76,6 +76,10 @@ Try:
       # set `endpoints: []`: connections to {ip}:{port} are refused at once
   curl -s http://{ip}:{port}/                                   # see the change, no restart
 
+Watch it work:
+  curl -s http://127.0.0.1:10249/metrics | grep -E '^(userproxy|kubeproxy)_'
+  curl -s http://127.0.0.1:10256/healthz
+
 Press Ctrl-C to stop.
 """
 
