@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import endpoint_slice, fresh_net, service, write
-from tests.support.proxyrun import eventually, running_proxy, wait_for_sync
+from tests.support.proxyrun import eventually, free_port, running_proxy, wait_for_sync
 
 pytestmark = pytest.mark.both_loops
 
@@ -42,13 +41,6 @@ DATAPATH = (
     "userproxy_watch_restarts_total",
     "userproxy_relists_total",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def fetch(url: str) -> tuple[int, str]:

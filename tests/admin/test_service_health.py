@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
+from tests.support.proxyrun import free_port
 from userproxy.admin.service_health import (
     FailedBind,
     HealthCheck,
@@ -23,13 +24,6 @@ pytestmark = pytest.mark.both_loops
 
 WEB = ServiceKey("default", "web")
 API = ServiceKey("prod", "api")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Harness:

@@ -13,16 +13,9 @@ import pytest
 
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import endpoint_slice, fresh_net, service, write
-from tests.support.proxyrun import eventually, running_proxy
+from tests.support.proxyrun import eventually, free_port, running_proxy
 
 pytestmark = pytest.mark.both_loops
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def node_port_service(name: str, cluster_ip: str, node_port: int) -> dict[str, Any]:

@@ -133,3 +133,11 @@ async def eventually(
                 await asyncio.sleep(0.01)
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for admin servers in tests)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

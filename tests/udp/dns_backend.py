@@ -233,13 +233,6 @@ def wait_dns_answering(address: tuple[str, int], within: float = 10.0) -> None:
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def scrape(port: int) -> Samples:
     """Every sample of http://127.0.0.1:PORT/metrics by (name, sorted labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

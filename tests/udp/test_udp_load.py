@@ -19,11 +19,10 @@ from pathlib import Path
 
 from tests.support.backends import UdpBackend
 from tests.support.manifests import write
-from tests.support.proxyrun import open_fds
+from tests.support.proxyrun import free_port, open_fds
 from tests.udp.dns_backend import (
     DNS_PORT,
     addresses,
-    free_port,
     proxy_subprocess,
     scrape,
     udp_objects,

@@ -13,12 +13,11 @@ import pytest
 
 from tests.support.backends import UdpBackend
 from tests.support.manifests import write
-from tests.support.proxyrun import eventually, running_proxy
+from tests.support.proxyrun import eventually, free_port, running_proxy
 from tests.udp.dns_backend import (
     DNS_PORT,
     Samples,
     addresses,
-    free_port,
     scrape,
     udp_objects,
     udp_value,

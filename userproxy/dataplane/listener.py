@@ -10,6 +10,7 @@ taken by another process) is logged once per errno and retried by ``retry_bind``
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import socket
@@ -51,9 +52,9 @@ class ListenerStats:
     drops_send: int = 0
 
 
-class Listener:
-    """Base of TcpListener and UdpListener; subclasses set ``SOCK_TYPE`` and implement
-    ``_prepare`` (after bind), ``_can_read`` and ``_on_readable``."""
+class Listener(abc.ABC):
+    """Base of TcpListener and UdpListener; subclasses set ``SOCK_TYPE``, implement
+    ``_on_readable`` and may override ``_prepare`` (after bind) and ``_can_read``."""
 
     SOCK_TYPE = socket.SOCK_STREAM
 
@@ -190,5 +191,6 @@ class Listener:
     def _can_read(self) -> bool:
         return True
 
+    @abc.abstractmethod
     def _on_readable(self) -> None:
-        raise NotImplementedError
+        """The listening socket is readable: accept connections or read datagrams."""
