@@ -54,7 +54,7 @@ class ListenerStats:
 
 class Listener(abc.ABC):
     """Base of TcpListener and UdpListener; subclasses set ``SOCK_TYPE``, implement
-    ``_on_readable`` and may override ``_prepare`` (after bind) and ``_can_read``."""
+    ``_prepare`` (after bind) and ``_on_readable``, and may override ``_can_read``."""
 
     SOCK_TYPE = socket.SOCK_STREAM
 
@@ -185,8 +185,9 @@ class Listener(abc.ABC):
         return pool
 
     # -- for subclasses --------------------------------------------------------------------
+    @abc.abstractmethod
     def _prepare(self, sock: socket.socket) -> None:
-        """Called after bind (TCP: listen)."""
+        """Called after bind (TCP: listen; UDP: buffer sizes)."""
 
     def _can_read(self) -> bool:
         return True

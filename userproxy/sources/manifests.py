@@ -33,6 +33,7 @@ from userproxy.sources.decode import (
     is_selected,
 )
 from userproxy.sources.diff import deliver_diff
+from userproxy.sources.inotify import Inotify, watch_directories
 
 __all__ = [
     "MANIFEST_SUFFIXES",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: With inotify, how often the files are polled anyway (file systems that report nothing).
+FALLBACK_POLL_INTERVAL = 2.0
 
 #: File name endings read from a directory (a file named explicitly is read whatever its name).
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
@@ -259,29 +263,88 @@ class _Collector:
         self.slices[(endpoint_slice.namespace, endpoint_slice.name)] = endpoint_slice
 
 
-def load_manifests(paths: Sequence[Path], proxy_name: str | None = None) -> ManifestState:
+@dataclass
+class _FileResult:
+    """What one file contributed, kept while the file's stat stays the same."""
+
+    key: tuple[int, int, int] | None
+    collector: _Collector
+
+
+class ManifestCache:
+    """Decoded files by path, so a reload re-reads only the files whose stat changed.
+
+    A file modified within the last second is read again even when its stat did not
+    change (a second write in the same timestamp tick keeping the size is invisible to
+    stat); everything else is trusted.  Not thread-safe: one reload at a time.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[Path, _FileResult] = {}
+        self.reads = 0
+
+    def collect(self, path: Path, proxy_name: str | None) -> _Collector:
+        key = _stat_key(path)
+        cached = self._files.get(path)
+        if (
+            cached is not None
+            and key is not None
+            and cached.key == key
+            and key[0] < time.time_ns() - _RACY_NS
+        ):
+            return cached.collector
+        self.reads += 1
+        collector = _Collector(proxy_name)
+        try:
+            documents = _parse_file(path)
+        except ManifestError as exc:
+            collector.problems.extend(exc.problems)
+        else:
+            collector.add_documents(path, documents)
+        self._files[path] = _FileResult(key, collector)
+        return collector
+
+    def keep_only(self, files: Sequence[Path]) -> None:
+        wanted = set(files)
+        for path in [p for p in self._files if p not in wanted]:
+            del self._files[path]
+
+
+def load_manifests(
+    paths: Sequence[Path], proxy_name: str | None = None, cache: ManifestCache | None = None
+) -> ManifestState:
     """Read and validate manifest files and directories.
 
     Directories contribute their ``*.yaml``, ``*.yml`` and ``*.json`` files (not recursively,
     in sorted order).  Services and EndpointSlices are filtered with the proxy's label
     selector (:func:`userproxy.sources.decode.is_selected`).  Raises :class:`ManifestError`
-    listing every problem found.
+    listing every problem found.  With a ``cache``, unchanged files are not read again.
     """
     files, problems = _manifest_files(paths)
-    collector = _Collector(proxy_name, problems=problems)
+    cache = cache if cache is not None else ManifestCache()
+    cache.keep_only(files)
+    services: dict[ServiceKey, Service] = {}
+    slices: dict[tuple[str, str], EndpointSlice] = {}
+    nodes: dict[str, Node] = {}
+    seen: dict[tuple[str, str, str], str] = {}
     for path in files:
-        try:
-            documents = _parse_file(path)
-        except ManifestError as exc:
-            collector.problems.extend(exc.problems)
-            continue
-        collector.add_documents(path, documents)
-    if collector.problems:
-        raise ManifestError(collector.problems)
+        collector = cache.collect(path, proxy_name)
+        problems.extend(collector.problems)
+        for identity, where in collector.seen.items():
+            first = seen.setdefault(identity, where)
+            if first is not where:
+                kind, namespace, name = identity
+                label = f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
+                problems.append(f"{where}: {label}: duplicate object (first defined in {first})")
+        services.update(collector.services)
+        slices.update(collector.slices)
+        nodes.update(collector.nodes)
+    if problems:
+        raise ManifestError(problems)
     return ManifestState(
-        services=_frozen_map(collector.services),
-        slices=_frozen_map(collector.slices),
-        nodes=_frozen_map(collector.nodes),
+        services=_frozen_map(services),
+        slices=_frozen_map(slices),
+        nodes=_frozen_map(nodes),
     )
 
 
@@ -376,6 +439,7 @@ class ManifestSource:
         self._state: ManifestState | None = None
         self._signature = _Signature()
         self._recheck = False
+        self._cache = ManifestCache()
         self._last_error: str | None = None
 
     @property
@@ -386,7 +450,7 @@ class ManifestSource:
     def initial_load(self) -> ManifestState:
         """Load the manifests and deliver everything, then the three ``*_synced`` calls."""
         signature = _signature(self._paths)
-        state = load_manifests(self._paths, self._proxy_name)
+        state = load_manifests(self._paths, self._proxy_name, self._cache)
         self._signature = signature
         self._recheck = _is_racy(signature)
         self._state = state
@@ -417,9 +481,40 @@ class ManifestSource:
         """
         if self._state is None:
             self.initial_load()
-        while True:
-            await asyncio.sleep(self._poll_interval)
-            await self.poll()
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        try:
+            notify: Inotify | None = Inotify(watch_directories(self._paths))
+        except OSError as exc:
+            notify = None
+            logger.info("no inotify (%s): polling the manifests every %.1fs", exc,
+                        self._poll_interval)  # fmt: skip
+        if notify is not None:
+            watcher = notify
+
+            def changed() -> None:
+                watcher.drain()
+                wake.set()
+
+            loop.add_reader(watcher.fileno(), changed)
+        try:
+            while True:
+                # With inotify, polling is only the fallback (and the re-reads of files
+                # modified in the last second); without it, polling is how changes are seen.
+                trusted = notify is not None and not self._recheck
+                try:
+                    async with asyncio.timeout(
+                        FALLBACK_POLL_INTERVAL if trusted else self._poll_interval
+                    ):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+                wake.clear()
+                await self.poll()
+        finally:
+            if notify is not None:
+                loop.remove_reader(notify.fileno())
+                notify.close()
 
     async def poll(self) -> None:
         """Check the paths once and reload if they changed (what :meth:`run` repeats)."""
@@ -435,7 +530,9 @@ class ManifestSource:
 
     async def _reload(self, *, changed: bool) -> None:
         try:
-            state = await asyncio.to_thread(load_manifests, self._paths, self._proxy_name)
+            state = await asyncio.to_thread(
+                load_manifests, self._paths, self._proxy_name, self._cache
+            )
         except ManifestError as exc:
             self._failed(exc, changed=changed)
             return

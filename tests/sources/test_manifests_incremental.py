@@ -1,0 +1,84 @@
+"""Incremental manifest reloads: unchanged files are not read again, and inotify makes an
+edit visible at once even when the fallback poll is slow."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.sources.test_manifests import (
+    RecordingHandlers,
+    endpoint_slice,
+    service,
+    write_yaml,
+)
+from tests.support.proxyrun import eventually
+from userproxy.sources.manifests import (
+    ManifestCache,
+    ManifestError,
+    ManifestSource,
+    load_manifests,
+)
+
+
+def age(path: Path, seconds: float = 5.0) -> None:
+    """Backdate a file so its stat is trusted (files modified within 1 s are re-read)."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_only_changed_files_are_read_again(tmp_path: Path) -> None:
+    files = [
+        write_yaml(tmp_path / f"svc-{i}.yaml", service(f"s{i}", cluster_ip=f"10.96.0.{i + 1}"))
+        for i in range(20)
+    ]
+    for path in files:
+        age(path)
+    cache = ManifestCache()
+    first = load_manifests([tmp_path], cache=cache)
+    assert cache.reads == 20
+    again = load_manifests([tmp_path], cache=cache)
+    assert cache.reads == 20  # nothing changed, nothing read
+    assert again.services[next(iter(first.services))] is first.services[next(iter(first.services))]
+    write_yaml(files[3], service("s3", cluster_ip="10.96.1.4"))
+    changed = load_manifests([tmp_path], cache=cache)
+    assert cache.reads == 21
+    assert len(changed.services) == 20
+    files[5].unlink()
+    assert len(load_manifests([tmp_path], cache=cache).services) == 19
+
+
+def test_duplicates_across_cached_files_are_still_errors(tmp_path: Path) -> None:
+    a = write_yaml(tmp_path / "a.yaml", service("web"))
+    age(a)
+    cache = ManifestCache()
+    load_manifests([tmp_path], cache=cache)
+    write_yaml(tmp_path / "b.yaml", service("web"))
+    with pytest.raises(ManifestError, match="duplicate object"):
+        load_manifests([tmp_path], cache=cache)
+
+
+async def test_inotify_sees_an_edit_before_the_slow_poll(tmp_path: Path) -> None:
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    write_yaml(manifests / "web.yaml", service("web"), endpoint_slice("web-1", "web"))
+    handlers = RecordingHandlers()
+    # A 30 s poll: only inotify can make the change visible within the test's 1 s.
+    source = ManifestSource([manifests], handlers, node_name="n", poll_interval=30.0)
+    source.initial_load()
+    handlers.take()
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.sleep(0.1)  # the watch is set up
+        started = time.monotonic()
+        write_yaml(manifests / "api.yaml", service("api", cluster_ip="10.96.0.2"))
+        await eventually(lambda: bool(handlers.calls), within=1.0, what="the new Service")
+        assert time.monotonic() - started < 1.0
+        assert [call[0] for call in handlers.calls] == ["service_add"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
