@@ -13,6 +13,8 @@ from pathlib import Path
 from bench.procs import Procs
 
 _LINE = re.compile(r":\d+\)$")
+#: Frames every sample shares (the process's entry and the loop's run call).
+_ROOTS = ("runpy", "asyncio/runners.py", "userproxy/cli.py", "userproxy/__main__.py")
 
 
 def py_spy() -> str | None:
@@ -69,6 +71,7 @@ def summarise(raw: str, title: str, top: int = 30) -> str:
     """Top functions by self and by total samples from py-spy's collapsed stacks."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
+    by_py: Counter[str] = Counter()
     samples = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -80,11 +83,17 @@ def summarise(raw: str, title: str, top: int = 30) -> str:
             continue
         samples += count
         own[frames[-1]] += count
-        for frame in set(frames):
+        py = [f for f in frames if ".py)" in f and not any(r in f for r in _ROOTS)]
+        by_py[py[-1] if py else "(no Python frame: loop internals or another thread)"] += count
+        for frame in set(py):
             total[frame] += count
     lines = [f"# {title}", f"# {samples} samples at 250 Hz", ""]
-    for label, counter in (("self", own), ("total (inclusive)", total)):
-        lines.append(f"## top {top} by {label} time")
+    for label, counter in (
+        ("self time (innermost frame, native included)", own),
+        ("self time of the innermost Python function (native time folded into its caller)", by_py),
+        ("total time of Python functions (inclusive)", total),
+    ):
+        lines.append(f"## top {top} by {label}")
         for frame, count in counter.most_common(top):
             lines.append(f"{100 * count / max(samples, 1):6.1f}%  {frame}")
         lines.append("")

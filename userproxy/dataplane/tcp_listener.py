@@ -123,7 +123,11 @@ class TcpListener(Listener):
                 _reset(client)
                 continue
             self.limit.acquire()
-            task = self._loop.create_task(self._serve(client, client_ip, pool))
+            conn = DownstreamProtocol(self, client_ip, self._loop)
+            task = self._loop.create_task(self._serve(conn, client, pool))
+            # Kept, not looked up with current_task() later: every get_running_loop() costs
+            # a getpid() system call, and this runs once per connection.
+            conn.dial_task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -145,11 +149,12 @@ class TcpListener(Listener):
         self._resume()
 
     # -- one connection --------------------------------------------------------------------
-    async def _serve(self, client: socket.socket, client_ip: str, pool: BackendPool) -> None:
-        conn = DownstreamProtocol(self, client_ip)
+    async def _serve(
+        self, conn: DownstreamProtocol, client: socket.socket, pool: BackendPool
+    ) -> None:
         self.connections.add(conn)
         try:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Both loops set TCP_NODELAY on the transports they make.
             await self._loop.connect_accepted_socket(lambda: conn, client)
         except (OSError, asyncio.CancelledError) as exc:
             client.close()
@@ -160,11 +165,11 @@ class TcpListener(Listener):
             return
         if conn.finished:  # the client went away before connection_made returned
             return
-        conn.dial_task = asyncio.current_task()
+        conn.dialing = True
         try:
             await self._dial(conn, pool)
         finally:
-            conn.dial_task = None
+            conn.dialing = False
 
     async def _dial(self, conn: DownstreamProtocol, pool: BackendPool) -> None:
         tried: list[Endpoint] = []

@@ -103,11 +103,13 @@ class DownstreamProtocol(asyncio.Protocol):
         "client_ip",
         "deadline",
         "dial_task",
+        "dialing",
         "downstream",
         "endpoint",
         "finished",
         "half_closed_at",
         "idle_since",
+        "loop",
         "owner",
         "pending",
         "preconnect_paused",
@@ -115,9 +117,12 @@ class DownstreamProtocol(asyncio.Protocol):
         "upstream",
     )
 
-    def __init__(self, owner: ConnectionOwner, client_ip: str) -> None:
+    def __init__(
+        self, owner: ConnectionOwner, client_ip: str, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.owner = owner
         self.client_ip = client_ip
+        self.loop = loop
         self.downstream: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self.endpoint: Endpoint | None = None
@@ -126,7 +131,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self.client_eof = False
         self.server_eof = False
         self.finished = False
+        #: The task wrapping the socket and dialing; cancelled if the client goes away
+        #: while ``dialing``.
         self.dial_task: asyncio.Task[None] | None = None
+        self.dialing = False
         # Timeout bookkeeping, read by the listener set's sweeper (no timer per connection).
         self.active = True
         self.idle_since = 0.0
@@ -180,9 +188,9 @@ class DownstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.finished = True
         self.pending = None
-        if self.dial_task is not None:
+        if self.dialing and self.dial_task is not None:
             self.dial_task.cancel()
-            self.dial_task = None
+        self.dial_task = None
         upstream = self.upstream
         if upstream is not None and not upstream.is_closing():
             if exc is not None:
@@ -229,7 +237,7 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- closing ------------------------------------------------------------------------------
     def _half_closed(self) -> None:
         if self.half_closed_at is None:
-            self.half_closed_at = asyncio.get_running_loop().time()
+            self.half_closed_at = self.loop.time()
 
     def _maybe_close(self) -> None:
         """Both directions have ended: close both transports (each flushes its buffer)."""
