@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 MAX_DATAGRAM = 65535
 #: Datagrams handled per readiness event before yielding to the loop.
 BATCH = 128
+#: How stale a session's activity mark may get before the LRU order is refreshed.
+TOUCH_GRANULARITY = 1.0
 #: Kernel buffer asked for on listening sockets (the kernel may cap it at rmem_max).
 SOCKET_BUFFER = 4 * 1024 * 1024
 _session_error_log = RateLimitedLog()
@@ -125,71 +127,75 @@ class UdpSession:
                 continue
             listener.stats.datagrams_down += 1
             listener.stats.bytes_down += len(data)
-        self.last = listener.now()
-        listener.table.touch(self)
+        listener.table.touch(self, listener.now())
 
-    def close(self) -> None:
-        self.listener.loop.remove_reader(self.sock.fileno())
+    def drop(self) -> None:
+        """Forget the session and close its socket (the table has already let it go)."""
+        listener = self.listener
+        if listener.sessions.get(self.client) is self:
+            del listener.sessions[self.client]
+        listener.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
 
 
 class SessionTable:
     """All UDP sessions of the process, least recently used first.
 
     Invariants: at most ``max_sessions`` entries; each entry's socket is open and has a
-    reader registered; a session leaves the table exactly when its socket is closed.
+    reader registered and it is also in its listener's ``sessions`` (the per-datagram
+    lookup); a session leaves both exactly when its socket is closed.  The order is
+    refreshed at most once per ``TOUCH_GRANULARITY`` seconds per session, so "least
+    recently used" and idle expiry are exact to that granularity, and the per-datagram
+    path does no reordering.
     """
 
     def __init__(self, settings: UdpSettings) -> None:
         self.settings = settings
-        self._lru: OrderedDict[tuple[UdpListener, Address], UdpSession] = OrderedDict()
+        self._lru: OrderedDict[UdpSession, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._lru)
 
-    def get(self, listener: UdpListener, client: Address) -> UdpSession | None:
-        return self._lru.get((listener, client))
-
-    def touch(self, session: UdpSession) -> None:
-        key = (session.listener, session.client)
-        if key in self._lru:
-            self._lru.move_to_end(key)
+    def touch(self, session: UdpSession, now: float) -> None:
+        """Mark activity (called per datagram: cheap unless the mark is stale)."""
+        if now - session.last >= TOUCH_GRANULARITY and session in self._lru:
+            self._lru.move_to_end(session)
+        session.last = now
 
     def add(self, session: UdpSession) -> None:
         while len(self._lru) >= self.settings.max_sessions:
-            _, oldest = self._lru.popitem(last=False)
+            oldest, _ = self._lru.popitem(last=False)
             oldest.listener.stats.sessions_evicted += 1
-            oldest.listener.session_count -= 1
-            oldest.close()
-        self._lru[(session.listener, session.client)] = session
-        session.listener.session_count += 1
+            oldest.drop()
+        self._lru[session] = None
+        session.listener.sessions[session.client] = session
 
     def remove(self, session: UdpSession) -> None:
-        if self._lru.pop((session.listener, session.client), None) is not None:
-            session.listener.session_count -= 1
-            session.close()
+        if session in self._lru:
+            del self._lru[session]
+            session.drop()
 
     def expire(self, now: float) -> int:
         """Close the sessions idle for ``idle_timeout``; cheap: stops at the first live one."""
         idle = self.settings.idle_timeout
         expired = 0
         while self._lru:
-            key, oldest = next(iter(self._lru.items()))
+            oldest = next(iter(self._lru))
             if now - oldest.last < idle:
                 break
-            del self._lru[key]
-            oldest.listener.session_count -= 1
+            del self._lru[oldest]
             oldest.listener.stats.sessions_expired += 1
-            oldest.close()
+            oldest.drop()
             expired += 1
         return expired
 
     def close_all(self, listener: UdpListener) -> None:
-        for session in [s for (owner, _), s in self._lru.items() if owner is listener]:
+        for session in list(listener.sessions.values()):
             self.remove(session)
 
     def sessions(self, listener: UdpListener) -> list[UdpSession]:
-        return [s for (owner, _), s in self._lru.items() if owner is listener]
+        return list(listener.sessions.values())
 
 
 class UdpListener(Listener):
@@ -210,7 +216,8 @@ class UdpListener(Listener):
     ) -> None:
         super().__init__(spec, registry, node_local)
         self.table = table
-        self.session_count = 0
+        #: This listener's sessions by client address (the per-datagram lookup).
+        self.sessions: dict[Address, UdpSession] = {}
         #: Bumped at every pool update; sessions re-check their endpoint when it differs.
         self.version = 0
         rate = table.settings.session_rate
@@ -223,6 +230,10 @@ class UdpListener(Listener):
     @property
     def sock(self) -> socket.socket | None:
         return self._sock
+
+    @property
+    def session_count(self) -> int:
+        return len(self.sessions)
 
     def update(self, spec: ListenerSpec) -> None:
         self.version += 1
@@ -247,6 +258,7 @@ class UdpListener(Listener):
         now = self._loop.time()
         table = self.table
         stats = self.stats
+        sessions = self.sessions
         for _ in range(BATCH):
             try:
                 data, client = sock.recvfrom(MAX_DATAGRAM)
@@ -255,8 +267,9 @@ class UdpListener(Listener):
             except OSError as exc:
                 log.debug("%s: recvfrom failed: %s", self.spec.spn, exc)
                 continue
-            client = client[:2]  # IPv6 addresses come with flowinfo and scope id
-            session = table.get(self, client)
+            if len(client) > 2:
+                client = client[:2]  # IPv6 addresses come with flowinfo and scope id
+            session = sessions.get(client)
             if session is not None and session.version != self.version:
                 session = self._revalidate(session)
             if session is None:
@@ -271,8 +284,7 @@ class UdpListener(Listener):
                     stats.drops_rate += 1
                     continue
                 session.tokens = tokens - 1.0
-            session.last = now
-            table.touch(session)
+            table.touch(session, now)
             try:
                 session.sock.send(data)
             except (BlockingIOError, InterruptedError):
