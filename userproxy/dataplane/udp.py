@@ -138,7 +138,6 @@ class UdpSession:
         self.sock.close()
 
 
-
 class SessionTable:
     """All UDP sessions of the process, least recently used first.
 
