@@ -9,6 +9,7 @@ invariant stated in a docstring holds.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -30,7 +31,18 @@ class IPFamily(enum.StrEnum):
     @staticmethod
     def of(address: str) -> IPFamily:
         """The family of a literal IP address (raises ValueError for anything else)."""
-        return IPFamily.IPv6 if ipaddress.ip_address(address).version == 6 else IPFamily.IPv4
+        return IPFamily.IPv6 if ip_value(address)[0] == 6 else IPFamily.IPv4
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def ip_value(address: str) -> tuple[int, int]:
+    """(version, integer value) of a literal IP address; raises ValueError otherwise.
+
+    Cached: parsing with ``ipaddress`` dominated syncs of large endpoint sets, and the same
+    addresses are looked at again at every sync.
+    """
+    ip = ipaddress.ip_address(address)
+    return (ip.version, int(ip))
 
 
 class ServiceType(enum.StrEnum):

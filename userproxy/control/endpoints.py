@@ -21,7 +21,6 @@ can tell "no endpoints" (refuse connections) from "not a port of this Service".
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from typing import TypeAlias
 
@@ -33,6 +32,7 @@ from userproxy.model import (
     Service,
     ServicePortName,
     SliceEndpoint,
+    ip_value,
 )
 
 #: The key of a ServicePort's endpoints of one address family.
@@ -103,5 +103,5 @@ def _family_of(address: str) -> IPFamily | None:
 
 
 def _sort_key(endpoint: Endpoint) -> tuple[int, int, int]:
-    ip = ipaddress.ip_address(endpoint.ip)
-    return (ip.version, int(ip), endpoint.port)
+    version, value = ip_value(endpoint.ip)
+    return (version, value, endpoint.port)

@@ -11,6 +11,7 @@ boolean is not an integer, and the string ``"80"`` is not a port).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -192,19 +193,34 @@ def _enum(m: Mapping[str, object], key: str, path: str, enum: type[_E], default:
         ) from None
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_ip(text: str) -> tuple[str, IPFamily] | str:
+    """(canonical spelling, family) of a literal IP, or why it is not one.
+
+    Cached: parsing with ``ipaddress`` dominated decoding large EndpointSlice lists, and
+    the same addresses come back at every reload and re-list.
+    """
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return "is not a valid IP address"
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        return "is not a valid IP address (zone index)"
+    family = IPFamily.IPv6 if address.version == 6 else IPFamily.IPv4
+    return (str(address), family)
+
+
 def _ip(value: object, path: str, family: IPFamily | None = None) -> str:
     """A literal IP address in its canonical spelling, optionally of one family."""
     if not isinstance(value, str):
         raise DecodeError(path, f"expected an IP address, got {_describe(value)}")
-    try:
-        address = ipaddress.ip_address(value.strip())
-    except ValueError:
-        raise DecodeError(path, f"{value!r} is not a valid IP address") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        raise DecodeError(path, f"{value!r} is not a valid IP address (zone index)")
-    if family is not None and IPFamily.of(str(address)) is not family:
+    parsed = _parse_ip(value)
+    if isinstance(parsed, str):
+        raise DecodeError(path, f"{value!r} {parsed}")
+    canonical, actual = parsed
+    if family is not None and actual is not family:
         raise DecodeError(path, f"{value!r} is not an {family.value} address")
-    return str(address)
+    return canonical
 
 
 def _cidr(value: object, path: str) -> str:
