@@ -6,8 +6,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 
 class Backend:
@@ -115,10 +114,6 @@ def ask(
     ) as sock:
         sock.sendall(line)
         return sock.makefile("rb").readline().decode().strip()
-
-
-def tally(answers: Iterator[str] | list[str]) -> Counter[str]:
-    return Counter(answers)
 
 
 def recv_all(sock: socket.socket) -> bytes:
