@@ -136,8 +136,6 @@ class Proxier:
         status.programming_delays = [
             max(0.0, now - t) for t in changes.trigger_times if t > self._started_wall
         ]
-        status.no_local_internal = sum(p.no_local_internal for p in self.plans.values())
-        status.no_local_external = sum(p.no_local_external for p in self.plans.values())
         if affected:
             log.debug(
                 "sync %d: %d services, %d slices changed, %d services re-planned in %.1f ms",
@@ -181,6 +179,9 @@ class Proxier:
 
     def _apply(self, key: ServiceKey, plan: ServicePlan) -> None:
         old = self.plans.get(key, ServicePlan())
+        # Kept up to date per Service rather than summed over every plan at each sync.
+        self.status.no_local_internal += plan.no_local_internal - old.no_local_internal
+        self.status.no_local_external += plan.no_local_external - old.no_local_external
         if plan.listeners != old.listeners:
             self.listeners.apply(key, plan.listeners)
         health = (plan.health_check_port, plan.local_endpoints)

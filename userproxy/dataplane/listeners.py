@@ -131,8 +131,8 @@ class ListenerSet:
                 self._owner[key] = service
             elif listener.spec != spec:
                 listener.update(spec)
-            elif listener.bind_error is not None:
-                listener.update(spec)  # retry a failed bind at every sync
+            else:
+                listener.retry_bind()  # besides the sweeper's, at every sync
         if wanted:
             self._by_service[service] = set(wanted)
         else:

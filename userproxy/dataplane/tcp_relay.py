@@ -49,17 +49,15 @@ def _shutdown_write(transport: asyncio.Transport) -> None:
 class UpstreamProtocol(asyncio.Protocol):
     """The endpoint side of one relayed connection; forwards everything to ``conn``."""
 
-    __slots__ = ("conn", "transport")
+    __slots__ = ("conn",)
 
     def __init__(self, conn: DownstreamProtocol) -> None:
         self.conn = conn
-        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        stream = cast("asyncio.Transport", transport)
-        self.transport = stream
-        self.conn.upstream_made(stream)
+        # uvloop's transports implement asyncio.Transport without subclassing it. The
+        # transport lives in ``conn.upstream``: one place for the relay's state.
+        self.conn.upstream_made(cast("asyncio.Transport", transport))
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
