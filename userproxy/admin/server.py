@@ -1,7 +1,9 @@
 """Running an aiohttp app on one address, retrying while the address cannot be bound.
 
 kube-proxy keeps retrying its health and metrics servers rather than exiting when the
-port is taken (another kube-proxy still shutting down, say); so does this.
+port is taken (another kube-proxy still shutting down, say); so does this.  Malformed
+requests are answered 400 by aiohttp and logged through ``http_logger`` (one line a second
+at most, no traceback).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import asyncio
 import logging
 
 from aiohttp import web
+
+from userproxy.admin.http_log import http_logger
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +24,7 @@ async def serve_app(
     app: web.Application, address: tuple[str, int], name: str, ready: asyncio.Event | None = None
 ) -> None:
     """Serve ``app`` on ``address`` until cancelled; cleans up on the way out."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=http_logger(name))
     await runner.setup()
     try:
         while True:

@@ -42,6 +42,8 @@ Behaviour choices:
   ``on_error`` as EADDRINUSE and listed by ``refused()``.  When the owner lets go of the
   port, the earliest waiting claimant takes it over without a rebind (upstream gets the
   same result from its retry at the next sync).
+* **Malformed requests** get aiohttp's 400 and a closed connection; they are logged
+  through ``http_logger`` (one line a second at most for all admin servers, no traceback).
 * **Closing** a port stops listening at once (new clients are refused) and closes idle
   keep-alive connections; a request in flight gets ``SHUTDOWN_TIMEOUT`` seconds.
 
@@ -64,6 +66,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from userproxy.admin.http_log import http_logger
 from userproxy.model import ServiceKey
 
 log = logging.getLogger(__name__)
@@ -300,7 +303,11 @@ class ServiceHealthServers:
         else:
             log.debug("health check of %s listening on port %d", service, port)
         web_server = web.Server(
-            self._handler(port), loop=loop, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT
+            self._handler(port),
+            loop=loop,
+            access_log=None,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            logger=http_logger("service-health"),
         )
         entry = _Port(port, sockets, web_server)
         self._open[port] = entry
