@@ -18,18 +18,17 @@ no task).  Dialing therefore never blocks accepting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
-import struct
 from collections.abc import Callable
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.dial import dial
 from userproxy.dataplane.limits import ConnectionLimit, RateLimitedLog
 from userproxy.dataplane.listener import Listener
 from userproxy.dataplane.pool import BackendPool
-from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol
+from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
 from userproxy.model import Endpoint, ListenerSpec
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,7 @@ _dial_error_log = RateLimitedLog()
 
 def _reset(sock: socket.socket) -> None:
     """Close an accepted socket with an RST (SO_LINGER 0), never a clean FIN."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    set_linger_zero(sock)
     sock.close()
 
 
@@ -181,10 +179,7 @@ class TcpListener(Listener):
                 self.stats.dial_retries += 1
             tried.append(endpoint)
             try:
-                async with asyncio.timeout(timeout):
-                    await self._loop.create_connection(
-                        lambda: UpstreamProtocol(conn), endpoint.ip, endpoint.port
-                    )
+                sock = await dial(self._loop, endpoint.ip, endpoint.port, timeout)
             except (OSError, TimeoutError) as exc:
                 self.stats.dial_failures += 1
                 # Forget the client's pin so the next attempt (and the next connection)
@@ -204,10 +199,30 @@ class TcpListener(Listener):
                     return
                 continue
             conn.endpoint = endpoint
+            await self._join(conn, sock)
             return
         # No endpoint could be reached: reset the client rather than leave it hanging.
         self.stats.dial_exhausted += 1
         conn.abort()
+
+    async def _join(self, conn: DownstreamProtocol, sock: socket.socket) -> None:
+        """Wrap the connected ``sock`` as ``conn``'s one upstream transport.
+
+        No deadline here: this await only waits for ``connection_made``, and cancelling it
+        after that would close a transport the relay already holds (see dial.py).  It is
+        cancelled only when the client has gone, and then the relay drops the upstream.
+        """
+        try:
+            await self._loop.create_connection(lambda: UpstreamProtocol(conn), sock=sock)
+        except OSError as exc:
+            # The endpoint accepted and then failed at once: pass it on as a reset.
+            sock.close()
+            log.debug("%s: cannot wrap upstream socket: %s", self.spec.spn, exc)
+            conn.abort()
+        except asyncio.CancelledError:
+            sock.close()
+            conn.drop_upstream()
+            raise
 
     def connection_finished(self, conn: DownstreamProtocol) -> None:
         if conn in self.connections:

@@ -11,12 +11,24 @@ Half-close: an EOF from one side is forwarded to the other as a FIN (see
 ``_shutdown_write``), and the connection is closed once both directions have finished or
 ``fin_timeout`` passes.  See docs/architecture.md ("Half-close and uvloop") for why the
 sequence is exactly as it is.
+
+Resets pass through: a side that ends with an error (a peer's RST, a failed write) is
+answered with a RST on the other side (``reset``: SO_LINGER 0, then ``abort()``; a plain
+``abort()`` closes the descriptor and the kernel sends a FIN, which would make a truncated
+stream look complete).  A clean end stays a clean end.
+
+Invariants: a client is joined to at most one upstream transport in its life
+(``upstream_made`` refuses and resets any other); once a transport is lost, the relay holds
+no reference to it, so nothing writes into a closed handle; neither side outlives the other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from typing import TYPE_CHECKING, Protocol, cast
 
 if TYPE_CHECKING:
@@ -40,6 +52,25 @@ class ConnectionOwner(Protocol):
     def connection_finished(self, conn: DownstreamProtocol) -> None: ...
 
 
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def set_linger_zero(sock: socket.socket) -> None:
+    """Make the next close of ``sock`` send a RST instead of a FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """End ``transport`` with a RST, dropping what its buffer still holds."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # asyncio's TransportSocket and uvloop's PseudoSocket both pass setsockopt on to
+        # the descriptor; a transport already gone has none left to set.
+        set_linger_zero(sock)
+    transport.abort()
+
+
 def _shutdown_write(transport: asyncio.Transport) -> None:
     """Send a FIN on ``transport`` once its buffered bytes are written."""
     if not transport.is_closing() and transport.can_write_eof():
@@ -52,15 +83,20 @@ class UpstreamProtocol(asyncio.Protocol):
     __slots__ = ("conn",)
 
     def __init__(self, conn: DownstreamProtocol) -> None:
-        self.conn = conn
+        #: None once this side is lost, or if the client refused it as a second upstream.
+        self.conn: DownstreamProtocol | None = conn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it. The
         # transport lives in ``conn.upstream``: one place for the relay's state.
-        self.conn.upstream_made(cast("asyncio.Transport", transport))
+        conn = self.conn
+        if conn is not None and not conn.upstream_made(cast("asyncio.Transport", transport)):
+            self.conn = None
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
+        if conn is None:
+            return
         conn.active = True
         conn.bytes_down += len(data)
         downstream = conn.downstream
@@ -68,29 +104,33 @@ class UpstreamProtocol(asyncio.Protocol):
             downstream.write(data)
 
     def eof_received(self) -> bool:
-        return self.conn.upstream_eof()
+        conn = self.conn
+        return conn.upstream_eof() if conn is not None else False
 
     def pause_writing(self) -> None:
         # The endpoint cannot keep up: stop reading from the client.
-        downstream = self.conn.downstream
+        downstream = self.conn.downstream if self.conn is not None else None
         if downstream is not None and not downstream.is_closing():
             downstream.pause_reading()
 
     def resume_writing(self) -> None:
-        downstream = self.conn.downstream
+        downstream = self.conn.downstream if self.conn is not None else None
         if downstream is not None and not downstream.is_closing():
             downstream.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.upstream_lost(exc)
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.upstream_lost(exc)
 
 
 class DownstreamProtocol(asyncio.Protocol):
     """The client side of one relayed connection, and the owner of the relay's state.
 
-    Invariants: ``pending`` is not None exactly while no upstream transport exists;
-    ``finished`` becomes True once, when the client transport is gone, and the owner is
-    told exactly once.
+    Invariants: ``pending`` is not None exactly until an upstream transport is joined or
+    the client is gone, so it is the "may still join an upstream" flag; ``upstream`` and
+    ``downstream`` are None once their transport is lost; ``finished`` becomes True once,
+    when the client transport is gone, and the owner is told exactly once.
     """
 
     __slots__ = (
@@ -186,26 +226,29 @@ class DownstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.finished = True
         self.pending = None
+        self.downstream = None
         if self.dialing and self.dial_task is not None:
             self.dial_task.cancel()
         self.dial_task = None
-        upstream = self.upstream
-        if upstream is not None and not upstream.is_closing():
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
             if exc is not None:
-                upstream.abort()
-            else:
+                reset(upstream)
+            elif not upstream.is_closing():
                 upstream.close()
         self.owner.connection_finished(self)
 
     # -- upstream events (called by UpstreamProtocol and the dialer) ------------------------
-    def upstream_made(self, transport: asyncio.Transport) -> None:
+    def upstream_made(self, transport: asyncio.Transport) -> bool:
+        """Join ``transport`` as the upstream; False (and the transport reset) if the client
+        is gone or already had one."""
+        pending, downstream = self.pending, self.downstream
+        if pending is None or downstream is None:
+            reset(transport)
+            return False
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self.upstream = transport
-        downstream = self.downstream
-        if self.finished or downstream is None:
-            transport.abort()
-            return
-        pending, self.pending = self.pending, None
+        self.pending = None
         if self.preconnect_paused:
             self.preconnect_paused = False
             downstream.resume_reading()
@@ -213,6 +256,16 @@ class DownstreamProtocol(asyncio.Protocol):
             transport.write(pending)
         if self.client_eof:
             _shutdown_write(transport)
+        return True
+
+    def drop_upstream(self) -> None:
+        """The upstream transport's wrapping was cancelled: forget it, with a reset.
+
+        (uvloop closes such a transport without calling ``connection_lost``.)
+        """
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            reset(upstream)
 
     def upstream_eof(self) -> bool:
         self.server_eof = True
@@ -224,12 +277,13 @@ class DownstreamProtocol(asyncio.Protocol):
         return True
 
     def upstream_lost(self, exc: Exception | None) -> None:
+        self.upstream = None
         downstream = self.downstream
-        if downstream is None or downstream.is_closing():
+        if downstream is None:
             return
         if exc is not None:
-            downstream.abort()
-        else:
+            reset(downstream)
+        elif not downstream.is_closing():
             downstream.close()
 
     # -- closing ------------------------------------------------------------------------------
@@ -250,6 +304,6 @@ class DownstreamProtocol(asyncio.Protocol):
         """Reset both sides at once (dial failure, timeouts, end of the grace period)."""
         self.pending = None
         if self.upstream is not None:
-            self.upstream.abort()
+            reset(self.upstream)
         if self.downstream is not None:
-            self.downstream.abort()
+            reset(self.downstream)

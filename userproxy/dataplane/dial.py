@@ -1,0 +1,96 @@
+"""Connecting to an endpoint: a non-blocking ``connect()`` with a deadline that a busy loop
+cannot turn into a false timeout.
+
+Why not ``asyncio.timeout()`` around ``loop.create_connection(host, port)``: the timeout
+cancels the whole call, and the call does more than connect.  Once the connect has
+finished, the loop calls the protocol's ``connection_made`` and only a loop iteration
+later resumes the waiting task; a cancellation landing in between closes a transport the
+protocol has already been given.  On uvloop that close is silent (``connection_lost`` is
+never called, and the transport's ``is_closing()`` stays False), so the relay kept writing
+into a dead handle ("the handler is closed") and then dialed again, joining a *second*
+upstream connection to the same client: the client read two backends' bytes.  On the
+stock loop the same race closed the client with a FIN.  The window is wide open whenever
+the loop stalls for longer than a dial timeout (a loaded machine, a large manifest): after
+a stall uvloop runs expired timers before it polls for I/O, so every dial pending across
+the stall timed out, although the kernel had long finished it.
+
+So the dial here only connects a socket, and its deadline asks the kernel before giving up:
+when the timer fires, a zero-timeout ``poll()`` tells whether the connect has in fact
+completed while the loop was busy.  The timeout thus measures how long the endpoint took,
+not how long the loop was away.  The connected socket is then handed to
+``create_connection(sock=...)`` with no deadline at all, so nothing ever cancels a
+transport that a protocol already holds, except the client going away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import select
+import socket
+
+__all__ = ["dial"]
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
+
+
+def _connect_finished(fd: int) -> bool:
+    """True when the kernel reports ``fd``'s connect as done (established or failed)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+async def dial(loop: asyncio.AbstractEventLoop, ip: str, port: int, within: float) -> socket.socket:
+    """Return a non-blocking socket connected to ``ip:port``.
+
+    Raises ``TimeoutError`` when the kernel has not finished the connect ``within``
+    seconds after it was started, and ``OSError`` when it failed.  On any exception,
+    cancellation included, the socket is closed: the caller owns a socket only once this
+    returns.
+    """
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex((ip, port))
+        if err and err not in _IN_PROGRESS:
+            raise OSError(err, os.strerror(err))
+        if err:
+            await _wait_connected(loop, sock, within)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _wait_connected(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, within: float
+) -> None:
+    fd = sock.fileno()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finished() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def deadline() -> None:
+        if done.done():
+            return
+        if _connect_finished(fd):
+            # The connect completed while the loop was busy elsewhere: not a timeout.
+            done.set_result(None)
+        else:
+            done.set_exception(TimeoutError())
+
+    loop.add_writer(fd, finished)
+    timer = loop.call_later(within, deadline)
+    try:
+        await done
+    finally:
+        timer.cancel()
+        loop.remove_writer(fd)
