@@ -1,0 +1,36 @@
+"""The soak, about a minute per event loop: fails on any cross-delivered or corrupted
+byte, any reset, truncation or refusal without a cause (a SIGKILLed backend, a drained
+listener, a Service without usable endpoints), any reset turned into a clean end in either
+direction, a descriptor or socket not returned, an error line in the proxy's log.
+
+USERPROXY_SOAK_SECONDS sets the length (default 60); USERPROXY_SOAK_PROXY_SRC runs the
+proxy from another source tree.  See docs/soak.md.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.soak.harness import SoakConfig, run_soak
+
+SECONDS = float(os.environ.get("USERPROXY_SOAK_SECONDS", "60"))
+SOURCE = os.environ.get("USERPROXY_SOAK_PROXY_SRC")
+
+
+@pytest.mark.timeout(int(SECONDS) + 180)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_soak(tmp_path: Path, loop: str) -> None:
+    config = SoakConfig(
+        loop=loop,
+        seconds=SECONDS,
+        seed=7,
+        workdir=tmp_path,
+        proxy_src=Path(SOURCE) if SOURCE else None,
+    )
+    report = run_soak(config)
+    text = report.render()
+    print(text)
+    assert not report.failures, text
