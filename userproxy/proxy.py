@@ -107,6 +107,7 @@ class Proxy:
         if settings.manage_addresses:
             self.addresses = AddressManager(settings.address_device)
         self._managed: frozenset[str] = frozenset()
+        self._addresses_error: str | None = None
         self.manifests: ManifestSource | None = None
         if settings.manifests:
             self.manifests = ManifestSource(
@@ -129,19 +130,31 @@ class Proxy:
         check = None if port is None else HealthCheck(service, port, local)
         self.service_health.apply(service, check)
 
-    def _sync(self) -> None:
-        self.proxier.sync()
+    def _sync(self) -> bool:
+        """One sync; False when something could not be applied (the runner retries)."""
+        complete = self.proxier.sync()
         if self.addresses is not None:
             wanted = self.proxier.service_addresses()
             if wanted != self._managed:
-                self.addresses.sync(wanted)
-                self._managed = wanted
+                try:
+                    self.addresses.sync(wanted)
+                except Exception as exc:  # retried with the sync; _managed stays as it was
+                    complete = False
+                    if str(exc) != self._addresses_error:  # once per distinct error
+                        self._addresses_error = str(exc)
+                        log.warning("cannot make the Service IPs local: %s (will retry)", exc)
+                else:
+                    self._managed = wanted
+                    self._addresses_error = None
         self.service_health.retry_failed()
+        if self.service_health.failed():
+            complete = False
         if self.proxier.status.syncs:
             self.synced.set()
         # Wake everyone waiting for "a sync after N", then arm a fresh event.
         self._next_sync.set()
         self._next_sync = asyncio.Event()
+        return complete
 
     async def wait_sync(self, after: int) -> None:
         """Return once more than ``after`` syncs have been applied."""

@@ -6,6 +6,15 @@ each Service the changes touch it computes the listeners it wants: one per (Serv
 cluster IP), each with the endpoints the selection rules allow for ClusterIP traffic.  Only
 Services whose wanted listeners differ from the last sync are handed to the listener set,
 so a change that does not alter the result causes no churn at all.
+
+A Service whose plan could not be applied (the listener set raised: out of descriptors, an
+address taken, any exception) does not stop the others.  Its plan is recorded all the same
+(the desired state: the change trackers have already let go of the change) and the Service
+is remembered as failed: every later sync re-plans it and hands the plan on again, even if
+unchanged, until it applies.  ``sync()`` returns False while any Service is failed, and the
+sync runner retries (kube-proxy's proxiers call ``RetryAfter`` for the same reason).  The
+failures of one sync are logged in one line, when they differ from the last line logged or
+at most once a minute otherwise.
 """
 
 from __future__ import annotations
@@ -36,11 +45,18 @@ from userproxy.model import (
 
 log = logging.getLogger(__name__)
 
+#: Unchanged failures are logged again (one line) at most this often.
+FAILURE_LOG_INTERVAL = 60.0
+#: Failed Services named in that line; the rest are counted.
+FAILURES_NAMED = 3
+
 
 class ListenerApplier(Protocol):
     """What the proxier drives (``userproxy.dataplane.listeners.ListenerSet``)."""
 
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None: ...
+    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+        """Make the listeners of ``service`` exactly ``specs``; raise if some are not
+        (after applying all it could): the proxier retries the Service."""
 
 
 #: Called with (service, healthCheckNodePort or None, local ready endpoints) when that changes.
@@ -78,6 +94,10 @@ class SyncStatus:
     #: kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=internal|external}
     no_local_internal: int = 0
     no_local_external: int = 0
+    #: Services whose plan the last sync could not apply (retried by the next syncs).
+    failed_services: int = 0
+    #: Syncs in a row that left some Service failed.
+    failed_syncs: int = 0
 
 
 class Proxier:
@@ -107,24 +127,45 @@ class Proxier:
         self.slices: dict[ServiceKey, dict[SliceKey, EndpointSlice]] = {}
         self.node: Node | None = None
         self.plans: dict[ServiceKey, ServicePlan] = {}
+        #: Services whose last apply failed, with why: re-applied at every sync until done.
+        self.failed: dict[ServiceKey, str] = {}
+        #: Why the node's addresses could not be read at the last sync (None: they were).
+        self.addresses_error: str | None = None
+        self._failure_logged: tuple[str, float] | None = None
         self.status = SyncStatus()
         # Trigger times older than the proxy describe changes some earlier process applied
         # (kube-proxy ignores those too); they would report hours of "latency" per restart.
         self._started_wall = wall_clock()
 
-    def sync(self) -> None:
-        """Apply everything pending.  Does nothing until both initial listings are in."""
+    def sync(self) -> bool:
+        """Apply everything pending (and retry what failed before).  Does nothing until
+        both initial listings are in.  False when some Service could not be applied."""
         if not self.recorder.initialized:
-            return
+            return True
         started = self._clock()
+        errors: dict[ServiceKey, Exception] = {}
+        try:
+            addresses = tuple(self._node_addresses_of())
+            self.addresses_error = None
+        except Exception as exc:
+            # Keep the last addresses (read again at the retry): the pending changes must
+            # be applied all the same.
+            addresses = self.node_addresses
+            self.addresses_error = _describe(exc)
         changes = self.recorder.take()
         affected = self._fold(changes)
-        addresses = tuple(self._node_addresses_of())
         if addresses != self.node_addresses:
             self.node_addresses = addresses
             affected.update(key for key, svc in self.services.items() if svc.externally_accessible)
-        for key in sorted(affected, key=str):
-            self._apply(key, self.plan(key))
+        retry = set(self.failed)
+        for key in sorted(affected | retry, key=str):
+            try:
+                self._apply(key, self.plan(key), force=key in retry)
+            except Exception as exc:
+                self.failed[key] = _describe(exc)
+                errors[key] = exc
+            else:
+                self.failed.pop(key, None)
         status = self.status
         status.syncs += 1
         status.last_sync_at = self._clock()
@@ -145,8 +186,49 @@ class Proxier:
                 len(affected),
                 status.last_duration * 1000,
             )
+        self._report_failures(status, errors)
         if self._on_synced is not None:
             self._on_synced(status)
+        return not self.failed and self.addresses_error is None
+
+    def _report_failures(self, status: SyncStatus, errors: dict[ServiceKey, Exception]) -> None:
+        failed = self.failed
+        status.failed_services = len(failed)
+        if not failed and self.addresses_error is None:
+            if status.failed_syncs:
+                log.info(
+                    "sync %d: every Service applied again (after %d incomplete syncs)",
+                    status.syncs,
+                    status.failed_syncs,
+                )
+            status.failed_syncs = 0
+            self._failure_logged = None
+            return
+        status.failed_syncs += 1
+        keys = sorted(failed, key=str)
+        parts = [f"{key}: {failed[key]}" for key in keys[:FAILURES_NAMED]]
+        if len(keys) > FAILURES_NAMED:
+            parts.append(f"and {len(keys) - FAILURES_NAMED} more")
+        if self.addresses_error is not None:
+            parts.insert(0, f"reading the node's addresses: {self.addresses_error}")
+        line = "; ".join(parts)
+        now = self._clock()
+        logged = self._failure_logged
+        if logged is not None and logged[0] == line and now - logged[1] < FAILURE_LOG_INTERVAL:
+            log.debug("sync %d: still not applied: %s", status.syncs, line)
+            return
+        self._failure_logged = (line, now)
+        log.warning(
+            "sync %d incomplete, %d Service%s not fully applied, will retry: %s",
+            status.syncs,
+            len(keys),
+            "" if len(keys) == 1 else "s",
+            line,
+        )
+        for key in keys[:FAILURES_NAMED]:
+            exc = errors.get(key)
+            if exc is not None and not isinstance(exc, OSError):
+                log.debug("applying %s failed", key, exc_info=exc)
 
     def _fold(self, changes: PendingChanges) -> set[ServiceKey]:
         """Fold ``changes`` into the applied state; return the Services to re-plan."""
@@ -177,23 +259,31 @@ class Proxier:
             affected.update(self.services)
         return affected
 
-    def _apply(self, key: ServiceKey, plan: ServicePlan) -> None:
+    def _apply(self, key: ServiceKey, plan: ServicePlan, *, force: bool = False) -> None:
+        """Hand on what changed in ``key``'s plan (all of it with ``force``: the last
+        attempt failed, so what was applied is unknown).  The plan is recorded first, as
+        the desired state, even when applying it raises."""
         old = self.plans.get(key, ServicePlan())
         # Kept up to date per Service rather than summed over every plan at each sync.
         self.status.no_local_internal += plan.no_local_internal - old.no_local_internal
         self.status.no_local_external += plan.no_local_external - old.no_local_external
-        if plan.listeners != old.listeners:
-            self.listeners.apply(key, plan.listeners)
-        health = (plan.health_check_port, plan.local_endpoints)
-        if self._health_checks is not None and health != (
-            old.health_check_port,
-            old.local_endpoints,
-        ):
-            self._health_checks(key, *health)
         if plan == ServicePlan():
             self.plans.pop(key, None)
         else:
             self.plans[key] = plan
+        error: Exception | None = None
+        if force or plan.listeners != old.listeners:
+            try:
+                self.listeners.apply(key, plan.listeners)
+            except Exception as exc:
+                error = exc
+        health = (plan.health_check_port, plan.local_endpoints)
+        if self._health_checks is not None and (
+            force or health != (old.health_check_port, old.local_endpoints)
+        ):
+            self._health_checks(key, *health)
+        if error is not None:
+            raise error
 
     @property
     def specs(self) -> dict[ServiceKey, tuple[ListenerSpec, ...]]:
@@ -304,3 +394,11 @@ class Proxier:
 
     def _slices_of(self, key: ServiceKey) -> Iterable[EndpointSlice]:
         return self.slices.get(key, {}).values()
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the log: an OSError's strerror, else the exception and its words."""
+    if isinstance(exc, OSError) and exc.strerror and not exc.filename:
+        return exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -4,6 +4,14 @@
 it.  Syncs run at most once per ``min_interval`` on average, with a burst of ``burst``
 back-to-back syncs allowed (a token bucket), and at least once per ``max_interval`` even
 when nothing asks.  ``min_interval == 0`` runs a sync for every wake-up.
+
+A sync that fails (returns False, or raises) is retried, as kube-proxy's proxiers call
+``RetryAfter`` on the runner after a failed sync: after ``retry_min`` seconds, doubling up
+to ``retry_max`` while the syncs keep failing; any sync that runs meanwhile (asked for,
+periodic) counts as the retry.  ``retry_after`` lets others ask the same.  The retries
+still take tokens, so they never run more often than ``min_interval`` allows.  An exception
+is logged with its traceback the first time it is seen, then in one line at most once a
+minute.
 """
 
 from __future__ import annotations
@@ -16,17 +24,26 @@ from userproxy.control.clock import Clock, MonotonicClock
 
 log = logging.getLogger(__name__)
 
+#: Delay before retrying a failed sync, doubled after each failure up to RETRY_MAX.
+RETRY_MIN = 0.5
+RETRY_MAX = 5.0
+#: A repeated identical exception is logged (one line) at most this often.
+REPEAT_LOG_INTERVAL = 60.0
+
 
 class SyncRunner:
     def __init__(
         self,
-        sync: Callable[[], None],
+        sync: Callable[[], bool | None],
         *,
         min_interval: float,
         max_interval: float,
         burst: int = 2,
         clock: Clock | None = None,
+        retry_min: float = RETRY_MIN,
+        retry_max: float = RETRY_MAX,
     ) -> None:
+        """``sync`` returns False (or raises) when it could not apply everything."""
         if min_interval < 0 or max_interval <= 0:
             raise ValueError("sync intervals must be positive (min_interval may be 0)")
         self._sync = sync
@@ -38,6 +55,16 @@ class SyncRunner:
         self._refilled_at = self._clock.now()
         self._requested = False
         self._wakeup: asyncio.Future[None] | None = None
+        self._retry_min = retry_min
+        self._retry_max = max(retry_min, min(retry_max, max_interval))
+        self._retry_delay = retry_min
+        #: When a retry is due (clock time), None when none is.
+        self.retry_at: float | None = None
+        self._rescheduled = False
+        #: Consecutive failed syncs (0 after a sync that applied everything).
+        self.failures = 0
+        self._last_error: str | None = None
+        self._last_error_logged = float("-inf")
         self.runs = 0
 
     def request(self) -> None:
@@ -46,22 +73,60 @@ class SyncRunner:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
+    def retry_after(self, delay: float) -> None:
+        """Make sure a sync runs within ``delay`` seconds (upstream's ``RetryAfter``);
+        the earliest of several asks wins."""
+        at = self._clock.now() + max(delay, 0.0)
+        if self.retry_at is not None and self.retry_at <= at:
+            return
+        self.retry_at = at
+        self._rescheduled = True
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
     async def run(self) -> None:
         """Run syncs forever (until cancelled)."""
         last_run = self._clock.now()
         while True:
             if not self._requested:
-                await self._wait(last_run + self._max_interval - self._clock.now())
+                deadline = last_run + self._max_interval
+                if self.retry_at is not None:
+                    deadline = min(deadline, self.retry_at)
+                self._rescheduled = False
+                await self._wait(deadline - self._clock.now())
+                if self._rescheduled and not self._requested:
+                    continue  # woken by retry_after: wait for the new deadline
             await self._take_token()
             self._requested = False
+            self.retry_at = None  # this sync is the retry
             last_run = self._clock.now()
             self.runs += 1
             try:
-                self._sync()
-            except Exception:
-                # A bug in one sync must not end syncing: log it and retry at the next
-                # period with the state the sync left.
-                log.exception("sync failed")
+                complete = self._sync() is not False
+            except Exception as exc:
+                # A bug in one sync must not end syncing: log it and retry soon with the
+                # state the sync left.
+                self._log_error(exc)
+                complete = False
+            if complete:
+                self.failures = 0
+                self._retry_delay = self._retry_min
+                self._last_error = None
+            else:
+                self.failures += 1
+                self.retry_after(self._retry_delay)
+                self._retry_delay = min(self._retry_delay * 2, self._retry_max)
+
+    def _log_error(self, exc: Exception) -> None:
+        what = f"{type(exc).__name__}: {exc}"
+        now = self._clock.now()
+        if what != self._last_error:
+            self._last_error = what
+            self._last_error_logged = now
+            log.error("sync failed (retrying in %.1fs)", self._retry_delay, exc_info=exc)
+        elif now - self._last_error_logged >= REPEAT_LOG_INTERVAL:
+            self._last_error_logged = now
+            log.error("sync failed again: %s (%d failed syncs in a row)", what, self.failures + 1)
 
     async def _wait(self, delay: float) -> None:
         if delay <= 0:

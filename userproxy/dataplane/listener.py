@@ -4,14 +4,22 @@ A listener serves one ``ListenerSpec`` (one protocol, address and port of one
 ServicePort).  Its socket is open exactly while the listener is not closed and some traffic
 class has endpoints: with none at all the socket is closed, so the kernel refuses (TCP RST
 on SYN, ICMP port unreachable for UDP), which is what kube-proxy answers.  Sockets bind with
-``IP_FREEBIND``: a service IP need not be on an interface yet.  A bind that fails (address
-taken by another process) is logged once per errno and retried by ``retry_bind``.
+``IP_FREEBIND``: a service IP need not be on an interface yet.
+
+Opening never raises: any ``OSError`` on the way (``socket()`` failing with EMFILE/ENFILE
+when descriptors run out, a bind to an address another process holds, ``listen()``) leaves
+the listener in place, without a socket, with the error in ``bind_error``, and
+``retry_bind`` tries again (the listener set at every sync that touches the Service, its
+sweeper every few seconds), so a listener the plan wants is open as soon as it can be.
+An address problem is logged once per listener and errno; running out of descriptors or
+memory is logged for all listeners together, at most once a second.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.classify import in_networks, parse_networks
+from userproxy.dataplane.limits import RateLimitedLog
 from userproxy.dataplane.pool import BackendPool
 from userproxy.model import ListenerSpec
 
@@ -27,6 +36,9 @@ log = logging.getLogger(__name__)
 # Linux socket options Python does not name (linux/in.h, linux/in6.h).
 IP_FREEBIND = 15
 IPV6_FREEBIND = 78
+#: Errors that say "the process or system is out of something", not "this address".
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_resource_log = RateLimitedLog()
 
 
 @dataclass(slots=True)
@@ -71,6 +83,7 @@ class Listener(abc.ABC):
         self._node_local = node_local
         self._source_ranges = parse_networks(spec.source_ranges)
         self.stats = ListenerStats()
+        #: Why the socket the listener wants is not open (None: open, or not wanted).
         self.bind_error: OSError | None = None
         self.closed = False
         self._loop = asyncio.get_running_loop()
@@ -86,10 +99,12 @@ class Listener(abc.ABC):
 
     # -- control ---------------------------------------------------------------------------
     def update(self, spec: ListenerSpec) -> None:
-        """Swap in new pools (and retry a failed bind); open connections are untouched."""
+        """Swap in new pools (and retry a failed bind); open connections are untouched.
+
+        ``spec`` is taken last: if a pool update raises, the old spec stays, so applying
+        the new one again is not mistaken for "unchanged"."""
         if spec.source_ranges != self.spec.source_ranges:
             self._source_ranges = parse_networks(spec.source_ranges)
-        self.spec = spec
         self.pool.update(spec.pool)
         if spec.node_pool is None:
             self.node_pool = None
@@ -97,10 +112,12 @@ class Listener(abc.ABC):
             self.node_pool = BackendPool(spec.node_pool, self._registry)
         else:
             self.node_pool.update(spec.node_pool)
+        self.spec = spec
         self._apply()
 
     def retry_bind(self) -> None:
-        """Try a failed bind again (the sweeper calls this every few seconds)."""
+        """Try a failed open again (the listener set calls this at syncs and every few
+        seconds)."""
         if self.bind_error is not None:
             self._apply()
 
@@ -113,14 +130,17 @@ class Listener(abc.ABC):
         want = not self.closed and self.spec.serves_anyone
         if want and self._sock is None:
             self._open()
-        elif not want and self._sock is not None:
-            self._close_socket()
+        elif not want:
+            self.bind_error = None  # nothing to retry: the socket is not wanted
+            if self._sock is not None:
+                self._close_socket()
 
     def _open(self) -> None:
         spec = self.spec
         family = socket.AF_INET6 if ":" in spec.ip else socket.AF_INET
-        sock = socket.socket(family, self.SOCK_TYPE)
+        sock: socket.socket | None = None
         try:
+            sock = socket.socket(family, self.SOCK_TYPE)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             # FREEBIND: a service IP may not be (yet) on any interface; the listener still
             # starts, and serves as soon as the address is local (see docs/addressing.md).
@@ -133,29 +153,40 @@ class Listener(abc.ABC):
             sock.bind((spec.ip, spec.port))
             self._prepare(sock)
         except OSError as exc:
-            sock.close()
-            if self.bind_error is None or self.bind_error.errno != exc.errno:
-                log.error(
-                    "%s: cannot listen on %s:%d: %s (will retry)",
-                    spec.spn,
-                    spec.ip,
-                    spec.port,
-                    exc.strerror or exc,
-                )
-            self.bind_error = exc
+            if sock is not None:
+                sock.close()
+            self._failed(exc)
             return
-        if self.bind_error is not None:
+        previous = self.bind_error
+        if previous is not None and previous.errno not in RESOURCE_ERRNOS:
             log.info("%s: listening on %s:%d now", spec.spn, spec.ip, spec.port)
         self.bind_error = None
         self._sock = sock
         log.debug("%s: listening on %s:%d", spec.spn, spec.ip, spec.port)
         self._resume()
 
+    def _failed(self, exc: OSError) -> None:
+        spec = self.spec
+        previous, self.bind_error = self.bind_error, exc
+        message = "%s: cannot listen on %s:%d: %s (will retry)"
+        args = (spec.spn, spec.ip, spec.port, exc.strerror or exc)
+        if exc.errno in RESOURCE_ERRNOS:
+            # Out of descriptors, every listener opened in a sync fails alike: one line.
+            _resource_log(log, logging.ERROR, message, *args)
+        elif previous is None or previous.errno != exc.errno:
+            log.error(message, *args)
+        else:
+            log.debug(message, *args)
+
     def _close_socket(self) -> None:
-        self._pause()
-        assert self._sock is not None
-        self._sock.close()
-        self._sock = None
+        sock = self._sock
+        assert sock is not None
+        try:
+            self._pause()
+        finally:  # closed whatever happens: a stale listening socket would serve on
+            self._sock = None
+            self._reading = False
+            sock.close()
         log.debug("%s: stopped listening on %s:%d", self.spec.spn, self.spec.ip, self.spec.port)
 
     def _pause(self) -> None:

@@ -1,10 +1,19 @@
 """The set of listeners: opened, updated and closed as the control plane's syncs say.
 
 ``apply(service, specs)`` is the only entry point the control plane uses.  It touches only
-the listeners of that Service: a listener whose spec is unchanged is left alone, one whose
-pool changed gets its pool swapped, new ones are opened and the rest are closed.  A closed
-TCP listener's open connections are left to finish and aborted ``drain_grace`` seconds
-later; a closed UDP listener's sessions end with it (their replies would have no socket).
+the listeners of that Service: a listener whose spec is unchanged is left alone (or, if its
+socket could not be opened, tried again), one whose pool changed gets its pool swapped, new
+ones are opened and the rest are closed.  A closed TCP listener's open connections are left
+to finish and aborted ``drain_grace`` seconds later; a closed UDP listener's sessions end
+with it (their replies would have no socket).
+
+``apply`` always goes through the whole plan: a listener that cannot be opened (out of
+descriptors, address taken) is kept, without a socket, and retried; an exception for one
+listener does not stop the others.  Only then, if some listener the plan wants is not
+open, it raises ``ApplyError`` naming them, so the caller can retry the Service (the
+proxier does, through the sync runner).  Between syncs the sweeper retries failed opens
+every ``BIND_RETRY_INTERVAL`` seconds.  An address wanted by two Services is served for
+the first; the other gets it when the first lets go.
 
 One sweeper task (not a timer per connection) enforces the TCP idle and half-close
 timeouts, the drain deadlines and the UDP idle timeout once a second.
@@ -65,6 +74,25 @@ def _totals_key(listener: AnyListener) -> TotalsKey:
     return (f"{spn.namespace}/{spn.name}{port}", str(spn.protocol))
 
 
+class ApplyError(Exception):
+    """Some listeners ``apply`` was asked for are not open (everything else is applied)."""
+
+    def __init__(self, service: ServiceKey, failures: dict[ListenerKey, BaseException]):
+        self.service = service
+        self.failures = failures
+        reasons = dict.fromkeys(_reason(exc) for exc in failures.values())
+        super().__init__(
+            f"{len(failures)} listener{'s' if len(failures) != 1 else ''} not open "
+            f"({'; '.join(list(reasons)[:3])})"
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
 @dataclass(frozen=True, slots=True)
 class TcpTimeouts:
     """``fin`` bounds a half-closed connection; ``idle`` (None = off) an idle one;
@@ -93,6 +121,10 @@ class ListenerSet:
         self.listeners: dict[ListenerKey, AnyListener] = {}
         self._owner: dict[ListenerKey, ServiceKey] = {}
         self._by_service: dict[ServiceKey, set[ListenerKey]] = {}
+        #: What each Service asked for last (its plan), whatever could be applied.
+        self._wanted: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
+        #: Services refused an address because another Service holds it.
+        self._refused: dict[ListenerKey, set[ServiceKey]] = {}
         #: Closed listeners whose connections are still open, each with its deadline.
         self._draining: dict[TcpListener, float] = {}
         self._unsupported_warned: set[ListenerKey] = set()
@@ -101,7 +133,59 @@ class ListenerSet:
 
     # -- applying --------------------------------------------------------------------------
     def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        """Make the listeners of ``service`` exactly ``specs`` (empty: remove them all)."""
+        """Make the listeners of ``service`` exactly ``specs`` (empty: remove them all).
+
+        Raises ``ApplyError`` after applying all it could when some wanted listener is not
+        open; calling ``apply`` again with the same specs retries exactly those.
+        """
+        if specs:
+            self._wanted[service] = tuple(specs)
+        else:
+            self._wanted.pop(service, None)
+        released: list[ListenerKey] = []
+        failures = self._converge(service, released)
+        # Addresses this Service let go of may be wanted by one that was refused them.
+        waiting = {s for key in released for s in self._refused.pop(key, ())}
+        for other in sorted(waiting - {service}, key=str):
+            try:
+                self._converge(other, [])
+            except Exception:
+                log.exception("%s: taking over a released address failed", other)
+        if failures:
+            raise ApplyError(service, failures)
+
+    def _converge(
+        self, service: ServiceKey, released: list[ListenerKey]
+    ) -> dict[ListenerKey, BaseException]:
+        """Bring ``service``'s listeners to its wanted specs; return what failed."""
+        wanted = self._claim(service, self._wanted.get(service, ()))
+        failures: dict[ListenerKey, BaseException] = {}
+        for key in self._by_service.get(service, set()) - wanted.keys():
+            released.append(key)
+            try:
+                self._remove(key)
+            except Exception as exc:  # the socket is closed all the same (Listener.close)
+                log.exception("%s: closing %s failed", service, key)
+                failures[key] = exc
+        for key, spec in wanted.items():
+            try:
+                listener = self._open(service, key, spec)
+            except Exception as exc:
+                failures[key] = exc
+            else:
+                if listener.bind_error is not None:
+                    failures[key] = listener.bind_error
+        owned = {key for key in wanted if self._owner.get(key) == service}
+        if owned:
+            self._by_service[service] = owned
+        else:
+            self._by_service.pop(service, None)
+        return failures
+
+    def _claim(
+        self, service: ServiceKey, specs: Sequence[ListenerSpec]
+    ) -> dict[ListenerKey, ListenerSpec]:
+        """The specs ``service`` may have: not SCTP, not an address another Service holds."""
         wanted: dict[ListenerKey, ListenerSpec] = {}
         for spec in specs:
             key = spec.key
@@ -112,31 +196,38 @@ class ListenerSet:
                 continue
             owner = self._owner.get(key)
             if owner is not None and owner != service:
-                log.error(
-                    "%s: %s:%d is already served for Service %s; not listening",
-                    spec.spn,
-                    spec.ip,
-                    spec.port,
-                    owner,
-                )
+                refused = self._refused.setdefault(key, set())
+                if service not in refused:
+                    refused.add(service)
+                    log.error(
+                        "%s: %s:%d is already served for Service %s; not listening",
+                        spec.spn,
+                        spec.ip,
+                        spec.port,
+                        owner,
+                    )
                 continue
             wanted[key] = spec
-        current = self._by_service.get(service, set())
-        for key in current - wanted.keys():
-            self._remove(key)
-        for key, spec in wanted.items():
-            listener = self.listeners.get(key)
-            if listener is None:
-                self.listeners[key] = self._new_listener(spec)
-                self._owner[key] = service
-            elif listener.spec != spec:
-                listener.update(spec)
-            else:
-                listener.retry_bind()  # besides the sweeper's, at every sync
-        if wanted:
-            self._by_service[service] = set(wanted)
+        asked = {spec.key for spec in specs}
+        for key, refused in list(self._refused.items()):
+            if service in refused and key not in asked:
+                refused.discard(service)  # no longer asks for it
+                if not refused:
+                    del self._refused[key]
+        return wanted
+
+    def _open(self, service: ServiceKey, key: ListenerKey, spec: ListenerSpec) -> AnyListener:
+        """The listener for ``key``, created, updated or retried as ``spec`` needs."""
+        listener = self.listeners.get(key)
+        if listener is None:
+            listener = self._new_listener(spec)
+            self.listeners[key] = listener
+            self._owner[key] = service
+        elif listener.spec != spec:
+            listener.update(spec)
         else:
-            self._by_service.pop(service, None)
+            listener.retry_bind()
+        return listener
 
     def _new_listener(self, spec: ListenerSpec) -> AnyListener:
         if spec.spn.protocol is Protocol.UDP:
@@ -236,6 +327,8 @@ class ListenerSet:
                 self._retire(listener)
         self._owner.clear()
         self._by_service.clear()
+        self._wanted.clear()
+        self._refused.clear()
 
     async def drain(self, grace: float) -> int:
         """Wait up to ``grace`` seconds for open connections to end; abort the rest.
