@@ -29,7 +29,20 @@ import pytest
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import fresh_net, write
 from tests.support.proxyrun import running_proxy
-from userproxy.model import EndpointSlice, Service
+from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.limits import ConnectionLimit
+from userproxy.dataplane.listeners import ApplyError, ListenerSet, TcpTimeouts
+from userproxy.model import (
+    AddressKind,
+    Endpoint,
+    EndpointSlice,
+    ListenerSpec,
+    PoolSpec,
+    Protocol,
+    Service,
+    ServiceKey,
+    ServicePortName,
+)
 from userproxy.sources.decode import decode_endpoint_slice, decode_service
 
 pytestmark = pytest.mark.both_loops
@@ -207,3 +220,59 @@ def test_descriptors_exhausted_helper() -> None:
     with descriptors_exhausted(limit), pytest.raises(OSError, match="Too many open files"):
         socket.socket()
     socket.socket().close()
+
+
+# -- the listener set on its own --------------------------------------------------------------
+
+
+def tcp_spec(service: str, ip: str, port: int, backend: Backend) -> ListenerSpec:
+    spn = ServicePortName("default", service, "p", Protocol.TCP)
+    pool = PoolSpec((Endpoint(backend.ip, backend.port),), "round-robin")
+    return ListenerSpec(spn, AddressKind.CLUSTER_IP, ip, port, pool)
+
+
+def listening(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=2).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
+async def test_listener_set_raises_after_applying_all_and_retries_what_failed() -> None:
+    net = fresh_net()
+    prefix = f"127.{net // 200 + 100}.{net % 200}"
+    backend = Backend(f"127.{net // 200 + 150}.{net % 200}.1", name_server("b"))
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind((f"{prefix}.1", 80))
+    blocker.listen(1)
+    listeners = ListenerSet(BalancerRegistry(), ConnectionLimit(100), TcpTimeouts())
+    a, b = ServiceKey("default", "a"), ServiceKey("default", "b")
+    taken = tcp_spec("a", f"{prefix}.1", 80, backend)
+    free = tcp_spec("a", f"{prefix}.1", 81, backend)
+    try:
+        with pytest.raises(ApplyError, match="1 listener not open") as raised:
+            listeners.apply(a, [taken, free])
+        assert list(raised.value.failures) == [taken.key]
+        assert await asyncio.to_thread(listening, (f"{prefix}.1", 81)), "the rest is applied"
+        blocker.close()
+        listeners.apply(a, [taken, free])  # the same plan again: the failed one is retried
+        assert await asyncio.to_thread(ask, (f"{prefix}.1", 80)) == "b"
+
+        # b wants a's address: refused while a holds it, served as soon as a lets go.
+        listeners.apply(b, [tcp_spec("b", f"{prefix}.1", 81, backend)])
+        assert listeners.listeners[free.key].spec.spn.name == "a"
+        listeners.apply(a, [taken])
+        assert listeners.listeners[free.key].spec.spn.name == "b"
+        assert await asyncio.to_thread(ask, (f"{prefix}.1", 81)) == "b"
+        listeners.apply(a, [])
+        listeners.apply(b, [])
+        assert not listeners.listeners
+        assert not await asyncio.to_thread(listening, (f"{prefix}.1", 80))
+        assert not await asyncio.to_thread(listening, (f"{prefix}.1", 81))
+    finally:
+        blocker.close()
+        listeners.stop_accepting()
+        await listeners.drain(0.1)
+        backend.stop()
