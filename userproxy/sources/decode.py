@@ -50,6 +50,7 @@ __all__ = [
     "decode_node",
     "decode_service",
     "is_selected",
+    "shorten",
 ]
 
 #: Label on a Service's EndpointSlices naming the Service they belong to.
@@ -77,14 +78,44 @@ _IP_MODES = ("VIP", "Proxy")
 _E = TypeVar("_E", bound=StrEnum)
 
 
+#: Longest quoted value in a message (characters, ellipsis included).
+MAX_QUOTED_CHARS = 200
+#: Longest field path and message of a DecodeError (characters, ellipsis included).
+MAX_FIELD_CHARS = 300
+MAX_MESSAGE_CHARS = 400
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, ending with an ellipsis when cut."""
+    if len(text) <= limit:
+        return text
+    return text[: max(limit - 1, 0)] + "\u2026"
+
+
+def _quote(value: object) -> str:
+    """``repr(value)``, bounded: a 10 MB string in an object gives a short message.
+
+    Strings are cut before ``repr`` so quoting never copies a huge value; an integer is
+    shown by its digit count beyond 40 digits (its decimal spelling costs quadratic time).
+    """
+    if isinstance(value, str) and len(value) > MAX_QUOTED_CHARS:
+        return shorten(repr(value[:MAX_QUOTED_CHARS]), MAX_QUOTED_CHARS)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of {value.bit_length()} bits>"
+    return shorten(repr(value), MAX_QUOTED_CHARS)
+
+
 class DecodeError(ValueError):
     """A raw API object failed validation.
 
     ``field`` is the path of the offending field (``spec.ports[1].port``; ``""`` for the
-    object itself) and ``message`` says what is wrong with it.
+    object itself) and ``message`` says what is wrong with it.  Invariant: both are
+    bounded (:data:`MAX_FIELD_CHARS`, :data:`MAX_MESSAGE_CHARS`), whatever the object held.
     """
 
     def __init__(self, field: str, message: str) -> None:
+        field = shorten(field, MAX_FIELD_CHARS)
+        message = shorten(message, MAX_MESSAGE_CHARS)
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
@@ -104,11 +135,11 @@ def _describe(value: object) -> str:
     if isinstance(value, bool):
         return f"boolean {'true' if value else 'false'}"
     if isinstance(value, int):
-        return f"integer {value}"
+        return f"integer {_quote(value)}"
     if isinstance(value, float):
-        return f"number {value!r}"
+        return f"number {_quote(value)}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {_quote(value)}"
     if isinstance(value, Mapping):
         return "a mapping"
     if isinstance(value, list | tuple):
@@ -122,7 +153,7 @@ def _as_mapping(value: object, path: str) -> dict[str, object]:
     result: dict[str, object] = {}
     for key, item in value.items():
         if not isinstance(key, str):
-            raise DecodeError(path, f"key {key!r} is not a string")
+            raise DecodeError(path, f"key {_quote(key)} is not a string")
         result[key] = item
     return result
 
@@ -176,7 +207,7 @@ def _opt_port(m: Mapping[str, object], key: str, path: str) -> int | None:
     """An optional port number in 1..65535 (absent or null gives None)."""
     value = _opt_int(m, key, path)
     if value is not None and not 1 <= value <= 65535:
-        raise DecodeError(_join(path, key), f"{value} is out of range 1..65535")
+        raise DecodeError(_join(path, key), f"{_quote(value)} is out of range 1..65535")
     return value
 
 
@@ -189,7 +220,7 @@ def _enum(m: Mapping[str, object], key: str, path: str, enum: type[_E], default:
     except ValueError:
         allowed = ", ".join(member.value for member in enum)
         raise DecodeError(
-            _join(path, key), f"unknown value {value!r} (expected one of {allowed})"
+            _join(path, key), f"unknown value {_quote(value)} (expected one of {allowed})"
         ) from None
 
 
@@ -210,26 +241,35 @@ def _parse_ip(text: str) -> tuple[str, IPFamily] | str:
     return (str(address), family)
 
 
+#: Longer than any IP literal (IPv6 with an embedded IPv4 and blanks around it): checked
+#: before parsing, so a huge string neither costs a parse nor fills the parse cache.
+_MAX_IP_CHARS = 64
+
+
 def _ip(value: object, path: str, family: IPFamily | None = None) -> str:
     """A literal IP address in its canonical spelling, optionally of one family."""
     if not isinstance(value, str):
         raise DecodeError(path, f"expected an IP address, got {_describe(value)}")
+    if len(value) > _MAX_IP_CHARS:
+        raise DecodeError(path, f"{_quote(value)} is not a valid IP address")
     parsed = _parse_ip(value)
     if isinstance(parsed, str):
-        raise DecodeError(path, f"{value!r} {parsed}")
+        raise DecodeError(path, f"{_quote(value)} {parsed}")
     canonical, actual = parsed
     if family is not None and actual is not family:
-        raise DecodeError(path, f"{value!r} is not an {family.value} address")
+        raise DecodeError(path, f"{_quote(value)} is not an {family.value} address")
     return canonical
 
 
 def _cidr(value: object, path: str) -> str:
     if not isinstance(value, str):
         raise DecodeError(path, f"expected a CIDR, got {_describe(value)}")
+    if len(value) > _MAX_IP_CHARS + 4:
+        raise DecodeError(path, f"{_quote(value)} is not a valid CIDR")
     try:
         network = ipaddress.ip_network(value.strip(), strict=False)
     except ValueError:
-        raise DecodeError(path, f"{value!r} is not a valid CIDR") from None
+        raise DecodeError(path, f"{_quote(value)} is not a valid CIDR") from None
     return str(network)
 
 
@@ -239,7 +279,7 @@ def _string_map(m: Mapping[str, object], key: str, path: str) -> dict[str, str]:
     for name, value in raw.items():
         if not isinstance(value, str):
             raise DecodeError(
-                f"{_join(path, key)}[{name!r}]", f"expected a string, got {_describe(value)}"
+                f"{_join(path, key)}[{_quote(name)}]", f"expected a string, got {_describe(value)}"
             )
         result[name] = value
     return result
@@ -257,14 +297,14 @@ def _name(meta: Mapping[str, object], *, label: bool) -> str:
         if len(name) > 63 or not _DNS1123_LABEL.fullmatch(name):
             raise DecodeError(
                 "metadata.name",
-                f"{name!r} is not a valid name (at most 63 lower-case letters, digits and '-', "
-                "starting and ending with a letter or digit)",
+                f"{_quote(name)} is not a valid name (at most 63 lower-case letters, digits and "
+                "'-', starting and ending with a letter or digit)",
             )
     elif len(name) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(name):
         raise DecodeError(
             "metadata.name",
-            f"{name!r} is not a valid name (at most 253 lower-case letters, digits, '-' and '.', "
-            "starting and ending with a letter or digit)",
+            f"{_quote(name)} is not a valid name (at most 253 lower-case letters, digits, '-' "
+            "and '.', starting and ending with a letter or digit)",
         )
     return name
 
@@ -274,7 +314,9 @@ def _namespace(meta: Mapping[str, object]) -> str:
     if not namespace:
         return "default"
     if len(namespace) > 63 or not _DNS1123_LABEL.fullmatch(namespace):
-        raise DecodeError("metadata.namespace", f"{namespace!r} is not a valid namespace name")
+        raise DecodeError(
+            "metadata.namespace", f"{_quote(namespace)} is not a valid namespace name"
+        )
     return namespace
 
 
@@ -382,9 +424,9 @@ def _cluster_ips(spec: Mapping[str, object]) -> tuple[str, ...]:
     first = raw_ips[0]
     if isinstance(first, str) and first.strip() in _HEADLESS_CLUSTER_IPS:
         if len(raw_ips) > 1:
-            raise DecodeError("spec.clusterIPs", f"a headless Service has only {first!r}")
+            raise DecodeError("spec.clusterIPs", f"a headless Service has only {_quote(first)}")
         if cluster_ip is not None and cluster_ip.strip() not in _HEADLESS_CLUSTER_IPS:
-            raise DecodeError("spec.clusterIPs[0]", f"{first!r} differs from spec.clusterIP")
+            raise DecodeError("spec.clusterIPs[0]", f"{_quote(first)} differs from spec.clusterIP")
         return ()
 
     ips = tuple(_ip(value, f"spec.clusterIPs[{i}]") for i, value in enumerate(raw_ips))
@@ -395,10 +437,12 @@ def _cluster_ips(spec: Mapping[str, object]) -> tuple[str, ...]:
     ):
         raise DecodeError(
             "spec.clusterIPs[0]",
-            f"{ips[0]!r} differs from spec.clusterIP {cluster_ip!r}",
+            f"{_quote(ips[0])} differs from spec.clusterIP {_quote(cluster_ip)}",
         )
     if len(ips) == 2 and IPFamily.of(ips[0]) is IPFamily.of(ips[1]):
-        raise DecodeError("spec.clusterIPs[1]", f"{ips[1]!r} has the same family as the first")
+        raise DecodeError(
+            "spec.clusterIPs[1]", f"{_quote(ips[1])} has the same family as the first"
+        )
     return ips
 
 
@@ -416,7 +460,7 @@ def _service_ports(
             raise DecodeError(f"{path}.name", "is required when a Service has more than one port")
         if name in seen:
             raise DecodeError(
-                f"{path}.name", f"{name!r} is already used by spec.ports[{seen[name]}]"
+                f"{path}.name", f"{_quote(name)} is already used by spec.ports[{seen[name]}]"
             )
         seen[name] = i
         protocol = _protocol(entry, path)
@@ -452,7 +496,7 @@ def _protocol(entry: Mapping[str, object], path: str) -> Protocol:
         return Protocol(value)
     except ValueError:
         raise DecodeError(
-            f"{path}.protocol", f"unknown protocol {value!r} (expected TCP, UDP or SCTP)"
+            f"{path}.protocol", f"unknown protocol {_quote(value)} (expected TCP, UDP or SCTP)"
         ) from None
 
 
@@ -465,7 +509,7 @@ def _target_port(entry: Mapping[str, object], path: str) -> int | str | None:
         raise DecodeError(field, f"expected an integer or a port name, got {_describe(value)}")
     if isinstance(value, int):
         if not 1 <= value <= 65535:
-            raise DecodeError(field, f"{value} is out of range 1..65535")
+            raise DecodeError(field, f"{_quote(value)} is out of range 1..65535")
         return value
     if isinstance(value, str):
         if not value:
@@ -480,7 +524,7 @@ def _affinity_timeout(spec: Mapping[str, object]) -> int | None:
         return None
     if affinity != _SESSION_AFFINITY_CLIENT_IP:
         raise DecodeError(
-            "spec.sessionAffinity", f"unknown value {affinity!r} (expected None or ClientIP)"
+            "spec.sessionAffinity", f"unknown value {_quote(affinity)} (expected None or ClientIP)"
         )
     config = _opt_mapping(spec, "sessionAffinityConfig", "spec")
     client_ip = _opt_mapping(config, "clientIP", "spec.sessionAffinityConfig")
@@ -490,7 +534,7 @@ def _affinity_timeout(spec: Mapping[str, object]) -> int | None:
         return DEFAULT_AFFINITY_TIMEOUT
     if not 1 <= timeout <= MAX_AFFINITY_TIMEOUT:
         raise DecodeError(
-            f"{path}.timeoutSeconds", f"{timeout} is out of range 1..{MAX_AFFINITY_TIMEOUT}"
+            f"{path}.timeoutSeconds", f"{_quote(timeout)} is out of range 1..{MAX_AFFINITY_TIMEOUT}"
         )
     return timeout
 
@@ -505,7 +549,7 @@ def _load_balancer_ingress(status: Mapping[str, object]) -> tuple[LoadBalancerIn
         ip_mode = _opt_str(entry, "ipMode", path)
         if ip_mode is not None and ip_mode not in _IP_MODES:
             raise DecodeError(
-                f"{path}.ipMode", f"unknown value {ip_mode!r} (expected VIP or Proxy)"
+                f"{path}.ipMode", f"unknown value {_quote(ip_mode)} (expected VIP or Proxy)"
             )
         if ip is None or ip == "":
             continue  # a hostname-only entry: nothing for a service proxy to capture
@@ -537,7 +581,7 @@ def decode_endpoint_slice(obj: Mapping[str, object]) -> EndpointSlice | None:
         family = IPFamily(address_type)
     except ValueError:
         raise DecodeError(
-            "addressType", f"unknown value {address_type!r} (expected IPv4, IPv6 or FQDN)"
+            "addressType", f"unknown value {_quote(address_type)} (expected IPv4, IPv6 or FQDN)"
         ) from None
 
     ports: list[EndpointPort] = []

@@ -1,42 +1,67 @@
-"""A source that reads Services, EndpointSlices and Nodes from manifest files.
+"""The manifest source: Services, EndpointSlices and Nodes from files, followed as they change.
 
-``load_manifests`` reads YAML (multi-document, ``kind: List``) and JSON files and returns a
-validated :class:`ManifestState`; every problem in every file is collected into one
-:class:`ManifestError`.  :class:`ManifestSource` delivers a state through the handler
-interface and then polls the files, reloading everything when they change and delivering
-only the differences.  A broken edit keeps the last good state.
+Reading and validating files is ``manifest_files.py``; this module delivers a
+:class:`ManifestState` through the handler interface and then polls the files (woken at
+once by inotify where it works), reloading what changed and delivering only the
+differences.  A broken edit keeps the last good state.
+
+Invariants of a reload (the event loop keeps serving connections while it runs):
+
+- The loop is never held for long.  Files to re-read totalling at most
+  :data:`INLINE_BYTES` are parsed on the loop (a few milliseconds).  Larger ones are read,
+  parsed and validated by a child process (``manifest_files.worker_main``): a worker
+  thread would hold the GIL in pure-Python parsing and starve the loop thread (the
+  convoy effect), a process cannot.  Its results arrive as small pickle frames,
+  unpickled one at a time, and the differences are delivered to the handlers in slices
+  of at most :data:`SLICE_SECONDS`, yielding to the loop in between.  (So, as with a
+  Kubernetes watch, the proxier may sync between two slices of one large reload.)
+- Nothing blocks: files are opened only when regular, with ``O_NONBLOCK``; the child is
+  killed when the reload is cancelled (shutdown) or runs longer than
+  :data:`WORKER_TIMEOUT`.
+- A failed reload (any problem, or the child failing) keeps the last good state; the
+  bounded error is logged once per distinct failure.  Directory entries that are not
+  regular files (a FIFO ...) are skipped and logged as errors once; the other files work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
+import pickle
+import signal
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import TypeVar
 
-import yaml
-
 from userproxy.control.handlers import Handlers
-from userproxy.model import EndpointSlice, Node, Service, ServiceKey
-from userproxy.sources.decode import (
-    DecodeError,
-    decode_endpoint_slice,
-    decode_labels,
-    decode_node,
-    decode_service,
-    is_selected,
-)
+from userproxy.model import Node
 from userproxy.sources.diff import deliver_diff
 from userproxy.sources.inotify import Inotify, watch_directories
+from userproxy.sources.manifest_files import (
+    FRAME_LENGTH,
+    MANIFEST_SUFFIXES,
+    RACY_NS,
+    FileContents,
+    FrameReader,
+    ManifestCache,
+    ManifestError,
+    ManifestState,
+    StatKey,
+    collect_file,
+    list_manifest_files,
+    load_manifests,
+    merge,
+    size_problems,
+    stat_key,
+)
 
 __all__ = [
     "MANIFEST_SUFFIXES",
+    "ManifestCache",
     "ManifestError",
     "ManifestSource",
     "ManifestState",
@@ -48,312 +73,137 @@ logger = logging.getLogger(__name__)
 #: With inotify, how often the files are polled anyway (file systems that report nothing).
 FALLBACK_POLL_INTERVAL = 2.0
 
-#: File name endings read from a directory (a file named explicitly is read whatever its name).
-MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+#: Files to re-read totalling at most this many bytes are parsed on the event loop: YAML
+#: parses at a few MB/s, so this is a few milliseconds, cheaper than starting a process.
+INLINE_BYTES = 32 * 1024
+#: Longest stretch of reload work on the loop between two yields (seconds).
+SLICE_SECONDS = 0.005
+#: Longest a child reading the manifests may take before it is killed (seconds).
+WORKER_TIMEOUT = 120.0
 
-_SERVICE = ("v1", "Service")
-_ENDPOINT_SLICE = ("discovery.k8s.io/v1", "EndpointSlice")
-_NODE = ("v1", "Node")
+_WORKER_CODE = "from userproxy.sources.manifest_files import worker_main; worker_main()"
+#: The directory holding the ``userproxy`` package, put on the child's PYTHONPATH so it
+#: imports this very copy (also when running from a source tree).
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 
-class ManifestError(Exception):
-    """One or more problems in the manifest files, one line each.
+class _Slicer:
+    """Work on the loop in slices: ``await tick()`` yields once a slice is used up.
 
-    Each line names the file, the document (0-based), the object and the field, e.g.
-    ``web.yaml: document 2: Service default/web: spec.ports[0].port: 70000 is out of range
-    1..65535``.
-    """
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems: tuple[str, ...] = tuple(problems)
-        super().__init__(self._text())
-
-    def _text(self) -> str:
-        if len(self.problems) == 1:
-            return self.problems[0]
-        lines = [f"{len(self.problems)} problems in the manifests:"]
-        lines.extend(f"  {problem}" for problem in self.problems)
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self._text()
-
-
-def _frozen_map(items: Mapping[_K, _V] | None = None) -> Mapping[_K, _V]:
-    return MappingProxyType(dict(items or {}))
-
-
-@dataclass(frozen=True)
-class ManifestState:
-    """Every selected object the manifests define.
-
-    ``slices`` is keyed by (namespace, name); ``nodes`` by name.  Headless and ExternalName
-    Services are included: the control plane skips them (``Service.is_proxied``).
-    """
-
-    services: Mapping[ServiceKey, Service] = field(default_factory=_frozen_map)
-    slices: Mapping[tuple[str, str], EndpointSlice] = field(default_factory=_frozen_map)
-    nodes: Mapping[str, Node] = field(default_factory=_frozen_map)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-class _Loader(yaml.SafeLoader):
-    """A safe loader that keeps timestamps as strings, as Kubernetes' YAML decoding does."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _manifest_files(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
-    """The files to read (directories expanded, non-recursively, sorted) and problems."""
-    files: list[Path] = []
-    problems: list[str] = []
-    for path in paths:
-        if path.is_dir():
-            try:
-                children = sorted(path.iterdir())
-            except OSError as exc:
-                problems.append(f"{path}: cannot list directory: {exc.strerror or exc}")
-                continue
-            files.extend(
-                child for child in children if child.suffix in MANIFEST_SUFFIXES and child.is_file()
-            )
-        elif path.exists():
-            files.append(path)
-        else:
-            problems.append(f"{path}: no such file or directory")
-    return files, problems
-
-
-def _parse_file(path: Path) -> list[object]:
-    """The documents of one file; raises ManifestError for unreadable or malformed files."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ManifestError([f"{path}: cannot read: {reason}"]) from None
-    if path.suffix == ".json":
-        try:
-            return [json.loads(text)]
-        except json.JSONDecodeError as exc:
-            raise ManifestError(
-                [f"{path}: line {exc.lineno}, column {exc.colno}: JSON syntax error: {exc.msg}"]
-            ) from None
-    try:
-        return list(yaml.load_all(text, Loader=_Loader))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ManifestError([f"{path}: {where}YAML syntax error: {problem}"]) from None
-    except yaml.YAMLError as exc:
-        raise ManifestError([f"{path}: YAML syntax error: {exc}"]) from None
-
-
-def _raw_identity(obj: Mapping[object, object]) -> tuple[str, str]:
-    """Best-effort (namespace, name) of a raw object, for messages and duplicate checks."""
-    meta = obj.get("metadata")
-    name = namespace = None
-    if isinstance(meta, Mapping):
-        name = meta.get("name")
-        namespace = meta.get("namespace")
-    return (
-        namespace if isinstance(namespace, str) and namespace else "default",
-        name if isinstance(name, str) and name else "<unnamed>",
-    )
-
-
-@dataclass
-class _Collector:
-    proxy_name: str | None
-    services: dict[ServiceKey, Service] = field(default_factory=dict)
-    slices: dict[tuple[str, str], EndpointSlice] = field(default_factory=dict)
-    nodes: dict[str, Node] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    seen: dict[tuple[str, str, str], str] = field(default_factory=dict)
-
-    def add_documents(self, path: Path, documents: list[object]) -> None:
-        for index, document in enumerate(documents):
-            self.add_object(document, f"{path}: document {index}")
-
-    def add_object(
-        self, raw: object, where: str, default_type: tuple[str, str] | None = None
-    ) -> None:
-        """Add one raw object; ``default_type`` is (apiVersion, kind) for typed-list items."""
-        if raw is None:
-            return  # an empty document
-        if not isinstance(raw, Mapping):
-            self.problems.append(f"{where}: expected a mapping (a Kubernetes object)")
-            return
-        api_version = raw.get("apiVersion")
-        kind = raw.get("kind")
-        if default_type is not None:
-            api_version = api_version or default_type[0]
-            kind = kind or default_type[1]
-        if not isinstance(kind, str) or not kind:
-            self.problems.append(f"{where}: kind: is required")
-            return
-        if not isinstance(api_version, str) or not api_version:
-            self.problems.append(f"{where}: apiVersion: is required")
-            return
-        if kind.endswith("List"):
-            # kind: List (kubectl) holds typed items; a ServiceList's items have no kind.
-            item_type = None if kind == "List" else (api_version, kind.removesuffix("List"))
-            items = raw.get("items")
-            if items is None:
-                return
-            if not isinstance(items, list):
-                self.problems.append(f"{where}: items: expected a list")
-                return
-            for i, item in enumerate(items):
-                self.add_object(item, f"{where}, items[{i}]", item_type)
-            return
-
-        namespace, name = _raw_identity(raw)
-        if (api_version, kind) not in (_SERVICE, _ENDPOINT_SLICE, _NODE):
-            logger.debug("%s: ignoring %s %s (%s/%s)", where, api_version, kind, namespace, name)
-            return
-        if (api_version, kind) == _NODE:
-            namespace = ""
-        label = f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
-        obj: dict[str, object] = {}
-        for key, value in raw.items():
-            if not isinstance(key, str):
-                self.problems.append(f"{where}: {label}: key {key!r} is not a string")
-                return
-            obj[key] = value
-
-        identity = (kind, namespace, name)
-        if identity in self.seen:
-            self.problems.append(
-                f"{where}: {label}: duplicate object (first defined in {self.seen[identity]})"
-            )
-            return
-        self.seen[identity] = where
-
-        try:
-            self._decode(kind, obj, where, label)
-        except DecodeError as exc:
-            self.problems.append(f"{where}: {label}: {exc}")
-
-    def _decode(self, kind: str, obj: Mapping[str, object], where: str, label: str) -> None:
-        if kind == "Node":
-            node = decode_node(obj)
-            self.nodes[node.name] = node
-            return
-        if not is_selected(decode_labels(obj), self.proxy_name):
-            logger.debug("%s: %s is not selected by this proxy's label selector", where, label)
-            return
-        if kind == "Service":
-            service = decode_service(obj)
-            self.services[service.key] = service
-            return
-        endpoint_slice = decode_endpoint_slice(obj)
-        if endpoint_slice is None:
-            logger.debug("%s: ignoring FQDN %s", where, label)
-            return
-        self.slices[(endpoint_slice.namespace, endpoint_slice.name)] = endpoint_slice
-
-
-@dataclass
-class _FileResult:
-    """What one file contributed, kept while the file's stat stays the same."""
-
-    key: tuple[int, int, int] | None
-    collector: _Collector
-
-
-class ManifestCache:
-    """Decoded files by path, so a reload re-reads only the files whose stat changed.
-
-    A file modified within the last second is read again even when its stat did not
-    change (a second write in the same timestamp tick keeping the size is invisible to
-    stat); everything else is trusted.  Not thread-safe: one reload at a time.
+    Checks the clock only every 64 ticks, so a tick costs next to nothing.
     """
 
     def __init__(self) -> None:
-        self._files: dict[Path, _FileResult] = {}
-        self.reads = 0
+        self._started = time.perf_counter()
+        self._ticks = 0
 
-    def collect(self, path: Path, proxy_name: str | None) -> _Collector:
-        key = _stat_key(path)
-        cached = self._files.get(path)
-        if (
-            cached is not None
-            and key is not None
-            and cached.key == key
-            and key[0] < time.time_ns() - _RACY_NS
-        ):
-            return cached.collector
-        self.reads += 1
-        collector = _Collector(proxy_name)
-        try:
-            documents = _parse_file(path)
-        except ManifestError as exc:
-            collector.problems.extend(exc.problems)
-        else:
-            collector.add_documents(path, documents)
-        self._files[path] = _FileResult(key, collector)
-        return collector
+    async def tick(self) -> None:
+        self._ticks += 1
+        if self._ticks % 64 == 0:
+            await self.check()
 
-    def keep_only(self, files: Sequence[Path]) -> None:
-        wanted = set(files)
-        for path in [p for p in self._files if p not in wanted]:
-            del self._files[path]
+    async def check(self) -> None:
+        if time.perf_counter() - self._started >= SLICE_SECONDS:
+            await asyncio.sleep(0)
+            self._started = time.perf_counter()
 
 
-def load_manifests(
-    paths: Sequence[Path], proxy_name: str | None = None, cache: ManifestCache | None = None
-) -> ManifestState:
-    """Read and validate manifest files and directories.
+async def _deliver_sliced(
+    old: Mapping[_K, _V],
+    new: Mapping[_K, _V],
+    add: Callable[[_V], None],
+    update: Callable[[_V, _V], None],
+    delete: Callable[[_V], None],
+    *,
+    slicer: _Slicer,
+) -> int:
+    """``deliver_diff`` in slices: the same calls in the same order, yielding between.
 
-    Directories contribute their ``*.yaml``, ``*.yml`` and ``*.json`` files (not recursively,
-    in sorted order).  Services and EndpointSlices are filtered with the proxy's label
-    selector (:func:`userproxy.sources.decode.is_selected`).  Raises :class:`ManifestError`
-    listing every problem found.  With a ``cache``, unchanged files are not read again.
+    ``old`` and ``new`` must not change meanwhile (they are a state's frozen maps).
     """
-    files, problems = _manifest_files(paths)
-    cache = cache if cache is not None else ManifestCache()
-    cache.keep_only(files)
-    services: dict[ServiceKey, Service] = {}
-    slices: dict[tuple[str, str], EndpointSlice] = {}
-    nodes: dict[str, Node] = {}
-    seen: dict[tuple[str, str, str], str] = {}
-    for path in files:
-        collector = cache.collect(path, proxy_name)
-        problems.extend(collector.problems)
-        for identity, where in collector.seen.items():
-            first = seen.setdefault(identity, where)
-            if first is not where:
-                kind, namespace, name = identity
-                label = f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
-                problems.append(f"{where}: {label}: duplicate object (first defined in {first})")
-        services.update(collector.services)
-        slices.update(collector.slices)
-        nodes.update(collector.nodes)
-    if problems:
-        raise ManifestError(problems)
-    return ManifestState(
-        services=_frozen_map(services),
-        slices=_frozen_map(slices),
-        nodes=_frozen_map(nodes),
+    calls = 0
+    for key, value in old.items():
+        if key not in new:
+            delete(value)
+            calls += 1
+        await slicer.tick()
+    for key, value in new.items():
+        previous = old.get(key)
+        if previous is None:
+            add(value)
+            calls += 1
+        elif previous is not value and previous != value:
+            update(previous, value)
+            calls += 1
+        await slicer.tick()
+    return calls
+
+
+async def _read_in_worker(files: Sequence[Path], proxy_name: str | None) -> dict[str, FileContents]:
+    """Read, parse and validate ``files`` in a child process; per path, what it holds.
+
+    Raises ManifestError when the child fails; kills it when cancelled or too slow.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WORKER_CODE,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
     )
+    try:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write(pickle.dumps((proxy_name, tuple(str(path) for path in files))))
+        await proc.stdin.drain()
+        proc.stdin.close()
+        reader = FrameReader(proxy_name)
+        slicer = _Slicer()
+        async with asyncio.timeout(WORKER_TIMEOUT):
+            try:
+                while not reader.done:
+                    (length,) = FRAME_LENGTH.unpack(
+                        await proc.stdout.readexactly(FRAME_LENGTH.size)
+                    )
+                    reader.feed(await proc.stdout.readexactly(length))
+                    await slicer.check()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                status = await proc.wait()
+                raise ManifestError(
+                    [f"reading {_describe_files(files)} failed: the reader {_exit(status)}"]
+                ) from None
+        await proc.wait()
+    except TimeoutError:
+        raise ManifestError(
+            [f"reading {_describe_files(files)} took more than {WORKER_TIMEOUT:.0f}s"]
+        ) from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return reader.results
 
 
-# --------------------------------------------------------------------------- the source
+def _describe_files(files: Sequence[Path]) -> str:
+    if len(files) == 1:
+        return str(files[0])
+    return f"{files[0]} and {len(files) - 1} more files"
 
-#: How long after a file's modification time its content may still change unnoticed: a
-#: second write within the same timestamp tick that keeps the size leaves stat unchanged.
-#: Files modified this recently are read again on the next poll (git's "racy" check).
-_RACY_NS = 1_000_000_000
+
+def _exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"process was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"process was killed by signal {-status}"
+    return f"process exited with status {status}"
 
 
 @dataclass(frozen=True)
@@ -362,14 +212,6 @@ class _Signature:
 
     entries: tuple[tuple[str, object], ...] = ()
     newest_mtime_ns: int = 0
-
-
-def _stat_key(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _signature(paths: Sequence[Path]) -> _Signature:
@@ -383,14 +225,14 @@ def _signature(paths: Sequence[Path]) -> _Signature:
                 entries.append((str(path), "unlistable"))
                 continue
             listing = tuple(
-                (name, _stat_key(path / name))
+                (name, stat_key(path / name))
                 for name in names
                 if Path(name).suffix in MANIFEST_SUFFIXES
             )
             newest = max([newest, *(key[0] for _, key in listing if key is not None)])
             entries.append((str(path), ("dir", listing)))
         else:
-            key = _stat_key(path)
+            key = stat_key(path)
             if key is not None:
                 newest = max(newest, key[0])
             entries.append((str(path), ("file", key)))
@@ -398,7 +240,7 @@ def _signature(paths: Sequence[Path]) -> _Signature:
 
 
 def _is_racy(signature: _Signature) -> bool:
-    return signature.newest_mtime_ns >= time.time_ns() - _RACY_NS
+    return signature.newest_mtime_ns >= time.time_ns() - RACY_NS
 
 
 def _own_node(state: ManifestState, node_name: str) -> dict[str, Node]:
@@ -441,6 +283,9 @@ class ManifestSource:
         self._recheck = False
         self._cache = ManifestCache()
         self._last_error: str | None = None
+        self._skipped: tuple[str, ...] = ()
+        #: How many reloads went through a child process (for tests and diagnostics).
+        self.worker_reads = 0
 
     @property
     def state(self) -> ManifestState | None:
@@ -454,6 +299,7 @@ class ManifestSource:
         self._signature = signature
         self._recheck = _is_racy(signature)
         self._state = state
+        self._report_skipped(state)
         handlers = self._handlers
         for service in state.services.values():
             handlers.on_service_add(service)
@@ -528,11 +374,38 @@ class ManifestSource:
         self._recheck = _is_racy(signature)
         await self._reload(changed=changed)
 
+    async def _load(self) -> ManifestState:
+        """Load the manifests without holding the loop (see the module's invariants)."""
+        listing = list_manifest_files(self._paths)
+        cache = self._cache
+        cache.keep_only(listing.files)
+        problems = size_problems(listing.files)
+        if problems:
+            raise ManifestError([*listing.problems, *problems])
+        stale: list[tuple[Path, StatKey | None]] = []
+        for path in listing.files:
+            key = stat_key(path)
+            if cache.needs_read(path, key):
+                stale.append((path, key))
+        size = sum(key[1] for _, key in stale if key is not None)
+        if size > INLINE_BYTES:
+            self.worker_reads += 1
+            results = await _read_in_worker([path for path, _ in stale], self._proxy_name)
+            for path, key in stale:
+                contents = results.get(str(path))
+                if contents is None:  # the child skipped it: cannot happen, but never cache it
+                    raise ManifestError([f"{path}: not read by the manifest reader process"])
+                cache.store(path, key, contents)
+        else:
+            slicer = _Slicer()
+            for path, key in stale:
+                cache.store(path, key, collect_file(path, self._proxy_name))
+                await slicer.check()
+        return merge(listing, [cache.cached(path) for path in listing.files])
+
     async def _reload(self, *, changed: bool) -> None:
         try:
-            state = await asyncio.to_thread(
-                load_manifests, self._paths, self._proxy_name, self._cache
-            )
+            state = await self._load()
         except ManifestError as exc:
             self._failed(exc, changed=changed)
             return
@@ -545,9 +418,17 @@ class ManifestSource:
             logger.info("manifests are valid again")
             self._last_error = None
             changed = True
-        calls = self.apply(state)
+        self._report_skipped(state)
+        calls = await self.apply(state)
         if (changed or calls) and self._on_reload is not None:
             self._on_reload()
+
+    def _report_skipped(self, state: ManifestState) -> None:
+        """Log directory entries newly skipped (not regular files), once each."""
+        for entry in state.skipped:
+            if entry not in self._skipped:
+                logger.error("manifest skipped: %s", entry)
+        self._skipped = state.skipped
 
     def _failed(self, error: ManifestError, *, changed: bool, log: bool = True) -> None:
         text = str(error)
@@ -559,26 +440,30 @@ class ManifestSource:
         if (changed or distinct) and self._on_reload_error is not None:
             self._on_reload_error(error)
 
-    def apply(self, state: ManifestState) -> int:
+    async def apply(self, state: ManifestState) -> int:
         """Deliver the differences between the current state and ``state``; make it current.
 
-        Returns the number of handler calls made (0 when nothing changed).
+        Delivered in slices that yield to the loop (a large reload must not hold it);
+        returns the number of handler calls made (0 when nothing changed).
         """
         old = self._state if self._state is not None else ManifestState()
         handlers = self._handlers
-        calls = deliver_diff(
+        slicer = _Slicer()
+        calls = await _deliver_sliced(
             old.services,
             state.services,
             handlers.on_service_add,
             handlers.on_service_update,
             handlers.on_service_delete,
+            slicer=slicer,
         )
-        calls += deliver_diff(
+        calls += await _deliver_sliced(
             old.slices,
             state.slices,
             handlers.on_endpointslice_add,
             handlers.on_endpointslice_update,
             handlers.on_endpointslice_delete,
+            slicer=slicer,
         )
         calls += deliver_diff(
             _own_node(old, self._node_name),

@@ -1,0 +1,986 @@
+"""Reading, parsing and validating manifest files: bounded, and never crashing or hanging.
+
+``load_manifests`` reads YAML (multi-document, ``kind: List``) and JSON files and returns a
+validated :class:`ManifestState`, or raises :class:`ManifestError` listing the problems.
+:class:`ManifestSource` (``manifests.py``) builds on this to follow changes.
+
+Invariants, whatever the bytes in the files:
+
+- Only regular files are opened, and only with ``O_NONBLOCK``: a FIFO, socket or device
+  (named explicitly, or replacing a file between the listing and the read) is reported as
+  a problem naming it, never opened in a way that could block.  In a directory, entries
+  that are not regular files are skipped and listed in ``ManifestState.skipped``.
+- Reading and parsing raise nothing but :class:`ManifestError`: a syntax error, a limit
+  exceeded (:data:`MAX_FILE_BYTES`, :data:`MAX_TOTAL_BYTES`, :data:`MAX_DEPTH`,
+  :data:`MAX_INT_CHARS`, :data:`MAX_NODES`) or any exception inside a parser (RecursionError,
+  ValueError from a malformed scalar, MemoryError, UnicodeDecodeError ...) becomes one
+  problem line naming the file (and the document when known).
+- Nothing recurses with the input's nesting: YAML documents are composed from libyaml's
+  event stream by an explicit stack with a depth limit; JSON is checked for depth before
+  the (recursive) C parser sees it.  Integers are bounded in length before ``int()``.
+- Messages are bounded: each problem line is at most :data:`MAX_PROBLEM_CHARS` characters
+  and a :class:`ManifestError`'s text lists at most :data:`MAX_SHOWN_PROBLEMS` problems.
+
+The module is also the child process that ``ManifestSource`` uses to parse large files off
+its event loop (:func:`worker_main`): it reads requests and writes results as length-prefixed
+pickle frames of model objects and strings (see :func:`read_in_worker_frames`).
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import json
+import logging
+import os
+import pickle
+import re
+import stat
+import struct
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, BinaryIO, NoReturn, TypeVar
+
+import yaml
+from yaml._yaml import CParser
+from yaml.constructor import SafeConstructor
+from yaml.events import (
+    AliasEvent,
+    CollectionEndEvent,
+    CollectionStartEvent,
+    DocumentEndEvent,
+    DocumentStartEvent,
+    ScalarEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+    StreamStartEvent,
+)
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+from yaml.nodes import Node as YamlNode
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
+
+from userproxy.model import EndpointSlice, Node, Service, ServiceKey
+from userproxy.sources.decode import (
+    DecodeError,
+    decode_endpoint_slice,
+    decode_labels,
+    decode_node,
+    decode_service,
+    is_selected,
+    shorten,
+)
+
+__all__ = [
+    "MANIFEST_SUFFIXES",
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_INT_CHARS",
+    "MAX_NODES",
+    "MAX_PROBLEM_CHARS",
+    "MAX_SHOWN_PROBLEMS",
+    "MAX_TOTAL_BYTES",
+    "ManifestCache",
+    "ManifestError",
+    "ManifestState",
+    "load_manifests",
+    "parse_documents",
+    "read_manifest_file",
+]
+
+# One logger for everything the manifest source says, whichever module says it: operators
+# (and tests) select "userproxy.sources.manifests".
+logger = logging.getLogger("userproxy.sources.manifests")
+
+#: File name endings read from a directory (a file named explicitly is read whatever its name).
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+#: Largest manifest file read (bytes); 40 000 Services take about 9 MB of YAML.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+#: Largest total of all manifest files (bytes).
+MAX_TOTAL_BYTES = 64 * 1024 * 1024
+#: Deepest nesting of collections in a document.  Kubernetes objects are about 10 deep and
+#: even CRD schemas stay far below; the bound keeps JSON's recursive C parser well inside
+#: Python's recursion limit.
+MAX_DEPTH = 200
+#: Longest integer literal (characters).  Kubernetes integers are 64-bit (at most 20
+#: characters); the bound is checked before ``int()``, whose cost grows with the square of
+#: the length (and which refuses more than 4300 digits).
+MAX_INT_CHARS = 64
+#: Most YAML nodes in one file, each alias counting as the size of the node it repeats
+#: (so a "billion laughs" document is refused instead of expanded by later walks).
+MAX_NODES = 4_000_000
+#: Longest problem line (characters); longer ones end with an ellipsis.
+MAX_PROBLEM_CHARS = 500
+#: Most problems a ManifestError's text lists; the rest are counted ("... and N more").
+MAX_SHOWN_PROBLEMS = 20
+
+_SERVICE = ("v1", "Service")
+_ENDPOINT_SLICE = ("discovery.k8s.io/v1", "EndpointSlice")
+_NODE = ("v1", "Node")
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class ManifestError(Exception):
+    """One or more problems in the manifest files, one line each.
+
+    Each line names the file, the document (0-based), the object and the field, e.g.
+    ``web.yaml: document 2: Service default/web: spec.ports[0].port: 70000 is out of range
+    1..65535``.  Invariant: every line in ``problems`` is at most :data:`MAX_PROBLEM_CHARS`
+    long and ``str()`` shows at most :data:`MAX_SHOWN_PROBLEMS` of them, so the text stays
+    bounded however broken the files are.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(shorten(p, MAX_PROBLEM_CHARS) for p in problems)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        if len(self.problems) == 1:
+            return self.problems[0]
+        lines = [f"{len(self.problems)} problems in the manifests:"]
+        lines.extend(f"  {problem}" for problem in self.problems[:MAX_SHOWN_PROBLEMS])
+        hidden = len(self.problems) - MAX_SHOWN_PROBLEMS
+        if hidden > 0:
+            lines.append(f"  ... and {hidden} more")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self._text()
+
+    def __reduce__(self) -> tuple[type[ManifestError], tuple[tuple[str, ...]]]:
+        return (ManifestError, (self.problems,))
+
+
+def _frozen_map(items: Mapping[_K, _V] | None = None) -> Mapping[_K, _V]:
+    return MappingProxyType(dict(items or {}))
+
+
+@dataclass(frozen=True)
+class ManifestState:
+    """Every selected object the manifests define.
+
+    ``slices`` is keyed by (namespace, name); ``nodes`` by name.  Headless and ExternalName
+    Services are included: the control plane skips them (``Service.is_proxied``).
+    ``skipped`` names the directory entries that were not read because they are not
+    regular files (e.g. ``web.yaml: not a regular file (a FIFO)``).
+    """
+
+    services: Mapping[ServiceKey, Service] = field(default_factory=_frozen_map)
+    slices: Mapping[tuple[str, str], EndpointSlice] = field(default_factory=_frozen_map)
+    nodes: Mapping[str, Node] = field(default_factory=_frozen_map)
+    skipped: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _file_type(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file"
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def read_manifest_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of one regular file of at most ``limit`` bytes; else ManifestError.
+
+    Never blocks on a FIFO or device: the path is checked with ``stat`` before it is
+    opened, and opened with ``O_NONBLOCK`` and checked again with ``fstat`` (it may have
+    been replaced in between).
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError([f"{path}: not a regular file ({_file_type(st.st_mode)})"])
+        if st.st_size > limit:
+            raise ManifestError([f"{path}: {st.st_size} bytes, more than the limit of {limit}"])
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ManifestError([f"{path}: not a regular file ({_file_type(st.st_mode)})"])
+            chunks: list[bytes] = []
+            size = 0
+            while size <= limit:
+                chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ManifestError([f"{path}: cannot read: {_os_reason(exc)}"]) from None
+    if size > limit:  # it grew while being read
+        raise ManifestError([f"{path}: more than the limit of {limit} bytes"])
+    return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _LimitError(Exception):
+    """A document exceeds a limit; ``mark`` is where (None when unknown)."""
+
+    def __init__(self, message: str, mark: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+
+
+class _BoundedLoader(SafeConstructor, Resolver):
+    """A safe YAML loader with bounded composition, over any event parser.
+
+    PyYAML's composers (its Python one and libyaml's Cython one) recurse once per nesting
+    level, so deep input exhausts the stack (RecursionError, or a C stack overflow).  This
+    loader takes only the parser's event stream (both parsers keep an explicit stack) and
+    composes nodes with a list as the stack, enforcing :data:`MAX_DEPTH` and
+    :data:`MAX_NODES` and refusing recursive aliases.  SafeConstructor then builds the
+    objects without recursion (its generators run from a work list).  Timestamps stay
+    strings, as Kubernetes' YAML decoding keeps them; integers are bounded by
+    :data:`MAX_INT_CHARS` before conversion.
+    """
+
+    if TYPE_CHECKING:  # provided by the parser class mixed in first
+
+        def check_event(self, *choices: object) -> bool: ...
+        def get_event(self) -> yaml.Event | None: ...
+        def dispose(self) -> None: ...
+
+    def _init_loader(self) -> None:
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self.nodes = 0  # in this file so far, aliases counted as the size they repeat
+
+    def check_node(self) -> bool:
+        if self.check_event(StreamStartEvent):
+            self.get_event()
+        return not self.check_event(StreamEndEvent)
+
+    def get_node(self) -> YamlNode | None:
+        if self.check_event(StreamEndEvent):
+            return None
+        return self._compose_document()
+
+    def get_single_node(self) -> YamlNode | None:  # pragma: no cover - load_all only
+        raise NotImplementedError
+
+    def _compose_document(self) -> YamlNode:
+        start = self.get_event()
+        assert isinstance(start, DocumentStartEvent)
+        anchors: dict[str, tuple[YamlNode, int, int]] = {}  # anchor: (node, size, height)
+        stack: list[_Open] = []
+        root: YamlNode | None = None
+        while True:
+            event = self.get_event()
+            node: YamlNode
+            # Ordered by frequency: most events are scalars.
+            if isinstance(event, ScalarEvent):
+                tag = event.tag
+                if tag is None or tag == "!":
+                    tag = self.resolve(ScalarNode, event.value, event.implicit)  # type: ignore[no-untyped-call]
+                # libyaml's marks are another class with yaml.Mark's fields (see _mark).
+                first_mark, last_mark = event.start_mark, event.end_mark
+                node = ScalarNode(tag, event.value, first_mark, last_mark, event.style)  # type: ignore[arg-type]
+                size, height = 1, 0
+                if event.anchor is not None:
+                    anchors[event.anchor] = (node, size, height)
+                self.nodes += 1
+                if self.nodes > MAX_NODES:
+                    self._too_many(event.start_mark)
+            elif isinstance(event, CollectionStartEvent):
+                if len(stack) >= MAX_DEPTH:
+                    raise _LimitError(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+                kind = SequenceNode if isinstance(event, SequenceStartEvent) else MappingNode
+                tag = event.tag
+                if tag is None or tag == "!":
+                    tag = self.resolve(kind, None, event.implicit)  # type: ignore[no-untyped-call]
+                collection = kind(tag, [], None, None, event.flow_style)
+                collection.start_mark = event.start_mark
+                self.nodes += 1
+                if self.nodes > MAX_NODES:
+                    self._too_many(event.start_mark)
+                stack.append(_Open(collection, event.anchor))
+                continue
+            elif isinstance(event, CollectionEndEvent):
+                closed = stack.pop()
+                node, size, height = closed.node, closed.size, closed.height + 1
+                node.end_mark = event.end_mark
+                if closed.anchor is not None:
+                    anchors[closed.anchor] = (node, size, height)
+            elif isinstance(event, AliasEvent):
+                anchor = event.anchor or ""
+                if anchor not in anchors:
+                    inside = any(entry.anchor == anchor for entry in stack)
+                    raise _LimitError(
+                        f"alias *{shorten(anchor, 60)} refers to a node that contains it"
+                        if inside
+                        else f"found undefined alias *{shorten(anchor, 60)}",
+                        event.start_mark,
+                    )
+                node, size, height = anchors[anchor]
+                if len(stack) + height > MAX_DEPTH:
+                    raise _LimitError(
+                        f"nested more than {MAX_DEPTH} levels deep (through an alias)",
+                        event.start_mark,
+                    )
+                self.nodes += size
+                if self.nodes > MAX_NODES:
+                    self._too_many(event.start_mark)
+            elif isinstance(event, DocumentEndEvent):
+                assert root is not None
+                return root
+            else:  # pragma: no cover - libyaml's grammar allows nothing else here
+                raise _LimitError(f"unexpected {type(event).__name__}")
+            if not stack:
+                root = node
+                continue
+            top = stack[-1]
+            top.size += size
+            top.height = max(top.height, height)
+            if top.key is not None:
+                top.node.value.append((top.key, node))
+                top.key = None
+            elif isinstance(top.node, MappingNode):
+                top.key = node
+            else:
+                top.node.value.append(node)
+
+    def _too_many(self, where: object) -> NoReturn:
+        raise _LimitError(
+            f"more than {MAX_NODES} nodes (counting each alias as what it repeats)", where
+        )
+
+    def construct_bounded_int(self, node: ScalarNode) -> int:
+        text = str(self.construct_scalar(node))
+        if len(text) > MAX_INT_CHARS:
+            raise _LimitError(
+                f"integer of {len(text)} characters (at most {MAX_INT_CHARS} are allowed)",
+                node.start_mark,
+            )
+        value = SafeConstructor.construct_yaml_int(self, node)
+        assert isinstance(value, int)
+        return value
+
+
+class _Open:
+    """A collection being composed: its node, a mapping key awaiting its value, the size
+    (nodes, aliases counted as what they repeat) and height of what it holds so far, and
+    its anchor (registered when it closes, so an alias inside it is refused)."""
+
+    __slots__ = ("anchor", "height", "key", "node", "size")
+
+    def __init__(self, node: SequenceNode | MappingNode, anchor: str | None) -> None:
+        self.node = node
+        self.anchor = anchor
+        self.key: YamlNode | None = None
+        self.size = 1
+        self.height = 0
+
+
+class _FastLoader(_BoundedLoader, CParser):
+    """libyaml's scanner and parser (fast: C) with the bounded composer."""
+
+    def __init__(self, stream: str) -> None:
+        CParser.__init__(self, stream)
+        self._init_loader()
+
+
+class _PyLoader(_BoundedLoader, Reader, Scanner, Parser):
+    """PyYAML's own scanner and parser (slow: Python) with the bounded composer.
+
+    Used to describe a syntax error: its messages are PyYAML's familiar ones, and it
+    reports nesting beyond :data:`MAX_DEPTH` where libyaml stops at its own limit.
+    """
+
+    def __init__(self, stream: str) -> None:
+        Reader.__init__(self, stream)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+        self._init_loader()
+
+
+_BoundedLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in Resolver.yaml_implicit_resolvers.items()
+}
+_BoundedLoader.yaml_constructors = {
+    **SafeConstructor.yaml_constructors,
+    "tag:yaml.org,2002:int": _BoundedLoader.construct_bounded_int,
+}
+
+
+def _mark(mark: object) -> str:
+    """ "line L, column C: " for a PyYAML or libyaml mark (either has 0-based line, column)."""
+    line = getattr(mark, "line", None)
+    column = getattr(mark, "column", None)
+    if isinstance(line, int) and isinstance(column, int):
+        return f"line {line + 1}, column {column + 1}: "
+    return ""
+
+
+def _parse_yaml(path: Path, text: str) -> list[object]:
+    try:
+        return _load_all(_FastLoader(text), path)
+    except _SyntaxError as fast_error:
+        # Parse again with PyYAML's own parser for its message (and the depth limit where
+        # libyaml stopped at its own): errors are rare, and a large file is parsed off the
+        # loop.  Should it accept the text, libyaml's error stands.
+        try:
+            _load_all(_PyLoader(text), path)
+        except _SyntaxError as exc:
+            raise ManifestError([exc.problem]) from None
+        raise ManifestError([fast_error.problem]) from None
+
+
+class _SyntaxError(Exception):
+    """A YAML syntax error, already described as a problem line."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+def _load_all(loader: _BoundedLoader, path: Path) -> list[object]:
+    """Every document ``loader`` gives; ManifestError, or _SyntaxError for a syntax error."""
+    documents: list[object] = []
+    try:
+        while loader.check_data():  # type: ignore[no-untyped-call]
+            documents.append(loader.get_data())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise _SyntaxError(f"{path}: {_mark(mark)}YAML syntax error: {problem}") from None
+    except _LimitError as exc:
+        raise ManifestError(
+            [f"{path}: document {len(documents)}: {_mark(exc.mark)}{exc.message}"]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise _SyntaxError(f"{path}: YAML syntax error: {exc}") from None
+    except Exception as exc:  # anything a constructor raises (ValueError, ...): a problem
+        raise ManifestError(
+            [f"{path}: document {len(documents)}: cannot parse: {_exception_text(exc)}"]
+        ) from None
+    finally:
+        loader.dispose()
+    return documents
+
+
+# --------------------------------------------------------------------------- JSON
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_INT_CHARS + 1))
+
+
+def _json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text, at C speed.
+
+    Strings are removed first (brackets inside them do not count); the brackets left
+    become +1/-1 signed bytes, and the depth is the largest running sum.  A malformed
+    text gives some number; the parser then reports its syntax error.
+    """
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return 0  # cannot be deeper than the limit: skip the scan
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    steps = array.array("b", brackets.translate(_BRACKET_STEPS))
+    return max(itertools.accumulate(steps), default=0)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_INT_CHARS:
+        raise _LimitError(
+            f"integer of {len(text)} characters (at most {MAX_INT_CHARS} are allowed)"
+        )
+    return int(text)
+
+
+def _parse_json(path: Path, data: bytes) -> object:
+    if _json_depth(data) > MAX_DEPTH:
+        raise ManifestError([f"{path}: nested more than {MAX_DEPTH} levels deep"])
+    try:
+        text = data.decode("utf-8")
+        if _LONG_DIGITS.search(data) is None:
+            return json.loads(text)  # no integer can be too long: the fast path
+        return json.loads(text, parse_int=_bounded_int)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(
+            [f"{path}: line {exc.lineno}, column {exc.colno}: JSON syntax error: {exc.msg}"]
+        ) from None
+    except _LimitError as exc:
+        raise ManifestError([f"{path}: {exc.message}"]) from None
+    except RecursionError:
+        raise ManifestError([f"{path}: nested too deeply"]) from None
+    except Exception as exc:  # anything else a parser raises: a problem, not a crash
+        raise ManifestError([f"{path}: cannot parse: {_exception_text(exc)}"]) from None
+
+
+# --------------------------------------------------------------------------- either
+
+
+def _exception_text(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return shorten(f"{type(exc).__name__}: {exc}", 200)
+
+
+def parse_documents(path: Path, data: bytes) -> list[object]:
+    """The documents in one file's bytes (JSON for ``*.json``, else YAML).
+
+    Raises only ManifestError (see the module's invariants).
+    """
+    try:
+        if path.suffix == ".json":
+            return [_parse_json(path, data)]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(
+                [f"{path}: cannot read: not UTF-8 (byte {exc.start}: {exc.reason})"]
+            ) from None
+        return _parse_yaml(path, text)
+    except ManifestError:
+        raise
+    except Exception as exc:  # MemoryError, RecursionError in our own code ...: a problem
+        raise ManifestError([f"{path}: cannot parse: {_exception_text(exc)}"]) from None
+
+
+def _read_documents(path: Path) -> list[object]:
+    return parse_documents(path, read_manifest_file(path))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _raw_identity(obj: Mapping[object, object]) -> tuple[str, str]:
+    """Best-effort (namespace, name) of a raw object, for messages and duplicate checks."""
+    meta = obj.get("metadata")
+    name = namespace = None
+    if isinstance(meta, Mapping):
+        name = meta.get("name")
+        namespace = meta.get("namespace")
+    return (
+        namespace if isinstance(namespace, str) and namespace else "default",
+        name if isinstance(name, str) and name else "<unnamed>",
+    )
+
+
+def _label(kind: str, namespace: str, name: str) -> str:
+    # Names are unvalidated here: shortened, so a huge one cannot blow up a message.
+    who = f"{namespace}/{name}" if namespace else name
+    return f"{shorten(kind, 80)} {shorten(who, 260)}"
+
+
+@dataclass
+class FileContents:
+    """What one file contributes: decoded objects, where each identity is defined, problems."""
+
+    proxy_name: str | None
+    services: dict[ServiceKey, Service] = field(default_factory=dict)
+    slices: dict[tuple[str, str], EndpointSlice] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    seen: dict[tuple[str, str, str], str] = field(default_factory=dict)
+
+    def add_documents(self, path: Path, documents: list[object]) -> None:
+        for index, document in enumerate(documents):
+            self.add_object(document, f"{path}: document {index}")
+
+    def add_object(
+        self, raw: object, where: str, default_type: tuple[str, str] | None = None
+    ) -> None:
+        """Add one raw object; ``default_type`` is (apiVersion, kind) for typed-list items.
+
+        Never raises: a bad object becomes a problem line.  (Lists nested in lists recurse,
+        at most ``MAX_DEPTH / 2`` times: each level is two levels of the document.)
+        """
+        try:
+            self._add_object(raw, where, default_type)
+        except Exception as exc:  # a bug in validation must not crash the reader
+            self.problems.append(f"{where}: cannot validate: {_exception_text(exc)}")
+
+    def _add_object(self, raw: object, where: str, default_type: tuple[str, str] | None) -> None:
+        if raw is None:
+            return  # an empty document
+        if not isinstance(raw, Mapping):
+            self.problems.append(f"{where}: expected a mapping (a Kubernetes object)")
+            return
+        api_version = raw.get("apiVersion")
+        kind = raw.get("kind")
+        if default_type is not None:
+            api_version = api_version or default_type[0]
+            kind = kind or default_type[1]
+        if not isinstance(kind, str) or not kind:
+            self.problems.append(f"{where}: kind: is required")
+            return
+        if not isinstance(api_version, str) or not api_version:
+            self.problems.append(f"{where}: apiVersion: is required")
+            return
+        if kind.endswith("List"):
+            # kind: List (kubectl) holds typed items; a ServiceList's items have no kind.
+            item_type = None if kind == "List" else (api_version, kind.removesuffix("List"))
+            items = raw.get("items")
+            if items is None:
+                return
+            if not isinstance(items, list):
+                self.problems.append(f"{where}: items: expected a list")
+                return
+            for i, item in enumerate(items):
+                self._add_object(item, f"{where}, items[{i}]", item_type)
+            return
+
+        namespace, name = _raw_identity(raw)
+        if (api_version, kind) not in (_SERVICE, _ENDPOINT_SLICE, _NODE):
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "%s: ignoring %s %s",
+                    where,
+                    shorten(api_version, 80),
+                    _label(kind, namespace, name),
+                )
+            return
+        if (api_version, kind) == _NODE:
+            namespace = ""
+        label = _label(kind, namespace, name)
+        obj: dict[str, object] = {}
+        for key, value in raw.items():
+            if not isinstance(key, str):
+                self.problems.append(
+                    f"{where}: {label}: key {shorten(repr(key), 80)} is not a string"
+                )
+                return
+            obj[key] = value
+
+        identity = (kind, namespace, name)
+        if identity in self.seen:
+            self.problems.append(
+                f"{where}: {label}: duplicate object (first defined in {self.seen[identity]})"
+            )
+            return
+        self.seen[identity] = where
+
+        try:
+            self._decode(kind, obj, where, label)
+        except DecodeError as exc:
+            self.problems.append(f"{where}: {label}: {exc}")
+
+    def _decode(self, kind: str, obj: Mapping[str, object], where: str, label: str) -> None:
+        if kind == "Node":
+            node = decode_node(obj)
+            self.nodes[node.name] = node
+            return
+        if not is_selected(decode_labels(obj), self.proxy_name):
+            logger.debug("%s: %s is not selected by this proxy's label selector", where, label)
+            return
+        if kind == "Service":
+            service = decode_service(obj)
+            self.services[service.key] = service
+            return
+        endpoint_slice = decode_endpoint_slice(obj)
+        if endpoint_slice is None:
+            logger.debug("%s: ignoring FQDN %s", where, label)
+            return
+        self.slices[(endpoint_slice.namespace, endpoint_slice.name)] = endpoint_slice
+
+
+def collect_file(path: Path, proxy_name: str | None) -> FileContents:
+    """Read, parse and validate one file; never raises (problems go into the result)."""
+    collector = FileContents(proxy_name)
+    try:
+        documents = _read_documents(path)
+    except ManifestError as exc:
+        collector.problems.extend(exc.problems)
+    else:
+        collector.add_documents(path, documents)
+    return collector
+
+
+# --------------------------------------------------------------------------- files and cache
+
+#: How long after a file's modification time its content may still change unnoticed: a
+#: second write within the same timestamp tick that keeps the size leaves stat unchanged.
+#: Files modified this recently are read again on the next poll (git's "racy" check).
+RACY_NS = 1_000_000_000
+
+#: What stat says about a file: (mtime_ns, size, inode); None when it cannot be stat'ed.
+StatKey = tuple[int, int, int]
+
+
+def stat_key(path: Path) -> StatKey | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@dataclass(frozen=True)
+class FileList:
+    """The files to read (in order), problems with the paths, and skipped entries."""
+
+    files: tuple[Path, ...]
+    problems: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+
+def list_manifest_files(paths: Sequence[Path]) -> FileList:
+    """The files to read: directories expanded (non-recursively, sorted), explicit paths kept.
+
+    A directory entry with a manifest suffix that is not a regular file (a FIFO, a socket,
+    a device, a subdirectory) is skipped and named in ``skipped``; an explicit path that
+    does not exist is a problem (an explicit non-regular file is reported when read).
+    Only ``stat`` is used here, never ``open``.
+    """
+    files: list[Path] = []
+    problems: list[str] = []
+    skipped: list[str] = []
+    for path in paths:
+        if path.is_dir():
+            try:
+                children = sorted(path.iterdir())
+            except OSError as exc:
+                problems.append(f"{path}: cannot list directory: {_os_reason(exc)}")
+                continue
+            for child in children:
+                if child.suffix not in MANIFEST_SUFFIXES:
+                    continue
+                try:
+                    mode = child.stat().st_mode
+                except OSError:
+                    continue  # removed since the listing (or a dangling link): absent
+                if stat.S_ISREG(mode):
+                    files.append(child)
+                else:
+                    skipped.append(f"{child}: not a regular file ({_file_type(mode)})")
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or directory")
+    return FileList(tuple(files), tuple(problems), tuple(skipped))
+
+
+@dataclass
+class _FileResult:
+    """What one file contributed, kept while the file's stat stays the same."""
+
+    key: StatKey | None
+    collector: FileContents
+
+
+class ManifestCache:
+    """Decoded files by path, so a reload re-reads only the files whose stat changed.
+
+    A file modified within the last second is read again even when its stat did not
+    change (a second write in the same timestamp tick keeping the size is invisible to
+    stat); everything else is trusted.  Not thread-safe: one reload at a time.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[Path, _FileResult] = {}
+        self.reads = 0
+
+    def needs_read(self, path: Path, key: StatKey | None) -> bool:
+        """Whether ``path`` (whose stat is ``key`` now) must be read again."""
+        cached = self._files.get(path)
+        return (
+            cached is None or key is None or cached.key != key or key[0] >= time.time_ns() - RACY_NS
+        )
+
+    def store(self, path: Path, key: StatKey | None, collector: FileContents) -> None:
+        """Remember what ``path`` contributed when its stat was ``key``."""
+        self.reads += 1
+        self._files[path] = _FileResult(key, collector)
+
+    def collect(self, path: Path, proxy_name: str | None) -> FileContents:
+        """What ``path`` contributes, read now unless the cached result is still valid."""
+        key = stat_key(path)
+        if not self.needs_read(path, key):
+            return self._files[path].collector
+        collector = collect_file(path, proxy_name)
+        self.store(path, key, collector)
+        return collector
+
+    def cached(self, path: Path) -> FileContents:
+        return self._files[path].collector
+
+    def keep_only(self, files: Sequence[Path]) -> None:
+        wanted = set(files)
+        for path in [p for p in self._files if p not in wanted]:
+            del self._files[path]
+
+
+def size_problems(files: Sequence[Path]) -> list[str]:
+    """A problem if the files together exceed :data:`MAX_TOTAL_BYTES`."""
+    total = 0
+    for path in files:
+        key = stat_key(path)
+        total += key[1] if key is not None else 0
+    if total > MAX_TOTAL_BYTES:
+        return [f"the manifests total {total} bytes, more than the limit of {MAX_TOTAL_BYTES}"]
+    return []
+
+
+def merge(listing: FileList, collectors: Sequence[FileContents]) -> ManifestState:
+    """One state from the files' contributions (in order); ManifestError on any problem.
+
+    Duplicates across files are found with set intersections, so merging 40 000 objects
+    costs a few C-level dict operations, not a Python loop over every object.
+    """
+    problems = list(listing.problems)
+    services: dict[ServiceKey, Service] = {}
+    slices: dict[tuple[str, str], EndpointSlice] = {}
+    nodes: dict[str, Node] = {}
+    seen: dict[tuple[str, str, str], str] = {}
+    for collector in collectors:
+        problems.extend(collector.problems)
+        again = seen.keys() & collector.seen.keys()
+        first = {identity: seen[identity] for identity in again}
+        seen.update(collector.seen)
+        seen.update(first)
+        for identity in sorted(again, key=collector.seen.__getitem__):
+            kind, namespace, name = identity
+            problems.append(
+                f"{collector.seen[identity]}: {_label(kind, namespace, name)}: "
+                f"duplicate object (first defined in {first[identity]})"
+            )
+        services.update(collector.services)
+        slices.update(collector.slices)
+        nodes.update(collector.nodes)
+    if problems:
+        raise ManifestError(problems)
+    return ManifestState(
+        services=_frozen_map(services),
+        slices=_frozen_map(slices),
+        nodes=_frozen_map(nodes),
+        skipped=listing.skipped,
+    )
+
+
+def load_manifests(
+    paths: Sequence[Path], proxy_name: str | None = None, cache: ManifestCache | None = None
+) -> ManifestState:
+    """Read and validate manifest files and directories, in this thread.
+
+    Directories contribute their ``*.yaml``, ``*.yml`` and ``*.json`` regular files (not
+    recursively, in sorted order).  Services and EndpointSlices are filtered with the
+    proxy's label selector (:func:`userproxy.sources.decode.is_selected`).  Raises
+    :class:`ManifestError` listing the problems found (and nothing else).  With a
+    ``cache``, unchanged files are not read again.
+    """
+    listing = list_manifest_files(paths)
+    cache = cache if cache is not None else ManifestCache()
+    cache.keep_only(listing.files)
+    problems = size_problems(listing.files)
+    if problems:
+        raise ManifestError([*listing.problems, *problems])
+    return merge(listing, [cache.collect(path, proxy_name) for path in listing.files])
+
+
+# --------------------------------------------------------------------------- the child process
+
+#: Objects per result frame: small frames keep each unpickling step in the parent short.
+FRAME_OBJECTS = 200
+FRAME_LENGTH = struct.Struct(">I")
+
+#: A request: (proxy name, paths to read).
+Request = tuple[str | None, tuple[str, ...]]
+
+
+def _frames_for(path: str, collector: FileContents) -> Iterator[tuple[object, ...]]:
+    """A file's result as frames: ("file", path, problems) then ("objects", ...) chunks."""
+    yield ("file", path, tuple(collector.problems))
+    seen = list(collector.seen.items())
+    objects: list[Service | EndpointSlice | Node] = [
+        *collector.services.values(),
+        *collector.slices.values(),
+        *collector.nodes.values(),
+    ]
+    for start in range(0, max(len(seen), len(objects)), FRAME_OBJECTS):
+        yield (
+            "objects",
+            tuple(objects[start : start + FRAME_OBJECTS]),
+            tuple(seen[start : start + FRAME_OBJECTS]),
+        )
+
+
+def write_frame(out: BinaryIO, frame: tuple[object, ...]) -> None:
+    data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(FRAME_LENGTH.pack(len(data)) + data)
+
+
+def worker_main() -> None:
+    """The child process: read a pickled :data:`Request` on stdin, write result frames.
+
+    Frames go to stdout: per file ("file", path, problems) and ("objects", objects,
+    seen-items) chunks, then ("done",); a failure of the worker itself is ("failed", text).
+    Only this trusted parent-child pipe carries pickles.
+    """
+    out = sys.stdout.buffer
+    try:
+        proxy_name, paths = pickle.load(sys.stdin.buffer)
+        for path in paths:
+            for frame in _frames_for(path, collect_file(Path(path), proxy_name)):
+                write_frame(out, frame)
+        write_frame(out, ("done",))
+    except BaseException as exc:  # report anything, then exit non-zero
+        write_frame(out, ("failed", _exception_text(exc)))
+        out.flush()
+        raise SystemExit(1) from None
+    out.flush()
+
+
+@dataclass
+class FrameReader:
+    """Rebuilds per-file collectors from the worker's frames, one frame at a time."""
+
+    proxy_name: str | None
+    results: dict[str, FileContents] = field(default_factory=dict)
+    done: bool = False
+    _current: FileContents | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Apply one frame (raises ManifestError for a worker failure)."""
+        frame = pickle.loads(data)
+        tag = frame[0]
+        if tag == "file":
+            self._current = FileContents(self.proxy_name, problems=list(frame[2]))
+            self.results[frame[1]] = self._current
+        elif tag == "objects":
+            collector = self._current
+            assert collector is not None
+            for obj in frame[1]:
+                if isinstance(obj, Service):
+                    collector.services[obj.key] = obj
+                elif isinstance(obj, EndpointSlice):
+                    collector.slices[(obj.namespace, obj.name)] = obj
+                else:
+                    assert isinstance(obj, Node)
+                    collector.nodes[obj.name] = obj
+            collector.seen.update(frame[2])
+        elif tag == "done":
+            self.done = True
+        else:
+            raise ManifestError([f"reading the manifests failed: {shorten(str(frame[1]), 200)}"])
