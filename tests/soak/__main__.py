@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=10, help="TCP client threads")
     parser.add_argument("--grace", type=float, default=3.0, help="the proxy's --shutdown-grace")
-    parser.add_argument("--stall-every", type=float, default=20.0, help="big manifest period, s")
+    parser.add_argument("--stall-every", type=float, default=12.0, help="big manifest period, s")
     parser.add_argument("--no-burner", action="store_true", help="no CPU burner")
     parser.add_argument(
         "--proxy-src", type=Path, help="run the proxy from this source tree (its userproxy/)"

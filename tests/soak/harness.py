@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tests.soak.wire import GREETING_RE, describe_mismatch, foreign_origin, pattern, sha
+from tests.soak.wire import (
+    GREETING_RE,
+    describe_mismatch,
+    foreign_bytes,
+    foreign_origin,
+    pattern,
+    sha,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "soak"
@@ -69,8 +76,9 @@ class SoakConfig:
     #: Churn: a manifest rewrite every 100-300 ms; a backend SIGKILL every 2-5 s.
     churn_interval: tuple[float, float] = (0.1, 0.3)
     kill_interval: tuple[float, float] = (2.0, 5.0)
-    #: A big manifest of unrelated Services every ``stall_every`` s, 2-5 MB, kept 4-8 s.
-    stall_every: float = 20.0
+    #: A big manifest of unrelated Services every ``stall_every`` s, 2-5 MB, kept 4-8 s and
+    #: rewritten (every Service changed) 2-3.5 s after it appeared.
+    stall_every: float = 12.0
     filler_mb: tuple[float, float] = (2.0, 5.0)
     #: A CPU burner from/to these fractions of the run (None: no burner).
     burn: tuple[float, float] | None = (0.4, 0.7)
@@ -586,7 +594,11 @@ class Clients:
         except Broken as broken:
             rec.outcome, rec.how = "broken", broken.how
             if broken.got:
-                rec.detail += f" after {len(broken.got)} bytes {broken.got[:60]!r}"
+                rec.detail += f"after {len(broken.got)} bytes {broken.got[-80:]!r}"
+                if foreign_bytes(broken.got, rec.token, rec.cid):
+                    rec.outcome, rec.wrong_kind = "wrong", "cross-delivery"
+                    rec.detail = f"{rec.phase}: another connection's bytes, then {broken.how} "
+                    rec.detail += f"{describe_mismatch(broken.got, b'')[1]}"
         except Wrong as wrong:
             rec.outcome, rec.wrong_kind, rec.detail = "wrong", wrong.kind, wrong.detail
         finally:
@@ -754,12 +766,18 @@ class Clients:
         names, weights = list(SCENARIOS), list(SCENARIOS.values())
         while not self.stop.is_set() and time.monotonic() < self.deadline:
             scenario = rng.choices(names, weights)[0]
-            self.add(self.connection(rng, scenario, rng.choice(TCP_SERVICES)))
+            rec = self.connection(rng, scenario, rng.choice(TCP_SERVICES))
+            self.add(rec)
+            if rec.outcome == "refused":
+                self.stop.wait(0.05)
 
     def idle_worker(self, index: int) -> None:
         rng = random.Random(self.config.seed * 2000 + index)
         while not self.stop.is_set() and time.monotonic() < self.deadline - 1:
-            self.add(self.connection(rng, "idle", rng.choice(TCP_SERVICES)))
+            rec = self.connection(rng, "idle", rng.choice(TCP_SERVICES))
+            self.add(rec)
+            if rec.outcome != "ok":
+                self.stop.wait(0.1)
 
     def canary(self) -> None:
         """Every 0.2 s a connection to the unchurned canary Service; its latency above
@@ -918,6 +936,8 @@ class Churn:
         next_kill = start + rng.uniform(*config.kill_interval)
         next_stall = start + min(config.stall_every * 0.4, 8.0)
         filler_until: float | None = None
+        filler_rewrite: float | None = None
+        filler_count = 0
         recreate: dict[str, float] = {}
         burn = config.burn
         burn_from = start + (burn[0] * config.seconds if burn else 1e18)
@@ -935,6 +955,10 @@ class Churn:
             if filler_until is not None and now >= filler_until:
                 (self.manifests / "filler.json").unlink(missing_ok=True)
                 filler_until = None
+            elif filler_rewrite is not None and now >= filler_rewrite:
+                # Every filler Service changed: another long diff and sync on the loop.
+                self.write_filler(filler_count, "rewritten")
+                filler_rewrite = None
             if self.burner is None and burn_from <= now < burn_to:
                 self.start_burner(burn_to - now)
             svc = rng.choice([s for s in churned if s not in recreate])
@@ -955,16 +979,24 @@ class Churn:
             if now >= next_stall and filler_until is None and self.filler:
                 next_stall = now + config.stall_every
                 size = rng.uniform(*config.filler_mb) * MiB
-                count = min(len(self.filler), int(size / 430))
-                text = '{"apiVersion":"v1","kind":"List","items":['
-                text += ",".join(self.filler[:count]) + "]}"
+                filler_count = min(len(self.filler), int(size / 430))
                 t = time.monotonic()
-                atomic_write(self.manifests / "filler.json", text)
+                self.write_filler(filler_count, "written")
                 filler_until = t + rng.uniform(4, 8)
-                with self.timeline.lock:
-                    self.timeline.fillers.append((t, filler_until, len(text)))
-                self.timeline.events["big manifests (stalls)"] += 1
+                filler_rewrite = t + rng.uniform(2, 3.5)
         (self.manifests / "filler.json").unlink(missing_ok=True)
+
+    def write_filler(self, count: int, what: str) -> None:
+        items = self.filler[:count]
+        if what == "rewritten":
+            items = [item.replace('"nobody"', '"somebody"') for item in items]
+        text = '{"apiVersion":"v1","kind":"List","items":[' + ",".join(items) + "]}"
+        t = time.monotonic()
+        atomic_write(self.manifests / "filler.json", text)
+        with self.timeline.lock:
+            self.timeline.fillers.append((t, time.monotonic(), len(text)))
+        self.timeline.events[f"big manifests {what} (loop stalls)"] += 1
+        self.timeline.events["big manifest MiB"] += round(len(text) / MiB)
 
     def churn_one(self, svc: str, recreate: dict[str, float]) -> None:
         rng = self.rng
@@ -1309,15 +1341,29 @@ LOG_ERROR_MARKERS = ("Traceback", " ERROR ", " CRITICAL ", "Exception in callbac
                      "Fatal Python error", "double free", "Error on reading")  # fmt: skip
 
 
+_STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
 def scan_log(text: str, report: SoakReport) -> None:
+    """Error entries (a stamped line with its continuation lines, shown as first and
+    last line) into ``log_errors``; warnings counted by message shape."""
+    entry: list[str] = []
+
+    def flush() -> None:
+        joined = "\n".join(entry)
+        if entry and any(marker in joined for marker in LOG_ERROR_MARKERS):
+            shown = entry[0] if len(entry) == 1 else f"{entry[0]} ... {entry[-1]}"
+            report.log_errors.append(shown[:400])
+        entry.clear()
+
     for line in text.splitlines():
-        if any(marker in line for marker in LOG_ERROR_MARKERS) or line.startswith(
-            ("RuntimeError", "OSError", "AssertionError")
-        ):
-            report.log_errors.append(line[:300])
-        elif " WARNING " in line:
-            message = line.split(": ", 1)[-1]
-            report.log_warnings[re.sub(r"[\d.:]+", "#", message)[:70]] += 1
+        if _STAMPED.match(line):
+            flush()
+            if " WARNING " in line:
+                message = line.split(": ", 1)[-1]
+                report.log_warnings[re.sub(r"[\d.:]+", "#", message)[:70]] += 1
+        entry.append(line)
+    flush()
 
 
 def run_soak(config: SoakConfig) -> SoakReport:
@@ -1484,7 +1530,10 @@ def _classify_all(
         if token not in tokens:
             for r in rs:
                 if r.how == "BAD":
-                    report.fail("cross-delivery (seen by the backend)", f"{r}")
+                    report.fail(
+                        "cross-delivery (seen by the backend)",
+                        f"backend {r.name} {r.cid}: {r.how} {r.state}",
+                    )
                     report.connections["cross-delivery (seen by the backend)"] += 1
                 elif not token.startswith("c") or token == "-":
                     report.unmatched_reports[f"{r.how} {r.state.split(':')[0]}"] += 1

@@ -58,3 +58,17 @@ def foreign_origin(got: bytes, expected_tag: str) -> bool:
         if match.group(1).decode() != expected_tag:
             return True
     return LINE_RE.search(got) is not None
+
+
+def foreign_bytes(got: bytes, token: str, cid: str | None) -> bool:
+    """Whether ``got`` (read on the connection of client ``token`` greeted as ``cid``) holds
+    a block or a protocol line of another connection."""
+    own = (f"{token}.", f"{cid}/")
+    for match in _BLOCK_RE.finditer(got):
+        if not match.group(1).decode().startswith(own):
+            return True
+    for match in LINE_RE.finditer(got):
+        named = match.group(2).split()[-1].decode()
+        if named != cid:
+            return True
+    return False
