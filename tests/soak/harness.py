@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import random
@@ -566,6 +567,9 @@ class Clients:
             sock = socket.create_connection(address, timeout=5)
         except ConnectionRefusedError:
             rec.outcome = "refused"
+            return
+        except ConnectionResetError:  # the listening socket closed with us in its queue
+            rec.outcome, rec.how, rec.phase = "broken", "RST", "connect"
             return
         except TimeoutError:
             rec.outcome = "connect-timeout"
@@ -1205,8 +1209,10 @@ class Classifier:
         # lost or send-error
         t1, t2 = rec.t0 - self.tl.lag(rec.t0), rec.t0 + 2.5
         states = self.tl.states_between(rec.service, t1, t2)
-        if len(states) > 1 or any(not s.exists or s.port != rec.port for s in states):
-            return f"{rec.outcome}: Service changed meanwhile", False
+        if any(not s.exists or s.port != rec.port for s in states) or any(
+            a.target != b.target or a.usable() - b.usable() for a, b in itertools.pairwise(states)
+        ):
+            return f"{rec.outcome}: endpoint or Service removed meanwhile", False
         names = self.plan.backends[rec.service]
         if any(self.tl.dead(n, rec.t0 - 1, t2) for n in names):
             return f"{rec.outcome}: a backend was down", False
@@ -1433,13 +1439,25 @@ def run_soak(config: SoakConfig) -> SoakReport:
             for thread in backends.threads:
                 thread.join(timeout=15)
             churn.restore()
-            for name, names in ((n, plan.backends[n]) for n, _, _ in SERVICES):
-                del name
+            for names in plan.backends.values():
                 for backend in names:
-                    if not backends.alive(backend) and not any(
-                        t.is_alive() for t in backends.threads
-                    ):
+                    if not backends.alive(backend):
                         backends.start(backend)
+            # Serving again once the restored manifests are applied (after the big one's
+            # removal, which can take seconds)?
+            restored = time.monotonic()
+            for svc in (*TCP_SERVICES, "canary"):
+                while proxy.poll() is None:
+                    final = clients.connection(random.Random(0), "short", svc)
+                    if final.outcome == "ok":
+                        break
+                    if time.monotonic() - restored > 30:
+                        report.fail(
+                            "not serving 30 s after the manifests were restored",
+                            f"{svc}: {final.outcome} {final.how} {final.detail}",
+                        )
+                        break
+                    time.sleep(0.2)
             # Back to the baseline?  Connections of removed listeners may wait out the grace.
             settle_from = time.monotonic()
             end_fds, end_sockets = -1, Counter[str]()
@@ -1467,14 +1485,6 @@ def run_soak(config: SoakConfig) -> SoakReport:
                     )
                 if report.rss[1] > 1024:
                     report.fail("RSS above 1 GiB", f"peak {report.rss[1]:.0f} MiB")
-                # Still serving after it all?
-                for svc in (*TCP_SERVICES, "canary"):
-                    final = clients.connection(random.Random(0), "short", svc)
-                    if final.outcome != "ok":
-                        report.fail(
-                            "not serving after the soak",
-                            f"{svc}: {final.outcome} {final.how} {final.detail}",
-                        )
             time.sleep(1.0)  # the backends' last reports
         report.exit_code = proxy.returncode
     finally:
