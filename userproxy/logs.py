@@ -1,21 +1,94 @@
-"""Logging setup: plain text for people, one JSON object per line for log pipelines."""
+"""Logging setup: plain text for people, one JSON object per line for log pipelines.
+
+Invariant: one record never makes an unbounded log entry.  Both formatters cut a record's
+message to :data:`MAX_MESSAGE_CHARS` characters and :data:`MAX_MESSAGE_LINES` lines, and
+an exception's traceback to :data:`MAX_TRACEBACK_CHARS` and :data:`MAX_TRACEBACK_LINES`,
+saying how much was left out.  This is a safety net: messages are meant to be bounded
+where they are made (e.g. ``ManifestError`` lists at most 20 problems), but a value quoted
+from an input somewhere must not turn into a 10 MB log line.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
 import time
+import types
+
+#: Longest message of one record (characters), before the note on what was cut.
+MAX_MESSAGE_CHARS = 8192
+#: Most lines in the message of one record.
+MAX_MESSAGE_LINES = 64
+#: Longest traceback (or stack) text of one record (characters).
+MAX_TRACEBACK_CHARS = 16384
+#: Most lines in the traceback (or stack) text of one record.
+MAX_TRACEBACK_LINES = 200
+
+_ExcInfo = tuple[type[BaseException], BaseException, types.TracebackType | None]
 
 
-class JsonFormatter(logging.Formatter):
+def bound_text(text: str, max_chars: int, max_lines: int) -> str:
+    """``text`` cut to at most ``max_lines`` lines and ``max_chars`` characters.
+
+    When something is cut, a note such as ``[... 9990000 more characters, 3 more lines]``
+    is appended (not counted in the limits), so a reader knows the entry is incomplete.
+    """
+    if len(text) <= max_chars and text.count("\n") < max_lines:
+        return text  # the common case: nothing to cut, no copy
+    lines = text.split("\n", max_lines)
+    more_lines = 0
+    if len(lines) > max_lines:
+        more_lines = lines[-1].count("\n") + 1
+        lines = lines[:max_lines]
+    kept = "\n".join(lines)
+    more_chars = len(text) - len(kept)
+    if len(kept) > max_chars:
+        kept = kept[:max_chars]
+        more_chars = len(text) - max_chars
+    notes = [f"{more_chars} more characters"]
+    if more_lines:
+        notes.append(f"{more_lines} more lines")
+    return f"{kept} [... {', '.join(notes)}]"
+
+
+def bound_message(record: logging.LogRecord) -> str:
+    """The record's formatted message, bounded (see the module's invariant)."""
+    return bound_text(record.getMessage(), MAX_MESSAGE_CHARS, MAX_MESSAGE_LINES)
+
+
+class BoundedFormatter(logging.Formatter):
+    """A ``logging.Formatter`` that bounds the message and the traceback of each record.
+
+    The record itself is not changed (other handlers, e.g. pytest's, see it whole): the
+    formatter works on a shallow copy.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        bounded = copy.copy(record)
+        bounded.msg = bound_message(record)
+        bounded.args = None
+        bounded.exc_text = None  # computed again, bounded, from exc_info
+        return super().format(bounded)
+
+    def formatException(self, ei: _ExcInfo | tuple[None, None, None]) -> str:
+        return bound_text(super().formatException(ei), MAX_TRACEBACK_CHARS, MAX_TRACEBACK_LINES)
+
+    def formatStack(self, stack_info: str) -> str:
+        return bound_text(stack_info, MAX_TRACEBACK_CHARS, MAX_TRACEBACK_LINES)
+
+
+class JsonFormatter(BoundedFormatter):
+    """One JSON object per record: ts, level, logger, msg (and exc), each bounded."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": bound_message(record),
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -27,7 +100,7 @@ def setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

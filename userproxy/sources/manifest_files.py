@@ -591,7 +591,7 @@ def _raw_identity(obj: Mapping[object, object]) -> tuple[str, str]:
 def _label(kind: str, namespace: str, name: str) -> str:
     # Names are unvalidated here: shortened, so a huge one cannot blow up a message.
     who = f"{namespace}/{name}" if namespace else name
-    return f"{shorten(kind, 80)} {shorten(who, 260)}"
+    return f"{shorten(kind, 60)} {shorten(who, 120)}"
 
 
 @dataclass

@@ -182,7 +182,7 @@ async def _read_in_worker(files: Sequence[Path], proxy_name: str | None) -> dict
         await proc.wait()
     except TimeoutError:
         raise ManifestError(
-            [f"reading {_describe_files(files)} took more than {WORKER_TIMEOUT:.0f}s"]
+            [f"reading {_describe_files(files)} took more than {WORKER_TIMEOUT:g}s"]
         ) from None
     finally:
         if proc.returncode is None:
