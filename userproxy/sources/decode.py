@@ -286,6 +286,8 @@ def _string_map(m: Mapping[str, object], key: str, path: str) -> dict[str, str]:
 
 
 def _metadata(obj: Mapping[str, object]) -> dict[str, object]:
+    if not isinstance(obj, Mapping):  # the type says so, but raw input is checked anyway
+        raise DecodeError("", f"expected a mapping (an API object), got {_describe(obj)}")
     return _opt_mapping(obj, "metadata", "")
 
 
