@@ -35,11 +35,13 @@ __all__ = ["dial"]
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
 
 
-def _connect_finished(fd: int) -> bool:
-    """True when the kernel reports ``fd``'s connect as done (established or failed)."""
+def _connect_state(fd: int) -> int:
+    """The poll events of ``fd``'s connect: 0 while in progress; POLLOUT alone once
+    established; with POLLERR or POLLHUP once failed."""
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(0))
+    ready = poller.poll(0)
+    return ready[0][1] if ready else 0
 
 
 async def dial(loop: asyncio.AbstractEventLoop, ip: str, port: int, within: float) -> socket.socket:
@@ -51,13 +53,14 @@ async def dial(loop: asyncio.AbstractEventLoop, ip: str, port: int, within: floa
     returns.
     """
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         err = sock.connect_ex((ip, port))
         if err and err not in _IN_PROGRESS:
             raise OSError(err, os.strerror(err))
-        if err:
+        # A nearby endpoint (loopback, the same host) has usually answered before
+        # connect() returned: then no watcher, timer or future is needed at all.
+        if err and _connect_state(sock.fileno()) != select.POLLOUT:
             await _wait_connected(loop, sock, within)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -81,7 +84,7 @@ async def _wait_connected(
     def deadline() -> None:
         if done.done():
             return
-        if _connect_finished(fd):
+        if _connect_state(fd):
             # The connect completed while the loop was busy elsewhere: not a timeout.
             done.set_result(None)
         else:
