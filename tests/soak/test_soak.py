@@ -20,6 +20,7 @@ SECONDS = float(os.environ.get("USERPROXY_SOAK_SECONDS", "60"))
 SOURCE = os.environ.get("USERPROXY_SOAK_PROXY_SRC")
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(int(SECONDS) + 180)
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_soak(tmp_path: Path, loop: str) -> None:
