@@ -29,6 +29,7 @@ pickle frames of model objects and strings (see :func:`read_in_worker_frames`).
 from __future__ import annotations
 
 import array
+import contextlib
 import itertools
 import json
 import logging
@@ -901,6 +902,8 @@ def load_manifests(
 
 # --------------------------------------------------------------------------- the child process
 
+#: How much the child lowers its scheduling priority (``nice``).
+WORKER_NICENESS = 10
 #: Objects per result frame: small frames keep each unpickling step in the parent short.
 FRAME_OBJECTS = 200
 FRAME_LENGTH = struct.Struct(">I")
@@ -936,9 +939,12 @@ def worker_main() -> None:
 
     Frames go to stdout: per file ("file", path, problems) and ("objects", objects,
     seen-items) chunks, then ("done",); a failure of the worker itself is ("failed", text).
-    Only this trusted parent-child pipe carries pickles.
+    Only this trusted parent-child pipe carries pickles.  The child lowers its own CPU
+    priority: on a busy node the proxy's event loop, not the parser, must get the CPU.
     """
     out = sys.stdout.buffer
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
     try:
         proxy_name, paths = pickle.load(sys.stdin.buffer)
         for path in paths:
