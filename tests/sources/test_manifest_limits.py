@@ -480,3 +480,16 @@ def test_a_pipe_is_refused_without_blocking() -> None:
     finally:
         os.close(fd_read)
         os.close(fd_write)
+
+
+async def test_a_child_that_sends_garbage_is_a_reload_error(
+    fx: Fixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fx.source.initial_load()
+    garbage = "import sys; sys.stdout.buffer.write(bytes([0, 0, 0, 5]) + b'hello')"
+    monkeypatch.setattr(manifests, "_WORKER_CODE", garbage)
+    big_manifest(fx.dir / "bulk.yaml", 500)
+    await fx.source.poll()
+    assert [str(e) for e in fx.errors] == [
+        f"reading {fx.dir / 'bulk.yaml'} failed: unreadable result (UnpicklingError)"
+    ]

@@ -81,6 +81,9 @@ SLICE_SECONDS = 0.005
 #: Longest a child reading the manifests may take before it is killed (seconds).
 WORKER_TIMEOUT = 120.0
 
+#: Largest result frame accepted from the child (its frames hold 200 objects each).
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
 _WORKER_CODE = "from userproxy.sources.manifest_files import worker_main; worker_main()"
 #: The directory holding the ``userproxy`` package, put on the child's PYTHONPATH so it
 #: imports this very copy (also when running from a source tree).
@@ -149,41 +152,52 @@ async def _read_in_worker(files: Sequence[Path], proxy_name: str | None) -> dict
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _WORKER_CODE,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env=env,
-    )
+    what = _describe_files(files)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _WORKER_CODE,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=env,
+        )
+    except OSError as exc:  # EMFILE, EAGAIN, ENOMEM ...: a failed reload, retried later
+        raise ManifestError(
+            [f"reading {what}: cannot start the reader process: {exc.strerror or exc}"]
+        ) from None
     try:
         assert proc.stdin is not None
         assert proc.stdout is not None
-        proc.stdin.write(pickle.dumps((proxy_name, tuple(str(path) for path in files))))
-        await proc.stdin.drain()
-        proc.stdin.close()
         reader = FrameReader(proxy_name)
         slicer = _Slicer()
         async with asyncio.timeout(WORKER_TIMEOUT):
             try:
+                proc.stdin.write(pickle.dumps((proxy_name, tuple(str(path) for path in files))))
+                await proc.stdin.drain()
+                proc.stdin.close()
                 while not reader.done:
-                    (length,) = FRAME_LENGTH.unpack(
-                        await proc.stdout.readexactly(FRAME_LENGTH.size)
-                    )
+                    header = await proc.stdout.readexactly(FRAME_LENGTH.size)
+                    (length,) = FRAME_LENGTH.unpack(header)
+                    if length > MAX_FRAME_BYTES:
+                        raise ValueError(f"a frame of {length} bytes")
                     reader.feed(await proc.stdout.readexactly(length))
                     await slicer.check()
             except (asyncio.IncompleteReadError, ConnectionError):
                 status = await proc.wait()
                 raise ManifestError(
-                    [f"reading {_describe_files(files)} failed: the reader {_exit(status)}"]
+                    [f"reading {what} failed: the reader {_exit(status)}"]
+                ) from None
+            except ManifestError:
+                raise
+            except Exception as exc:  # an unreadable frame: never a traceback, never a crash
+                raise ManifestError(
+                    [f"reading {what} failed: unreadable result ({type(exc).__name__})"]
                 ) from None
         await proc.wait()
     except TimeoutError:
-        raise ManifestError(
-            [f"reading {_describe_files(files)} took more than {WORKER_TIMEOUT:g}s"]
-        ) from None
+        raise ManifestError([f"reading {what} took more than {WORKER_TIMEOUT:g}s"]) from None
     finally:
         if proc.returncode is None:
             proc.kill()
