@@ -434,7 +434,15 @@ def _children() -> set[int]:
 async def test_cancelling_a_reload_kills_the_child(fx: Fixture) -> None:
     fx.source.initial_load()
     before = _children()
-    big_manifest(fx.dir / "bulk.yaml", 20_000)
+    # Written as text: PyYAML's emitter would take seconds for 20 000 objects.
+    place(
+        fx.dir / "bulk.yaml",
+        "".join(
+            f"---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\n"
+            f"spec: {{clusterIP: 10.1.{i // 256 % 256}.{i % 256}, ports: [{{port: 80}}]}}\n"
+            for i in range(20_000)
+        ),
+    )
     task = asyncio.create_task(fx.source.run())
     await wait_for(lambda: fx.source.worker_reads == 1)
     await wait_for(lambda: bool(_children() - before))
