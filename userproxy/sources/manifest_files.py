@@ -207,7 +207,8 @@ def read_manifest_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
 
     Never blocks on a FIFO or device: the path is checked with ``stat`` before it is
     opened, and opened with ``O_NONBLOCK`` and checked again with ``fstat`` (it may have
-    been replaced in between).
+    been replaced in between).  A file that does not exist (any more) raises
+    ``FileNotFoundError``: whether that is a problem is the caller's call.
     """
     try:
         st = os.stat(path)
@@ -230,6 +231,8 @@ def read_manifest_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
                 size += len(chunk)
         finally:
             os.close(fd)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         raise ManifestError([f"{path}: cannot read: {_os_reason(exc)}"]) from None
     if size > limit:  # it grew while being read
@@ -708,10 +711,16 @@ class FileContents:
 
 
 def collect_file(path: Path, proxy_name: str | None) -> FileContents:
-    """Read, parse and validate one file; never raises (problems go into the result)."""
+    """Read, parse and validate one file; never raises (problems go into the result).
+
+    A file removed since the directory was listed contributes nothing, as if the listing
+    had come a moment later (the removal itself wakes the source for another reload).
+    """
     collector = FileContents(proxy_name)
     try:
         documents = _read_documents(path)
+    except FileNotFoundError:
+        pass
     except ManifestError as exc:
         collector.problems.extend(exc.problems)
     else:
