@@ -130,9 +130,12 @@ class Proxy:
         check = None if port is None else HealthCheck(service, port, local)
         self.service_health.apply(service, check)
 
-    def _sync(self) -> bool:
-        """One sync; False when something could not be applied (the runner retries)."""
-        complete = self.proxier.sync()
+    async def _sync(self) -> bool:
+        """One sync; False when something could not be applied (the runner retries).
+
+        The proxier's part yields to the loop every few milliseconds: a sync that
+        re-plans thousands of Services must not pause the data plane."""
+        complete = await self.proxier.sync_in_slices()
         if self.addresses is not None:
             wanted = self.proxier.service_addresses()
             if wanted != self._managed:

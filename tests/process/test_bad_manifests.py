@@ -315,16 +315,16 @@ async def big_reload(tmp_path: Path, *, selected: bool, host: int) -> dict[str, 
             source = proxy.manifests
             assert source is not None
             assert await asyncio.to_thread(ask, canary) == "canary"
-            sync = proxy.proxier.sync
+            sync = proxy.proxier.sync_in_slices
 
-            def timed_sync() -> bool:  # instrumentation: when did the proxier hold the loop?
+            async def timed_sync() -> bool:  # instrumentation: how long did syncs take?
                 started = time.perf_counter()
                 try:
-                    return sync()
+                    return await sync()
                 finally:
                     syncs.append((started, time.perf_counter()))
 
-            proxy.proxier.sync = timed_sync  # type: ignore[method-assign]
+            proxy.proxier.sync_in_slices = timed_sync  # type: ignore[method-assign]
             probe = Probe(canary)
             probe.start()
             gc.callbacks.append(gc_timer)
@@ -402,7 +402,10 @@ async def test_big_manifest_read_never_stalls_the_loop(tmp_path: Path) -> None:
 async def test_big_manifest_apply_measured(tmp_path: Path) -> None:
     figures = await big_reload(tmp_path, selected=True, host=11)
     report("40 000 Services read and applied (selected)", figures)
-    # Reading and delivering stay in slices; the proxier's syncs of 40 000 new Services and
-    # the cyclic GC's full collections of the grown heap do hold the loop (hundreds of ms:
-    # reported, not asserted, as they are not the manifest source's doing).
+    # The proxier's syncs run in slices and freeze the grown heap (userproxy/slices.py),
+    # so no full collection of 40 000 Services' objects pauses the loop and the canary
+    # keeps answering.  The one unsliced step, sorting the re-planned Services, takes
+    # 15-50 ms here (reported as "max lag during syncs", not asserted: wall clock).
     assert figures["max lag outside syncs and full GCs ms"] < 50
+    assert figures["full GCs"] == 0
+    assert figures["canary failures"] == 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,7 @@ from userproxy.model import (
     ServiceType,
     TrafficPolicy,
 )
+from userproxy.slices import Slicer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 FAILURE_LOG_INTERVAL = 60.0
 #: Failed Services named in that line; the rest are counted.
 FAILURES_NAMED = 3
+#: A sync re-planning at least this many Services is bulk work (see userproxy.slices).
+BULK_SERVICES = 1000
 
 
 class ListenerApplier(Protocol):
@@ -100,6 +103,20 @@ class SyncStatus:
     failed_syncs: int = 0
 
 
+@dataclass(slots=True)
+class _SyncRun:
+    """One sync in progress: when it began, what it took, what it re-plans, what failed."""
+
+    started: float
+    changes: PendingChanges
+    addresses: tuple[str, ...]
+    #: The Services the folded changes touch.
+    affected: set[ServiceKey] = field(default_factory=set)
+    #: The Services that had failed before this sync (forced to re-apply).
+    retry: set[ServiceKey] = field(default_factory=set)
+    errors: dict[ServiceKey, Exception] = field(default_factory=dict)
+
+
 class Proxier:
     def __init__(
         self,
@@ -140,10 +157,44 @@ class Proxier:
     def sync(self) -> bool:
         """Apply everything pending (and retry what failed before).  Does nothing until
         both initial listings are in.  False when some Service could not be applied."""
-        if not self.recorder.initialized:
+        run = self._begin()
+        if run is None:
             return True
+        for _ in self._fold(run):
+            pass
+        for key in self._keys(run):
+            self._apply_one(run, key)
+        return self._finish(run)
+
+    async def sync_in_slices(self) -> bool:
+        """``sync()`` in slices of a few milliseconds (``userproxy.slices``), so a sync
+        that re-plans thousands of Services never holds the data plane up for long.
+
+        Safe because nothing else touches the proxier's state meanwhile: the sources only
+        record changes (the next sync folds them), and the runner starts no second sync
+        until this one returns.  Services applied early in a sync serve their new plan
+        while later ones still serve their old one, exactly as if the changes had arrived
+        in two syncs.
+        """
+        run = self._begin()
+        if run is None:
+            return True
+        changes = run.changes
+        slicer = Slicer(bulk=len(changes.services) + len(changes.slices) >= BULK_SERVICES)
+        for _ in self._fold(run):
+            await slicer.tick()
+        keys = self._keys(run)
+        slicer = Slicer(every=4, bulk=len(keys) >= BULK_SERVICES)
+        for key in keys:
+            self._apply_one(run, key)
+            await slicer.tick()
+        return self._finish(run)
+
+    def _begin(self) -> _SyncRun | None:
+        """Take the pending changes (None until both initial listings are in)."""
+        if not self.recorder.initialized:
+            return None
         started = self._clock()
-        errors: dict[ServiceKey, Exception] = {}
         try:
             addresses = tuple(self._node_addresses_of())
             self.addresses_error = None
@@ -152,24 +203,35 @@ class Proxier:
             # be applied all the same.
             addresses = self.node_addresses
             self.addresses_error = _describe(exc)
-        changes = self.recorder.take()
-        affected = self._fold(changes)
-        if addresses != self.node_addresses:
-            self.node_addresses = addresses
+        return _SyncRun(started, self.recorder.take(), addresses)
+
+    def _keys(self, run: _SyncRun) -> list[ServiceKey]:
+        """The Services this sync re-plans, in order: those the folded changes touched,
+        those with NodePorts if the node's addresses changed, those that failed before."""
+        affected = run.affected
+        if run.addresses != self.node_addresses:
+            self.node_addresses = run.addresses
             affected.update(key for key, svc in self.services.items() if svc.externally_accessible)
-        retry = set(self.failed)
-        for key in sorted(affected | retry, key=str):
-            try:
-                self._apply(key, self.plan(key), force=key in retry)
-            except Exception as exc:
-                self.failed[key] = _describe(exc)
-                errors[key] = exc
-            else:
-                self.failed.pop(key, None)
+        run.retry = set(self.failed)
+        # A fixed order, so which of two Services claiming one address wins is the same
+        # every time.  (The one step not sliced: 40 000 keys sort in 15-50 ms.)
+        return sorted(affected | run.retry, key=str)
+
+    def _apply_one(self, run: _SyncRun, key: ServiceKey) -> None:
+        try:
+            self._apply(key, self.plan(key), force=key in run.retry)
+        except Exception as exc:
+            self.failed[key] = _describe(exc)
+            run.errors[key] = exc
+        else:
+            self.failed.pop(key, None)
+
+    def _finish(self, run: _SyncRun) -> bool:
+        changes = run.changes
         status = self.status
         status.syncs += 1
         status.last_sync_at = self._clock()
-        status.last_duration = status.last_sync_at - started
+        status.last_duration = status.last_sync_at - run.started
         status.last_queued_at = changes.queued_at
         status.services_changed = len(changes.services)
         status.slices_changed = len(changes.slices)
@@ -177,16 +239,16 @@ class Proxier:
         status.programming_delays = [
             max(0.0, now - t) for t in changes.trigger_times if t > self._started_wall
         ]
-        if affected:
+        if run.affected:
             log.debug(
                 "sync %d: %d services, %d slices changed, %d services re-planned in %.1f ms",
                 status.syncs,
                 status.services_changed,
                 status.slices_changed,
-                len(affected),
+                len(run.affected),
                 status.last_duration * 1000,
             )
-        self._report_failures(status, errors)
+        self._report_failures(status, run.errors)
         if self._on_synced is not None:
             self._on_synced(status)
         return not self.failed and self.addresses_error is None
@@ -230,15 +292,19 @@ class Proxier:
             if exc is not None and not isinstance(exc, OSError):
                 log.debug("applying %s failed", key, exc_info=exc)
 
-    def _fold(self, changes: PendingChanges) -> set[ServiceKey]:
-        """Fold ``changes`` into the applied state; return the Services to re-plan."""
-        affected: set[ServiceKey] = set()
+    def _fold(self, run: _SyncRun) -> Iterator[None]:
+        """Fold the run's changes into the applied state, collecting the Services to
+        re-plan in ``run.affected``; yields after each change (a sliced sync's chance to
+        let the loop run)."""
+        changes = run.changes
+        affected = run.affected
         for key, change in changes.services.items():
             affected.add(key)
             if change.current is None:
                 self.services.pop(key, None)
             else:
                 self.services[key] = change.current
+            yield
         for slice_key, slice_change in changes.slices.items():
             if slice_change.previous is not None:
                 owner = slice_change.previous.service_key
@@ -252,12 +318,12 @@ class Proxier:
                 owner = slice_change.current.service_key
                 affected.add(owner)
                 self.slices.setdefault(owner, {})[slice_key] = slice_change.current
+            yield
         if changes.node is not None:
             self.node = changes.node.current
             affected.update(self.services, self.plans)
         if self.status.syncs == 0:
             affected.update(self.services)
-        return affected
 
     def _apply(self, key: ServiceKey, plan: ServicePlan, *, force: bool = False) -> None:
         """Hand on what changed in ``key``'s plan (all of it with ``force``: the last

@@ -17,8 +17,9 @@ minute.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from userproxy.control.clock import Clock, MonotonicClock
 
@@ -34,7 +35,7 @@ REPEAT_LOG_INTERVAL = 60.0
 class SyncRunner:
     def __init__(
         self,
-        sync: Callable[[], bool | None],
+        sync: Callable[[], bool | Awaitable[bool | None] | None],
         *,
         min_interval: float,
         max_interval: float,
@@ -102,7 +103,10 @@ class SyncRunner:
             last_run = self._clock.now()
             self.runs += 1
             try:
-                complete = self._sync() is not False
+                result = self._sync()
+                if inspect.isawaitable(result):  # a sync that yields to the loop as it goes
+                    result = await result
+                complete = result is not False
             except Exception as exc:
                 # A bug in one sync must not end syncing: log it and retry soon with the
                 # state the sync left.

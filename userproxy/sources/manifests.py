@@ -39,6 +39,7 @@ from typing import TypeVar
 
 from userproxy.control.handlers import Handlers
 from userproxy.model import Node
+from userproxy.slices import Slicer
 from userproxy.sources.diff import deliver_diff
 from userproxy.sources.inotify import Inotify, watch_directories
 from userproxy.sources.manifest_files import (
@@ -76,8 +77,8 @@ FALLBACK_POLL_INTERVAL = 2.0
 #: Files to re-read totalling at most this many bytes are parsed on the event loop: YAML
 #: parses at a few MB/s, so this is a few milliseconds, cheaper than starting a process.
 INLINE_BYTES = 32 * 1024
-#: Longest stretch of reload work on the loop between two yields (seconds).
-SLICE_SECONDS = 0.005
+#: A reload with this many Services is bulk work (see userproxy.slices).
+BULK_OBJECTS = 1000
 #: Longest a child reading the manifests may take before it is killed (seconds).
 WORKER_TIMEOUT = 120.0
 
@@ -93,27 +94,6 @@ _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 
-class _Slicer:
-    """Work on the loop in slices: ``await tick()`` yields once a slice is used up.
-
-    Checks the clock only every 64 ticks, so a tick costs next to nothing.
-    """
-
-    def __init__(self) -> None:
-        self._started = time.perf_counter()
-        self._ticks = 0
-
-    async def tick(self) -> None:
-        self._ticks += 1
-        if self._ticks % 64 == 0:
-            await self.check()
-
-    async def check(self) -> None:
-        if time.perf_counter() - self._started >= SLICE_SECONDS:
-            await asyncio.sleep(0)
-            self._started = time.perf_counter()
-
-
 async def _deliver_sliced(
     old: Mapping[_K, _V],
     new: Mapping[_K, _V],
@@ -121,7 +101,7 @@ async def _deliver_sliced(
     update: Callable[[_V, _V], None],
     delete: Callable[[_V], None],
     *,
-    slicer: _Slicer,
+    slicer: Slicer,
 ) -> int:
     """``deliver_diff`` in slices: the same calls in the same order, yielding between.
 
@@ -171,7 +151,7 @@ async def _read_in_worker(files: Sequence[Path], proxy_name: str | None) -> dict
         assert proc.stdin is not None
         assert proc.stdout is not None
         reader = FrameReader(proxy_name)
-        slicer = _Slicer()
+        slicer = Slicer(bulk=True)  # only large reloads come through the child
         async with asyncio.timeout(WORKER_TIMEOUT):
             try:
                 proc.stdin.write(pickle.dumps((proxy_name, tuple(str(path) for path in files))))
@@ -411,7 +391,7 @@ class ManifestSource:
                     raise ManifestError([f"{path}: not read by the manifest reader process"])
                 cache.store(path, key, contents)
         else:
-            slicer = _Slicer()
+            slicer = Slicer()
             for path, key in stale:
                 cache.store(path, key, collect_file(path, self._proxy_name))
                 await slicer.check()
@@ -462,7 +442,8 @@ class ManifestSource:
         """
         old = self._state if self._state is not None else ManifestState()
         handlers = self._handlers
-        slicer = _Slicer()
+        bulk = max(len(old.services), len(state.services)) >= BULK_OBJECTS
+        slicer = Slicer(bulk=bulk)
         calls = await _deliver_sliced(
             old.services,
             state.services,
