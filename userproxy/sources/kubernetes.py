@@ -27,7 +27,6 @@ proxy keeps serving its last state meanwhile.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -43,6 +42,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from userproxy.control.handlers import Handlers
 from userproxy.model import EndpointSlice, Node, Service
+from userproxy.sources import json_limits
 from userproxy.sources.decode import (
     HEADLESS_LABEL,
     SERVICE_PROXY_NAME_LABEL,
@@ -137,7 +137,7 @@ def _status_message(body: bytes) -> str:
     """The ``message`` of a v1 Status body, else the body's start."""
     text = body[:_ERROR_BODY_LIMIT].decode("utf-8", "replace")
     try:
-        status = json.loads(body)
+        status = json_limits.loads(body)
     except ValueError:
         return text.strip() or "(no body)"
     if isinstance(status, dict):
@@ -546,7 +546,7 @@ class KubernetesSource:
     @staticmethod
     def _parse_list(res: _Resource[_T], body: bytes) -> tuple[str, list[object], str | None]:
         try:
-            document = _str_mapping(json.loads(body))
+            document = _str_mapping(json_limits.loads(body))
         except ValueError as exc:
             raise _ApiError(200, f"list of {res.name} is not JSON: {exc}") from None
         if document is None:
@@ -667,7 +667,7 @@ class KubernetesSource:
 
     def _handle_line(self, res: _Resource[_T], line: bytes) -> None:
         try:
-            event = _str_mapping(json.loads(line))
+            event = _str_mapping(json_limits.loads(line))
         except ValueError:
             event = None
         if event is None:

@@ -28,14 +28,11 @@ pickle frames of model objects and strings (see :func:`read_in_worker_frames`).
 
 from __future__ import annotations
 
-import array
 import contextlib
-import itertools
 import json
 import logging
 import os
 import pickle
-import re
 import stat
 import struct
 import sys
@@ -77,6 +74,7 @@ from userproxy.sources.decode import (
     is_selected,
     shorten,
 )
+from userproxy.sources.json_limits import MAX_DEPTH, MAX_INT_CHARS, has_long_int, json_depth
 
 __all__ = [
     "MANIFEST_SUFFIXES",
@@ -106,14 +104,6 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 16 * 1024 * 1024
 #: Largest total of all manifest files (bytes).
 MAX_TOTAL_BYTES = 64 * 1024 * 1024
-#: Deepest nesting of collections in a document.  Kubernetes objects are about 10 deep and
-#: even CRD schemas stay far below; the bound keeps JSON's recursive C parser well inside
-#: Python's recursion limit.
-MAX_DEPTH = 200
-#: Longest integer literal (characters).  Kubernetes integers are 64-bit (at most 20
-#: characters); the bound is checked before ``int()``, whose cost grows with the square of
-#: the length (and which refuses more than 4300 digits).
-MAX_INT_CHARS = 64
 #: Most YAML nodes in one file, each alias counting as the size of the node it repeats
 #: (so a "billion laughs" document is refused instead of expanded by later walks).
 MAX_NODES = 4_000_000
@@ -492,25 +482,6 @@ def _load_all(loader: _BoundedLoader, path: Path) -> list[object]:
 
 # --------------------------------------------------------------------------- JSON
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
-_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
-_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_INT_CHARS + 1))
-
-
-def _json_depth(data: bytes) -> int:
-    """The deepest nesting of arrays and objects in JSON text, at C speed.
-
-    Strings are removed first (brackets inside them do not count); the brackets left
-    become +1/-1 signed bytes, and the depth is the largest running sum.  A malformed
-    text gives some number; the parser then reports its syntax error.
-    """
-    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
-        return 0  # cannot be deeper than the limit: skip the scan
-    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    steps = array.array("b", brackets.translate(_BRACKET_STEPS))
-    return max(itertools.accumulate(steps), default=0)
-
 
 def _bounded_int(text: str) -> int:
     if len(text) > MAX_INT_CHARS:
@@ -521,11 +492,11 @@ def _bounded_int(text: str) -> int:
 
 
 def _parse_json(path: Path, data: bytes) -> object:
-    if _json_depth(data) > MAX_DEPTH:
+    if json_depth(data) > MAX_DEPTH:
         raise ManifestError([f"{path}: nested more than {MAX_DEPTH} levels deep"])
     try:
         text = data.decode("utf-8")
-        if _LONG_DIGITS.search(data) is None:
+        if not has_long_int(data):
             return json.loads(text)  # no integer can be too long: the fast path
         return json.loads(text, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
