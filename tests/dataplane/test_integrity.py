@@ -113,9 +113,17 @@ def check_one_upstream(received: list[bytes]) -> None:
     )
 
 
-def dial_counts(proxy: Any) -> tuple[int, int]:
-    stats = [listener.stats for listener in proxy.listeners]
-    return sum(s.dial_failures for s in stats), sum(s.dial_retries for s in stats)
+async def four_clean_conversations(tagged: Tagged, tmp_path: Path) -> None:
+    """Four connections, each with one upstream from greeting to end; no dial failed or
+    was retried; each backend connection served exactly one client."""
+    async with running_proxy(tmp_path) as proxy:
+        for _ in range(4):
+            received = await asyncio.to_thread(converse, (tagged.cluster_ip, PORT))
+            check_one_upstream(received)
+        stats = [listener.stats for listener in proxy.listeners]
+        assert sum(s.dial_failures for s in stats) == 0
+        assert sum(s.dial_retries for s in stats) == 0
+    assert sum(b.connections for b in tagged.backends) == 4
 
 
 async def test_stall_after_upstream_connect_joins_one_upstream(
@@ -129,12 +137,7 @@ async def test_stall_after_upstream_connect_joins_one_upstream(
         time.sleep(STALL)
 
     monkeypatch.setattr(UpstreamProtocol, "connection_made", stalled)
-    async with running_proxy(tmp_path) as proxy:
-        for _ in range(4):
-            received = await asyncio.to_thread(converse, (tagged.cluster_ip, PORT))
-            check_one_upstream(received)
-        assert dial_counts(proxy) == (0, 0)
-    assert sum(b.connections for b in tagged.backends) == 4
+    await four_clean_conversations(tagged, tmp_path)
 
 
 async def test_connect_finished_during_stall_is_not_a_timeout(
@@ -148,12 +151,7 @@ async def test_connect_finished_during_stall_is_not_a_timeout(
         return original(self, client_ip, exclude)
 
     monkeypatch.setattr(RoundRobin, "pick", pick_then_stall)
-    async with running_proxy(tmp_path) as proxy:
-        for _ in range(4):
-            received = await asyncio.to_thread(converse, (tagged.cluster_ip, PORT))
-            check_one_upstream(received)
-        assert dial_counts(proxy) == (0, 0)
-    assert sum(b.connections for b in tagged.backends) == 4
+    await four_clean_conversations(tagged, tmp_path)
 
 
 async def test_concurrent_clients_under_repeated_stalls(tagged: Tagged, tmp_path: Path) -> None:

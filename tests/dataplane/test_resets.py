@@ -14,7 +14,9 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -26,6 +28,8 @@ pytestmark = pytest.mark.both_loops
 
 PORT = 8080
 LINGER_ZERO = struct.pack("ii", 1, 0)
+Address = tuple[str, int]
+T = TypeVar("T")
 
 
 def addresses() -> tuple[str, str]:
@@ -53,6 +57,26 @@ def publish(tmp_path: Path, cluster_ip: str, backend: Backend) -> None:
     )
 
 
+async def relay(
+    tmp_path: Path, handle: Callable[[socket.socket], None], talk: Callable[[Address], T]
+) -> T:
+    """Run ``talk`` (in a thread) against a Service whose one backend runs ``handle``."""
+    cluster_ip, backend_ip = addresses()
+    backend = Backend(backend_ip, handle)
+    publish(tmp_path, cluster_ip, backend)
+    try:
+        async with running_proxy(tmp_path):
+            return await asyncio.to_thread(talk, (cluster_ip, PORT))
+    finally:
+        backend.stop()
+
+
+def send_go_and_read(address: Address) -> tuple[int, str]:
+    with socket.create_connection(address, 5) as sock:
+        sock.sendall(b"go")
+        return read_until_end(sock)
+
+
 async def test_backend_reset_mid_stream_reaches_the_client_as_reset(tmp_path: Path) -> None:
     """A backend that resets after 2 MB of a 20 MB stream: the client sees a RST, not EOF."""
 
@@ -63,28 +87,16 @@ async def test_backend_reset_mid_stream_reaches_the_client_as_reset(tmp_path: Pa
             conn.sendall(block)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
 
-    cluster_ip, backend_ip = addresses()
-    backend = Backend(backend_ip, send_then_reset)
-    publish(tmp_path, cluster_ip, backend)
-    try:
-        async with running_proxy(tmp_path):
-
-            def client() -> tuple[int, str]:
-                with socket.create_connection((cluster_ip, PORT), 5) as sock:
-                    sock.sendall(b"go")
-                    return read_until_end(sock)
-
-            received, end = await asyncio.to_thread(client)
-        assert end == "reset", (received, end)
-        assert received <= 32 * 65536
-    finally:
-        backend.stop()
+    received, end = await relay(tmp_path, send_then_reset, send_go_and_read)
+    assert end == "reset", (received, end)
+    assert received <= 32 * 65536
 
 
 async def test_client_reset_mid_upload_reaches_the_backend_as_reset(tmp_path: Path) -> None:
     """A client that resets after 50 000 bytes: the backend sees a RST, not a clean EOF."""
     seen: list[tuple[int, str]] = []
     got_some = threading.Event()
+    ended = threading.Event()
 
     def record(conn: socket.socket) -> None:
         total = 0
@@ -96,30 +108,20 @@ async def test_client_reset_mid_upload_reaches_the_backend_as_reset(tmp_path: Pa
                     got_some.set()
         except ConnectionResetError:
             seen.append((total, "reset"))
-            return
-        seen.append((total, "eof"))
+        else:
+            seen.append((total, "eof"))
+        ended.set()
 
-    cluster_ip, backend_ip = addresses()
-    backend = Backend(backend_ip, record)
-    publish(tmp_path, cluster_ip, backend)
-    try:
-        async with running_proxy(tmp_path):
+    def upload_then_reset(address: Address) -> None:
+        sock = socket.create_connection(address, 5)
+        sock.sendall(os.urandom(50_000))
+        assert got_some.wait(5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+        sock.close()
+        assert ended.wait(5)
 
-            def client() -> None:
-                sock = socket.create_connection((cluster_ip, PORT), 5)
-                sock.sendall(os.urandom(50_000))
-                assert got_some.wait(5)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
-                sock.close()
-
-            await asyncio.to_thread(client)
-            for _ in range(100):
-                if seen:
-                    break
-                await asyncio.sleep(0.05)
-        assert seen == [(50_000, "reset")]
-    finally:
-        backend.stop()
+    await relay(tmp_path, record, upload_then_reset)
+    assert seen == [(50_000, "reset")]
 
 
 async def test_clean_end_stays_clean(tmp_path: Path) -> None:
@@ -129,20 +131,7 @@ async def test_clean_end_stays_clean(tmp_path: Path) -> None:
         conn.recv(16)
         conn.sendall(b"x" * (2 * 1024 * 1024))
 
-    cluster_ip, backend_ip = addresses()
-    backend = Backend(backend_ip, send_then_close)
-    publish(tmp_path, cluster_ip, backend)
-    try:
-        async with running_proxy(tmp_path):
-
-            def client() -> tuple[int, str]:
-                with socket.create_connection((cluster_ip, PORT), 5) as sock:
-                    sock.sendall(b"go")
-                    return read_until_end(sock)
-
-            assert await asyncio.to_thread(client) == (2 * 1024 * 1024, "eof")
-    finally:
-        backend.stop()
+    assert await relay(tmp_path, send_then_close, send_go_and_read) == (2 * 1024 * 1024, "eof")
 
 
 async def test_all_dials_failing_resets_the_client(tmp_path: Path) -> None:
