@@ -69,7 +69,7 @@ spec:
   clusterIP: 127.0.80.9
   ports: [{name: http, protocol: TCP, port: 80}]
 """,
-        ["document 1", "Service shop/", "metadata.name", "required"],
+        ["document 2", "Service shop/", "metadata.name", "required"],
     ),
     "port-out-of-range": (
         _NODE
@@ -82,7 +82,7 @@ spec:
   clusterIP: 127.0.80.9
   ports: [{name: http, protocol: TCP, port: 70000}]
 """,
-        ["document 1", "Service shop/web", "spec.ports[0].port", "70000"],
+        ["document 2", "Service shop/web", "spec.ports[0].port", "70000"],
     ),
     "unknown-protocol": (
         """\
@@ -93,7 +93,7 @@ spec:
   clusterIP: 127.0.80.9
   ports: [{name: http, protocol: HTTP, port: 80}]
 """,
-        ["document 0", "Service shop/web", "spec.ports[0].protocol", "HTTP"],
+        ["document 1", "Service shop/web", "spec.ports[0].protocol", "HTTP"],
     ),
     "slice-without-service-label": (
         _NODE
@@ -106,7 +106,7 @@ addressType: IPv4
 ports: [{name: http, protocol: TCP, port: 9376}]
 endpoints: [{addresses: [127.0.81.9]}]
 """,
-        ["document 1", "EndpointSlice shop/web-abc", "kubernetes.io/service-name"],
+        ["document 2", "EndpointSlice shop/web-abc", "kubernetes.io/service-name"],
     ),
 }
 
@@ -134,7 +134,7 @@ def test_broken_manifest_in_a_directory_is_named(tmp_path: Path) -> None:
     (tmp_path / "b-bad.yaml").write_text(content)
     result = run_cli("run", "--manifests", str(tmp_path))
     assert result.returncode == 2, result.stderr
-    assert f"{tmp_path / 'b-bad.yaml'}: document 1: Service shop/web: spec.ports[0].port" in (
+    assert f"{tmp_path / 'b-bad.yaml'}: document 2: Service shop/web: spec.ports[0].port" in (
         result.stderr
     )
     assert "a-good.yaml" not in result.stderr

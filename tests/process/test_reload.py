@@ -132,12 +132,12 @@ endpoints: [{{addresses: [{backend.ip}], conditions: {{ready: true}}}}]
 #: id -> (the broken file, what the logged message must contain)
 VARIANTS = {
     "bad-yaml": (broken_yaml, ["line 4", "YAML syntax error"]),
-    "missing-name": (missing_name, ["document 0", "metadata.name", "required"]),
-    "port-out-of-range": (port_out_of_range, ["document 0", "spec.ports[0].port", "70000"]),
-    "unknown-protocol": (unknown_protocol, ["document 0", "spec.ports[0].protocol", "HTTP"]),
+    "missing-name": (missing_name, ["document 1", "metadata.name", "required"]),
+    "port-out-of-range": (port_out_of_range, ["document 1", "spec.ports[0].port", "70000"]),
+    "unknown-protocol": (unknown_protocol, ["document 1", "spec.ports[0].protocol", "HTTP"]),
     "slice-without-service-label": (
         slice_without_label,
-        ["document 1", "EndpointSlice default/web-a", "kubernetes.io/service-name"],
+        ["document 2", "EndpointSlice default/web-a", "kubernetes.io/service-name"],
     ),
 }
 

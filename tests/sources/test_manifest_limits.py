@@ -125,7 +125,7 @@ def test_deep_yaml_error_names_the_document_and_line(tmp_path: Path) -> None:
     first_lines = first.count("\n")
     path = write_text(tmp_path / "web.yaml", first + "---\n" + deep)
     assert str(load_error([path])) == (
-        f"{path}: document 1: line {first_lines + 2}, column 401: nested more than 200 levels deep"
+        f"{path}: document 2: line {first_lines + 2}, column 401: nested more than 200 levels deep"
     )
 
 
@@ -256,7 +256,7 @@ def test_ten_megabyte_value_gives_a_bounded_message(tmp_path: Path, where: str) 
     print(f"{where}: {len(str(error))} characters: {str(error)[-150:]}")
     assert len(error.problems) == 1
     assert len(str(error)) <= MAX_PROBLEM_CHARS
-    assert str(error).startswith(f"{path}: document 0: Service ")
+    assert str(error).startswith(f"{path}: document 1: Service ")
     assert time.monotonic() - started < 10
 
 
@@ -417,7 +417,7 @@ async def test_large_bad_reload_in_the_child_keeps_the_state(running: Fixture) -
     await wait_for(lambda: len(fx.errors) == 1)
     assert fx.source.worker_reads == 1
     assert str(fx.errors[0]) == (
-        f"{fx.dir / 'bulk.yaml'}: document 0: line {INLINE_BYTES // 10 + 1}, column 203: "
+        f"{fx.dir / 'bulk.yaml'}: document 1: line {INLINE_BYTES // 10 + 1}, column 203: "
         "nested more than 200 levels deep"
     )
     assert fx.source.state is before

@@ -229,7 +229,7 @@ def test_error_names_file_document_object_and_field(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "web.yaml", service("a"), service("b"), service("web", port=70000))
     error = load_error([path])
     assert str(error) == (
-        f"{path}: document 2: Service default/web: spec.ports[0].port: "
+        f"{path}: document 3: Service default/web: spec.ports[0].port: "
         "70000 is out of range 1..65535"
     )
     assert error.problems == (str(error),)
@@ -243,12 +243,12 @@ def test_error_names_file_document_object_and_field(tmp_path: Path) -> None:
             "line 5, column 13: YAML syntax error: mapping values are not allowed here",
         ),
         ("kind: Service\nmetadata: {name: [web\n", "YAML syntax error"),
-        ("- just\n- a list\n", "document 0: expected a mapping"),
-        ("apiVersion: v1\nmetadata: {name: web}\n", "document 0: kind: is required"),
-        ("kind: Service\nmetadata: {name: web}\n", "document 0: apiVersion: is required"),
+        ("- just\n- a list\n", "document 1: expected a mapping"),
+        ("apiVersion: v1\nmetadata: {name: web}\n", "document 1: kind: is required"),
+        ("kind: Service\nmetadata: {name: web}\n", "document 1: apiVersion: is required"),
         (
             "apiVersion: v1\nkind: Service\nspec: {clusterIP: 10.0.0.1}\n",
-            "document 0: Service default/<unnamed>: metadata.name: is required",
+            "document 1: Service default/<unnamed>: metadata.name: is required",
         ),
         (
             "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n"
@@ -340,9 +340,9 @@ def test_duplicates_are_errors(tmp_path: Path) -> None:
     )
     error = load_error([tmp_path])
     assert error.problems == (
-        f"{second}: document 0: Service default/web: duplicate object "
-        f"(first defined in {first}: document 0)",
-        f"{second}: document 3: Node n: duplicate object (first defined in {first}: document 1)",
+        f"{second}: document 1: Service default/web: duplicate object "
+        f"(first defined in {first}: document 1)",
+        f"{second}: document 4: Node n: duplicate object (first defined in {first}: document 2)",
     )
 
 
@@ -361,15 +361,15 @@ def test_all_errors_are_collected(tmp_path: Path) -> None:
     error = load_error([tmp_path])
     assert len(error.problems) == 4
     assert error.problems[0] == (
-        f"{a}: document 1: Service default/bad1: spec.ports[0].port: 0 is out of range 1..65535"
+        f"{a}: document 2: Service default/bad1: spec.ports[0].port: 0 is out of range 1..65535"
     )
     assert error.problems[1] == (
-        f"{a}: document 2: EndpointSlice default/s: endpoints[0].addresses[0]: "
+        f"{a}: document 3: EndpointSlice default/s: endpoints[0].addresses[0]: "
         "'not-an-ip' is not a valid IP address"
     )
     assert error.problems[2].startswith(f"{b}: line ")
     assert error.problems[3] == (
-        f"{c}: document 0, items[1]: Service default/bad2: spec.ports[0].port: "
+        f"{c}: document 1, items[1]: Service default/bad2: spec.ports[0].port: "
         "expected an integer, got string 'x'"
     )
     text = str(error).splitlines()

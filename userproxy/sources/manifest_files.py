@@ -123,7 +123,8 @@ _V = TypeVar("_V")
 class ManifestError(Exception):
     """One or more problems in the manifest files, one line each.
 
-    Each line names the file, the document (0-based), the object and the field, e.g.
+    Each line names the file, the document (numbered from 1, as the config file's
+    messages do), the object and the field, e.g.
     ``web.yaml: document 2: Service default/web: spec.ports[0].port: 70000 is out of range
     1..65535``.  Invariant: every line in ``problems`` is at most :data:`MAX_PROBLEM_CHARS`
     long and ``str()`` shows at most :data:`MAX_SHOWN_PROBLEMS` of them, so the text stays
@@ -467,13 +468,13 @@ def _load_all(loader: _BoundedLoader, path: Path) -> list[object]:
         raise _SyntaxError(f"{path}: {_mark(mark)}YAML syntax error: {problem}") from None
     except _LimitError as exc:
         raise ManifestError(
-            [f"{path}: document {len(documents)}: {_mark(exc.mark)}{exc.message}"]
+            [f"{path}: document {len(documents) + 1}: {_mark(exc.mark)}{exc.message}"]
         ) from None
     except yaml.YAMLError as exc:
         raise _SyntaxError(f"{path}: YAML syntax error: {exc}") from None
     except Exception as exc:  # anything a constructor raises (ValueError, ...): a problem
         raise ManifestError(
-            [f"{path}: document {len(documents)}: cannot parse: {_exception_text(exc)}"]
+            [f"{path}: document {len(documents) + 1}: cannot parse: {_exception_text(exc)}"]
         ) from None
     finally:
         loader.dispose()
@@ -581,7 +582,8 @@ class FileContents:
     seen: dict[tuple[str, str, str], str] = field(default_factory=dict)
 
     def add_documents(self, path: Path, documents: list[object]) -> None:
-        for index, document in enumerate(documents):
+        # Numbered from 1, as people count (and as the config file's messages do).
+        for index, document in enumerate(documents, start=1):
             self.add_object(document, f"{path}: document {index}")
 
     def add_object(
