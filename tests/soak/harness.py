@@ -140,6 +140,22 @@ class Plan:
         return backend.rsplit("-", 1)[0]
 
 
+#: A reload delivering at least this many changes is a big manifest coming or going.
+BIG_RELOAD_CHANGES = 1000
+_BIG_RELOAD = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*manifests reloaded: (\d+) changes", re.M
+)
+
+
+def _overlap(windows: list[tuple[float, float]], t1: float, t2: float) -> float:
+    return sum(max(0.0, min(e, t2) - max(s, t1)) for s, e in windows)
+
+
+def _log_time(text: str) -> float:
+    """A log line's local time stamp (``2026-12-02 07:47:20,686``) as a Unix time."""
+    return time.mktime(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) + int(text[20:]) / 1000
+
+
 class Timeline:
     """What the churn driver did and when (time.monotonic(), comparable across processes)."""
 
@@ -151,6 +167,12 @@ class Timeline:
         self.instances: dict[str, list[Instance]] = defaultdict(list)
         self.by_pid: dict[int, tuple[str, Instance]] = {}
         self.stalls: list[tuple[float, float]] = []
+        #: (from, to): the proxy busy taking in a big manifest (written or removed at
+        #: ``from``, its reload applied at ``to``, from the proxy's log): edits written
+        #: meanwhile are applied after it, so they may take longer to show.
+        self.big_reloads: list[tuple[float, float]] = []
+        #: When a big manifest was removed (it is re-read as a deletion of every object).
+        self.filler_removals: list[float] = []
         self.fillers: list[tuple[float, float, int]] = []
         self.events: Counter[str] = Counter()
 
@@ -165,13 +187,32 @@ class Timeline:
         return before[-1:] + [s for t, s in history if t1 < t <= t2]
 
     def lag(self, t: float) -> float:
-        """LAG plus the loop stalls measured in the 30 s before ``t``."""
-        return LAG + self.stall_time(t - 30, t)
+        """How long a change may take to show at ``t``: LAG, plus the loop stalls measured
+        and the time the proxy spent taking in big manifests in the 30 s before ``t``."""
+        with self.lock:
+            busy = self.stalls + self.big_reloads
+        return LAG + _overlap(busy, t - 30, t)
 
     def stall_time(self, t1: float, t2: float) -> float:
         with self.lock:
             stalls = list(self.stalls)
-        return sum(max(0.0, min(e, t2) - max(s, t1)) for s, e in stalls)
+        return _overlap(stalls, t1, t2)
+
+    def note_big_reloads(self, log_text: str, wall_offset: float) -> None:
+        """Find in the proxy's log when each big manifest (written or removed) had been
+        applied: its reload delivers thousands of changes at once."""
+        applied = sorted(
+            _log_time(match.group(1)) - wall_offset
+            for match in _BIG_RELOAD.finditer(log_text)
+            if int(match.group(2)) >= BIG_RELOAD_CHANGES
+        )
+        with self.lock:
+            starts = sorted([t for t, _, _ in self.fillers] + self.filler_removals)
+        for start in starts:
+            done = next((t for t in applied if t >= start), None)
+            if done is not None:
+                with self.lock:
+                    self.big_reloads.append((start, done))
 
     def dead(self, name: str, t1: float, t2: float) -> bool:
         """Whether backend ``name`` was down at some moment in [t1, t2]."""
@@ -476,6 +517,16 @@ class Peer:
         except OSError as exc:
             raise Broken(f"ERR:{errno.errorcode.get(exc.errno or 0, exc.errno)}") from None
 
+    def shutdown_write(self) -> None:
+        """Send our FIN.  ENOTCONN means the connection was already reset (the socket is
+        closed by a RST that arrived meanwhile)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise Broken("RST") from None
+            raise Broken(f"ERR:{errno.errorcode.get(exc.errno or 0, exc.errno)}") from None
+
     def until_end(self) -> tuple[bytes, str]:
         """Read until the connection ends: (bytes, RST|EOF|TIMEOUT|ERR:x)."""
         out = bytearray(self.buf)
@@ -698,7 +749,7 @@ class Clients:
             payload = pattern(f"{rec.token}.{n}", size)
             peer.send(f"HALFCLOSE {size} {n}\n".encode() + payload)
             rec.up += size
-            peer.sock.shutdown(socket.SHUT_WR)
+            peer.shutdown_write()
             self._trailer(peer, rec, "F", str(size), sha(payload))
             expect_eof()
             rec.expect_report = "HALF"
@@ -958,6 +1009,8 @@ class Churn:
                     self.timeline.events["services recreated"] += 1
             if filler_until is not None and now >= filler_until:
                 (self.manifests / "filler.json").unlink(missing_ok=True)
+                with self.timeline.lock:
+                    self.timeline.filler_removals.append(time.monotonic())
                 filler_until = None
             elif filler_rewrite is not None and now >= filler_rewrite:
                 # Every filler Service changed: another long diff and sync on the loop.
@@ -1234,6 +1287,7 @@ class SoakReport:
     bytes_up: int = 0
     bytes_down: int = 0
     stalls: list[float] = field(default_factory=list)
+    big_reloads: list[float] = field(default_factory=list)
     latency_p50: float = 0.0
     latency_p99: float = 0.0
     fds: tuple[int, int, int] = (0, 0, 0)  # baseline, peak, end
@@ -1283,6 +1337,12 @@ class SoakReport:
             out.append(
                 f"  loop stalls seen by the canary (>250 ms): {len(self.stalls)},"
                 f" max {max(self.stalls):.2f} s, total {sum(self.stalls):.1f} s"
+            )
+        if self.big_reloads:
+            out.append(
+                f"  big manifests taken in (written or removed -> applied): "
+                f"{len(self.big_reloads)}, max {max(self.big_reloads):.1f} s,"
+                f" mean {sum(self.big_reloads) / len(self.big_reloads):.1f} s"
             )
         base, end = self.sockets
         out += [
@@ -1380,6 +1440,8 @@ def run_soak(config: SoakConfig) -> SoakReport:
     manifests.mkdir(parents=True, exist_ok=True)
     reports_dir.mkdir(exist_ok=True)
     log_path = config.workdir / "proxy.log"
+    # The proxy's log stamps local wall-clock time; the timeline is monotonic.
+    wall_offset = time.time() - time.monotonic()
     plan = Plan(config.seed)
     timeline = Timeline()
     backends = Backends(plan, timeline, reports_dir)
@@ -1492,7 +1554,9 @@ def run_soak(config: SoakConfig) -> SoakReport:
         churn.stop.set()
         churn.stop_burner()
         backends.stop_all()
-    scan_log(log_path.read_text(errors="replace") if log_path.exists() else "", report)
+    log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    scan_log(log_text, report)
+    timeline.note_big_reloads(log_text, wall_offset)
     if report.log_errors:
         for line in report.log_errors:
             report.fail("error lines in the proxy log", line)
@@ -1566,7 +1630,8 @@ def _classify_all(
                 category,
                 f"{rec.scenario} {rec.token} -> {rec.service}:{rec.port}"
                 f" backend {rec.backend} {rec.cid}; {rec.outcome} {rec.how} in {rec.phase}"
-                f" at +{rec.t_end - rec.t0:.2f}s{rec.detail and ': ' + rec.detail}"
+                f" at +{rec.t_end - rec.t0:.2f}s (allowed lag {timeline.lag(rec.t0):.1f}s)"
+                f"{rec.detail and ': ' + rec.detail}"
                 f"{f'; loop stalled {stall:.1f}s meanwhile' if stall else ''}"
                 f"{note and '; ' + note}",
             )
@@ -1583,3 +1648,4 @@ def _classify_all(
     with timeline.lock:
         report.events.update(timeline.events)
         report.stalls = [e - s for s, e in timeline.stalls]
+        report.big_reloads = [e - s for s, e in timeline.big_reloads]
