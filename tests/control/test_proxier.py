@@ -545,3 +545,48 @@ def test_trigger_times_from_before_the_start_are_not_measured(world: World) -> N
     world.wall.now = started + 2.0
     world.sync()
     assert world.proxier.status.programming_delays == pytest.approx([1.5])
+
+
+# -- the health check's localEndpoints ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "expected"),
+    [
+        ((sep("10.1.0.1", node=NODE),), 1),
+        ((sep("10.1.0.1", node=NODE), sep("10.1.0.2", node=NODE)), 2),
+        ((sep("10.1.0.1", node=NODE), sep("10.1.0.2", node="node-2")), 1),
+        ((sep("10.1.0.1", node=NODE, ready=False),), 0),
+    ],
+    ids=["one-pod", "two-pods", "one-local-one-remote", "local-not-ready"],
+)
+def test_local_endpoints_counts_distinct_ips_not_ip_port_pairs(
+    world: World, endpoints: tuple[SliceEndpoint, ...], expected: int
+) -> None:
+    """Upstream's EndpointsMap.LocalReadyEndpoints collects local ready IPs in a set per
+    Service: one pod behind a two-port Service is one local endpoint, not two."""
+    dns = ServicePort("dns", Protocol.UDP, 53)
+    service = replace(
+        svc("lb", ports=(HTTP, dns), type=ServiceType.LOAD_BALANCER),
+        external_traffic_policy=TrafficPolicy.LOCAL,
+        health_check_node_port=30999,
+    )
+    world.recorder.on_service_add(service)
+    world.recorder.on_endpointslice_add(
+        EndpointSlice(
+            NS,
+            "lb-1",
+            "lb",
+            IPFamily.IPv4,
+            ports=(
+                EndpointPort("http", Protocol.TCP, 8080),
+                EndpointPort("dns", Protocol.UDP, 5353),
+            ),
+            endpoints=endpoints,
+        )
+    )
+    world.init()
+    world.sync()
+    plan = world.proxier.plans[key("lb")]
+    assert plan.health_check_port == 30999
+    assert plan.local_endpoints == expected

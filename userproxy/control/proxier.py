@@ -73,7 +73,8 @@ class ServicePlan:
     listeners: tuple[ListenerSpec, ...] = ()
     #: ``healthCheckNodePort`` of an ``externalTrafficPolicy: Local`` load balancer.
     health_check_port: int | None = None
-    #: Distinct node-local ready endpoints (the health check's ``localEndpoints``).
+    #: Distinct node-local ready endpoint IPs over all ports (the health check's
+    #: ``localEndpoints``, upstream ``LocalReadyEndpoints``): one pod counts once.
     local_endpoints: int = 0
     #: Service ports with a Local policy and no local endpoints, per policy.
     no_local_internal: int = 0
@@ -386,7 +387,9 @@ class Proxier:
         lb_ips = {i.ip for i in service.load_balancer_ingress if i.ip_mode in (None, "VIP")}
         families = {IPFamily.of(ip) for ip in service.cluster_ips}
         specs: dict[tuple[object, ...], ListenerSpec] = {}
-        local_ready: set[tuple[str, int]] = set()
+        # Distinct IPs, as upstream's EndpointsMap.LocalReadyEndpoints counts them: one pod
+        # behind a two-port Service is one local endpoint, not one per (ip, port).
+        local_ready: set[str] = set()
         no_local_internal = no_local_external = 0
         for port in service.ports:
             spn = service.port_name(port)
@@ -395,7 +398,7 @@ class Proxier:
                 for family in families
             }
             for family_sets in sets.values():
-                local_ready.update(e.address for e in family_sets.local if e.ready)
+                local_ready.update(e.ip for e in family_sets.local if e.ready)
             if service.internal_traffic_policy is TrafficPolicy.LOCAL and any(
                 not s.local for s in sets.values()
             ):
