@@ -260,3 +260,10 @@ class _DataplaneCollector(Collector):
         yield from udp.values()
         yield from families.values()
         yield bytes_family
+        # Unlabelled: the refused Service is named in the log line that reports it.
+        yield GaugeMetricFamily(
+            "userproxy_listener_conflicts",
+            "Service addresses not listened on because another Service already serves the "
+            "same protocol, IP and port ((address, Service) pairs refused now)",
+            value=self.listeners.conflicts,
+        )

@@ -260,6 +260,12 @@ class ListenerSet:
     def active_connections(self) -> int:
         return self.limit.active
 
+    @property
+    def conflicts(self) -> int:
+        """(address, Service) pairs refused now because another Service holds the address
+        (``userproxy_listener_conflicts``): each is also logged once, when it begins."""
+        return sum(len(services) for services in self._refused.values())
+
     def totals(self) -> dict[TotalsKey, PortTotals]:
         """Counters per service port and protocol (read by the metrics collector)."""
         result = {key: dataclasses.replace(t) for key, t in self._retired.items()}

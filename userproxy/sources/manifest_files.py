@@ -2,6 +2,9 @@
 
 ``load_manifests`` reads YAML (multi-document, ``kind: List``) and JSON files and returns a
 validated :class:`ManifestState`, or raises :class:`ManifestError` listing the problems.
+Objects that are valid but would be dropped without a word (a misspelt kind, a Service
+without a cluster IP ...) are not problems: they are ``ManifestState.warnings`` (see
+``manifest_warnings.py``).
 :class:`ManifestSource` (``manifests.py``) builds on this to follow changes.
 
 Invariants, whatever the bytes in the files:
@@ -29,6 +32,7 @@ pickle frames of model objects and strings (see :func:`read_in_worker_frames`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +79,13 @@ from userproxy.sources.decode import (
     shorten,
 )
 from userproxy.sources.json_limits import MAX_DEPTH, MAX_INT_CHARS, has_long_int, json_depth
+from userproxy.sources.manifest_warnings import (
+    Category,
+    ManifestWarning,
+    cluster_ip_warning,
+    cross_check,
+    type_warning,
+)
 
 __all__ = [
     "MANIFEST_SUFFIXES",
@@ -163,13 +174,18 @@ class ManifestState:
     ``slices`` is keyed by (namespace, name); ``nodes`` by name.  Headless and ExternalName
     Services are included: the control plane skips them (``Service.is_proxied``).
     ``skipped`` names the directory entries that were not read because they are not
-    regular files (e.g. ``web.yaml: not a regular file (a FIFO)``).
+    regular files (e.g. ``web.yaml: not a regular file (a FIFO)``).  ``warnings`` are the
+    valid-but-dropped findings of ``manifest_warnings.py`` (they never fail a load);
+    ``locations`` says where each object, (kind, namespace, name), is defined
+    ("FILE: document N"), for messages.
     """
 
     services: Mapping[ServiceKey, Service] = field(default_factory=_frozen_map)
     slices: Mapping[tuple[str, str], EndpointSlice] = field(default_factory=_frozen_map)
     nodes: Mapping[str, Node] = field(default_factory=_frozen_map)
     skipped: tuple[str, ...] = ()
+    warnings: tuple[ManifestWarning, ...] = ()
+    locations: Mapping[tuple[str, str, str], str] = field(default_factory=_frozen_map)
 
 
 # --------------------------------------------------------------------------- reading
@@ -572,7 +588,9 @@ def _label(kind: str, namespace: str, name: str) -> str:
 
 @dataclass
 class FileContents:
-    """What one file contributes: decoded objects, where each identity is defined, problems."""
+    """What one file contributes: decoded objects, where each identity is defined, problems
+    (which fail the load) and warnings (which do not: objects that are valid but would be
+    dropped without a word, see ``manifest_warnings.py``)."""
 
     proxy_name: str | None
     services: dict[ServiceKey, Service] = field(default_factory=dict)
@@ -580,6 +598,7 @@ class FileContents:
     nodes: dict[str, Node] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     seen: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    warnings: list[ManifestWarning] = field(default_factory=list)
 
     def add_documents(self, path: Path, documents: list[object]) -> None:
         # Numbered from 1, as people count (and as the config file's messages do).
@@ -631,6 +650,14 @@ class FileContents:
 
         namespace, name = _raw_identity(raw)
         if (api_version, kind) not in (_SERVICE, _ENDPOINT_SLICE, _NODE):
+            unread = type_warning(api_version, kind)
+            if unread is not None:
+                # Probably meant to be read (a misspelt kind, an old apiVersion, v1
+                # Endpoints): say so rather than ignore it quietly like a Deployment.
+                category, message = unread
+                label = _label(kind, namespace, name)
+                self.warnings.append(ManifestWarning(category, where, label, message))
+                return
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "%s: ignoring %s %s",
@@ -675,6 +702,11 @@ class FileContents:
         if kind == "Service":
             service = decode_service(obj)
             self.services[service.key] = service
+            unproxied = cluster_ip_warning(service, obj)
+            if unproxied is not None:
+                self.warnings.append(
+                    ManifestWarning(Category.NO_CLUSTER_IP, where, label, unproxied)
+                )
             return
         endpoint_slice = decode_endpoint_slice(obj)
         if endpoint_slice is None:
@@ -830,15 +862,19 @@ def merge(listing: FileList, collectors: Sequence[FileContents]) -> ManifestStat
     """One state from the files' contributions (in order); ManifestError on any problem.
 
     Duplicates across files are found with set intersections, so merging 40 000 objects
-    costs a few C-level dict operations, not a Python loop over every object.
+    costs a few C-level dict operations, not a Python loop over every object.  The state's
+    warnings are the files' own; the checks across objects are :func:`with_cross_checks`
+    (or, in slices, the manifest source's).
     """
     problems = list(listing.problems)
+    warnings: list[ManifestWarning] = []
     services: dict[ServiceKey, Service] = {}
     slices: dict[tuple[str, str], EndpointSlice] = {}
     nodes: dict[str, Node] = {}
     seen: dict[tuple[str, str, str], str] = {}
     for collector in collectors:
         problems.extend(collector.problems)
+        warnings.extend(collector.warnings)
         again = seen.keys() & collector.seen.keys()
         first = {identity: seen[identity] for identity in again}
         seen.update(collector.seen)
@@ -859,7 +895,19 @@ def merge(listing: FileList, collectors: Sequence[FileContents]) -> ManifestStat
         slices=_frozen_map(slices),
         nodes=_frozen_map(nodes),
         skipped=listing.skipped,
+        warnings=tuple(warnings),
+        locations=MappingProxyType(seen),  # built here and not kept: no copy needed
     )
+
+
+def with_cross_checks(state: ManifestState) -> ManifestState:
+    """``state`` with the warnings that need more than one object added (in this thread)."""
+    found = [
+        warning
+        for warning in cross_check(state.services, state.slices, state.locations)
+        if warning is not None
+    ]
+    return dataclasses.replace(state, warnings=(*state.warnings, *found)) if found else state
 
 
 def load_manifests(
@@ -879,7 +927,9 @@ def load_manifests(
     problems = size_problems(listing.files)
     if problems:
         raise ManifestError([*listing.problems, *problems])
-    return merge(listing, [cache.collect(path, proxy_name) for path in listing.files])
+    return with_cross_checks(
+        merge(listing, [cache.collect(path, proxy_name) for path in listing.files])
+    )
 
 
 # --------------------------------------------------------------------------- the child process
@@ -895,8 +945,9 @@ Request = tuple[str | None, tuple[str, ...]]
 
 
 def _frames_for(path: str, collector: FileContents) -> Iterator[tuple[object, ...]]:
-    """A file's result as frames: ("file", path, problems) then ("objects", ...) chunks."""
-    yield ("file", path, tuple(collector.problems))
+    """A file's result as frames: ("file", path, problems, warnings) then ("objects", ...)
+    chunks."""
+    yield ("file", path, tuple(collector.problems), tuple(collector.warnings))
     seen = list(collector.seen.items())
     objects: list[Service | EndpointSlice | Node] = [
         *collector.services.values(),
@@ -919,7 +970,7 @@ def write_frame(out: BinaryIO, frame: tuple[object, ...]) -> None:
 def worker_main() -> None:
     """The child process: read a pickled :data:`Request` on stdin, write result frames.
 
-    Frames go to stdout: per file ("file", path, problems) and ("objects", objects,
+    Frames go to stdout: per file ("file", path, problems, warnings) and ("objects", objects,
     seen-items) chunks, then ("done",); a failure of the worker itself is ("failed", text).
     Only this trusted parent-child pipe carries pickles.  The child lowers its own CPU
     priority: on a busy node the proxy's event loop, not the parser, must get the CPU.
@@ -954,7 +1005,9 @@ class FrameReader:
         frame = pickle.loads(data)
         tag = frame[0]
         if tag == "file":
-            self._current = FileContents(self.proxy_name, problems=list(frame[2]))
+            self._current = FileContents(
+                self.proxy_name, problems=list(frame[2]), warnings=list(frame[3])
+            )
             self.results[frame[1]] = self._current
         elif tag == "objects":
             collector = self._current

@@ -21,11 +21,16 @@ Invariants of a reload (the event loop keeps serving connections while it runs):
 - A failed reload (any problem, or the child failing) keeps the last good state; the
   bounded error is logged once per distinct failure.  Directory entries that are not
   regular files (a FIFO ...) are skipped and logged as errors once; the other files work.
+- Valid objects that would be dropped without a word (``manifest_warnings.py``) are
+  logged as warnings naming file, document and object: each distinct one once, not at
+  every reload, at most ``LOGGED_PER_CATEGORY`` lines per category and reload.  The checks
+  across objects run in slices too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import pickle
@@ -59,6 +64,7 @@ from userproxy.sources.manifest_files import (
     size_problems,
     stat_key,
 )
+from userproxy.sources.manifest_warnings import WarningLog, cross_check
 
 __all__ = [
     "MANIFEST_SUFFIXES",
@@ -278,6 +284,7 @@ class ManifestSource:
         self._cache = ManifestCache()
         self._last_error: str | None = None
         self._skipped: tuple[str, ...] = ()
+        self._warnings = WarningLog(logger)
         #: How many reloads went through a child process (for tests and diagnostics).
         self.worker_reads = 0
 
@@ -294,6 +301,7 @@ class ManifestSource:
         self._recheck = _is_racy(signature)
         self._state = state
         self._report_skipped(state)
+        self._warnings.report(state.warnings)
         handlers = self._handlers
         for service in state.services.values():
             handlers.on_service_add(service)
@@ -395,7 +403,15 @@ class ManifestSource:
             for path, key in stale:
                 cache.store(path, key, collect_file(path, self._proxy_name))
                 await slicer.check()
-        return merge(listing, [cache.cached(path) for path in listing.files])
+        state = merge(listing, [cache.cached(path) for path in listing.files])
+        found = []
+        slicer = Slicer(bulk=len(state.services) >= BULK_OBJECTS)
+        for warning in cross_check(state.services, state.slices, state.locations):
+            if warning is None:
+                await slicer.tick()
+            else:
+                found.append(warning)
+        return dataclasses.replace(state, warnings=(*state.warnings, *found)) if found else state
 
     async def _reload(self, *, changed: bool) -> None:
         try:
@@ -413,6 +429,7 @@ class ManifestSource:
             self._last_error = None
             changed = True
         self._report_skipped(state)
+        self._warnings.report(state.warnings)
         calls = await self.apply(state)
         if (changed or calls) and self._on_reload is not None:
             self._on_reload()
