@@ -62,7 +62,6 @@ class Proxy:
             TcpTimeouts(
                 fin=settings.tcp_fin_timeout,
                 idle=settings.tcp_idle_timeout,
-                drain_grace=settings.shutdown_grace,
             ),
             UdpSettings(
                 idle_timeout=settings.udp_idle_timeout,

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import pytest
 
-from tests.support.backends import Backend
+from tests.support.backends import Backend, echo
 from tests.support.manifests import endpoint_slice, fresh_net, service, write
 from tests.support.proxyrun import free_port, running_proxy, wait_for_sync
 
@@ -156,8 +156,41 @@ async def test_all_dials_failing_resets_the_client(tmp_path: Path) -> None:
         dead.close()
 
 
-async def test_drain_abort_resets_both_sides(tmp_path: Path) -> None:
-    """A removed Service's connection still open after the drain grace is reset both ways."""
+async def test_deleted_service_keeps_its_connection_after_the_grace(tmp_path: Path) -> None:
+    """A removed Service's open connection goes on echoing after the shutdown grace and
+    several sweeps, as kube-proxy's conntrack keeps a deleted Service's established flows;
+    only new connections are refused."""
+    cluster_ip, backend_ip = addresses()
+    backend = Backend(backend_ip, echo)
+    publish(tmp_path, cluster_ip, backend)
+    other = tmp_path / "other.json"
+    try:
+        async with running_proxy(tmp_path, shutdown_grace=0.5) as proxy:
+            sock = await asyncio.to_thread(socket.create_connection, (cluster_ip, PORT), 5)
+            with sock:
+                sock.settimeout(5)
+                await asyncio.to_thread(sock.sendall, b"before\n")
+                assert await asyncio.to_thread(sock.recv, 64) == b"before\n"
+                after = proxy.proxier.status.syncs
+                (tmp_path / "s.json").unlink()
+                write(other, service("o", addresses()[0], free_port()))
+                await wait_for_sync(proxy, after)
+                with pytest.raises(ConnectionRefusedError):
+                    await asyncio.to_thread(socket.create_connection, (cluster_ip, PORT), 5)
+                # Past the grace by several sweeps (once a second): still relayed.
+                await asyncio.sleep(0.5 + 2.5)
+                for round_ in range(3):
+                    line = f"after {round_}\n".encode()
+                    await asyncio.to_thread(sock.sendall, line)
+                    assert await asyncio.to_thread(sock.recv, 64) == line
+                assert proxy.limit.active == 1
+                assert sum(1 for _ in proxy.listeners.connections()) == 1
+    finally:
+        backend.stop()
+
+
+async def test_shutdown_grace_over_resets_both_sides(tmp_path: Path) -> None:
+    """A connection still open when the process's shutdown grace ends is reset both ways."""
     backend_end: list[str] = []
 
     def hold(conn: socket.socket) -> None:
@@ -167,22 +200,19 @@ async def test_drain_abort_resets_both_sides(tmp_path: Path) -> None:
     cluster_ip, backend_ip = addresses()
     backend = Backend(backend_ip, hold)
     publish(tmp_path, cluster_ip, backend)
-    other = tmp_path / "other.json"
     try:
-        async with running_proxy(tmp_path, shutdown_grace=0.5) as proxy:
+        sock: socket.socket | None = None
+        async with running_proxy(tmp_path, shutdown_grace=0.5):
             sock = await asyncio.to_thread(socket.create_connection, (cluster_ip, PORT), 5)
-            with sock:
-                assert await asyncio.to_thread(sock.recv, 5) == b"hello"
-                after = proxy.proxier.status.syncs
-                (tmp_path / "s.json").unlink()
-                write(other, service("o", addresses()[0], free_port()))
-                await wait_for_sync(proxy, after)
-                # The sweeper aborts at the first sweep past the grace (once a second).
-                assert (await asyncio.to_thread(read_until_end, sock))[1] == "reset"
-            for _ in range(100):
-                if backend_end:
-                    break
-                await asyncio.sleep(0.05)
+            assert await asyncio.to_thread(sock.recv, 5) == b"hello"
+        # running_proxy's exit stopped the proxy: the grace passed with the connection open.
+        assert sock is not None
+        with sock:
+            assert (await asyncio.to_thread(read_until_end, sock))[1] == "reset"
+        for _ in range(100):
+            if backend_end:
+                break
+            await asyncio.sleep(0.05)
         assert backend_end == ["reset"]
     finally:
         backend.stop()

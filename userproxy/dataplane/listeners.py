@@ -4,8 +4,11 @@
 the listeners of that Service: a listener whose spec is unchanged is left alone (or, if its
 socket could not be opened, tried again), one whose pool changed gets its pool swapped, new
 ones are opened and the rest are closed.  A closed TCP listener's open connections are left
-to finish and aborted ``drain_grace`` seconds later; a closed UDP listener's sessions end
-with it (their replies would have no socket).
+open until they end by themselves (or hit ``--tcp-idle-timeout``/``--tcp-fin-timeout``), as
+kube-proxy's conntrack entries keep a deleted Service's established flows: deleting a
+Service stops new connections, not the ones it has.  Only process shutdown resets them,
+after ``--shutdown-grace`` (``drain``).  A closed UDP listener's sessions end with it
+(their replies would have no socket).
 
 ``apply`` always goes through the whole plan: a listener that cannot be opened (out of
 descriptors, address taken) is kept, without a socket, and retried; an exception for one
@@ -16,7 +19,8 @@ every ``BIND_RETRY_INTERVAL`` seconds.  An address wanted by two Services is ser
 the first; the other gets it when the first lets go.
 
 One sweeper task (not a timer per connection) enforces the TCP idle and half-close
-timeouts, the drain deadlines and the UDP idle timeout once a second.
+timeouts and the UDP idle timeout once a second, and retires closed listeners whose last
+connection has ended.
 """
 
 from __future__ import annotations
@@ -95,12 +99,11 @@ def _reason(exc: BaseException) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TcpTimeouts:
-    """``fin`` bounds a half-closed connection; ``idle`` (None = off) an idle one;
-    ``drain_grace`` how long connections of a removed listener may go on."""
+    """``fin`` bounds a half-closed connection; ``idle`` (None = off) an idle one.  A
+    removed listener's connections have no deadline of their own (see the module)."""
 
     fin: float = 120.0
     idle: float | None = None
-    drain_grace: float = 30.0
 
 
 class ListenerSet:
@@ -125,8 +128,9 @@ class ListenerSet:
         self._wanted: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
         #: Services refused an address because another Service holds it.
         self._refused: dict[ListenerKey, set[ServiceKey]] = {}
-        #: Closed listeners whose connections are still open, each with its deadline.
-        self._draining: dict[TcpListener, float] = {}
+        #: Closed TCP listeners whose connections are still open; each is retired (its
+        #: counters kept in ``_retired``) by the sweep after its last connection ends.
+        self._draining: set[TcpListener] = set()
         self._unsupported_warned: set[ListenerKey] = set()
         #: Counters of listeners that are gone, so totals never go backwards.
         self._retired: dict[TotalsKey, PortTotals] = {}
@@ -239,8 +243,9 @@ class ListenerSet:
         self._owner.pop(key, None)
         listener.close()
         if isinstance(listener, TcpListener) and listener.connections:
-            loop = asyncio.get_running_loop()
-            self._draining[listener] = loop.time() + self.timeouts.drain_grace
+            # No deadline: established connections outlive their Service, as with
+            # kube-proxy's conntrack (reset only at process shutdown, see ``drain``).
+            self._draining.add(listener)
         else:
             self._retire(listener)
 
@@ -285,7 +290,8 @@ class ListenerSet:
 
     # -- timeouts --------------------------------------------------------------------------
     async def run_sweeper(self) -> None:
-        """Enforce idle/half-close timeouts and drain deadlines, once a second, forever."""
+        """Enforce idle/half-close timeouts and retire drained listeners, once a second,
+        forever."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.sweep(asyncio.get_running_loop().time())
@@ -309,18 +315,9 @@ class ListenerSet:
                 elif now - conn.idle_since >= idle:
                     log.debug("closing a connection idle for %.0fs", idle)
                     conn.abort()
-        for listener, deadline in list(self._draining.items()):
-            if not listener.connections:
-                del self._draining[listener]
-                self._retire(listener)
-            elif now >= deadline:
-                log.info(
-                    "%s: aborting %d connections left after the drain grace",
-                    listener.spec.spn,
-                    len(listener.connections),
-                )
-                listener.abort_all()
-                del self._draining[listener]
+        for listener in [d for d in self._draining if not d.connections]:
+            self._draining.discard(listener)
+            self._retire(listener)
 
     # -- shutdown --------------------------------------------------------------------------
     def stop_accepting(self) -> None:
@@ -328,7 +325,7 @@ class ListenerSet:
             listener = self.listeners.pop(key)
             listener.close()
             if isinstance(listener, TcpListener):
-                self._draining[listener] = float("inf")
+                self._draining.add(listener)
             else:
                 self._retire(listener)
         self._owner.clear()
