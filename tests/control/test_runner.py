@@ -226,6 +226,44 @@ async def test_periodic_timer_restarts_after_a_requested_sync(harnesses: list[Ha
     assert h.syncs == [20.0, 50.0]
 
 
+async def test_set_intervals_takes_effect_in_the_wait_already_begun(
+    harnesses: list[Harness],
+) -> None:
+    """A reload (SIGHUP) shortening the period wakes the runner: the next periodic sync
+    counts the new period from the last sync, not the old one."""
+    h = await start(harnesses, min_interval=1.0, max_interval=30.0)
+    h.clock.advance(5.0)
+    await settle()
+    h.runner.set_intervals(1.0, 10.0)
+    await settle()
+    assert h.count == 0
+    h.clock.advance(4.9)
+    await settle()
+    assert h.count == 0
+    h.clock.advance(0.1)
+    await settle()
+    assert h.syncs == [10.0], "10 s after the start, not 30"
+    h.clock.advance(10.0)
+    await settle()
+    assert h.syncs == [10.0, 20.0]
+
+
+async def test_set_intervals_min_interval_rate_limits_from_then_on(
+    harnesses: list[Harness],
+) -> None:
+    h = await start(harnesses, min_interval=0.0, max_interval=30.0)
+    h.runner.set_intervals(2.0, 30.0)
+    for _ in range(3):
+        h.runner.request()
+        await settle()
+    assert h.syncs == [0.0, 0.0], "burst of two, then the new min interval"
+    h.clock.advance(2.0)
+    await settle()
+    assert h.syncs == [0.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match="positive"):
+        h.runner.set_intervals(1.0, 0.0)
+
+
 async def test_min_interval_zero_syncs_on_every_request(harnesses: list[Harness]) -> None:
     h = await start(harnesses, min_interval=0.0, max_interval=30.0)
     for expected in range(1, 6):

@@ -57,6 +57,7 @@ class SyncRunner:
         self._requested = False
         self._wakeup: asyncio.Future[None] | None = None
         self._retry_min = retry_min
+        self._retry_cap = retry_max
         self._retry_max = max(retry_min, min(retry_max, max_interval))
         self._retry_delay = retry_min
         #: When a retry is due (clock time), None when none is.
@@ -67,6 +68,20 @@ class SyncRunner:
         self._last_error: str | None = None
         self._last_error_logged = float("-inf")
         self.runs = 0
+
+    def set_intervals(self, min_interval: float, max_interval: float) -> None:
+        """New ``min_interval``/``max_interval`` (a reload of the settings), effective from
+        the next wait: the token bucket keeps its tokens, so a shorter ``min_interval``
+        never grants more than ``burst`` syncs at once, and a wait already begun under the
+        old ``max_interval`` is woken so that it measures against the new one."""
+        if min_interval < 0 or max_interval <= 0:
+            raise ValueError("sync intervals must be positive (min_interval may be 0)")
+        self._min_interval = min_interval
+        self._max_interval = max_interval
+        self._retry_max = max(self._retry_min, min(self._retry_cap, max_interval))
+        self._rescheduled = True
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     def request(self) -> None:
         """Ask for a sync soon; cheap and callable from any handler."""

@@ -287,6 +287,9 @@ class ManifestSource:
         self._warnings = WarningLog(logger)
         #: How many reloads went through a child process (for tests and diagnostics).
         self.worker_reads = 0
+        #: Set by request_reload(): the next poll re-reads every file, changed or not.
+        self._forced = False
+        self._wake: asyncio.Event | None = None
 
     @property
     def state(self) -> ManifestState | None:
@@ -330,7 +333,7 @@ class ManifestSource:
         if self._state is None:
             self.initial_load()
         loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
+        wake = self._wake = asyncio.Event()
         try:
             notify: Inotify | None = Inotify(watch_directories(self._paths))
         except OSError as exc:
@@ -364,17 +367,32 @@ class ManifestSource:
                 loop.remove_reader(notify.fileno())
                 notify.close()
 
+    def request_reload(self) -> None:
+        """Re-read every file at the next poll, whether or not its stat changed (SIGHUP).
+
+        The reload itself runs in :meth:`run`'s task, so it never overlaps a reload that is
+        already going on; an edit that kept size and mtime (``cp -p``, a coarse clock) is
+        seen this way.  Cheap; callable from a signal handler on the loop."""
+        self._forced = True
+        if self._wake is not None:
+            self._wake.set()
+
     async def poll(self) -> None:
         """Check the paths once and reload if they changed (what :meth:`run` repeats)."""
         signature = _signature(self._paths)
         changed = signature.entries != self._signature.entries
-        if not changed and not self._recheck:
+        forced, self._forced = self._forced, False
+        if forced:
+            # Forget what was read: every file is parsed again, not taken from the cache.
+            self._cache = ManifestCache()
+            logger.info("re-reading the manifests (reload requested)")
+        elif not changed and not self._recheck:
             return
         self._signature = signature
         # A file written within the last second may change again without its stat changing:
         # read it once more on later polls until it is old enough to trust stat.
         self._recheck = _is_racy(signature)
-        await self._reload(changed=changed)
+        await self._reload(changed=changed or forced)
 
     async def _load(self) -> ManifestState:
         """Load the manifests without holding the loop (see the module's invariants)."""
