@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from userproxy import __version__
+from userproxy.check import add_check_parser, check_command
 from userproxy.config import LOG_FORMATS, LOG_LEVELS, LOOPS, ConfigError, Settings
 from userproxy.configfile import describe, load_config_file, parse_go_duration
 from userproxy.logs import setup_logging
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="demo manifests (default: examples/demo if present, else a packaged copy)",
     )
     _add_common(demo)
+    add_check_parser(commands)  # its logic lives in userproxy/check.py
     return parser
 
 
@@ -302,6 +304,8 @@ def run_on_loop(main: Coroutine[Any, Any, None], loop_choice: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "check":  # validates and prints; serves and binds nothing
+        return check_command(args)
     try:
         if args.command == "demo":
             from userproxy.demo import DEMO_NODE, demo_manifests, run_demo
