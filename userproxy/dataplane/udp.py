@@ -17,10 +17,14 @@ Where kube-proxy's old userspace mode failed its users, this module does otherwi
   pool version check) and picks a current endpoint: nothing more is sent to the old one.
   An ICMP error from the endpoint (ECONNREFUSED on the connected socket) closes the session,
   so the next datagram picks again.
-* Fairness: each session has a token bucket of ``session_rate`` datagrams per second
-  (burst a tenth of that); a client beyond it has its datagrams dropped at the cost of one
-  ``recvfrom``, so one flooding client cannot take the proxy's forwarding capacity (or the
-  endpoints') from the others.
+* Optional fairness (``--udp-session-rate``, off by default): each session gets a token
+  bucket of ``session_rate`` datagrams per second (burst a tenth of that, at least 64); a
+  client beyond it has its datagrams dropped at the cost of one ``recvfrom``, so one
+  flooding client cannot take the proxy's forwarding capacity (or the endpoints') from
+  the others.  Off by default because a legitimate busy client (a DNS forwarder sends all
+  its queries from one socket) looks exactly like a flood, and nginx stream and HAProxy
+  drop nothing on purpose either.  Every drop is counted and logged (one line at most
+  every ``DROP_LOG_INTERVAL`` seconds for the process, with how many were held back).
 
 The data path uses ``loop.add_reader`` on plain non-blocking sockets: a readiness callback
 drains up to ``BATCH`` datagrams and returns, so one busy socket cannot starve the others.
@@ -51,7 +55,11 @@ BATCH = 128
 TOUCH_GRANULARITY = 1.0
 #: Kernel buffer asked for on listening sockets (the kernel may cap it at rmem_max).
 SOCKET_BUFFER = 4 * 1024 * 1024
+#: Dropped datagrams are logged at most once per this many seconds (per kind of drop).
+DROP_LOG_INTERVAL = 5.0
 _session_error_log = RateLimitedLog()
+_rate_drop_log = RateLimitedLog(DROP_LOG_INTERVAL)
+_send_drop_log = RateLimitedLog(DROP_LOG_INTERVAL)
 
 Address = tuple[str, int]
 
@@ -60,8 +68,8 @@ Address = tuple[str, int]
 class UdpSettings:
     idle_timeout: float = 30.0
     max_sessions: int = 10_000
-    #: Datagrams per second one client session may send (0: unlimited).
-    session_rate: float = 20_000.0
+    #: Datagrams per second one client session may send (0: unlimited, the default).
+    session_rate: float = 0.0
 
 
 class UdpSession:
@@ -281,6 +289,16 @@ class UdpListener(Listener):
                 if tokens < 1.0:
                     session.tokens = tokens
                     stats.drops_rate += 1
+                    _rate_drop_log(
+                        log,
+                        logging.WARNING,
+                        "%s: client %s sends more than --udp-session-rate %g datagrams/s; "
+                        "dropping its excess (%d dropped on this listener so far)",
+                        self.spec.spn,
+                        client[0],
+                        self.rate,
+                        stats.drops_rate,
+                    )
                     continue
                 session.tokens = tokens - 1.0
             table.touch(session, now)
@@ -288,6 +306,15 @@ class UdpListener(Listener):
                 session.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 stats.drops_send += 1
+                _send_drop_log(
+                    log,
+                    logging.WARNING,
+                    "%s: dropped a datagram to %s: the socket's send buffer is full "
+                    "(%d dropped on this listener so far)",
+                    self.spec.spn,
+                    session.endpoint,
+                    stats.drops_send,
+                )
                 continue
             except OSError:
                 # An ICMP error from an earlier datagram surfaces here: end the session;
