@@ -88,17 +88,19 @@ class Proxy:
             addresses=lambda: self.proxier.node_addresses,
             on_error=lambda _port, _exc: self.metrics.health_check_bind_errors.inc(),
         )
+        #: Watched by its own task (``run``): a new node address asks for a sync at once.
+        self.node_addresses = NodeAddresses(
+            self.listeners.node_local,
+            nodeport_cidrs=settings.nodeport_addresses,
+            cluster_cidrs=settings.cluster_cidr.split(",") if settings.cluster_cidr else (),
+            own_device=settings.address_device if settings.manage_addresses else None,
+        )
         self.proxier = Proxier(
             self.recorder,
             self.listeners,
             self.registry,
             on_synced=synced,
-            node_addresses=NodeAddresses(
-                self.listeners.node_local,
-                nodeport_cidrs=settings.nodeport_addresses,
-                cluster_cidrs=settings.cluster_cidr.split(",") if settings.cluster_cidr else (),
-                own_device=settings.address_device if settings.manage_addresses else None,
-            ),
+            node_addresses=self.node_addresses,
             health_checks=self._apply_health_check,
         )
         self.health = HealthState(self.recorder, self.proxier, settings.sync_period)
@@ -192,6 +194,9 @@ class Proxy:
                     tasks.create_task(self.runner.run(), name="sync-runner"),
                     tasks.create_task(self._run_source(), name="source"),
                     tasks.create_task(self.listeners.run_sweeper(), name="sweeper"),
+                    tasks.create_task(
+                        self.node_addresses.watch(self.runner.request), name="node-addresses"
+                    ),
                     *self._admin_tasks(tasks),
                 ]
                 await self._stop.wait()
