@@ -305,7 +305,7 @@ def test_documents_in_either_order_and_trailing_separator(tmp_path: Path) -> Non
         ),
         pytest.param(
             KPC + "syncPeriod: -5s\n",
-            'KubeProxyConfiguration.syncPeriod: "-5s" is negative',
+            "KubeProxyConfiguration.syncPeriod: -5s is negative",
             id="negative-duration",
         ),
         pytest.param(
@@ -331,7 +331,7 @@ def test_documents_in_either_order_and_trailing_separator(tmp_path: Path) -> Non
         ),
         pytest.param(
             KPC + "nodePortAddresses: [10.0.0.1]\n",
-            'KubeProxyConfiguration.nodePortAddresses[0]: "10.0.0.1" is not a CIDR or one of '
+            'KubeProxyConfiguration.nodePortAddresses: "10.0.0.1" is not a CIDR or one of '
             "primary, localhost, all",
             id="nodeport-address-not-cidr",
         ),

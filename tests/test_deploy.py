@@ -349,3 +349,20 @@ def test_configmap_is_applied_by_userproxys_loader(tmp_path: Path) -> None:
         "min_sync_period": 1.0,
         "config_sync_period": 900.0,
     }
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1.0, "Gi": 1024.0}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_max_connections_fit_the_memory_limit() -> None:
+    # About 55 MiB at rest and about 3.6 KiB per open connection (measured for issue 10):
+    # the connection limit must keep the process under its memory limit, or the node's
+    # only service proxy is OOM-killed at the busiest moment.
+    c = container()
+    limit = _mebibytes(c["resources"]["limits"]["memory"])
+    given = [arg.partition("=")[2] for arg in c["args"] if arg.startswith("--max-connections=")]
+    assert len(given) == 1, c["args"]
+    connections = int(given[0])
+    assert 55 + connections * 3.6 / 1024 <= 0.9 * limit, (connections, limit)

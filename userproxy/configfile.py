@@ -22,18 +22,22 @@ Rules, matching kube-proxy where it has one (see docs/configuration.md):
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
 import yaml
 
-from userproxy.config import LOG_FORMATS, LOG_LEVELS, LOOPS, ConfigError, parse_host_port
+from userproxy.config import (
+    DEFAULT_HEALTHZ_PORT,
+    DEFAULT_METRICS_PORT,
+    ConfigError,
+    check_setting,
+    show,
+)
 
 KUBE_PROXY_KIND: Final = "KubeProxyConfiguration"
 KUBE_PROXY_API_VERSION: Final = "kubeproxy.config.k8s.io/v1alpha1"
@@ -43,9 +47,16 @@ API_VERSIONS: Final[Mapping[str, str]] = {
     KUBE_PROXY_KIND: KUBE_PROXY_API_VERSION,
     USERPROXY_KIND: USERPROXY_API_VERSION,
 }
-# kube-proxy appends these to a healthz/metrics address given without a port.
-DEFAULT_HEALTHZ_PORT: Final = 10256
-DEFAULT_METRICS_PORT: Final = 10249
+__all__ = [
+    "DEFAULT_HEALTHZ_PORT",
+    "DEFAULT_METRICS_PORT",
+    "KUBE_PROXY_FIELDS",
+    "USERPROXY_FIELDS",
+    "FileConfig",
+    "describe",
+    "load_config_file",
+    "parse_go_duration",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +71,9 @@ class FileConfig:
     values: Mapping[str, object]
     applied: tuple[str, ...]
     ignored: tuple[str, ...]
+    #: ``Settings`` field -> the file field it came from (``KubeProxyConfiguration.iptables.
+    #: syncPeriod``), to name that field, not a flag, when the value is rejected later.
+    origins: Mapping[str, str] = field(default_factory=dict)
 
 
 def describe(config: FileConfig) -> str:
@@ -113,88 +127,94 @@ def parse_go_duration(text: str) -> float:
 _STR, _BOOL, _OPTBOOL, _INT, _OPTINT, _NUMBER = "str", "bool", "optbool", "int", "optint", "num"
 _DURATION, _OPTDURATION, _STRINGS, _GATES, _ANY = "dur", "optdur", "strings", "gates", "any"
 
-# Every field kube-proxy's v1alpha1 has had (current ones, plus removed ones still found in
-# deployed files, plus the top-level sync periods of its internal config), by dotted name.
-KUBE_PROXY_FIELDS: Final[Mapping[str, str]] = {
-    "featureGates": _GATES,
-    "clientConnection.kubeconfig": _STR,
-    "clientConnection.acceptContentTypes": _STR,
-    "clientConnection.contentType": _STR,
-    "clientConnection.qps": _NUMBER,
-    "clientConnection.burst": _INT,
-    "logging.format": _STR,
-    "logging.flushFrequency": _ANY,
-    "logging.verbosity": _INT,
-    "logging.vmodule": _ANY,
-    "logging.options": _ANY,
-    "hostnameOverride": _STR,
-    "bindAddress": _STR,
-    "healthzBindAddress": _STR,
-    "metricsBindAddress": _STR,
-    "bindAddressHardFail": _BOOL,
-    "enableProfiling": _BOOL,
-    "showHiddenMetricsForVersion": _STR,
-    "mode": _STR,
-    "syncPeriod": _DURATION,
-    "minSyncPeriod": _DURATION,
-    "iptables.masqueradeBit": _OPTINT,
-    "iptables.masqueradeAll": _BOOL,
-    "iptables.localhostNodePorts": _OPTBOOL,
-    "iptables.snatNodeInternalIP": _OPTBOOL,
-    "iptables.syncPeriod": _DURATION,
-    "iptables.minSyncPeriod": _DURATION,
-    "ipvs.syncPeriod": _DURATION,
-    "ipvs.minSyncPeriod": _DURATION,
-    "ipvs.scheduler": _STR,
-    "ipvs.excludeCIDRs": _STRINGS,
-    "ipvs.strictARP": _BOOL,
-    "ipvs.tcpTimeout": _DURATION,
-    "ipvs.tcpFinTimeout": _DURATION,
-    "ipvs.udpTimeout": _DURATION,
-    "nftables.masqueradeBit": _OPTINT,
-    "nftables.masqueradeAll": _BOOL,
-    "nftables.syncPeriod": _DURATION,
-    "nftables.minSyncPeriod": _DURATION,
-    "winkernel.networkName": _STR,
-    "winkernel.sourceVip": _STR,
-    "winkernel.enableDSR": _BOOL,
-    "winkernel.rootHnsEndpointName": _STR,
-    "winkernel.forwardHealthCheckVip": _BOOL,
-    "detectLocalMode": _STR,
-    "detectLocal.bridgeInterface": _STR,
-    "detectLocal.interfaceNamePrefix": _STR,
-    "clusterCIDR": _STR,
-    "nodePortAddresses": _STRINGS,
-    "oomScoreAdj": _OPTINT,
-    "conntrack.max": _INT,
-    "conntrack.maxPerCore": _OPTINT,
-    "conntrack.min": _OPTINT,
-    "conntrack.tcpEstablishedTimeout": _OPTDURATION,
-    "conntrack.tcpCloseWaitTimeout": _OPTDURATION,
-    "conntrack.tcpBeLiberal": _BOOL,
-    "conntrack.udpTimeout": _DURATION,
-    "conntrack.udpStreamTimeout": _DURATION,
-    "configSyncPeriod": _DURATION,
-    "portRange": _STR,
-    "udpIdleTimeout": _DURATION,
-    "resourceContainer": _STR,
-    "windowsRunAsService": _BOOL,
+# One table per document: dotted field name -> (the value's kind, the Settings field it sets,
+# or None when ignored).  The KubeProxyConfiguration's lists every field kube-proxy's v1alpha1
+# has had (current ones, plus removed ones still found in deployed files, plus the top-level
+# sync periods of its internal config); its sync periods are None here because the one that
+# applies depends on ``mode`` (``_SYNC_SECTIONS``).  Each set value goes through the setting's
+# one rule (``config.check_setting``), the same the flag's value goes through.
+KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[str, str | None]]] = {
+    "featureGates": (_GATES, None),
+    "clientConnection.kubeconfig": (_STR, "kubeconfig"),
+    "clientConnection.acceptContentTypes": (_STR, None),
+    "clientConnection.contentType": (_STR, None),
+    "clientConnection.qps": (_NUMBER, None),
+    "clientConnection.burst": (_INT, None),
+    "logging.format": (_STR, None),
+    "logging.flushFrequency": (_ANY, None),
+    "logging.verbosity": (_INT, None),
+    "logging.vmodule": (_ANY, None),
+    "logging.options": (_ANY, None),
+    "hostnameOverride": (_STR, "hostname"),
+    "bindAddress": (_STR, None),
+    "healthzBindAddress": (_STR, "healthz_bind_address"),
+    "metricsBindAddress": (_STR, "metrics_bind_address"),
+    "bindAddressHardFail": (_BOOL, None),
+    "enableProfiling": (_BOOL, None),
+    "showHiddenMetricsForVersion": (_STR, None),
+    "mode": (_STR, None),
+    "syncPeriod": (_DURATION, None),
+    "minSyncPeriod": (_DURATION, None),
+    "iptables.masqueradeBit": (_OPTINT, None),
+    "iptables.masqueradeAll": (_BOOL, None),
+    "iptables.localhostNodePorts": (_OPTBOOL, None),
+    "iptables.snatNodeInternalIP": (_OPTBOOL, None),
+    "iptables.syncPeriod": (_DURATION, None),
+    "iptables.minSyncPeriod": (_DURATION, None),
+    "ipvs.syncPeriod": (_DURATION, None),
+    "ipvs.minSyncPeriod": (_DURATION, None),
+    "ipvs.scheduler": (_STR, None),
+    "ipvs.excludeCIDRs": (_STRINGS, None),
+    "ipvs.strictARP": (_BOOL, None),
+    "ipvs.tcpTimeout": (_DURATION, None),
+    "ipvs.tcpFinTimeout": (_DURATION, None),
+    "ipvs.udpTimeout": (_DURATION, None),
+    "nftables.masqueradeBit": (_OPTINT, None),
+    "nftables.masqueradeAll": (_BOOL, None),
+    "nftables.syncPeriod": (_DURATION, None),
+    "nftables.minSyncPeriod": (_DURATION, None),
+    "winkernel.networkName": (_STR, None),
+    "winkernel.sourceVip": (_STR, None),
+    "winkernel.enableDSR": (_BOOL, None),
+    "winkernel.rootHnsEndpointName": (_STR, None),
+    "winkernel.forwardHealthCheckVip": (_BOOL, None),
+    "detectLocalMode": (_STR, None),
+    "detectLocal.bridgeInterface": (_STR, None),
+    "detectLocal.interfaceNamePrefix": (_STR, None),
+    "clusterCIDR": (_STR, "cluster_cidr"),
+    "nodePortAddresses": (_STRINGS, "nodeport_addresses"),
+    "oomScoreAdj": (_OPTINT, None),
+    "conntrack.max": (_INT, None),
+    "conntrack.maxPerCore": (_OPTINT, None),
+    "conntrack.min": (_OPTINT, None),
+    "conntrack.tcpEstablishedTimeout": (_OPTDURATION, None),
+    "conntrack.tcpCloseWaitTimeout": (_OPTDURATION, None),
+    "conntrack.tcpBeLiberal": (_BOOL, None),
+    "conntrack.udpTimeout": (_DURATION, None),
+    "conntrack.udpStreamTimeout": (_DURATION, None),
+    "configSyncPeriod": (_DURATION, "config_sync_period"),
+    "portRange": (_STR, None),
+    "udpIdleTimeout": (_DURATION, "udp_idle_timeout"),
+    "resourceContainer": (_STR, None),
+    "windowsRunAsService": (_BOOL, None),
 }
 
-USERPROXY_FIELDS: Final[Mapping[str, str]] = {
-    "manifests": _STRINGS,
-    "serviceProxyName": _STR,
-    "loop": _STR,
-    "logLevel": _STR,
-    "logFormat": _STR,
-    "shutdownGrace": _DURATION,
-    "tcpFinTimeout": _DURATION,
-    "tcpIdleTimeout": _DURATION,
-    "maxConnections": _INT,
-    "udpMaxSessions": _INT,
-    "udpSessionRate": _INT,
-    "manageAddresses": _BOOL,
-    "addressDevice": _STR,
+USERPROXY_FIELDS: Final[Mapping[str, tuple[str, str | None]]] = {
+    "manifests": (_STRINGS, "manifests"),
+    "serviceProxyName": (_STR, "service_proxy_name"),
+    "loop": (_STR, "loop"),
+    "logLevel": (_STR, "log_level"),
+    "logFormat": (_STR, "log_format"),
+    "shutdownGrace": (_DURATION, "shutdown_grace"),
+    "tcpFinTimeout": (_DURATION, "tcp_fin_timeout"),
+    "tcpIdleTimeout": (_DURATION, "tcp_idle_timeout"),
+    "maxConnections": (_INT, "max_connections"),
+    "serviceConnectionShare": (_INT, "service_connection_share"),
+    "clientConnectionShare": (_INT, "client_connection_share"),
+    "udpMaxSessions": (_INT, "udp_max_sessions"),
+    "udpSessionRate": (_INT, "udp_session_rate"),
+    "manageAddresses": (_BOOL, "manage_addresses"),
+    "addressDevice": (_STR, "address_device"),
 }
 
 # Settings that belong in the KubeProxyConfiguration document, for a helpful error.
@@ -214,19 +234,14 @@ _KUBE_PROXY_HOME: Final[Mapping[str, str]] = {
 }
 
 
-def _sections(schema: Mapping[str, str]) -> frozenset[str]:
+def _sections(schema: Mapping[str, tuple[str, str | None]]) -> frozenset[str]:
     return frozenset(name.rpartition(".")[0] for name in schema if "." in name)
 
 
 # --- reading ------------------------------------------------------------------------------
 
 
-def _show(value: object) -> str:
-    """A value as it would be written in the file, for messages."""
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except ValueError:  # a self-referencing YAML alias
-        return repr(value)
+_show = show
 
 
 def _reject_duplicate_keys(node: yaml.Node, where: str, seen: set[int]) -> None:
@@ -282,7 +297,7 @@ def _read_documents(path: Path) -> list[object]:
 
 def _flatten(
     document: Mapping[object, object],
-    schema: Mapping[str, str],
+    schema: Mapping[str, tuple[str, str | None]],
     sections: frozenset[str],
     where: str,
 ) -> tuple[dict[str, object], list[str]]:
@@ -330,7 +345,7 @@ def _duration(value: object, where: str) -> float:
             pass
         else:
             if seconds < 0:
-                raise ConfigError(f"{where}: {_show(value)} is negative")
+                raise ConfigError(f"{where}: {value} is negative")
             return seconds
     raise ConfigError(f"{where}: {_show(value)} is not a duration (like 30s or 1m0s)")
 
@@ -374,7 +389,7 @@ def _check(kind: str, value: object, where: str, zero_is_unset: bool) -> object 
 
 def _checked_leaves(
     document: Mapping[object, object],
-    schema: Mapping[str, str],
+    schema: Mapping[str, tuple[str, str | None]],
     file: str,
     kind: str,
     *,
@@ -394,188 +409,37 @@ def _checked_leaves(
         raise ConfigError(message)
     present: dict[str, object] = {}
     for name, raw in leaves.items():
-        value = _check(schema[name], raw, f"{where}.{name}", zero_is_unset)
+        value = _check(schema[name][0], raw, f"{where}.{name}", zero_is_unset)
         if value is not None:
             present[name] = value
     return present
 
 
-# --- converters for honoured fields -------------------------------------------------------
-
-
-def _bind_address(default_port: int) -> Callable[[object, str], object]:
-    """kube-proxy's rule: an address without a port gets the default port appended."""
-
-    def convert(value: object, where: str) -> object:
-        assert isinstance(value, str)
-        text = value.strip()
-        bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-        try:
-            address = ipaddress.ip_address(bare)
-        except ValueError:
-            pass
-        else:
-            text = (
-                f"[{address}]:{default_port}"
-                if address.version == 6
-                else f"{address}:{default_port}"
-            )
-        parse_host_port(text, where)
-        return text
-
-    return convert
-
-
-def _hostname(value: object, where: str) -> object:
-    assert isinstance(value, str)
-    name = value.strip().lower()  # kube-proxy's GetHostname trims and lowercases
-    if not name:
-        raise ConfigError(f"{where}: {_show(value)} is blank")
-    return name
-
-
-def _path(value: object, where: str) -> object:
-    assert isinstance(value, str)
-    return Path(value)
-
-
-def _seconds(value: object, where: str) -> object:
-    assert isinstance(value, float)
-    return value
-
-
-def _positive_seconds(value: object, where: str) -> object:
-    assert isinstance(value, float)
-    if value <= 0:
-        raise ConfigError(f"{where}: must be greater than 0 (omit it for the default)")
-    return value
-
-
-_NODEPORT_KEYWORDS: Final[Mapping[str, tuple[str, ...]]] = {
-    "localhost": ("127.0.0.0/8", "::1/128"),
-    "all": ("0.0.0.0/0", "::/0"),
-}
-
-
-def _nodeport_addresses(value: object, where: str) -> object:
-    assert isinstance(value, tuple)
-    result: list[str] = []
-    for index, item in enumerate(value):
-        assert isinstance(item, str)
-        entry = item.strip()
-        if entry == "primary":
-            expanded: tuple[str, ...] = (entry,)
-        elif entry in _NODEPORT_KEYWORDS:
-            expanded = _NODEPORT_KEYWORDS[entry]
-        else:
-            try:
-                if "/" not in entry:
-                    raise ValueError(entry)
-                expanded = (str(ipaddress.ip_network(entry, strict=False)),)
-            except ValueError:
-                raise ConfigError(
-                    f"{where}[{index}]: {_show(item)} is not a CIDR or one of "
-                    "primary, localhost, all"
-                ) from None
-        result.extend(cidr for cidr in expanded if cidr not in result)
-    return tuple(result)
-
-
-def _cluster_cidr(value: object, where: str) -> object:
-    assert isinstance(value, str)
-    cidrs = [cidr.strip() for cidr in value.split(",")]
-    if len(cidrs) > 2:
-        raise ConfigError(f"{where}: {_show(value)} has more than two (a dual-stack pair) CIDRs")
-    for cidr in cidrs:
-        try:
-            if "/" not in cidr:
-                raise ValueError(cidr)
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise ConfigError(f"{where}: {_show(cidr)} in {_show(value)} is not a CIDR") from None
-    return ",".join(cidrs)
-
-
-def _manifests(value: object, where: str) -> object:
-    assert isinstance(value, tuple)
-    paths: list[Path] = []
-    for index, item in enumerate(value):
-        assert isinstance(item, str)
-        if not item.strip():
-            raise ConfigError(f"{where}[{index}]: an empty path")
-        paths.append(Path(item))
-    return tuple(paths)
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[object, str], object]:
-    def convert(value: object, where: str) -> object:
-        if value not in choices:
-            raise ConfigError(f"{where}: {_show(value)} is not one of {', '.join(choices)}")
-        return value
-
-    return convert
-
-
-def _text(value: object, where: str) -> object:
-    assert isinstance(value, str)
-    return value
-
-
-def _max_connections(value: object, where: str) -> object:
-    assert isinstance(value, int)
-    if value < 1:
-        raise ConfigError(f"{where}: {value} must be at least 1 (omit it for the default)")
-    return value
-
-
-def _non_negative_rate(value: object, where: str) -> object:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{where}: {_show(value)} is not a rate >= 0 (0: unlimited)")
-    return float(value)
-
-
-def _flag_value(value: object, where: str) -> object:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {_show(value)} is not true or false")
-    return value
-
-
-# KubeProxyConfiguration field -> (Settings field, converter); the sync periods are chosen
-# separately.
-_KUBE_PROXY_HONOURED: Final[Mapping[str, tuple[str, Callable[[object, str], object]]]] = {
-    "hostnameOverride": ("hostname", _hostname),
-    "healthzBindAddress": ("healthz_bind_address", _bind_address(DEFAULT_HEALTHZ_PORT)),
-    "metricsBindAddress": ("metrics_bind_address", _bind_address(DEFAULT_METRICS_PORT)),
-    "clientConnection.kubeconfig": ("kubeconfig", _path),
-    "configSyncPeriod": ("config_sync_period", _seconds),
-    "nodePortAddresses": ("nodeport_addresses", _nodeport_addresses),
-    "clusterCIDR": ("cluster_cidr", _cluster_cidr),
-    # The old userspace mode's own field: exactly userproxy's UDP session idle timeout.
-    "udpIdleTimeout": ("udp_idle_timeout", _positive_seconds),
-}
-
-_USERPROXY_HONOURED: Final[Mapping[str, tuple[str, Callable[[object, str], object]]]] = {
-    "manifests": ("manifests", _manifests),
-    "serviceProxyName": ("service_proxy_name", _text),
-    "loop": ("loop", _choice(LOOPS)),
-    "logLevel": ("log_level", _choice(LOG_LEVELS)),
-    "logFormat": ("log_format", _choice(LOG_FORMATS)),
-    "shutdownGrace": ("shutdown_grace", _seconds),
-    "tcpFinTimeout": ("tcp_fin_timeout", _seconds),
-    "tcpIdleTimeout": ("tcp_idle_timeout", _positive_seconds),
-    "maxConnections": ("max_connections", _max_connections),
-    "udpMaxSessions": ("udp_max_sessions", _max_connections),
-    "udpSessionRate": ("udp_session_rate", _non_negative_rate),
-    "manageAddresses": ("manage_addresses", _flag_value),
-    "addressDevice": ("address_device", _text),
-}
+# --- applying the honoured fields ------------------------------------------------------
 
 
 _SYNC_SECTIONS: Final[Mapping[str, str]] = {"ipvs": "ipvs", "nftables": "nftables"}
 
 
+def _apply(
+    setting: str,
+    name: str,
+    value: object,
+    *,
+    where: str,
+    values: dict[str, object],
+    origins: dict[str, str],
+) -> None:
+    """Set ``setting`` from the file field ``name`` (dotted, with its kind) after its rule."""
+    values[setting] = check_setting(setting, value, f"{where}.{name}")
+    origins[setting] = f"{where.partition(': ')[2]}.{name}"
+
+
 def _kube_proxy(
-    document: Mapping[object, object], file: str, values: dict[str, object]
+    document: Mapping[object, object],
+    file: str,
+    values: dict[str, object],
+    origins: dict[str, str],
 ) -> tuple[list[str], list[str]]:
     present = _checked_leaves(
         document, KUBE_PROXY_FIELDS, file, KUBE_PROXY_KIND, zero_is_unset=True
@@ -584,22 +448,33 @@ def _kube_proxy(
     applied: list[str] = []
     mode = present.get("mode")
     section = _SYNC_SECTIONS.get(mode, "iptables") if isinstance(mode, str) else "iptables"
-    for name, field in (("syncPeriod", "sync_period"), ("minSyncPeriod", "min_sync_period")):
+    for name, setting in (("syncPeriod", "sync_period"), ("minSyncPeriod", "min_sync_period")):
         for candidate in (name, f"{section}.{name}"):
             if candidate in present:
-                values[field] = _seconds(present[candidate], f"{where}.{candidate}")
+                _apply(
+                    setting,
+                    candidate,
+                    present[candidate],
+                    where=where,
+                    values=values,
+                    origins=origins,
+                )
                 applied.append(candidate)
                 break
-    for name, (field, convert) in _KUBE_PROXY_HONOURED.items():
-        if name in present:
-            values[field] = convert(present[name], f"{where}.{name}")
+    for name, value in present.items():
+        honoured = KUBE_PROXY_FIELDS[name][1]
+        if honoured is not None:
+            _apply(honoured, name, value, where=where, values=values, origins=origins)
             applied.append(name)
     ignored = [name for name in present if name not in applied]
     return applied, ignored
 
 
 def _userproxy(
-    document: Mapping[object, object], file: str, values: dict[str, object]
+    document: Mapping[object, object],
+    file: str,
+    values: dict[str, object],
+    origins: dict[str, str],
 ) -> list[str]:
     present = _checked_leaves(
         document,
@@ -611,8 +486,9 @@ def _userproxy(
     )
     where = f"{file}: {USERPROXY_KIND}"
     for name, value in present.items():
-        field, convert = _USERPROXY_HONOURED[name]
-        values[field] = convert(value, f"{where}.{name}")
+        setting = USERPROXY_FIELDS[name][1]
+        assert setting is not None  # every UserProxyConfiguration field is honoured
+        _apply(setting, name, value, where=where, values=values, origins=origins)
     return list(present)
 
 
@@ -622,6 +498,7 @@ def load_config_file(path: Path) -> FileConfig:
     if not documents:
         raise ConfigError(f"{path}: no {KUBE_PROXY_KIND} or {USERPROXY_KIND} document")
     values: dict[str, object] = {}
+    origins: dict[str, str] = {}
     applied: list[str] = []
     ignored: list[str] = []
     seen: set[str] = set()
@@ -644,13 +521,14 @@ def load_config_file(path: Path) -> FileConfig:
             raise ConfigError(f"{path}: more than one {kind} document")
         seen.add(kind)
         if kind == KUBE_PROXY_KIND:
-            kube_applied, kube_ignored = _kube_proxy(body, str(path), values)
+            kube_applied, kube_ignored = _kube_proxy(body, str(path), values, origins)
             applied += kube_applied
             ignored += kube_ignored
         else:
-            applied += _userproxy(body, str(path), values)
+            applied += _userproxy(body, str(path), values, origins)
     return FileConfig(
         values=MappingProxyType(values),
         applied=tuple(sorted(applied)),
         ignored=tuple(sorted(ignored)),
+        origins=MappingProxyType(origins),
     )

@@ -8,16 +8,19 @@ following changes without a restart.  Everything binds to 127.0.0.0/8: no root n
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
-from userproxy.config import Settings
+from userproxy.config import ConfigError, Settings
 from userproxy.proxy import Proxy
 
 log = logging.getLogger(__name__)
@@ -26,40 +29,69 @@ DEMO_NODE = "demo-node"
 BACKENDS = (("web-1", "127.0.60.1"), ("web-2", "127.0.60.2"), ("web-3", "127.0.60.3"))
 BACKEND_PORT = 9376
 SERVICE_ADDRESS = ("127.0.50.1", 8080)
+#: The demo's own defaults (flags and the config file still override them): a node name
+#: that matches the demo manifests, and a health server on loopback (one machine).
+DEMO_DEFAULTS: Final[Mapping[str, object]] = {
+    "hostname": DEMO_NODE,
+    "healthz_bind_address": "127.0.0.1:10256",
+}
 
 
-def demo_manifests(requested: Path | None) -> Path:
+@contextlib.contextmanager
+def demo_manifests(requested: Path | None) -> Iterator[Path]:
     """The manifest directory to serve: the one asked for, ./examples/demo, or a copy of
-    the packaged manifests in a temporary directory (for an installed userproxy)."""
+    the packaged manifests in a temporary directory (for an installed userproxy), which is
+    removed when the block ends (a demo run leaves nothing behind)."""
     if requested is not None:
-        return requested
+        yield requested
+        return
     local = Path("examples/demo")
     if local.is_dir() and any(local.glob("*.yaml")):
-        return local
-    target = Path(tempfile.mkdtemp(prefix="userproxy-demo-"))
-    packaged = resources.files("userproxy") / "demo_manifests"
-    for entry in packaged.iterdir():
-        if entry.name.endswith(".yaml"):
-            with resources.as_file(entry) as source:
-                shutil.copy(source, target / entry.name)
-    return target
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="userproxy-demo-") as name:
+        target = Path(name)
+        packaged = resources.files("userproxy") / "demo_manifests"
+        for entry in packaged.iterdir():
+            if entry.name.endswith(".yaml"):
+                with resources.as_file(entry) as source:
+                    shutil.copy(source, target / entry.name)
+        yield target
 
 
 async def start_backends() -> list[web.AppRunner]:
-    """Start the three demo backends; each answers ``<name> (<ip>)``."""
+    """Start the three demo backends; each answers ``<name> (<ip>)``.
+
+    Raises ConfigError when one cannot listen (typically: another demo is running), with
+    the ones already started cleaned up."""
     runners: list[web.AppRunner] = []
-    for name, ip in BACKENDS:
+    try:
+        for name, ip in BACKENDS:
 
-        async def hello(request: web.Request, name: str = name, ip: str = ip) -> web.Response:
-            return web.Response(text=f"hello from {name} ({ip})\n")
+            async def hello(request: web.Request, name: str = name, ip: str = ip) -> web.Response:
+                return web.Response(text=f"hello from {name} ({ip})\n")
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", hello)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, ip, BACKEND_PORT).start()
-        runners.append(runner)
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", hello)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            try:
+                await web.TCPSite(runner, ip, BACKEND_PORT).start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"demo: cannot listen on {ip}:{BACKEND_PORT}: {exc.strerror or exc}"
+                    + (" (is another userproxy demo running?)" if _in_use(exc) else "")
+                ) from None
+    except BaseException:
+        for runner in runners:
+            await runner.cleanup()
+        raise
     return runners
+
+
+def _in_use(exc: OSError) -> bool:
+    return exc.errno == errno.EADDRINUSE
 
 
 def instructions(manifests: Path) -> str:
@@ -84,6 +116,19 @@ Press Ctrl-C to stop.
 """
 
 
+def _service_not_listening(proxy: Proxy) -> str | None:
+    """Why the demo Service's address does not listen after the first sync, if it does not."""
+    ip, port = SERVICE_ADDRESS
+    for listener in proxy.listeners:
+        if (listener.spec.ip, listener.spec.port) == SERVICE_ADDRESS:
+            error = listener.bind_error
+            if error is None:
+                return None
+            hint = " (is another userproxy demo running?)" if _in_use(error) else ""
+            return f"demo: cannot listen on {ip}:{port}: {error.strerror or error}{hint}"
+    return None  # other manifests (--manifests DIR): nothing to check
+
+
 async def run_demo(
     settings: Settings, install_signals: Callable[[Callable[[], None]], None]
 ) -> None:
@@ -94,10 +139,15 @@ async def run_demo(
         serving = asyncio.ensure_future(proxy.run())
         synced = asyncio.ensure_future(proxy.synced.wait())
         await asyncio.wait({serving, synced}, return_when=asyncio.FIRST_COMPLETED)
-        if synced.done():
-            print(instructions(settings.manifests[0]), flush=True)
-        else:
+        if not synced.done():
             synced.cancel()
+        elif (problem := _service_not_listening(proxy)) is not None:
+            # Say so and stop rather than print "is running" over a dead address.
+            proxy.stop()
+            await serving
+            raise ConfigError(problem)
+        else:
+            print(instructions(settings.manifests[0]), flush=True)
         await serving
     finally:
         for runner in runners:

@@ -41,6 +41,18 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 _resource_log = RateLimitedLog()
 
 
+def _hint(exc: OSError, port: int) -> str:
+    """What would let the bind succeed, where the errno alone does not say it."""
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        # Privileged ports: the retry succeeds only once the process gets the capability
+        # or the sysctl is lowered; until then the listener counts in bind errors.
+        return (
+            f"; port {port} is below 1024: it needs CAP_NET_BIND_SERVICE, or "
+            f"net.ipv4.ip_unprivileged_port_start <= {port}"
+        )
+    return ""
+
+
 @dataclass(slots=True)
 class ListenerStats:
     """Plain counters of one listener, read by the metrics collector at scrape time."""
@@ -51,6 +63,8 @@ class ListenerStats:
     dial_exhausted: int = 0
     refused_source_range: int = 0
     refused_no_endpoints: int = 0
+    #: TCP connections reset because their client held its share of --max-connections.
+    refused_client_limit: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     # UDP
@@ -168,8 +182,8 @@ class Listener(abc.ABC):
     def _failed(self, exc: OSError) -> None:
         spec = self.spec
         previous, self.bind_error = self.bind_error, exc
-        message = "%s: cannot listen on %s:%d: %s (will retry)"
-        args = (spec.spn, spec.ip, spec.port, exc.strerror or exc)
+        message = "%s: cannot listen on %s:%d: %s%s (will retry)"
+        args = (spec.spn, spec.ip, spec.port, exc.strerror or exc, _hint(exc, spec.port))
         if exc.errno in RESOURCE_ERRNOS:
             # Out of descriptors, every listener opened in a sync fails alike: one line.
             _resource_log(log, logging.ERROR, message, *args)

@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 import aiohttp
+import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client import ApiClient
 
+from userproxy.config import ConfigError
 from userproxy.control.handlers import Handlers
 from userproxy.model import EndpointSlice, Node, Service
 from userproxy.sources import json_limits
@@ -60,6 +62,7 @@ __all__ = [
     "RESOURCES",
     "KubernetesSource",
     "label_selector",
+    "load_client_configuration",
     "make_api_client",
 ]
 
@@ -89,22 +92,83 @@ _Key = tuple[str, str]
 OnEvent = Callable[[str, str], None]
 
 
+#: Where a pod's ServiceAccount token is mounted (what the in-cluster configuration reads).
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+async def load_client_configuration(kubeconfig: Path | None) -> k8s_client.Configuration:
+    """The API client configuration of ``kubeconfig``, or the in-cluster one when None.
+
+    Called before anything starts, so that a kubeconfig that cannot be used, or a pod
+    without a ServiceAccount token, stops the process with one line (``ConfigError``, whose
+    ``setting`` is ``kubeconfig``) instead of failing inside the running source.  The
+    checks made here first (readable, YAML, a mapping, a current-context that exists) give
+    the cause in userproxy's words; whatever else kubernetes-asyncio rejects keeps its text.
+    """
+    configuration = k8s_client.Configuration()
+    if kubeconfig is None:
+        try:
+            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except k8s_config.ConfigException as exc:
+            raise ConfigError(
+                f"in-cluster configuration: {exc} (a pod needs its ServiceAccount token at "
+                f"{SERVICE_ACCOUNT_TOKEN}: is automountServiceAccountToken false?); "
+                "or give --kubeconfig",
+                setting="kubeconfig",
+                problem=f"in-cluster configuration: {exc}",
+            ) from None
+        return configuration
+    _check_kubeconfig(kubeconfig)
+    try:
+        await k8s_config.load_kube_config(
+            config_file=str(kubeconfig),
+            client_configuration=configuration,
+            persist_config=False,
+        )
+    except (k8s_config.ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
+        problem = f"{kubeconfig} cannot be used: {exc}"
+        raise ConfigError(
+            f"--kubeconfig: {problem}", setting="kubeconfig", problem=problem
+        ) from None
+    return configuration
+
+
+def _check_kubeconfig(path: Path) -> None:
+    """The kubeconfig is a readable YAML mapping whose current-context is among its contexts."""
+
+    def fail(problem: str) -> ConfigError:
+        problem = f"{path}: {problem}"
+        return ConfigError(f"--kubeconfig: {problem}", setting="kubeconfig", problem=problem)
+
+    try:
+        document: object = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise fail(f"cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise fail("not a kubeconfig (not UTF-8 text)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise fail(f"not a kubeconfig (YAML syntax error{at})") from None
+    if not isinstance(document, dict):
+        raise fail("not a kubeconfig (not a YAML mapping)")
+    current = document.get("current-context")
+    if not current:
+        raise fail("has no current-context (set one with kubectl config use-context)")
+    contexts = document.get("contexts")
+    contexts = contexts if isinstance(contexts, list) else []
+    names = [c.get("name") for c in contexts if isinstance(c, dict)]
+    if current not in names:
+        raise fail(f"current-context {current!r} is not among its contexts {names}")
+
+
 async def make_api_client(kubeconfig: Path | None) -> ApiClient:
     """An ApiClient for ``kubeconfig``, or for the in-cluster configuration when None.
 
     The caller owns the client (``await client.close()``; :meth:`KubernetesSource.close`
     does it for the client given to the source).
     """
-    configuration = k8s_client.Configuration()
-    if kubeconfig is not None:
-        await k8s_config.load_kube_config(
-            config_file=str(kubeconfig),
-            client_configuration=configuration,
-            persist_config=False,
-        )
-    else:
-        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    return ApiClient(configuration=configuration)
+    return ApiClient(configuration=await load_client_configuration(kubeconfig))
 
 
 def label_selector(proxy_name: str | None) -> str:

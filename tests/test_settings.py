@@ -1,0 +1,357 @@
+"""One rule per setting: the same value, or the same error, from a flag and from the file.
+
+Each case gives a setting once as ``userproxy run`` flags and once as a config file
+(through the real parser, ``settings_from`` and ``load_config_file``), and states the
+expected outcome: the Settings field's value, or a phrase of the error both must give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from userproxy.cli import build_parser, settings_from
+from userproxy.config import ConfigError, Settings, format_duration
+
+KPC = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+UPC = "apiVersion: userproxy.io/v1alpha1\nkind: UserProxyConfiguration\n"
+
+
+@dataclass(frozen=True)
+class Case:
+    field: str
+    flags: tuple[str, ...]
+    file: str  # a document: KPC or UPC followed by the field
+    expect: object = None  # the field's value ...
+    error: str | None = None  # ... or a phrase both errors contain
+    source: bool = True  # give --manifests (False: the case is about the source itself)
+
+
+def kpc(body: str) -> str:
+    return KPC + body
+
+
+def upc(body: str) -> str:
+    return UPC + body
+
+
+CASES: dict[str, Case] = {
+    # Hostname: trimmed and lowercased (kube-proxy's GetHostname), blank is an error.
+    "hostname-normalised": Case(
+        "hostname",
+        ("--hostname-override", "  Node-A.Example "),
+        kpc("hostnameOverride: '  Node-A.Example '\n"),
+        "node-a.example",
+    ),
+    "hostname-blank": Case(
+        "hostname", ("--hostname-override", "   "), kpc("hostnameOverride: '   '\n"), error="blank"
+    ),
+    "hostname-empty-is-the-host-name": Case(
+        "hostname",
+        ("--hostname-override=",),
+        kpc("hostnameOverride: ''\n"),
+        socket.gethostname().strip().lower(),
+    ),
+    # nodePortAddresses: keywords expanded, host bits cleared, a bare IP refused.
+    "nodeport-addresses": Case(
+        "nodeport_addresses",
+        ("--nodeport-addresses", "10.1.2.3/8,primary,localhost"),
+        kpc("nodePortAddresses: [10.1.2.3/8, primary, localhost]\n"),
+        ("10.0.0.0/8", "primary", "127.0.0.0/8", "::1/128"),
+    ),
+    "nodeport-address-bare-ip": Case(
+        "nodeport_addresses",
+        ("--nodeport-addresses", "10.0.0.1"),
+        kpc("nodePortAddresses: [10.0.0.1]\n"),
+        error='"10.0.0.1" is not a CIDR or one of primary, localhost, all',
+    ),
+    "nodeport-address-empty-item": Case(
+        "nodeport_addresses",
+        ("--nodeport-addresses", "10.0.0.0/8,"),
+        kpc("nodePortAddresses: [10.0.0.0/8, '']\n"),
+        error='"" is not a CIDR',
+    ),
+    "nodeport-addresses-empty": Case(
+        "nodeport_addresses", ("--nodeport-addresses=",), kpc("nodePortAddresses: []\n"), ()
+    ),
+    # Bind addresses: without a port, the default port.
+    "healthz-without-port": Case(
+        "healthz_bind_address",
+        ("--healthz-bind-address", "0.0.0.0"),
+        kpc("healthzBindAddress: 0.0.0.0\n"),
+        "0.0.0.0:10256",
+    ),
+    "metrics-ipv6-without-port": Case(
+        "metrics_bind_address",
+        ("--metrics-bind-address", "::1"),
+        kpc("metricsBindAddress: '::1'\n"),
+        "[::1]:10249",
+    ),
+    "healthz-port-0-off": Case(
+        "healthz_bind_address",
+        ("--healthz-bind-address", "127.0.0.1:0"),
+        kpc("healthzBindAddress: 127.0.0.1:0\n"),
+        "127.0.0.1:0",
+    ),
+    "metrics-not-an-ip": Case(
+        "metrics_bind_address",
+        ("--metrics-bind-address", "localhost:9000"),
+        kpc("metricsBindAddress: localhost:9000\n"),
+        error="'localhost' in 'localhost:9000' is not an IP address",
+    ),
+    # Empty strings mean the default.
+    "kubeconfig-empty": Case(
+        "kubeconfig",
+        ("--kubeconfig=",),
+        kpc("clientConnection: {kubeconfig: ''}\n"),
+        error="give exactly one source",
+        source=False,
+    ),
+    "service-proxy-name-empty": Case(
+        "service_proxy_name",
+        ("--service-proxy-name", ""),
+        upc("serviceProxyName: ''\n"),
+        None,
+    ),
+    "service-proxy-name-not-a-label": Case(
+        "service_proxy_name",
+        ("--service-proxy-name", "my proxy"),
+        upc("serviceProxyName: my proxy\n"),
+        error="is not a label value",
+    ),
+    "cluster-cidr-empty": Case(
+        "cluster_cidr", ("--cluster-cidr", ""), kpc("clusterCIDR: ''\n"), None
+    ),
+    "loop-empty": Case("loop", ("--loop=",), upc("loop: ''\n"), "auto"),
+    "address-device-empty": Case(
+        "address_device", ("--address-device=",), upc("addressDevice: ''\n"), "userproxy0"
+    ),
+    # CIDRs: host bits cleared; a pair must be one of each family.
+    "cluster-cidr-host-bits": Case(
+        "cluster_cidr",
+        ("--cluster-cidr", "10.244.1.2/16, fd00:10:244::1/56"),
+        kpc("clusterCIDR: '10.244.1.2/16, fd00:10:244::1/56'\n"),
+        "10.244.0.0/16,fd00:10:244::/56",
+    ),
+    "cluster-cidr-two-ipv4": Case(
+        "cluster_cidr",
+        ("--cluster-cidr", "10.0.0.0/8,10.1.0.0/16"),
+        kpc("clusterCIDR: 10.0.0.0/8,10.1.0.0/16\n"),
+        error="has two IPv4 CIDRs",
+    ),
+    "cluster-cidr-three": Case(
+        "cluster_cidr",
+        ("--cluster-cidr", "10.0.0.0/8,fd00::/64,11.0.0.0/8"),
+        kpc("clusterCIDR: 10.0.0.0/8,fd00::/64,11.0.0.0/8\n"),
+        error="more than two",
+    ),
+    # Durations: the same range rule.
+    "sync-period": Case(
+        "sync_period", ("--sync-period", "1m30s"), kpc("syncPeriod: 1m30s\n"), 90.0
+    ),
+    "negative-duration": Case(
+        "sync_period", ("--sync-period=-5s",), kpc("syncPeriod: -5s\n"), error="-5s is negative"
+    ),
+    "min-sync-over-sync": Case(
+        "min_sync_period",
+        ("--sync-period", "10s", "--min-sync-period", "20s"),
+        kpc("iptables: {syncPeriod: 10s, minSyncPeriod: 20s}\n"),
+        error="20s is greater than the sync period (10s)",
+    ),
+    "idle-timeout-zero": Case(
+        "tcp_idle_timeout",
+        ("--tcp-idle-timeout", "0s"),
+        upc("tcpIdleTimeout: 0s\n"),
+        error="must be greater than 0",
+    ),
+    "udp-idle-timeout": Case(
+        "udp_idle_timeout", ("--udp-idle-timeout", "250ms"), kpc("udpIdleTimeout: 250ms\n"), 0.25
+    ),
+    "shutdown-grace-zero-is-real": Case(
+        "shutdown_grace", ("--shutdown-grace", "0s"), upc("shutdownGrace: 0s\n"), 0.0
+    ),
+    "config-sync-period": Case(
+        "config_sync_period",
+        ("--config-sync-period", "1h"),
+        kpc("configSyncPeriod: 1h\n"),
+        3600.0,
+    ),
+    # Counts and choices.
+    "max-connections": Case(
+        "max_connections", ("--max-connections", "500"), upc("maxConnections: 500\n"), 500
+    ),
+    "max-connections-zero": Case(
+        "max_connections",
+        ("--max-connections", "0"),
+        upc("maxConnections: 0\n"),
+        error="0 must be at least 1",
+    ),
+    "udp-session-rate-integer": Case(
+        "udp_session_rate",
+        ("--udp-session-rate", "1.5"),
+        upc("udpSessionRate: 1.5\n"),
+        error="is not an integer",
+    ),
+    "udp-session-rate-off": Case(
+        "udp_session_rate", ("--udp-session-rate", "0"), upc("udpSessionRate: 0\n"), 0
+    ),
+    "service-connection-share": Case(
+        "service_connection_share",
+        ("--service-connection-share", "40"),
+        upc("serviceConnectionShare: 40\n"),
+        40,
+    ),
+    "client-connection-share-over-100": Case(
+        "client_connection_share",
+        ("--client-connection-share", "150"),
+        upc("clientConnectionShare: 150\n"),
+        error="150 is not a percentage from 1 to 100",
+    ),
+    "client-connection-share-zero": Case(
+        "client_connection_share",
+        ("--client-connection-share", "0"),
+        upc("clientConnectionShare: 0\n"),
+        error="0 is not a percentage from 1 to 100",
+    ),
+    "udp-max-sessions": Case(
+        "udp_max_sessions", ("--udp-max-sessions", "64"), upc("udpMaxSessions: 64\n"), 64
+    ),
+    "loop-unknown": Case(
+        "loop", ("--loop", "trio"), upc("loop: trio\n"), error='"trio" is not one of'
+    ),
+    "log-level": Case("log_level", ("--log-level", "debug"), upc("logLevel: debug\n"), "debug"),
+    "log-format": Case("log_format", ("--log-format", "json"), upc("logFormat: json\n"), "json"),
+    "tcp-fin-timeout": Case(
+        "tcp_fin_timeout", ("--tcp-fin-timeout", "45s"), upc("tcpFinTimeout: 45s\n"), 45.0
+    ),
+    "manage-addresses": Case(
+        "manage_addresses", ("--manage-addresses",), upc("manageAddresses: true\n"), True
+    ),
+    "address-device-too-long": Case(
+        "address_device",
+        ("--address-device", "a-very-long-device"),
+        upc("addressDevice: a-very-long-device\n"),
+        error="18 characters long; a Linux device name has at most 15 (IFNAMSIZ)",
+    ),
+    "manifests-empty-path": Case(
+        "manifests",
+        ("--manifests", ""),
+        upc("manifests: ['']\n"),
+        error="an empty path",
+        source=False,
+    ),
+}
+
+
+def outcome(argv: list[str]) -> tuple[str, object]:
+    """("value", Settings) or ("error", message) of ``userproxy ARGV`` up to Settings."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = build_parser().parse_args(argv)
+        settings, _, _ = settings_from(args)
+    except SystemExit:
+        return "error", stderr.getvalue()
+    except ConfigError as exc:
+        return "error", str(exc)
+    return "value", settings
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_flag_and_file_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    case = CASES[name]
+    (tmp_path / "m.yaml").write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(case.file))
+    source = ["--manifests", str(tmp_path / "m.yaml")] if case.source else []
+    by_flag = outcome(["run", *source, *case.flags])
+    by_file = outcome(["run", *source, "--config", str(config)])
+    for how, (kind, result) in (("flag", by_flag), ("file", by_file)):
+        if case.error is None:
+            assert kind == "value", (how, result)
+            assert isinstance(result, Settings)
+            assert getattr(result, case.field) == case.expect, how
+        else:
+            assert kind == "error", (how, result)
+            assert case.error in str(result), (how, result)
+            assert str(result).count("\n") <= 2, result  # the cause, and a usage hint
+
+
+def test_file_errors_name_the_field_not_the_flag(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(KPC + "iptables: {syncPeriod: 10s, minSyncPeriod: 20s}\n")
+    kind, message = outcome(
+        ["run", "--manifests", str(tmp_path / "m.yaml"), "--config", str(config)]
+    )
+    assert kind == "error"
+    assert message == (
+        f"{config}: KubeProxyConfiguration.iptables.minSyncPeriod: 20s is greater than the "
+        "sync period (10s)"
+    )
+
+
+def test_every_setting_has_a_flag_and_a_rule() -> None:
+    from userproxy.config import RULES
+
+    internal = {"in_cluster"}  # derived from the environment, not a setting one gives
+    assert set(Settings.__dataclass_fields__) - internal == set(RULES)
+
+
+def test_settings_built_directly_hold_the_rules() -> None:
+    settings = Settings(
+        manifests=(Path("."),),
+        hostname=" Host-X ",
+        nodeport_addresses=("10.1.2.3/8",),
+        healthz_bind_address="127.0.0.1",
+    )
+    assert settings.hostname == "host-x"
+    assert settings.nodeport_addresses == ("10.0.0.0/8",)
+    assert settings.healthz_bind_address == "127.0.0.1:10256"
+    assert Settings(manifests=(Path("."),)).hostname == socket.gethostname().strip().lower()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0.0, "0s"),
+        (0.25, "250ms"),
+        (1.0, "1s"),
+        (90.0, "1m30s"),
+        (900.0, "15m0s"),
+        (3600.0, "1h0m0s"),
+    ],
+)
+def test_durations_shown_as_go_durations(seconds: float, shown: str) -> None:
+    assert format_duration(seconds) == shown
+
+
+def test_help_shows_real_defaults() -> None:
+    def help_of(command: str) -> str:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        return " ".join(out.getvalue().split())
+
+    run = help_of("run")
+    assert "MISSING" not in run
+    assert "(default: 15m0s)" in run  # --config-sync-period, not 900.0
+    assert "(default: 50)" in run  # --service-connection-share, an integer, not 50.0
+    assert "(default: this host's name" in run
+    demo = help_of("demo")
+    assert "this node's name (default: demo-node)" in demo
+    assert "(default: 127.0.0.1:10256)" in demo
+    for flag in (
+        "--nodeport-addresses",
+        "--manage-addresses",
+        "--address-device",
+        "--cluster-cidr",
+    ):
+        assert flag in demo, flag  # docs/configuration.md: the demo takes them too
