@@ -171,8 +171,9 @@ class _DataplaneCollector(Collector):
                 "userproxy_connections_refused",
                 "Connections accepted and then reset: reason dial_failed (no endpoint could "
                 "be reached), source_range (loadBalancerSourceRanges), no_endpoints (none "
-                "for the client's traffic class). With no endpoints at all the listener is "
-                "closed and the kernel refuses, uncounted.",
+                "for the client's traffic class), client_limit (the client IP held its "
+                "share of --max-connections, --client-connection-share). With no endpoints "
+                "at all the listener is closed and the kernel refuses, uncounted.",
                 labels=[*labels, "reason"],
             ),
             "dial_failures": CounterMetricFamily(
@@ -253,6 +254,7 @@ class _DataplaneCollector(Collector):
                 ("dial_failed", totals.dial_exhausted),
                 ("source_range", totals.refused_source_range),
                 ("no_endpoints", totals.refused_no_endpoints),
+                ("client_limit", totals.refused_client_limit),
             ):
                 families["refused"].add_metric([*port, reason], count)
             families["dial_failures"].add_metric(port, totals.dial_failures)

@@ -55,7 +55,11 @@ class Proxy:
         udp_sessions = settings.udp_max_sessions or default_udp_sessions(nofile)
         maximum = settings.max_connections or default_max_connections(nofile, udp_sessions)
         self.registry = BalancerRegistry()
-        self.limit = ConnectionLimit(maximum)
+        self.limit = ConnectionLimit(
+            maximum,
+            service_share=settings.service_connection_share,
+            client_share=settings.client_connection_share,
+        )
         self.listeners = ListenerSet(
             self.registry,
             self.limit,
@@ -183,10 +187,13 @@ class Proxy:
                     f"{exc} (it needs CAP_NET_ADMIN)"
                 ) from exc
         log.info(
-            "userproxy serving %s as node %s (max %d connections)",
+            "userproxy serving %s as node %s (max %d connections, %d%% per Service, "
+            "%d%% per client IP)",
             self._source_description(),
             self.settings.hostname,
             self.limit.maximum,
+            self.settings.service_connection_share,
+            self.settings.client_connection_share,
         )
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -291,7 +291,12 @@ async def test_deleted_service_stops_accepting_open_connections_finish(scene: Sc
 
 async def test_max_connections_pauses_accepting(scene: Scene) -> None:
     scene.publish()
-    async with running_proxy(scene.manifest.parent, max_connections=2) as proxy:
+    async with running_proxy(
+        scene.manifest.parent,
+        max_connections=2,
+        service_connection_share=100,
+        client_connection_share=100,
+    ) as proxy:
         first = await asyncio.to_thread(socket.create_connection, scene.address, 5)
         second = await asyncio.to_thread(socket.create_connection, scene.address, 5)
         try:

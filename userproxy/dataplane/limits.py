@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 log = logging.getLogger(__name__)
 
@@ -62,47 +63,170 @@ class RateLimitedLog:
         logger.log(level, msg, *args)
 
 
-class ConnectionLimit:
-    """Counts open proxied connections across all listeners and pauses accepting at the max.
+#: Defaults of --service-connection-share and --client-connection-share (percent of
+#: --max-connections).  A Service may hold half the budget and a client IP a quarter, so
+#: neither one busy Service nor one client (nor, at the default, two) can take it all.
+DEFAULT_SERVICE_SHARE = 50
+DEFAULT_CLIENT_SHARE = 25
 
-    Listeners register a pause and a resume callback; when ``active`` reaches ``maximum``
-    every listener stops accepting (clients wait in the kernel's backlog, as with HAProxy's
-    maxconn) and resumes once a connection closes.
+_client_refused_log = RateLimitedLog(interval=5.0)
+_service_full_log = RateLimitedLog(interval=5.0)
+
+
+def share_of(maximum: int, percent: float) -> int:
+    """``percent`` of ``maximum``, rounded up, at least 1; 100 or more: no bound of its
+    own (``sys.maxsize``), only ``maximum`` applies."""
+    if percent >= 100:
+        return sys.maxsize
+    return max(1, -(-maximum * round(percent * 100) // 10_000))
+
+
+_Callbacks = tuple[Callable[[], None], Callable[[], None]]
+
+
+class ConnectionLimit:
+    """Counts open proxied connections, in all, per Service and per client IP, and applies
+    three bounds in the accept path (a dict lookup each, per connection):
+
+    * ``maximum`` (``--max-connections``): reached, every listener stops accepting and
+      clients wait in the kernel's backlog (HAProxy's global ``maxconn``);
+    * ``per_service`` (``--service-connection-share`` percent of it): a Service at it has
+      its listeners stop accepting, so *its* new clients wait in the backlog while every
+      other Service goes on accepting (HAProxy's per-frontend ``maxconn``);
+    * ``per_client`` (``--client-connection-share`` percent): a client IP at it has each
+      further connection reset at once (HAProxy's ``tcp-request connection reject if {
+      src_conn_cur ge N }``, Envoy's connection_limit filter).  Such a client cannot be
+      left in the backlog: the accept queue is one FIFO for all clients, so holding one
+      back would hold back everyone behind it.
+
+    Invariants: ``active`` equals the sum of the per-Service counts and of the per-client
+    counts; a key whose count drops to 0 is removed (both dicts hold only keys with open
+    connections); a listener registered for Service ``s`` is told to pause when the total
+    reaches ``maximum`` or ``s`` reaches ``per_service``, and to resume when it falls back
+    below either (the listener's own ``_can_read`` asks ``blocked`` before it resumes, so a
+    resume while the other bound still holds is harmless).
     """
 
-    __slots__ = ("_emptied", "_listeners", "active", "maximum")
+    __slots__ = (
+        "_by_service",
+        "_clients",
+        "_emptied",
+        "_listeners",
+        "_services",
+        "active",
+        "maximum",
+        "per_client",
+        "per_service",
+    )
 
-    def __init__(self, maximum: int) -> None:
+    def __init__(
+        self,
+        maximum: int,
+        *,
+        service_share: float = 100,
+        client_share: float = 100,
+    ) -> None:
         self.maximum = maximum
+        self.per_service = share_of(maximum, service_share)
+        self.per_client = share_of(maximum, client_share)
         self.active = 0
+        self._services: dict[Hashable, int] = {}
+        self._clients: dict[str | None, int] = {}
         self._emptied: asyncio.Future[None] | None = None
-        self._listeners: dict[object, tuple[Callable[[], None], Callable[[], None]]] = {}
+        self._listeners: dict[object, _Callbacks] = {}
+        self._by_service: dict[Hashable, dict[object, _Callbacks]] = {}
 
     @property
     def full(self) -> bool:
         return self.active >= self.maximum
 
+    def blocked(self, service: Hashable = None) -> bool:
+        """Whether a listener of ``service`` must not accept now (total or its share)."""
+        return self.active >= self.maximum or self._services.get(service, 0) >= self.per_service
+
+    def service_connections(self, service: Hashable) -> int:
+        return self._services.get(service, 0)
+
+    def client_connections(self, client: str) -> int:
+        return self._clients.get(client, 0)
+
     def register(
-        self, owner: object, pause: Callable[[], None], resume: Callable[[], None]
+        self,
+        owner: object,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        service: Hashable = None,
     ) -> None:
         self._listeners[owner] = (pause, resume)
+        self._by_service.setdefault(service, {})[owner] = (pause, resume)
 
     def unregister(self, owner: object) -> None:
-        self._listeners.pop(owner, None)
+        if self._listeners.pop(owner, None) is None:
+            return
+        for service, owners in self._by_service.items():
+            if owners.pop(owner, None) is not None:
+                if not owners:
+                    del self._by_service[service]
+                return
 
-    def acquire(self) -> None:
+    def acquire(self, service: Hashable = None, client: str | None = None) -> bool:
+        """Count a new connection of ``client`` to ``service``; False (nothing counted)
+        when the client already holds its share: the caller resets the connection."""
+        clients = self._clients
+        held = clients.get(client, 0)
+        if held >= self.per_client:
+            _client_refused_log(
+                log,
+                logging.WARNING,
+                "client %s holds %d connections, its share of --max-connections %d "
+                "(--client-connection-share): its new connections are reset",
+                client,
+                held,
+                self.maximum,
+            )
+            return False
+        clients[client] = held + 1
+        count = self._services.get(service, 0) + 1
+        self._services[service] = count
         self.active += 1
         if self.active == self.maximum:
             log.warning("connection limit %d reached; accepting paused", self.maximum)
             for pause, _ in list(self._listeners.values()):
                 pause()
+        elif count == self.per_service:
+            _service_full_log(
+                log,
+                logging.WARNING,
+                "Service %s holds %d connections, its share of --max-connections %d "
+                "(--service-connection-share): its new clients wait until one closes",
+                service,
+                count,
+                self.maximum,
+            )
+            for pause, _ in list(self._by_service.get(service, {}).values()):
+                pause()
+        return True
 
-    def release(self) -> None:
+    def release(self, service: Hashable = None, client: str | None = None) -> None:
+        clients = self._clients
+        held = clients[client] - 1
+        if held:
+            clients[client] = held
+        else:
+            del clients[client]
+        count = self._services[service] - 1
+        if count:
+            self._services[service] = count
+        else:
+            del self._services[service]
         self.active -= 1
         if self.active == 0 and self._emptied is not None and not self._emptied.done():
             self._emptied.set_result(None)
         if self.active == self.maximum - 1:
             for _, resume in list(self._listeners.values()):
+                resume()
+        elif count == self.per_service - 1:
+            for _, resume in list(self._by_service.get(service, {}).values()):
                 resume()
 
     async def wait_empty(self) -> None:

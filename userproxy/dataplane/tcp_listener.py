@@ -6,7 +6,10 @@ not expose the same way on both loops:
 
 * no usable endpoints -> the socket is closed, so new clients get ECONNREFUSED at once
   (never accept-then-close, never a hang); it is opened again when endpoints return;
-* ``--max-connections`` reached -> accepting pauses (clients wait in the backlog);
+* ``--max-connections`` reached -> accepting pauses (clients wait in the backlog); the same
+  for one Service's listeners when that Service holds its share of it, while other
+  Services go on accepting; a client IP holding its share has further connections reset
+  (see ``ConnectionLimit``);
 * EMFILE/ENFILE in ``accept()`` -> accepting backs off and retries, logged at most once a
   second, instead of libuv's accept-and-drop trick or a per-attempt traceback.
 
@@ -29,7 +32,7 @@ from userproxy.dataplane.limits import ConnectionLimit, RateLimitedLog
 from userproxy.dataplane.listener import Listener
 from userproxy.dataplane.pool import BackendPool
 from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
-from userproxy.model import Endpoint, ListenerSpec
+from userproxy.model import Endpoint, ListenerSpec, ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +56,11 @@ class TcpListener(Listener):
     """Serves one TCP ListenerSpec with its own accept loop.
 
     Invariants (beyond ``Listener``'s): a client whose class has no endpoint, or outside
-    the source ranges, is reset at once; the reader is registered exactly while the socket
-    is open and accepting is neither paused by the connection limit nor backing off after a
-    resource error.
+    the source ranges, or holding its share of the connection limit, is reset at once; the
+    reader is registered exactly while the socket is open and accepting is neither paused
+    by the connection limit (in all, or this Service's share) nor backing off after a
+    resource error; every connection in ``connections`` is counted once in ``limit`` under
+    this listener's Service and its client's IP.
     """
 
     SOCK_TYPE = socket.SOCK_STREAM
@@ -69,11 +74,14 @@ class TcpListener(Listener):
     ) -> None:
         super().__init__(spec, registry, node_local)
         self.limit = limit
+        #: The Service the connection limit counts this listener's connections under: all
+        #: its ports and addresses share one budget.
+        self.service = ServiceKey(spec.spn.namespace, spec.spn.name)
         self.connections: set[DownstreamProtocol] = set()
         self._backoff: asyncio.TimerHandle | None = None
         self._backoff_delay = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
-        limit.register(self, self._pause, self._resume)
+        limit.register(self, self._pause, self._resume, self.service)
         self._apply()
 
     def close(self) -> None:
@@ -85,7 +93,7 @@ class TcpListener(Listener):
         sock.listen(BACKLOG)
 
     def _can_read(self) -> bool:
-        return self._backoff is None and not self.limit.full
+        return self._backoff is None and not self.limit.blocked(self.service)
 
     def _close_socket(self) -> None:
         if self._backoff is not None:
@@ -98,8 +106,10 @@ class TcpListener(Listener):
         sock = self._sock
         if sock is None:
             return
+        limit = self.limit
+        service = self.service
         for _ in range(ACCEPT_BATCH):
-            if self.limit.full:
+            if limit.blocked(service):
                 self._pause()
                 return
             try:
@@ -120,7 +130,11 @@ class TcpListener(Listener):
             if pool is None:
                 _reset(client)
                 continue
-            self.limit.acquire()
+            if not limit.acquire(service, client_ip):
+                # This client holds its share (logged by the limit, at most every 5 s).
+                self.stats.refused_client_limit += 1
+                _reset(client)
+                continue
             conn = DownstreamProtocol(self, client_ip, self._loop)
             task = self._loop.create_task(self._serve(conn, client, pool))
             # Kept, not looked up with current_task() later: every get_running_loop() costs
@@ -229,7 +243,7 @@ class TcpListener(Listener):
             self.connections.discard(conn)
             self.stats.bytes_up += conn.bytes_up
             self.stats.bytes_down += conn.bytes_down
-            self.limit.release()
+            self.limit.release(self.service, conn.client_ip)
 
     def abort_all(self) -> None:
         for task in list(self._tasks):
