@@ -4,27 +4,32 @@ Lifecycle (like uvicorn's): ``run()`` loads the manifests (a ManifestError here 
 process should exit 2), starts every long-lived task in one TaskGroup and waits for
 ``stop()``.  Shutdown is an explicit sequence: stop accepting on every listener, stop the
 control plane, let open connections finish for up to ``shutdown_grace`` seconds, then abort
-the rest.
+the rest; ``force_stop()`` (a second signal) ends the wait at once, and the managed
+addresses are still removed.  ``reload(settings)`` (SIGHUP) takes on the settings listed in
+``RELOADABLE`` while connections go on, and names the changed ones that need a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from userproxy.admin.health import health_app
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
 from userproxy.admin.service_health import HealthCheck, ServiceHealthServers
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.config import ConfigError, Settings, configz
+from userproxy.config import ConfigError, Settings, configz, flag_name
 from userproxy.control.health import HealthState
 from userproxy.control.proxier import Proxier, SyncStatus
 from userproxy.control.runner import SyncRunner
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.limits import (
+    FD_RESERVE,
     ConnectionLimit,
     default_max_connections,
     default_udp_sessions,
@@ -34,11 +39,51 @@ from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
 from userproxy.dataplane.udp import UdpSettings
 from userproxy.hostnet.addresses import AddressManager
 from userproxy.hostnet.node import NodeAddresses
+from userproxy.logs import setup_logging
 from userproxy.metrics import Metrics
 from userproxy.model import ServiceKey
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
+if TYPE_CHECKING:
+    from kubernetes_asyncio.client import Configuration
+
 log = logging.getLogger(__name__)
+
+#: Settings a running proxy takes on at ``reload()``: read afresh by the sync runner, the
+#: sweeper, the UDP session table and the shutdown sequence.  A change to any other setting
+#: (addresses bound, the loop, the source, the node's name, the limits sized at start, the
+#: UDP rate each listener takes when it opens, --manage-addresses ...) needs a restart;
+#: reload names it and keeps the old value.
+RELOADABLE = frozenset(
+    {
+        "log_level",
+        "log_format",
+        "min_sync_period",
+        "sync_period",
+        "shutdown_grace",
+        "tcp_fin_timeout",
+        "tcp_idle_timeout",
+        "udp_idle_timeout",
+    }
+)
+
+
+def _warn_if_over_nofile(maximum: int, nofile: int, udp_sessions: int) -> None:
+    """Warn when the connection limit cannot be reached: each proxied TCP connection holds
+    two descriptors, and the UDP sessions and a reserve take theirs first.  Past that,
+    accepts fail with EMFILE instead of waiting at the limit, so say what can be served."""
+    servable = max(0, (nofile - FD_RESERVE - udp_sessions) // 2)
+    if maximum > servable:
+        log.warning(
+            "the connection limit (--max-connections) is %d, but the open-files limit %d "
+            "(less %d for UDP sessions and %d reserved, two per connection) serves only %d "
+            "connections; raise the limit (ulimit -n, LimitNOFILE) or lower the setting",
+            maximum,
+            nofile,
+            udp_sessions,
+            FD_RESERVE,
+            servable,
+        )
 
 
 class Proxy:
@@ -54,6 +99,7 @@ class Proxy:
         nofile = raise_nofile_limit()
         udp_sessions = settings.udp_max_sessions or default_udp_sessions(nofile)
         maximum = settings.max_connections or default_max_connections(nofile, udp_sessions)
+        _warn_if_over_nofile(maximum, nofile, udp_sessions)
         self.registry = BalancerRegistry()
         self.limit = ConnectionLimit(
             maximum,
@@ -114,6 +160,7 @@ class Proxy:
         self._managed: frozenset[str] = frozenset()
         self._addresses_error: str | None = None
         self.manifests: ManifestSource | None = None
+        self._client_configuration: Configuration | None = None
         if settings.manifests:
             self.manifests = ManifestSource(
                 settings.manifests,
@@ -127,6 +174,9 @@ class Proxy:
         self.health_ready = asyncio.Event()
         self.metrics_ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        #: What /configz serves: the settings in effect, updated in place by reload().
+        self._configz: dict[str, object] = configz(settings)
         self.synced = asyncio.Event()
         self.stopped = asyncio.Event()
         self._next_sync = asyncio.Event()
@@ -173,11 +223,73 @@ class Proxy:
         """Begin the shutdown sequence (idempotent)."""
         self._stop.set()
 
+    def force_stop(self) -> None:
+        """Shut down without waiting for open connections (a second SIGTERM/SIGINT): they
+        are reset at once, whether the grace period has begun or not; the managed addresses
+        are still removed.  Idempotent."""
+        self._stop.set()
+        self._force.set()
+
+    def reload(self, new: Settings) -> None:
+        """Take on ``new``'s values of the RELOADABLE settings; log, in one line, what was
+        applied and which changed settings need a restart (those keep their old value).
+
+        Open connections and listeners are untouched: new timeouts apply from the next
+        sweep (also to connections already open), a new ``shutdown_grace`` to the next
+        shutdown, new sync periods from the runner's next wait.  The manifests are re-read
+        (in the source's task).  ``self.settings`` and /configz show the settings in
+        effect.  Never raises: a combination that fails validation (a file checked at
+        start that is gone now) is logged and nothing changes."""
+        old = self.settings
+        changed = [
+            name
+            for name in old.__dataclass_fields__
+            if getattr(old, name) != getattr(new, name) and name != "in_cluster"
+        ]
+        applied = [name for name in changed if name in RELOADABLE]
+        restart = [name for name in changed if name not in RELOADABLE]
+        try:
+            effective = dataclasses.replace(old, **{name: getattr(new, name) for name in applied})
+        except ConfigError as exc:
+            log.error("settings not reloaded, keeping the last good ones: %s", exc)
+            return
+        self.settings = effective
+        if {"log_level", "log_format"} & set(applied):
+            setup_logging(effective.log_level, effective.log_format)
+        self.runner.set_intervals(effective.min_sync_period, effective.sync_period)
+        self.health.timeout = 2 * effective.sync_period  # HealthState's rule, as at start
+        self.listeners.timeouts = dataclasses.replace(
+            self.listeners.timeouts,
+            fin=effective.tcp_fin_timeout,
+            idle=effective.tcp_idle_timeout,
+        )
+        table = self.listeners.udp_sessions
+        table.settings = dataclasses.replace(
+            table.settings, idle_timeout=effective.udp_idle_timeout
+        )
+        self._configz.clear()
+        self._configz.update(configz(effective))
+        if self.manifests is not None:
+            self.manifests.request_reload()
+        log.info(
+            "reloaded the settings: applied %s; %s",
+            ", ".join(f"{flag_name(n)}={getattr(effective, n)}" for n in applied) or "none",
+            "needs a restart (kept as they were): " + ", ".join(map(flag_name, restart))
+            if restart
+            else "nothing needs a restart",
+        )
+
     async def run(self) -> None:
         """Serve until ``stop()``; raises ManifestError if the first load fails and
         ConfigError if ``--manage-addresses`` cannot create its device."""
         if self.manifests is not None:
             self.manifests.initial_load()
+        else:
+            # Read before anything starts: a kubeconfig that cannot be used (or a pod
+            # without a ServiceAccount token) is a ConfigError now, not a failing task.
+            from userproxy.sources.kubernetes import load_client_configuration
+
+            self._client_configuration = await load_client_configuration(self.settings.kubeconfig)
         if self.addresses is not None:
             try:
                 self.addresses.open()
@@ -209,11 +321,25 @@ class Proxy:
                 await self._stop.wait()
                 log.info("shutting down: no longer accepting connections")
                 self.listeners.stop_accepting()
+                open_now = self.listeners.active_connections
+                if open_now and self.settings.shutdown_grace and not self._force.is_set():
+                    # Logged here, with the listeners closed, so the line comes before
+                    # anything a client can see of the shutdown.
+                    log.info(
+                        "waiting up to %gs for %d open connections to finish "
+                        "(stop again, e.g. a second SIGTERM or Ctrl-C, to close them now)",
+                        self.settings.shutdown_grace,
+                        open_now,
+                    )
                 for task in control:
                     task.cancel()
-            aborted = await self.listeners.drain(self.settings.shutdown_grace)
+            aborted = await self._drain()
             if aborted:
-                log.warning("aborted %d connections still open after the grace period", aborted)
+                log.warning(
+                    "aborted %d connections still open %s",
+                    aborted,
+                    "(forced)" if self._force.is_set() else "after the grace period",
+                )
             log.info("stopped")
         finally:
             await self.service_health.close()
@@ -221,6 +347,24 @@ class Proxy:
                 # Last: removing the addresses would break connections still draining.
                 self.addresses.close()
             self.stopped.set()
+
+    async def _drain(self) -> int:
+        """Wait up to ``shutdown_grace`` for open connections to end, or until
+        ``force_stop()``; abort the rest; the number aborted."""
+        grace = 0.0 if self._force.is_set() else self.settings.shutdown_grace
+        drain = asyncio.ensure_future(self.listeners.drain(grace))
+        forced = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forced.cancel()
+            if not drain.done():
+                # Forced (or we are cancelled): stop waiting out the grace.
+                drain.cancel()
+                await asyncio.wait({drain})
+        if drain.cancelled():
+            return await self.listeners.drain(0.0)  # grace 0: abort every connection now
+        return drain.result()
 
     def _source_description(self) -> str:
         settings = self.settings
@@ -234,9 +378,12 @@ class Proxy:
         if self.manifests is not None:
             await self.manifests.run()
             return
-        from userproxy.sources.kubernetes import KubernetesSource, make_api_client
+        from kubernetes_asyncio.client import ApiClient
 
-        api = await make_api_client(self.settings.kubeconfig)
+        from userproxy.sources.kubernetes import KubernetesSource
+
+        assert self._client_configuration is not None  # loaded by run()
+        api = ApiClient(configuration=self._client_configuration)
         try:
             source = KubernetesSource(
                 api,
@@ -260,7 +407,7 @@ class Proxy:
             )
         metrics_address = self.settings.metrics_address
         if metrics_address is not None:
-            app = metrics_app(self.metrics, self.health, configz(self.settings))
+            app = metrics_app(self.metrics, self.health, self._configz)
             started.append(
                 tasks.create_task(serve_app(app, metrics_address, "metrics", self.metrics_ready))
             )

@@ -13,7 +13,11 @@ can be created before the address exists locally, and the operator makes the add
 (``ip route add local <service CIDR> dev lo``, or a dummy interface holding them).  With
 ``--manage-addresses`` an ``AddressManager`` does it: it adds each served IP as a /32 or
 /128 to a device it owns (``userproxy0``), removes it when it stops being served, never
-touches an address it did not add, and cleans up on exit.
+touches an address it did not add, and cleans up on exit.  What it owns is marked in the
+kernel, so that ownership outlives the process (SIGKILL, crash): each address it adds
+carries ``IFA_PROTO`` :data:`ADDRESS_PROTO`, and a device it creates carries the alias
+:data:`DEVICE_ALIAS`.  ``cleanup()`` (``userproxy cleanup``) removes exactly what carries
+those marks, from another process, after a crash.
 
 Netlink access uses pyroute2's synchronous ``IPRoute``.  Since pyroute2 0.9 that class runs
 its own asyncio event loop with ``run_until_complete`` and therefore raises "This event loop
@@ -42,7 +46,10 @@ from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-unty
 
 __all__ = [
     "ADDRESS_PROTO",
+    "DEVICE_ALIAS",
     "AddressManager",
+    "Cleanup",
+    "cleanup",
     "local_addresses",
     "primary_addresses",
     "select_nodeport_addresses",
@@ -57,6 +64,12 @@ T = TypeVar("T")
 #: userproxy run that could not clean up (SIGKILL, crash); ``open()`` adopts them as its own so
 #: the next ``sync`` removes the ones no longer served.
 ADDRESS_PROTO = 0x75
+
+#: Alias (``IFLA_IFALIAS``, ``ip link`` shows it) given to a device an ``AddressManager``
+#: creates: after a crash, the device can still be told apart from one made by hand.  A
+#: later ``open()`` adopts a device carrying it (and deletes it on close); ``cleanup()``
+#: deletes it.  A device without it is never deleted.
+DEVICE_ALIAS = "userproxy: created by --manage-addresses"
 
 _IFA_F_NODAD = 0x02  # linux/if_addr.h: no duplicate address detection, usable at once
 _IFF_LOOPBACK = 0x08  # linux/if.h
@@ -360,7 +373,15 @@ class AddressManager:
         link = ipr.link("get", index=index)[0]
         info = link.get_attr("IFLA_LINKINFO")
         self._kind = str(info.get_attr("IFLA_INFO_KIND")) if info is not None else "unknown"
-        if not self._created:
+        if not self._created and link.get_attr("IFLA_IFALIAS") == DEVICE_ALIAS:
+            # Created by an earlier run that could not clean up: ours to delete on close.
+            self._created = True
+            log.info(
+                "manage-addresses: adopting device %s (kind %s) left by an earlier run",
+                self._device,
+                self._kind,
+            )
+        elif not self._created:
             log.info(
                 "manage-addresses: using existing device %s (kind %s)", self._device, self._kind
             )
@@ -380,10 +401,28 @@ class AddressManager:
                 continue
             self._created = True
             log.info("manage-addresses: created device %s (kind %s)", self._device, kind)
+            self._mark_device(ipr)
             return
         raise OSError(
             errno.EOPNOTSUPP, f"cannot create device {self._device}: {'; '.join(failures)}"
         )
+
+    def _mark_device(self, ipr: Any) -> None:
+        """Give the device just created the alias that says it is ours (DEVICE_ALIAS)."""
+        found = ipr.link_lookup(ifname=self._device)
+        if not found:
+            return  # deleted meanwhile; _ensure_device notices
+        try:
+            ipr.link("set", index=int(found[0]), ifalias=DEVICE_ALIAS)
+        except NetlinkError as exc:
+            # Not fatal: only a cleanup after a crash needs the mark (it then keeps the device).
+            log.warning(
+                "manage-addresses: cannot mark device %s as ours: errno %d (%s); after a "
+                "crash, `userproxy cleanup` will leave the device (not its addresses)",
+                self._device,
+                exc.code,
+                os.strerror(exc.code),
+            )
 
     def _adopt_leftovers(self, ipr: Any, index: int) -> None:
         for a in _dump_addresses(ipr):
@@ -455,3 +494,95 @@ class AddressManager:
                 return
         self._added.discard(address.compressed)
         log.info("manage-addresses: removed %s from %s", address, self._device)
+
+
+@dataclass(frozen=True, slots=True)
+class Cleanup:
+    """What ``cleanup()`` found and did on one device.
+
+    ``removed``: the addresses carrying ADDRESS_PROTO that were removed.  ``others``: the
+    addresses on the device that userproxy did not add (IPv6 link-local left out), kept.
+    ``deleted``: whether the device was deleted (only when it carries DEVICE_ALIAS and
+    holds no ``others``)."""
+
+    device: str
+    found: bool
+    removed: tuple[str, ...] = ()
+    others: tuple[str, ...] = ()
+    marked: bool = False
+    deleted: bool = False
+
+    def summary(self) -> str:
+        """One line for the operator: what was removed, and why anything stayed."""
+        if not self.found:
+            return f"nothing to clean up: no device {self.device}"
+        parts = []
+        if self.removed:
+            parts.append(
+                f"removed {len(self.removed)} addresses from {self.device} "
+                f"({', '.join(self.removed)})"
+            )
+        else:
+            parts.append(f"no addresses of userproxy's on {self.device}")
+        if self.deleted:
+            parts.append(f"deleted device {self.device}")
+        elif not self.marked:
+            parts.append(f"kept device {self.device}: not created by userproxy")
+        else:
+            parts.append(
+                f"kept device {self.device}: it holds addresses userproxy did not add "
+                f"({', '.join(self.others)})"
+            )
+        return "; ".join(parts)
+
+
+def cleanup(device: str = "userproxy0") -> Cleanup:
+    """Remove what ``AddressManager``s left on ``device`` (kube-proxy's ``--cleanup``).
+
+    Meant for after a crash or SIGKILL, when no userproxy runs with this device: every
+    address on ``device`` marked with ADDRESS_PROTO is removed, and the device is deleted if
+    it carries DEVICE_ALIAS and no address that userproxy did not add remains.  Nothing
+    without the marks is touched.  Idempotent: a second call finds nothing.  Raises
+    OSError (with the errno, e.g. EPERM without CAP_NET_ADMIN) when netlink refuses."""
+
+    def run() -> Cleanup:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=device)
+            if not found:
+                return Cleanup(device, found=False)
+            index = int(found[0])
+            marked = ipr.link("get", index=index)[0].get_attr("IFLA_IFALIAS") == DEVICE_ALIAS
+            removed: list[str] = []
+            others: list[str] = []
+            for a in _dump_addresses(ipr):
+                if a.index != index:
+                    continue
+                if a.proto != ADDRESS_PROTO:
+                    if not a.link_local:
+                        others.append(a.text)
+                    continue
+                try:
+                    ipr.addr("del", index=index, address=a.text, prefixlen=a.prefixlen)
+                except NetlinkError as exc:
+                    if exc.code not in _GONE:
+                        raise OSError(
+                            exc.code,
+                            f"cannot remove {a.text} from {device}: {os.strerror(exc.code)}",
+                        ) from exc
+                removed.append(a.text)
+            deleted = False
+            if marked and not others:
+                try:
+                    ipr.link("del", index=index)
+                except NetlinkError as exc:
+                    if exc.code not in _GONE:
+                        raise OSError(
+                            exc.code, f"cannot delete device {device}: {os.strerror(exc.code)}"
+                        ) from exc
+                deleted = True
+            return Cleanup(device, True, tuple(removed), tuple(others), marked, deleted)
+
+    try:
+        return _outside_event_loop(run)
+    except NetlinkError as exc:  # from the lookups: report it as the OSError it is
+        raise OSError(exc.code, f"{device}: {os.strerror(exc.code)}") from exc

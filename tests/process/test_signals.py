@@ -1,0 +1,227 @@
+"""Signals of a running ``userproxy run``: a second SIGINT/SIGTERM forces the shutdown,
+SIGHUP reloads the settings and the manifests without ending anything.
+
+Each test runs ``python -m userproxy`` as a child and talks to it through a real echo
+backend and the metrics server's ``/configz``.
+
+Addresses: Services on 127.0.86.N:8080, backends on 127.0.87.N, the metrics server on
+127.0.86.200 (no other test uses these).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.process.test_cli import exchange, output_of, wait_refused
+from tests.support.backends import Backend, echo
+from tests.support.manifests import endpoint_slice, service, write
+from tests.support.proxyrun import free_port, proxy_process, wait_listening
+
+METRICS_IP = "127.0.86.200"
+SERVICE_PORT = 8080
+
+
+@contextlib.contextmanager
+def echo_service(tmp_path: Path, host: int) -> Iterator[tuple[tuple[str, int], Path]]:
+    """An echo backend on 127.0.87.HOST behind a Service at 127.0.86.HOST:8080; yields the
+    Service address and the manifest directory."""
+    backend = Backend(f"127.0.87.{host}", echo)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    cluster_ip = f"127.0.86.{host}"
+    write(
+        manifests / "echo.json",
+        service("echo", cluster_ip, SERVICE_PORT),
+        endpoint_slice("echo-a", "echo", backend.port, [backend.ip]),
+    )
+    try:
+        yield (cluster_ip, SERVICE_PORT), manifests
+    finally:
+        backend.stop()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM)],
+    ids=["sigint-twice", "sigterm-twice"],
+)
+def test_a_second_signal_during_the_grace_exits_at_once(
+    tmp_path: Path, first: signal.Signals, second: signal.Signals
+) -> None:
+    host = 1 if first == signal.SIGINT else 2
+    with (
+        echo_service(tmp_path, host) as (address, manifests),
+        proxy_process(["run", "--manifests", str(manifests), "--shutdown-grace", "30s"]) as proc,
+    ):
+        wait_listening(address)
+        with socket.create_connection(address, timeout=10) as conn:
+            assert exchange(conn, b"hello") == b"hello"
+            proc.send_signal(first)
+            wait_refused(address, timeout=5)  # the shutdown has begun...
+            # ... and the open connection keeps the 30 s grace period going.
+            assert exchange(conn, b"still here") == b"still here"
+            assert proc.poll() is None
+            proc.send_signal(second)
+            signalled = time.monotonic()
+            returncode = proc.wait(timeout=10)
+            exited_after = time.monotonic() - signalled
+            conn.settimeout(5)
+            try:
+                rest = conn.recv(100)
+            except ConnectionResetError:
+                rest = b""
+        output = output_of(proc)
+    assert exited_after < 1.0, (exited_after, output)
+    assert returncode == 128 + second, output
+    assert rest == b"", "the connection was closed"
+    # The probes of wait_listening/wait_refused may still be counted as they close.
+    assert re.search(r"waiting up to 30s for [1-9]\d* open connections", output), output
+    assert f"{second.name} again: closing open connections now" in output, output
+    assert "aborted 1 connections still open (forced)" in output, output
+
+
+def configz(port: int) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://{METRICS_IP}:{port}/configz", timeout=5) as response:
+        body: dict[str, object] = json.load(response)
+    return body
+
+
+def own_settings(port: int) -> dict[str, object]:
+    value = configz(port)["userproxy.io"]
+    assert isinstance(value, dict)
+    return value
+
+
+def config_text(*, hostname: str, sync_period: str, idle: str) -> str:
+    return f"""\
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+hostnameOverride: {hostname}
+iptables:
+  syncPeriod: {sync_period}
+---
+apiVersion: userproxy.io/v1alpha1
+kind: UserProxyConfiguration
+tcpIdleTimeout: {idle}
+"""
+
+
+def wait_for(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sighup_applies_the_config_file_and_keeps_open_connections(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(hostname="node-a", sync_period="30s", idle="1h0m0s"))
+    metrics = f"--metrics-bind-address={METRICS_IP}:{port}"
+    with echo_service(tmp_path, 3) as (address, manifests):
+        args = ["run", "--manifests", str(manifests), "--config", str(config), metrics]
+        with proxy_process(args) as proc:
+            _sighup_scene(proc, address, port, config)
+            output = output_of(proc)
+    applied = [line for line in output.splitlines() if "reloaded the settings" in line]
+    assert len(applied) == 1, output
+    assert "applied --sync-period=45.0, --tcp-idle-timeout=7200.0" in applied[0], applied[0]
+    assert "needs a restart (kept as they were): --hostname-override" in applied[0]
+    assert "re-reading the manifests" in output, output
+    rejected = [line for line in output.splitlines() if "keeping the last good settings" in line]
+    assert len(rejected) == 1, output
+    assert "syncPeriod" in rejected[0], rejected[0]
+
+
+def _sighup_scene(
+    proc: subprocess.Popen[str], address: tuple[str, int], port: int, config: Path
+) -> None:
+    """An echo connection open across two SIGHUPs: a good edit, then a broken one."""
+    wait_listening(address)
+    wait_for(lambda: _answers(port), "the metrics server")
+    assert own_settings(port)["sync_period"] == 30.0
+    with socket.create_connection(address, timeout=10) as conn:
+        assert exchange(conn, b"before") == b"before"
+
+        # A changed period and timeout (applied) and a changed name (needs a restart).
+        config.write_text(config_text(hostname="node-b", sync_period="45s", idle="2h0m0s"))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: own_settings(port)["sync_period"] == 45.0, "the new syncPeriod")
+        settings = own_settings(port)
+        assert settings["tcp_idle_timeout"] == 7200.0
+        # Still the name it started with: a new one needs a restart.
+        assert settings["hostname"] == "node-a"
+        assert exchange(conn, b"after the reload") == b"after the reload"
+
+        # A file that became invalid: logged, the last good settings stay.
+        config.write_text(config_text(hostname="node-a", sync_period="soon", idle="2h0m0s"))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert own_settings(port)["sync_period"] == 45.0
+        assert exchange(conn, b"after the bad edit") == b"after the bad edit"
+        with socket.create_connection(address, timeout=5) as fresh:
+            assert exchange(fresh, b"new connection") == b"new connection"
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        conn.shutdown(socket.SHUT_WR)
+        assert proc.wait(timeout=15) == 0
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{METRICS_IP}:{port}/healthz", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_sighup_never_ends_a_proxy_without_a_config_file(tmp_path: Path) -> None:
+    """With flags only, SIGHUP re-reads the manifests and changes nothing else."""
+    with (
+        echo_service(tmp_path, 4) as (address, manifests),
+        proxy_process(["run", "--manifests", str(manifests)]) as proc,
+    ):
+        wait_listening(address)
+        with socket.create_connection(address, timeout=10) as conn:
+            for _ in range(3):
+                proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            assert proc.poll() is None
+            assert exchange(conn, b"echo") == b"echo"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        output = output_of(proc)
+    assert "applied none; nothing needs a restart" in output, output
+
+
+def run_cleanup(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "userproxy", "cleanup", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_cleanup_help_and_an_invalid_device_name() -> None:
+    """The netlink part is tested in a network namespace (tests/netns/test_cleanup.py)."""
+    assert run_cleanup("--help").returncode == 0
+    result = run_cleanup("--address-device", "x" * 16)
+    assert result.returncode == 2, result.stderr
+    assert "--address-device" in result.stderr
+    assert "Traceback" not in result.stderr
