@@ -405,7 +405,8 @@ async def test_big_manifest_apply_measured(tmp_path: Path) -> None:
     # The proxier's syncs run in slices and freeze the grown heap (userproxy/slices.py),
     # so no full collection of 40 000 Services' objects pauses the loop and the canary
     # keeps answering.  The one unsliced step, sorting the re-planned Services, takes
-    # 15-50 ms here (reported as "max lag during syncs", not asserted: wall clock).
-    assert figures["max lag outside syncs and full GCs ms"] < 50
+    # 15-50 ms here (reported as "max lag during syncs").  Lags are wall clock, which a
+    # loaded machine stretches (the design notes: tests assert no wall-clock speed), so
+    # what is asserted is what the code decides: no full collection, no failed request.
     assert figures["full GCs"] == 0
     assert figures["canary failures"] == 0
