@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             ("sockperf TCP latency", False, lambda p: measure.latency(p, d.latency)),
             ("sockperf UDP 64 B", True, lambda p: measure.udp(p, 64, d.udp)),
             ("sockperf UDP 1400 B", True, lambda p: measure.udp(p, 1400, d.udp)),
+            ("sockperf UDP 50 000/s", True, lambda p: measure.udp_at_rate(p, d.udp)),
         ]
         for r in range(rounds):
             order = everyone[r % 4 :] + everyone[: r % 4]

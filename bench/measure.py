@@ -102,3 +102,20 @@ def udp(peer: Peer, size: int, seconds: float) -> Sample:
         f"udp{size}_sent_per_s": sent / runtime,
         f"udp{size}_loss_pct": 100.0 * (1 - received / sent) if sent else float("nan"),
     }
+
+
+def udp_at_rate(peer: Peer, seconds: float, rate: int = 50_000, size: int = 64) -> Sample:
+    """One busy UDP client at a fixed rate (a DNS forwarder's shape: one socket, many
+    datagrams): sockperf under-load at ``rate`` datagrams/s, every one echoed.  Reported:
+    what was sent per second and the loss (1 - received/sent), in percent."""
+    argv = ["sockperf", "under-load", "-i", peer.host, "-p", str(SP_UDP), "-m", str(size)]
+    argv += ["-t", f"{seconds:g}", "--mps", str(rate), "--reply-every", "1"]
+    out = _run(argv, timeout=seconds + 30)
+    match = _VALID.search(out)
+    if match is None:
+        raise RuntimeError(f"sockperf under-load through {peer.name}: no result:\n{out[-800:]}")
+    runtime, sent, received = float(match[1]), int(match[2]), int(match[3])
+    return {
+        "udp_rate_sent_per_s": sent / runtime,
+        "udp_rate_loss_pct": 100.0 * (1 - received / sent) if sent else float("nan"),
+    }

@@ -141,12 +141,16 @@ def userproxy_argv(manifests: Path, *extra: str) -> list[str]:
         "--healthz-bind-address=",
         "--min-sync-period",
         "0",
-        # The bench offers one client's datagrams as fast as it can: the per-client
-        # fairness limit (20 000/s by default) would measure the limiter, not the relay.
-        "--udp-session-rate",
-        "0",
+        # UDP with the defaults (no per-client rate limit).  The memory test is one client
+        # holding 10 000 connections to one Service, which the default fair shares (50 %
+        # per Service, 25 % per client IP) would cut to a quarter; HAProxy and nginx run
+        # without such bounds here too.
         "--max-connections",
         str(nofile() // 2),
+        "--service-connection-share",
+        "100",
+        "--client-connection-share",
+        "100",
         *extra,
     ]
 

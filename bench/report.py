@@ -74,6 +74,8 @@ TABLES: list[tuple[str, list[tuple[str, str]]]] = [
             ("udp64_loss_pct", "64 B: loss %"),
             ("udp1400_rx_per_s", "1 400 B: echoes received/s"),
             ("udp1400_loss_pct", "1 400 B: loss %"),
+            ("udp_rate_sent_per_s", "one client at 50 000/s, 64 B: sent/s"),
+            ("udp_rate_loss_pct", "one client at 50 000/s, 64 B: loss % (defaults)"),
         ],
     ),
     (
@@ -120,6 +122,19 @@ def targets(m: Medians, cp: dict[str, float]) -> list[Target]:
         ),
         Target("memory/conn ≤ 2 x HAProxy's", vs(ha, "mem_per_conn_kib"), 2.0, False, "ratio"),
     ]
+    up_loss, ng_loss = up.get("udp_rate_loss_pct"), ng.get("udp_rate_loss_pct")
+    if up_loss is not None and ng_loss is not None:
+        # Percentage points over nginx's loss: a ratio means nothing when nginx loses 0.
+        extra = up_loss - ng_loss
+        out.append(
+            Target(
+                "UDP loss at 50 000/s, one client ≤ nginx's + 0.1 points",
+                extra / 0.1,
+                1.0,
+                False,
+                f"{up_loss:.3g} % vs {ng_loss:.3g} %",
+            )
+        )
     if "cp_served_s" in cp:
         n = int(cp.get("cp_services", 0))
         out.append(
