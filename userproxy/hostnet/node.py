@@ -151,11 +151,15 @@ class NodeAddresses:
 
         if events is not None:
             loop.add_reader(events.fileno(), drain)
+        first = True
         try:
             while True:
                 wake.clear()  # before reading: an event during the read reads again
                 try:
-                    read = await asyncio.to_thread(self._read)
+                    # The first read waits (a few ms, once, as the first sync's read did):
+                    # the proxy is settled, with no netlink socket of a read in flight,
+                    # by the time it serves; later ones run beside the loop.
+                    read = self._read() if first else await asyncio.to_thread(self._read)
                 except Exception as exc:
                     first = self._error is None or str(self._error) != str(exc)
                     self._error = exc
@@ -172,6 +176,7 @@ class NodeAddresses:
                         log.info("NodePort addresses now: %s", ", ".join(self._nodeport))
                     if changed or recovered:
                         on_change()
+                first = False
                 poll = events is None or self._error is not None
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_INTERVAL if poll else None):
