@@ -16,7 +16,7 @@ from userproxy.balancers.base import Balancer
 from userproxy.balancers.randomized import RandomChoice
 from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry
 from userproxy.balancers.roundrobin import RoundRobin
-from userproxy.dataplane.limits import ConnectionLimit, RateLimitedLog
+from userproxy.dataplane.limits import ConnectionLimit, RateLimitedLog, share_of
 from userproxy.dataplane.pool import BackendPool
 from userproxy.model import Endpoint, PoolSpec
 
@@ -515,3 +515,60 @@ def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
         "accept failed: EMFILE",
     ]
     assert {r.levelno for r in caplog.records} == {logging.WARNING}
+
+
+# -- ConnectionLimit: shares per Service and per client ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("maximum", "percent", "share"),
+    [(40, 50, 20), (40, 25, 10), (10, 25, 3), (3, 1, 1), (100_000, 50, 50_000)],
+)
+def test_shares_round_up_and_are_at_least_one(maximum: int, percent: int, share: int) -> None:
+    assert share_of(maximum, percent) == share
+
+
+def test_a_service_at_its_share_pauses_only_its_own_listeners() -> None:
+    limit = ConnectionLimit(10, service_share=50, client_share=100)
+    a1, a2, b = Events(), Events(), Events()
+    limit.register("a1", a1.pause, a1.resume, "a")
+    limit.register("a2", a2.pause, a2.resume, "a")
+    limit.register("b", b.pause, b.resume, "b")
+    for n in range(5):
+        assert limit.acquire("a", f"c{n}")
+    assert limit.blocked("a")
+    assert not limit.blocked("b")
+    assert a1.seen == a2.seen == ["pause"]
+    assert b.seen == []
+    limit.release("a", "c0")
+    assert a1.seen == a2.seen == ["pause", "resume"]
+    assert b.seen == []
+    assert not limit.blocked("a")
+
+
+def test_a_client_at_its_share_is_refused_and_nothing_is_counted() -> None:
+    limit = ConnectionLimit(8, service_share=100, client_share=25)  # 2 per client
+    assert limit.acquire("a", "greedy")
+    assert limit.acquire("b", "greedy")  # the share spans Services
+    assert not limit.acquire("a", "greedy")
+    assert limit.acquire("a", "other")
+    assert (limit.active, limit.client_connections("greedy")) == (3, 2)
+    limit.release("a", "greedy")
+    assert limit.acquire("a", "greedy")
+
+
+def test_counts_leave_no_empty_keys_and_unregister_forgets_the_service() -> None:
+    limit = ConnectionLimit(10, service_share=50, client_share=50)
+    events = Events()
+    limit.register("l", events.pause, events.resume, "a")
+    limit.acquire("a", "c")
+    limit.release("a", "c")
+    assert limit.service_connections("a") == 0
+    assert limit.client_connections("c") == 0
+    assert limit._services == {}  # the bounded-size invariant itself
+    assert limit._clients == {}
+    limit.unregister("l")
+    limit.unregister("l")
+    for n in range(5):
+        limit.acquire("a", f"c{n}")
+    assert events.seen == []

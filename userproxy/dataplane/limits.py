@@ -112,6 +112,7 @@ class ConnectionLimit:
         "_clients",
         "_emptied",
         "_listeners",
+        "_service_of",
         "_services",
         "active",
         "maximum",
@@ -134,6 +135,8 @@ class ConnectionLimit:
         self._clients: dict[str | None, int] = {}
         self._emptied: asyncio.Future[None] | None = None
         self._listeners: dict[object, _Callbacks] = {}
+        #: Each registered owner's Service, so unregistering finds it at once.
+        self._service_of: dict[object, Hashable] = {}
         self._by_service: dict[Hashable, dict[object, _Callbacks]] = {}
 
     @property
@@ -157,17 +160,19 @@ class ConnectionLimit:
         resume: Callable[[], None],
         service: Hashable = None,
     ) -> None:
+        self.unregister(owner)  # registering again moves it
         self._listeners[owner] = (pause, resume)
+        self._service_of[owner] = service
         self._by_service.setdefault(service, {})[owner] = (pause, resume)
 
     def unregister(self, owner: object) -> None:
         if self._listeners.pop(owner, None) is None:
             return
-        for service, owners in self._by_service.items():
-            if owners.pop(owner, None) is not None:
-                if not owners:
-                    del self._by_service[service]
-                return
+        service = self._service_of.pop(owner)
+        owners = self._by_service[service]
+        del owners[owner]
+        if not owners:
+            del self._by_service[service]
 
     def acquire(self, service: Hashable = None, client: str | None = None) -> bool:
         """Count a new connection of ``client`` to ``service``; False (nothing counted)
