@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 #
 # userproxy container image: `userproxy run` as a non-root user whose Python interpreter
-# carries the file capability CAP_NET_BIND_SERVICE (and nothing else), so it can listen on
-# Service ports below 1024. See docs/deploy.md for how to build, load and run it.
+# carries the file capabilities CAP_NET_BIND_SERVICE (to listen on Service ports below
+# 1024) and CAP_NET_ADMIN (for --manage-addresses), and nothing else; a capability is
+# effective only if the pod also adds it. See docs/deploy.md for how to build, load and run it.
 #
 #   docker build -t userproxy:0.1.0 .
 #

@@ -1,5 +1,5 @@
 """Balancers, ClientIP affinity, the registry, the backend pool and the data-plane limits
-(semantics: "Session affinity"; the Balancer protocol in ``userproxy.balancers.base``)."""
+(kube-proxy rules: "Session affinity"; the Balancer protocol in ``userproxy.balancers.base``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Table-driven tests for ``build_endpoints`` (semantics: "Keys and ports", locality)."""
+"""Table-driven tests for ``build_endpoints`` (kube-proxy rules: "Keys and ports", locality)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SyncRunner driven by a fake clock (semantics: "Sync loop"; upstream
+"""SyncRunner driven by a fake clock (kube-proxy rules: "Sync loop"; upstream
 ``BoundedFrequencyRunner``): no real sleeps, the loop is stepped with ``asyncio.sleep(0)``."""
 
 from __future__ import annotations

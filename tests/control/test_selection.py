@@ -1,4 +1,4 @@
-"""Table-driven tests for ``categorize`` (semantics: "Endpoint conditions", "Traffic policies
+"""Table-driven tests for ``categorize`` (kube-proxy rules: "Endpoint conditions", "Traffic policies
 and topology"; upstream ``pkg/proxy/topology_test.go`` covers the same ground)."""
 
 from __future__ import annotations

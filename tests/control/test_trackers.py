@@ -1,4 +1,4 @@
-"""Change trackers and the recorder (semantics: "Sync loop", "Which objects count")."""
+"""Change trackers and the recorder (kube-proxy rules: "Sync loop", "Which objects count")."""
 
 from __future__ import annotations
 

@@ -148,7 +148,8 @@ def test_stress_mixed_connections_under_uvloop(tmp_path: Path) -> None:
     """21 000 short connections in seven ways (clean close, half-close, server close,
     early close, three kinds of RST), 100 at once, through a uvloop proxy: every exchange
     is right, the process survives, logs no callback error, and its open descriptors
-    return to the baseline within 10 s.  This guards the two uvloop traps of design.md."""
+    return to the baseline within 10 s.  This guards the two uvloop traps described in
+    docs/architecture.md ("Half-close and uvloop")."""
     cluster_ip, backend_ip = addresses()
     total = 3000 * len(MODES)
     log_path = tmp_path / "proxy.log"

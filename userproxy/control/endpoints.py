@@ -1,6 +1,6 @@
 """Turn a Service's EndpointSlices into the endpoints of each of its ServicePorts.
 
-The rules (kube-proxy semantics, "Keys and ports"; upstream ``pkg/proxy/endpointslicecache.go``,
+The rules (upstream ``pkg/proxy/endpointslicecache.go``,
 ``endpointInfoByServicePort`` and ``addEndpoints``):
 
 * The key is ``(ServicePortName, IPFamily)``: each family of a dual-stack Service is served

@@ -1,8 +1,8 @@
 """Which endpoints of a ServicePort new connections may use, per traffic class.
 
 Mirrors upstream kube-proxy ``pkg/proxy/topology.go`` (``CategorizeEndpoints``,
-``topologyModeFromHints``, ``availableForTopology``); the rules are those of the
-kube-proxy semantics sections "Endpoint conditions" and "Traffic policies and topology".
+``topologyModeFromHints``, ``availableForTopology``): endpoint conditions (ready, else
+serving and terminating), traffic policies and topology hints.
 """
 
 from __future__ import annotations
