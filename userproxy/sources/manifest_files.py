@@ -24,49 +24,23 @@ Invariants, whatever the bytes in the files:
 - Messages are bounded: each problem line is at most :data:`MAX_PROBLEM_CHARS` characters
   and a :class:`ManifestError`'s text lists at most :data:`MAX_SHOWN_PROBLEMS` problems.
 
-The module is also the child process that ``ManifestSource`` uses to parse large files off
-its event loop (:func:`worker_main`): it reads requests and writes results as length-prefixed
-pickle frames of model objects and strings (see :func:`read_in_worker_frames`).
+YAML is parsed by ``yaml_limits.py`` and JSON bounded by ``json_limits.py``; large reloads
+are read by the child process of ``manifest_worker.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import pickle
 import stat
-import struct
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, BinaryIO, NoReturn, TypeVar
-
-import yaml
-from yaml._yaml import CParser
-from yaml.constructor import SafeConstructor
-from yaml.events import (
-    AliasEvent,
-    CollectionEndEvent,
-    CollectionStartEvent,
-    DocumentEndEvent,
-    DocumentStartEvent,
-    ScalarEvent,
-    SequenceStartEvent,
-    StreamEndEvent,
-    StreamStartEvent,
-)
-from yaml.nodes import MappingNode, ScalarNode, SequenceNode
-from yaml.nodes import Node as YamlNode
-from yaml.parser import Parser
-from yaml.reader import Reader
-from yaml.resolver import Resolver
-from yaml.scanner import Scanner
+from typing import TypeVar
 
 from userproxy.model import EndpointSlice, Node, Service, ServiceKey
 from userproxy.sources.decode import (
@@ -78,7 +52,13 @@ from userproxy.sources.decode import (
     is_selected,
     shorten,
 )
-from userproxy.sources.json_limits import MAX_DEPTH, MAX_INT_CHARS, has_long_int, json_depth
+from userproxy.sources.json_limits import (
+    MAX_DEPTH,
+    MAX_INT_CHARS,
+    JsonLimitError,
+    has_long_int,
+    json_depth,
+)
 from userproxy.sources.manifest_warnings import (
     Category,
     ManifestWarning,
@@ -86,6 +66,7 @@ from userproxy.sources.manifest_warnings import (
     cross_check,
     type_warning,
 )
+from userproxy.sources.yaml_limits import MAX_NODES, YamlProblem, exception_text, parse_yaml
 
 __all__ = [
     "MANIFEST_SUFFIXES",
@@ -115,9 +96,6 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 16 * 1024 * 1024
 #: Largest total of all manifest files (bytes).
 MAX_TOTAL_BYTES = 64 * 1024 * 1024
-#: Most YAML nodes in one file, each alias counting as the size of the node it repeats
-#: (so a "billion laughs" document is refused instead of expanded by later walks).
-MAX_NODES = 4_000_000
 #: Longest problem line (characters); longer ones end with an ellipsis.
 MAX_PROBLEM_CHARS = 500
 #: Most problems a ManifestError's text lists; the rest are counted ("... and N more").
@@ -247,262 +225,12 @@ def read_manifest_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
     return b"".join(chunks)
 
 
-# --------------------------------------------------------------------------- YAML
-
-
-class _LimitError(Exception):
-    """A document exceeds a limit; ``mark`` is where (None when unknown)."""
-
-    def __init__(self, message: str, mark: object = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.mark = mark
-
-
-class _BoundedLoader(SafeConstructor, Resolver):
-    """A safe YAML loader with bounded composition, over any event parser.
-
-    PyYAML's composers (its Python one and libyaml's Cython one) recurse once per nesting
-    level, so deep input exhausts the stack (RecursionError, or a C stack overflow).  This
-    loader takes only the parser's event stream (both parsers keep an explicit stack) and
-    composes nodes with a list as the stack, enforcing :data:`MAX_DEPTH` and
-    :data:`MAX_NODES` and refusing recursive aliases.  SafeConstructor then builds the
-    objects without recursion (its generators run from a work list).  Timestamps stay
-    strings, as Kubernetes' YAML decoding keeps them; integers are bounded by
-    :data:`MAX_INT_CHARS` before conversion.
-    """
-
-    if TYPE_CHECKING:  # provided by the parser class mixed in first
-
-        def check_event(self, *choices: object) -> bool: ...
-        def get_event(self) -> yaml.Event | None: ...
-        def dispose(self) -> None: ...
-
-    def _init_loader(self) -> None:
-        SafeConstructor.__init__(self)
-        Resolver.__init__(self)
-        self.nodes = 0  # in this file so far, aliases counted as the size they repeat
-
-    def check_node(self) -> bool:
-        if self.check_event(StreamStartEvent):
-            self.get_event()
-        return not self.check_event(StreamEndEvent)
-
-    def get_node(self) -> YamlNode | None:
-        if self.check_event(StreamEndEvent):
-            return None
-        return self._compose_document()
-
-    def get_single_node(self) -> YamlNode | None:  # pragma: no cover - load_all only
-        raise NotImplementedError
-
-    def _compose_document(self) -> YamlNode:
-        start = self.get_event()
-        assert isinstance(start, DocumentStartEvent)
-        anchors: dict[str, tuple[YamlNode, int, int]] = {}  # anchor: (node, size, height)
-        stack: list[_Open] = []
-        root: YamlNode | None = None
-        while True:
-            event = self.get_event()
-            node: YamlNode
-            # Ordered by frequency: most events are scalars.
-            if isinstance(event, ScalarEvent):
-                tag = event.tag
-                if tag is None or tag == "!":
-                    tag = self.resolve(ScalarNode, event.value, event.implicit)  # type: ignore[no-untyped-call]
-                # libyaml's marks are another class with yaml.Mark's fields (see _mark).
-                first_mark, last_mark = event.start_mark, event.end_mark
-                node = ScalarNode(tag, event.value, first_mark, last_mark, event.style)  # type: ignore[arg-type]
-                size, height = 1, 0
-                if event.anchor is not None:
-                    anchors[event.anchor] = (node, size, height)
-                self.nodes += 1
-                if self.nodes > MAX_NODES:
-                    self._too_many(event.start_mark)
-            elif isinstance(event, CollectionStartEvent):
-                if len(stack) >= MAX_DEPTH:
-                    raise _LimitError(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
-                kind = SequenceNode if isinstance(event, SequenceStartEvent) else MappingNode
-                tag = event.tag
-                if tag is None or tag == "!":
-                    tag = self.resolve(kind, None, event.implicit)  # type: ignore[no-untyped-call]
-                collection = kind(tag, [], None, None, event.flow_style)
-                collection.start_mark = event.start_mark
-                self.nodes += 1
-                if self.nodes > MAX_NODES:
-                    self._too_many(event.start_mark)
-                stack.append(_Open(collection, event.anchor))
-                continue
-            elif isinstance(event, CollectionEndEvent):
-                closed = stack.pop()
-                node, size, height = closed.node, closed.size, closed.height + 1
-                node.end_mark = event.end_mark
-                if closed.anchor is not None:
-                    anchors[closed.anchor] = (node, size, height)
-            elif isinstance(event, AliasEvent):
-                anchor = event.anchor or ""
-                if anchor not in anchors:
-                    inside = any(entry.anchor == anchor for entry in stack)
-                    raise _LimitError(
-                        f"alias *{shorten(anchor, 60)} refers to a node that contains it"
-                        if inside
-                        else f"found undefined alias *{shorten(anchor, 60)}",
-                        event.start_mark,
-                    )
-                node, size, height = anchors[anchor]
-                if len(stack) + height > MAX_DEPTH:
-                    raise _LimitError(
-                        f"nested more than {MAX_DEPTH} levels deep (through an alias)",
-                        event.start_mark,
-                    )
-                self.nodes += size
-                if self.nodes > MAX_NODES:
-                    self._too_many(event.start_mark)
-            elif isinstance(event, DocumentEndEvent):
-                assert root is not None
-                return root
-            else:  # pragma: no cover - libyaml's grammar allows nothing else here
-                raise _LimitError(f"unexpected {type(event).__name__}")
-            if not stack:
-                root = node
-                continue
-            top = stack[-1]
-            top.size += size
-            top.height = max(top.height, height)
-            if top.key is not None:
-                top.node.value.append((top.key, node))
-                top.key = None
-            elif isinstance(top.node, MappingNode):
-                top.key = node
-            else:
-                top.node.value.append(node)
-
-    def _too_many(self, where: object) -> NoReturn:
-        raise _LimitError(
-            f"more than {MAX_NODES} nodes (counting each alias as what it repeats)", where
-        )
-
-    def construct_bounded_int(self, node: ScalarNode) -> int:
-        text = str(self.construct_scalar(node))
-        if len(text) > MAX_INT_CHARS:
-            raise _LimitError(
-                f"integer of {len(text)} characters (at most {MAX_INT_CHARS} are allowed)",
-                node.start_mark,
-            )
-        value = SafeConstructor.construct_yaml_int(self, node)
-        assert isinstance(value, int)
-        return value
-
-
-class _Open:
-    """A collection being composed: its node, a mapping key awaiting its value, the size
-    (nodes, aliases counted as what they repeat) and height of what it holds so far, and
-    its anchor (registered when it closes, so an alias inside it is refused)."""
-
-    __slots__ = ("anchor", "height", "key", "node", "size")
-
-    def __init__(self, node: SequenceNode | MappingNode, anchor: str | None) -> None:
-        self.node = node
-        self.anchor = anchor
-        self.key: YamlNode | None = None
-        self.size = 1
-        self.height = 0
-
-
-class _FastLoader(_BoundedLoader, CParser):
-    """libyaml's scanner and parser (fast: C) with the bounded composer."""
-
-    def __init__(self, stream: str) -> None:
-        CParser.__init__(self, stream)
-        self._init_loader()
-
-
-class _PyLoader(_BoundedLoader, Reader, Scanner, Parser):
-    """PyYAML's own scanner and parser (slow: Python) with the bounded composer.
-
-    Used to describe a syntax error: its messages are PyYAML's familiar ones, and it
-    reports nesting beyond :data:`MAX_DEPTH` where libyaml stops at its own limit.
-    """
-
-    def __init__(self, stream: str) -> None:
-        Reader.__init__(self, stream)
-        Scanner.__init__(self)
-        Parser.__init__(self)
-        self._init_loader()
-
-
-_BoundedLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in Resolver.yaml_implicit_resolvers.items()
-}
-_BoundedLoader.yaml_constructors = {
-    **SafeConstructor.yaml_constructors,
-    "tag:yaml.org,2002:int": _BoundedLoader.construct_bounded_int,
-}
-
-
-def _mark(mark: object) -> str:
-    """ "line L, column C: " for a PyYAML or libyaml mark (either has 0-based line, column)."""
-    line = getattr(mark, "line", None)
-    column = getattr(mark, "column", None)
-    if isinstance(line, int) and isinstance(column, int):
-        return f"line {line + 1}, column {column + 1}: "
-    return ""
-
-
-def _parse_yaml(path: Path, text: str) -> list[object]:
-    try:
-        return _load_all(_FastLoader(text), path)
-    except _SyntaxError as fast_error:
-        # Parse again with PyYAML's own parser for its message (and the depth limit where
-        # libyaml stopped at its own): errors are rare, and a large file is parsed off the
-        # loop.  Should it accept the text, libyaml's error stands.
-        try:
-            _load_all(_PyLoader(text), path)
-        except _SyntaxError as exc:
-            raise ManifestError([exc.problem]) from None
-        raise ManifestError([fast_error.problem]) from None
-
-
-class _SyntaxError(Exception):
-    """A YAML syntax error, already described as a problem line."""
-
-    def __init__(self, problem: str) -> None:
-        super().__init__(problem)
-        self.problem = problem
-
-
-def _load_all(loader: _BoundedLoader, path: Path) -> list[object]:
-    """Every document ``loader`` gives; ManifestError, or _SyntaxError for a syntax error."""
-    documents: list[object] = []
-    try:
-        while loader.check_data():  # type: ignore[no-untyped-call]
-            documents.append(loader.get_data())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise _SyntaxError(f"{path}: {_mark(mark)}YAML syntax error: {problem}") from None
-    except _LimitError as exc:
-        raise ManifestError(
-            [f"{path}: document {len(documents) + 1}: {_mark(exc.mark)}{exc.message}"]
-        ) from None
-    except yaml.YAMLError as exc:
-        raise _SyntaxError(f"{path}: YAML syntax error: {exc}") from None
-    except Exception as exc:  # anything a constructor raises (ValueError, ...): a problem
-        raise ManifestError(
-            [f"{path}: document {len(documents) + 1}: cannot parse: {_exception_text(exc)}"]
-        ) from None
-    finally:
-        loader.dispose()
-    return documents
-
-
 # --------------------------------------------------------------------------- JSON
 
 
 def _bounded_int(text: str) -> int:
     if len(text) > MAX_INT_CHARS:
-        raise _LimitError(
+        raise JsonLimitError(
             f"integer of {len(text)} characters (at most {MAX_INT_CHARS} are allowed)"
         )
     return int(text)
@@ -520,25 +248,15 @@ def _parse_json(path: Path, data: bytes) -> object:
         raise ManifestError(
             [f"{path}: line {exc.lineno}, column {exc.colno}: JSON syntax error: {exc.msg}"]
         ) from None
-    except _LimitError as exc:
-        raise ManifestError([f"{path}: {exc.message}"]) from None
+    except JsonLimitError as exc:
+        raise ManifestError([f"{path}: {exc}"]) from None
     except RecursionError:
         raise ManifestError([f"{path}: nested too deeply"]) from None
     except Exception as exc:  # anything else a parser raises: a problem, not a crash
-        raise ManifestError([f"{path}: cannot parse: {_exception_text(exc)}"]) from None
+        raise ManifestError([f"{path}: cannot parse: {exception_text(exc)}"]) from None
 
 
 # --------------------------------------------------------------------------- either
-
-
-def _exception_text(exc: BaseException) -> str:
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    if isinstance(exc, MemoryError):
-        return "out of memory"
-    return shorten(f"{type(exc).__name__}: {exc}", 200)
-
-
 def parse_documents(path: Path, data: bytes) -> list[object]:
     """The documents in one file's bytes (JSON for ``*.json``, else YAML).
 
@@ -553,11 +271,13 @@ def parse_documents(path: Path, data: bytes) -> list[object]:
             raise ManifestError(
                 [f"{path}: cannot read: not UTF-8 (byte {exc.start}: {exc.reason})"]
             ) from None
-        return _parse_yaml(path, text)
+        return parse_yaml(path, text)
+    except YamlProblem as exc:
+        raise ManifestError([exc.problem]) from None
     except ManifestError:
         raise
     except Exception as exc:  # MemoryError, RecursionError in our own code ...: a problem
-        raise ManifestError([f"{path}: cannot parse: {_exception_text(exc)}"]) from None
+        raise ManifestError([f"{path}: cannot parse: {exception_text(exc)}"]) from None
 
 
 def _read_documents(path: Path) -> list[object]:
@@ -616,7 +336,7 @@ class FileContents:
         try:
             self._add_object(raw, where, default_type)
         except Exception as exc:  # a bug in validation must not crash the reader
-            self.problems.append(f"{where}: cannot validate: {_exception_text(exc)}")
+            self.problems.append(f"{where}: cannot validate: {exception_text(exc)}")
 
     def _add_object(self, raw: object, where: str, default_type: tuple[str, str] | None) -> None:
         if raw is None:
@@ -930,98 +650,3 @@ def load_manifests(
     return with_cross_checks(
         merge(listing, [cache.collect(path, proxy_name) for path in listing.files])
     )
-
-
-# --------------------------------------------------------------------------- the child process
-
-#: How much the child lowers its scheduling priority (``nice``).
-WORKER_NICENESS = 10
-#: Objects per result frame: small frames keep each unpickling step in the parent short.
-FRAME_OBJECTS = 200
-FRAME_LENGTH = struct.Struct(">I")
-
-#: A request: (proxy name, paths to read).
-Request = tuple[str | None, tuple[str, ...]]
-
-
-def _frames_for(path: str, collector: FileContents) -> Iterator[tuple[object, ...]]:
-    """A file's result as frames: ("file", path, problems, warnings) then ("objects", ...)
-    chunks."""
-    yield ("file", path, tuple(collector.problems), tuple(collector.warnings))
-    seen = list(collector.seen.items())
-    objects: list[Service | EndpointSlice | Node] = [
-        *collector.services.values(),
-        *collector.slices.values(),
-        *collector.nodes.values(),
-    ]
-    for start in range(0, max(len(seen), len(objects)), FRAME_OBJECTS):
-        yield (
-            "objects",
-            tuple(objects[start : start + FRAME_OBJECTS]),
-            tuple(seen[start : start + FRAME_OBJECTS]),
-        )
-
-
-def write_frame(out: BinaryIO, frame: tuple[object, ...]) -> None:
-    data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(FRAME_LENGTH.pack(len(data)) + data)
-
-
-def worker_main() -> None:
-    """The child process: read a pickled :data:`Request` on stdin, write result frames.
-
-    Frames go to stdout: per file ("file", path, problems, warnings) and ("objects", objects,
-    seen-items) chunks, then ("done",); a failure of the worker itself is ("failed", text).
-    Only this trusted parent-child pipe carries pickles.  The child lowers its own CPU
-    priority: on a busy node the proxy's event loop, not the parser, must get the CPU.
-    """
-    out = sys.stdout.buffer
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
-    try:
-        proxy_name, paths = pickle.load(sys.stdin.buffer)
-        for path in paths:
-            for frame in _frames_for(path, collect_file(Path(path), proxy_name)):
-                write_frame(out, frame)
-        write_frame(out, ("done",))
-    except BaseException as exc:  # report anything, then exit non-zero
-        write_frame(out, ("failed", _exception_text(exc)))
-        out.flush()
-        raise SystemExit(1) from None
-    out.flush()
-
-
-@dataclass
-class FrameReader:
-    """Rebuilds per-file collectors from the worker's frames, one frame at a time."""
-
-    proxy_name: str | None
-    results: dict[str, FileContents] = field(default_factory=dict)
-    done: bool = False
-    _current: FileContents | None = None
-
-    def feed(self, data: bytes) -> None:
-        """Apply one frame (raises ManifestError for a worker failure)."""
-        frame = pickle.loads(data)
-        tag = frame[0]
-        if tag == "file":
-            self._current = FileContents(
-                self.proxy_name, problems=list(frame[2]), warnings=list(frame[3])
-            )
-            self.results[frame[1]] = self._current
-        elif tag == "objects":
-            collector = self._current
-            assert collector is not None
-            for obj in frame[1]:
-                if isinstance(obj, Service):
-                    collector.services[obj.key] = obj
-                elif isinstance(obj, EndpointSlice):
-                    collector.slices[(obj.namespace, obj.name)] = obj
-                else:
-                    assert isinstance(obj, Node)
-                    collector.nodes[obj.name] = obj
-            collector.seen.update(frame[2])
-        elif tag == "done":
-            self.done = True
-        else:
-            raise ManifestError([f"reading the manifests failed: {shorten(str(frame[1]), 200)}"])

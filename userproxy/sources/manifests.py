@@ -9,7 +9,7 @@ Invariants of a reload (the event loop keeps serving connections while it runs):
 
 - The loop is never held for long.  Files to re-read totalling at most
   :data:`INLINE_BYTES` are parsed on the loop (a few milliseconds).  Larger ones are read,
-  parsed and validated by a child process (``manifest_files.worker_main``): a worker
+  parsed and validated by a child process (``manifest_worker.worker_main``): a worker
   thread would hold the GIL in pure-Python parsing and starve the loop thread (the
   convoy effect), a process cannot.  Its results arrive as small pickle frames,
   unpickled one at a time, and the differences are delivered to the handlers in slices
@@ -48,11 +48,9 @@ from userproxy.slices import Slicer
 from userproxy.sources.diff import deliver_diff
 from userproxy.sources.inotify import Inotify, watch_directories
 from userproxy.sources.manifest_files import (
-    FRAME_LENGTH,
     MANIFEST_SUFFIXES,
     RACY_NS,
     FileContents,
-    FrameReader,
     ManifestCache,
     ManifestError,
     ManifestState,
@@ -65,6 +63,7 @@ from userproxy.sources.manifest_files import (
     stat_key,
 )
 from userproxy.sources.manifest_warnings import WarningLog, cross_check
+from userproxy.sources.manifest_worker import FRAME_LENGTH, FrameReader
 
 __all__ = [
     "MANIFEST_SUFFIXES",
@@ -91,7 +90,7 @@ WORKER_TIMEOUT = 120.0
 #: Largest result frame accepted from the child (its frames hold 200 objects each).
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
-_WORKER_CODE = "from userproxy.sources.manifest_files import worker_main; worker_main()"
+_WORKER_CODE = "from userproxy.sources.manifest_worker import worker_main; worker_main()"
 #: The directory holding the ``userproxy`` package, put on the child's PYTHONPATH so it
 #: imports this very copy (also when running from a source tree).
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
