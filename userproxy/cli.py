@@ -461,9 +461,11 @@ def _handle_stop_signals(handler: StopSignals) -> StopSignals:
     return handler
 
 
-def install_stop_signals(stop: Callable[[], None], force: Callable[[], None] | None = None) -> None:
-    """SIGTERM and SIGINT stop, the second one forces (call from inside the running loop)."""
-    _handle_stop_signals(StopSignals(stop, force))
+def install_demo_signals(proxy: Proxy) -> None:
+    """The demo's signals, as ``run``'s: SIGTERM/SIGINT stop and a second one forces; SIGHUP
+    re-reads the manifests (the demo has no config file to re-read)."""
+    _handle_stop_signals(StopSignals(proxy.stop, proxy.force_stop))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, proxy.reload, proxy.settings)
 
 
 def reload_settings(proxy: Proxy, args: argparse.Namespace) -> None:
@@ -519,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args, defaults=DEMO_DEFAULTS, fixed={"manifests": (manifests,)}
                 )
                 main_coroutine: Coroutine[Any, Any, int | None] = run_demo(
-                    settings, install_stop_signals
+                    settings, install_demo_signals
                 )
             else:
                 settings, described, origins = settings_from(args)

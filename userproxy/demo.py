@@ -129,13 +129,11 @@ def _service_not_listening(proxy: Proxy) -> str | None:
     return None  # other manifests (--manifests DIR): nothing to check
 
 
-async def run_demo(
-    settings: Settings, install_signals: Callable[[Callable[[], None]], None]
-) -> None:
+async def run_demo(settings: Settings, install_signals: Callable[[Proxy], None]) -> None:
     runners = await start_backends()
     try:
         proxy = Proxy(settings)
-        install_signals(proxy.stop)
+        install_signals(proxy)
         serving = asyncio.ensure_future(proxy.run())
         synced = asyncio.ensure_future(proxy.synced.wait())
         await asyncio.wait({serving, synced}, return_when=asyncio.FIRST_COMPLETED)

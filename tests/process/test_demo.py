@@ -98,7 +98,7 @@ def demo(demo_dir: Path) -> Iterator[subprocess.Popen[str]]:
         yield proc
 
 
-def test_demo_follows_manifest_edits_and_stops_on_sigint(
+def test_demo_follows_manifest_edits_survives_sighup_and_stops_on_sigint(
     demo_dir: Path, demo: subprocess.Popen[str]
 ) -> None:
     original = yaml.safe_load((demo_dir / SLICE_FILE).read_text())["endpoints"]
@@ -149,6 +149,12 @@ def test_demo_follows_manifest_edits_and_stops_on_sigint(
     assert time.monotonic() - written <= 2.0
     seen = Counter(get_new() for _ in range(9))
     assert set(seen) == {"web-1", "web-2", "web-3"}, seen
+
+    # SIGHUP re-reads the manifests and ends nothing: still answering, the process alive.
+    demo.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert demo.poll() is None
+    assert get_new() in {"web-1", "web-2", "web-3"}
 
     # Ctrl-C: a clean exit, after the instructions were printed.
     demo.send_signal(signal.SIGINT)
