@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import pytest
 
 from tests.support.backends import Backend, echo
 from tests.support.manifests import endpoint_slice, service, write
-from tests.support.proxyrun import free_port, wait_listening
+from tests.support.proxyrun import free_port, proxy_process, wait_listening
 from userproxy.dataplane.limits import FD_RESERVE, default_udp_sessions
 from userproxy.demo import SERVICE_ADDRESS
 
@@ -63,36 +63,18 @@ def run_cli(
     )
 
 
-@contextlib.contextmanager
 def child(
     args: Sequence[str],
     *,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     prefix: Sequence[str] = (),
-) -> Iterator[subprocess.Popen[str]]:
-    """``python -m userproxy ARGS`` running (output: stdout and stderr merged); SIGTERM,
-    then SIGKILL, at exit."""
-    proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "userproxy", *args],
-        cwd=cwd,
-        env=env if env is not None else env_without_cluster(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    """``python -m userproxy ARGS`` running, without any cluster settings in its
+    environment unless ``env`` is given (see ``proxy_process``)."""
+    return proxy_process(
+        args, cwd, env=env if env is not None else env_without_cluster(), prefix=prefix
     )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 15.0) -> str:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +90,15 @@ def rss_bytes(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def proxy_process(args: Sequence[str], cwd: Path | None = None) -> Iterator[subprocess.Popen[str]]:
-    """``python -m userproxy ARGS`` as a child process; SIGTERM and reaped at exit.
+def proxy_process(
+    args: Sequence[str],
+    cwd: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    prefix: Sequence[str] = (),
+) -> Iterator[subprocess.Popen[str]]:
+    """``python -m userproxy ARGS`` as a child process (run under ``prefix``, e.g. prlimit,
+    with ``env`` if given; stdout and stderr merged); SIGTERM, then SIGKILL, at exit.
 
     The health and metrics servers are off unless ``args`` names their flags, so tests
     never bind the well-known ports.
@@ -102,8 +109,9 @@ def proxy_process(args: Sequence[str], cwd: Path | None = None) -> Iterator[subp
         if not any(arg.startswith(flag) for arg in args)
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "userproxy", *args, *extra],
+        [*prefix, sys.executable, "-m", "userproxy", *args, *extra],
         cwd=cwd,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
