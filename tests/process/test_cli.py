@@ -13,13 +13,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.backends import Backend, echo, recv_all
-from tests.support.manifests import endpoint_slice, service, write
+from tests.support.backends import recv_all
+from tests.support.manifests import echo_service as manifests_echo_service
 from tests.support.proxyrun import proxy_process, wait_listening
 
 SERVICE_PORT = 8080
@@ -184,25 +183,11 @@ def test_run_help_of_the_installed_script_exits_0() -> None:
 # --------------------------------------------------------------------------- a running proxy
 
 
-@contextlib.contextmanager
-def echo_service(tmp_path: Path, host: int) -> Iterator[tuple[tuple[str, int], Path]]:
-    """An echo backend on 127.0.81.HOST behind a Service at 127.0.80.HOST:8080.
-
-    Yields the Service address and the manifest directory.
-    """
-    backend = Backend(f"127.0.81.{host}", echo)
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
-    cluster_ip = f"127.0.80.{host}"
-    write(
-        manifests / "echo.json",
-        service("echo", cluster_ip, SERVICE_PORT),
-        endpoint_slice("echo-a", "echo", backend.port, [backend.ip]),
-    )
-    try:
-        yield (cluster_ip, SERVICE_PORT), manifests
-    finally:
-        backend.stop()
+def echo_service(
+    tmp_path: Path, host: int
+) -> contextlib.AbstractContextManager[tuple[tuple[str, int], Path]]:
+    """An echo Service at 127.0.80.HOST:8080 (backend 127.0.81.HOST)."""
+    return manifests_echo_service(tmp_path, f"127.0.80.{host}", f"127.0.81.{host}", SERVICE_PORT)
 
 
 def exchange(sock: socket.socket, data: bytes) -> bytes:

@@ -19,37 +19,24 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.process.test_cli import exchange, output_of, wait_refused
-from tests.support.backends import Backend, echo
-from tests.support.manifests import endpoint_slice, service, write
+from tests.support.manifests import echo_service as manifests_echo_service
 from tests.support.proxyrun import free_port, proxy_process, wait_listening
 
 METRICS_IP = "127.0.86.200"
 SERVICE_PORT = 8080
 
 
-@contextlib.contextmanager
-def echo_service(tmp_path: Path, host: int) -> Iterator[tuple[tuple[str, int], Path]]:
-    """An echo backend on 127.0.87.HOST behind a Service at 127.0.86.HOST:8080; yields the
-    Service address and the manifest directory."""
-    backend = Backend(f"127.0.87.{host}", echo)
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
-    cluster_ip = f"127.0.86.{host}"
-    write(
-        manifests / "echo.json",
-        service("echo", cluster_ip, SERVICE_PORT),
-        endpoint_slice("echo-a", "echo", backend.port, [backend.ip]),
-    )
-    try:
-        yield (cluster_ip, SERVICE_PORT), manifests
-    finally:
-        backend.stop()
+def echo_service(
+    tmp_path: Path, host: int
+) -> contextlib.AbstractContextManager[tuple[tuple[str, int], Path]]:
+    """An echo Service at 127.0.86.HOST:8080 (backend 127.0.87.HOST)."""
+    return manifests_echo_service(tmp_path, f"127.0.86.{host}", f"127.0.87.{host}", SERVICE_PORT)
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from tests.support.backends import Backend, echo
 
 # Start at a per-process offset, so two test runs on one machine (a developer's and a
 # helper's) rarely pick the same addresses; nets stay below 10 000 (127.100-149.x).
@@ -76,3 +79,23 @@ def write(path: Path, *objects: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}))
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def echo_service(
+    tmp_path: Path, service_ip: str, backend_ip: str, port: int = 8080
+) -> Iterator[tuple[tuple[str, int], Path]]:
+    """An echo backend on ``backend_ip`` behind a Service at ``service_ip:port``, written
+    to ``tmp_path/manifests``; yields the Service address and the manifest directory."""
+    backend = Backend(backend_ip, echo)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    write(
+        manifests / "echo.json",
+        service("echo", service_ip, port),
+        endpoint_slice("echo-a", "echo", backend.port, [backend.ip]),
+    )
+    try:
+        yield (service_ip, port), manifests
+    finally:
+        backend.stop()
