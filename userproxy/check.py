@@ -44,6 +44,7 @@ from userproxy.sources.manifest_files import (
     load_manifests,
 )
 from userproxy.sources.manifest_warnings import summarize
+from userproxy.sources.manifests import deliver_all
 
 __all__ = ["add_check_parser", "check", "check_command", "plan_manifests"]
 
@@ -136,16 +137,7 @@ def plan_manifests(
     NodePort listeners carry the stand-in addresses of :data:`_NODE_PLACEHOLDERS`.
     """
     recorder = ChangeRecorder(settings.hostname, lambda: None)
-    for service in state.services.values():
-        recorder.on_service_add(service)
-    for endpoint_slice in state.slices.values():
-        recorder.on_endpointslice_add(endpoint_slice)
-    node = state.nodes.get(settings.hostname)
-    if node is not None:
-        recorder.on_node_add(node)
-    recorder.on_services_synced()
-    recorder.on_endpointslices_synced()
-    recorder.on_node_synced()
+    deliver_all(state, recorder, settings.hostname)
     listeners = _RecordingListeners()
     proxier = Proxier(
         recorder,

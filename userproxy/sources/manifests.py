@@ -242,6 +242,21 @@ def _is_racy(signature: _Signature) -> bool:
     return signature.newest_mtime_ns >= time.time_ns() - RACY_NS
 
 
+def deliver_all(state: ManifestState, handlers: Handlers, node_name: str) -> None:
+    """Hand every object of ``state`` (and the own Node, if present) to ``handlers`` as
+    additions, then the three ``*_synced`` calls: a first listing, complete."""
+    for service in state.services.values():
+        handlers.on_service_add(service)
+    for endpoint_slice in state.slices.values():
+        handlers.on_endpointslice_add(endpoint_slice)
+    node = state.nodes.get(node_name)
+    if node is not None:
+        handlers.on_node_add(node)
+    handlers.on_services_synced()
+    handlers.on_endpointslices_synced()
+    handlers.on_node_synced()
+
+
 def _own_node(state: ManifestState, node_name: str) -> dict[str, Node]:
     node = state.nodes.get(node_name)
     return {node_name: node} if node is not None else {}
@@ -304,22 +319,12 @@ class ManifestSource:
         self._state = state
         self._report_skipped(state)
         self._warnings.report(state.warnings)
-        handlers = self._handlers
-        for service in state.services.values():
-            handlers.on_service_add(service)
-        for endpoint_slice in state.slices.values():
-            handlers.on_endpointslice_add(endpoint_slice)
-        node = state.nodes.get(self._node_name)
-        if node is not None:
-            handlers.on_node_add(node)
-        handlers.on_services_synced()
-        handlers.on_endpointslices_synced()
-        handlers.on_node_synced()
+        deliver_all(state, self._handlers, self._node_name)
         logger.info(
             "loaded manifests: %d services, %d endpoint slices, own node %s",
             len(state.services),
             len(state.slices),
-            "found" if node is not None else "not found",
+            "found" if self._node_name in state.nodes else "not found",
         )
         return state
 
