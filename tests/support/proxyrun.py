@@ -82,6 +82,32 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def socket_inode(fd: int, pid: int | None = None) -> int:
+    """The kernel inode of socket descriptor ``fd`` (of ``pid``, by default this process)."""
+    link = os.readlink(f"/proc/{pid or os.getpid()}/fd/{fd}")
+    if not link.startswith("socket:["):
+        raise ValueError(f"descriptor {fd} is not a socket: {link}")
+    return int(link[len("socket:[") : -1])
+
+
+def open_socket_inodes(pid: int | None = None) -> set[int]:
+    """The inodes of every socket ``pid`` (by default this process) holds open now.
+
+    An inode names one socket for its whole life, unlike a descriptor number, which
+    the kernel hands out again as soon as it is closed.
+    """
+    inodes = set()
+    fd_dir = f"/proc/{pid or os.getpid()}/fd"
+    for name in os.listdir(fd_dir):
+        try:
+            link = os.readlink(f"{fd_dir}/{name}")
+        except FileNotFoundError:  # closed between the listing and the read
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[len("socket:[") : -1]))
+    return inodes
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
