@@ -25,7 +25,7 @@ from typing import TextIO, TypeVar
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.config import ConfigError, Settings
-from userproxy.control.proxier import Proxier
+from userproxy.control.proxier import NoEffects, Proxier
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import (
     AddressKind,
@@ -116,19 +116,6 @@ def check_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return check(settings, sys.stdout if out is None else out)
 
 
-class _RecordingListeners:
-    """A ``ListenerApplier`` that keeps the specs it is handed and opens nothing."""
-
-    def __init__(self) -> None:
-        self.specs: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
-
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        if specs:
-            self.specs[service] = tuple(specs)
-        else:
-            self.specs.pop(service, None)
-
-
 def plan_manifests(
     state: ManifestState, settings: Settings
 ) -> dict[ServiceKey, tuple[ListenerSpec, ...]]:
@@ -138,15 +125,14 @@ def plan_manifests(
     """
     recorder = ChangeRecorder(settings.hostname, lambda: None)
     deliver_all(state, recorder, settings.hostname)
-    listeners = _RecordingListeners()
     proxier = Proxier(
         recorder,
-        listeners,
+        NoEffects(),
         BalancerRegistry(),
         node_addresses=lambda: tuple(_NODE_PLACEHOLDERS),
     )
     proxier.sync()
-    return listeners.specs
+    return proxier.specs
 
 
 def check(settings: Settings, out: TextIO) -> int:

@@ -1,4 +1,4 @@
-"""Wires one proxy together and runs it: source -> recorder -> runner -> proxier -> listeners.
+"""Wires one proxy together and runs it: source -> recorder -> runner -> proxier -> effects.
 
 Lifecycle (like uvicorn's): ``run()`` loads the manifests (a ManifestError here means the
 process should exit 2), starts every long-lived task in one TaskGroup and waits for
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from userproxy.admin.health import health_app
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
-from userproxy.admin.service_health import HealthCheck, ServiceHealthServers
+from userproxy.admin.service_health import ServiceHealthServers
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.config import ConfigError, Settings, configz, flag_name
 from userproxy.control.health import HealthState
@@ -37,11 +37,11 @@ from userproxy.dataplane.limits import (
 )
 from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
 from userproxy.dataplane.udp import UdpSettings
+from userproxy.effects import HostEffects, ServiceAddressSync
 from userproxy.hostnet.addresses import AddressManager
 from userproxy.hostnet.node import NodeAddresses
 from userproxy.logs import setup_logging
 from userproxy.metrics import Metrics
-from userproxy.model import ServiceKey
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
 if TYPE_CHECKING:
@@ -119,20 +119,18 @@ class Proxy:
                 session_rate=settings.udp_session_rate,
             ),
         )
+        # The runner calls the proxier's sync and nothing else (kube-proxy's runner.go):
+        # every effect of a sync goes through the HostEffects the proxier is given.  (A
+        # lambda: the proxier is built below, from the recorder, which needs the runner.)
         self.runner = SyncRunner(
-            self._sync,
+            lambda: self.proxier.sync_in_slices(),  # noqa: PLW0108
             min_interval=settings.min_sync_period,
             max_interval=settings.sync_period,
         )
         self.recorder = ChangeRecorder(settings.hostname, self.runner.request)
         self.metrics = Metrics()
         self.metrics.watch(self.recorder, self.listeners)
-
-        def synced(status: SyncStatus) -> None:
-            self.metrics.observe_sync(status, time.time())
-            if on_synced is not None:
-                on_synced(status)
-
+        self._on_synced = on_synced
         self.service_health = ServiceHealthServers(
             health=lambda: self.health.report().healthy,
             addresses=lambda: self.proxier.node_addresses,
@@ -145,20 +143,19 @@ class Proxy:
             cluster_cidrs=settings.cluster_cidr.split(",") if settings.cluster_cidr else (),
             own_device=settings.address_device if settings.manage_addresses else None,
         )
-        self.proxier = Proxier(
-            self.recorder,
-            self.listeners,
-            self.registry,
-            on_synced=synced,
-            node_addresses=self.node_addresses,
-            health_checks=self._apply_health_check,
-        )
-        self.health = HealthState(self.recorder, self.proxier, settings.sync_period)
         self.addresses: AddressManager | None = None
+        self.address_sync: ServiceAddressSync | None = None
         if settings.manage_addresses:
             self.addresses = AddressManager(settings.address_device)
-        self._managed: frozenset[str] = frozenset()
-        self._addresses_error: str | None = None
+            self.address_sync = ServiceAddressSync(self.addresses)
+        effects = HostEffects(self.listeners, self.service_health, self.address_sync, self._synced)
+        self.proxier = Proxier(
+            self.recorder,
+            effects,
+            self.registry,
+            node_addresses=self.node_addresses,
+        )
+        self.health = HealthState(self.recorder, self.proxier, settings.sync_period)
         self.manifests: ManifestSource | None = None
         self._client_configuration: Configuration | None = None
         if settings.manifests:
@@ -181,38 +178,16 @@ class Proxy:
         self.stopped = asyncio.Event()
         self._next_sync = asyncio.Event()
 
-    def _apply_health_check(self, service: ServiceKey, port: int | None, local: int) -> None:
-        check = None if port is None else HealthCheck(service, port, local)
-        self.service_health.apply(service, check)
-
-    async def _sync(self) -> bool:
-        """One sync; False when something could not be applied (the runner retries).
-
-        The proxier's part yields to the loop every few milliseconds: a sync that
-        re-plans thousands of Services must not pause the data plane."""
-        complete = await self.proxier.sync_in_slices()
-        if self.addresses is not None:
-            wanted = self.proxier.service_addresses()
-            if wanted != self._managed:
-                try:
-                    self.addresses.sync(wanted)
-                except Exception as exc:  # retried with the sync; _managed stays as it was
-                    complete = False
-                    if str(exc) != self._addresses_error:  # once per distinct error
-                        self._addresses_error = str(exc)
-                        log.warning("cannot make the Service IPs local: %s (will retry)", exc)
-                else:
-                    self._managed = wanted
-                    self._addresses_error = None
-        self.service_health.retry_failed()
-        if self.service_health.failed():
-            complete = False
-        if self.proxier.status.syncs:
+    def _synced(self, status: SyncStatus) -> None:
+        """A sync ended: record it, tell the caller, wake everyone waiting for it."""
+        self.metrics.observe_sync(status, time.time())
+        if self._on_synced is not None:
+            self._on_synced(status)
+        if status.syncs:
             self.synced.set()
         # Wake everyone waiting for "a sync after N", then arm a fresh event.
         self._next_sync.set()
         self._next_sync = asyncio.Event()
-        return complete
 
     async def wait_sync(self, after: int) -> None:
         """Return once more than ``after`` syncs have been applied."""
@@ -318,6 +293,10 @@ class Proxy:
                     ),
                     *self._admin_tasks(tasks),
                 ]
+                if self.address_sync is not None:
+                    control.append(
+                        tasks.create_task(self.address_sync.run(), name="service-addresses")
+                    )
                 await self._stop.wait()
                 log.info("shutting down: no longer accepting connections")
                 self.listeners.stop_accepting()

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.control.proxier import Proxier, ServicePlan, SyncStatus
+from userproxy.control.plan import ServicePlan
+from userproxy.control.proxier import NoEffects, Proxier, SyncStatus
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import (
     AddressKind,
@@ -44,13 +45,17 @@ class FakeTime:
 
 
 @dataclass
-class RecordingApplier:
-    """A ``ListenerApplier`` that remembers every call."""
+class RecordingApplier(NoEffects):
+    """``SyncEffects`` that remember every listener hand-over and every sync's status."""
 
     calls: list[tuple[ServiceKey, tuple[ListenerSpec, ...]]] = field(default_factory=list)
+    statuses: list[SyncStatus] = field(default_factory=list)
 
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         self.calls.append((service, tuple(specs)))
+
+    def synced(self, status: SyncStatus) -> None:
+        self.statuses.append(status)
 
     @property
     def keys(self) -> list[ServiceKey]:
@@ -88,10 +93,8 @@ def world(monkeypatch: pytest.MonkeyPatch) -> World:
     time, wall = FakeTime(100.0), FakeTime(1_700_000_000.0)
     applier = RecordingApplier()
     recorder = ChangeRecorder(NODE, lambda: None, clock=time)
-    synced: list[SyncStatus] = []
-    proxier = Proxier(
-        recorder, applier, BalancerRegistry(), clock=time, wall_clock=wall, on_synced=synced.append
-    )
+    synced = applier.statuses
+    proxier = Proxier(recorder, applier, BalancerRegistry(), clock=time, wall_clock=wall)
     planned: list[ServiceKey] = []
     plan = proxier.plan
 

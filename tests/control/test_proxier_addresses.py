@@ -4,13 +4,13 @@ class may use, plus health checks, no-local-endpoint counts and service addresse
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
 
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.control.proxier import Proxier
+from userproxy.control.proxier import NoEffects, Proxier
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import (
     AddressKind,
@@ -33,28 +33,35 @@ NODE = "node-1"
 NODE_IPS = ("198.18.0.2", "127.0.0.1")
 
 
-class Applier:
+class Applier(NoEffects):
     def __init__(self) -> None:
         self.current: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
         self.applies = 0
+        #: Each health-check hand-over: (ports by Service, local endpoints by Service).
+        self.health: list[tuple[dict[ServiceKey, int], dict[ServiceKey, int]]] = []
 
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         self.applies += 1
         self.current[service] = tuple(specs)
+
+    def sync_health_checks(
+        self, ports: Mapping[ServiceKey, int], local: Mapping[ServiceKey, int]
+    ) -> bool:
+        self.health.append((dict(ports), dict(local)))
+        return True
 
 
 class Setup:
     def __init__(self, node_ips: tuple[str, ...] = NODE_IPS) -> None:
         self.node_ips = node_ips
         self.applier = Applier()
-        self.health: list[tuple[ServiceKey, int | None, int]] = []
+        self.health = self.applier.health
         self.recorder = ChangeRecorder(NODE, lambda: None)
         self.proxier = Proxier(
             self.recorder,
             self.applier,
             BalancerRegistry(),
             node_addresses=lambda: self.node_ips,
-            health_checks=lambda key, port, count: self.health.append((key, port, count)),
         )
         self.recorder.on_services_synced()
         self.recorder.on_endpointslices_synced()
@@ -223,7 +230,7 @@ def test_health_check_and_no_local_endpoint_counts() -> None:
     )
     setup.serve(service, LOCAL, REMOTE)
     key = ServiceKey("default", "web")
-    assert setup.health == [(key, 32000, 1)]
+    assert setup.health == [({key: 32000}, {key: 1})]
     assert setup.proxier.status.no_local_external == 0
     # The local endpoint leaves: 0 local endpoints, counted as a Local policy without any.
     setup.recorder.on_endpointslice_update(
@@ -233,14 +240,13 @@ def test_health_check_and_no_local_endpoint_counts() -> None:
                       ports=(EndpointPort("http", Protocol.TCP, 8080),), endpoints=(REMOTE,)),
     )  # fmt: skip
     setup.proxier.sync()
-    assert setup.health[-1] == (key, 32000, 0)
+    assert setup.health[-1] == ({key: 32000}, {})  # no local endpoint
     assert setup.proxier.status.no_local_external == 1
     assert setup.proxier.status.no_local_internal == 0
     setup.recorder.on_service_delete(service)
     setup.proxier.sync()
-    service_key, port, _ = setup.health[-1]
-    assert service_key == key
-    assert port is None
+    ports, _ = setup.health[-1]
+    assert key not in ports
 
 
 def test_service_addresses_cover_cluster_external_and_vip_ips() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.control.test_runner import FakeClock, settle
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.control.proxier import Proxier
+from userproxy.control.proxier import NoEffects, Proxier
 from userproxy.control.runner import SyncRunner
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import ListenerSpec, Protocol, Service, ServiceKey, ServicePort
@@ -125,14 +125,14 @@ async def test_retry_after_wakes_an_idle_runner(tasks: list[asyncio.Task[None]])
 
 
 @dataclass
-class FlakyListeners:
-    """A listener set that raises for the Services in ``broken`` (after recording)."""
+class FlakyListeners(NoEffects):
+    """Effects whose listener set raises for the Services in ``broken`` (after recording)."""
 
     broken: dict[ServiceKey, Exception] = field(default_factory=dict)
     applied: dict[ServiceKey, tuple[ListenerSpec, ...]] = field(default_factory=dict)
     calls: list[ServiceKey] = field(default_factory=list)
 
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         self.calls.append(service)
         error = self.broken.get(service)
         if error is not None:

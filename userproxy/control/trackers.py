@@ -1,16 +1,21 @@
-"""Change trackers: what changed since the last sync, with changes that cancel out dropped.
+"""Change trackers and the state they fold into.
 
 Like kube-proxy's ServiceChangeTracker and EndpointsChangeTracker, each pending change is
 kept as ``(previous, current)`` where previous is the state the last sync applied and
 current the newest state seen (None meaning "absent").  An add followed by a delete, or an
 update back to the applied object, leaves nothing pending, so the sync that follows does
 no work for it.
+
+A sync takes the pending changes (``ChangeRecorder.take``) and folds them into the
+:class:`AppliedState`, which says which Services must be planned again; upstream keeps the
+same pair side by side (``ServicePortMap.Update`` and ``EndpointsMap.Update`` beside the
+change trackers in pkg/proxy/servicechangetracker.go and endpointschangetracker.go).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -198,3 +203,63 @@ class ChangeRecorder:
 
     def on_node_synced(self) -> None:
         """The node is optional (a manifest set may not describe it): nothing to wait for."""
+
+
+class AppliedState:
+    """The objects the syncs so far have applied: every Service, the EndpointSlices of
+    each Service, and the proxy's own Node.
+
+    Invariant: only ``fold`` changes it, and only the sync that took the changes calls it;
+    the sources never touch it (they record changes, which the next sync folds).
+    """
+
+    __slots__ = ("node", "services", "slices")
+
+    def __init__(self) -> None:
+        self.services: dict[ServiceKey, Service] = {}
+        self.slices: dict[ServiceKey, dict[SliceKey, EndpointSlice]] = {}
+        self.node: Node | None = None
+
+    def slices_of(self, key: ServiceKey) -> Iterable[EndpointSlice]:
+        return self.slices.get(key, {}).values()
+
+    def fold(self, changes: PendingChanges, affected: set[ServiceKey]) -> Iterator[None]:
+        """Apply ``changes``, adding to ``affected`` every Service whose plan they may
+        change; yields after each change (a sliced sync's chance to let the loop run).
+
+        A Service is affected by a change to itself or to one of its EndpointSlices (the
+        old owner too, when a slice moves).  A Node change affects every Service only when
+        the zone changes: the zone is the one Node field planning reads (topology hints);
+        the others feed the health checks (upstream's NodeTopologyConfig likewise
+        re-syncs only on topology label changes).
+        """
+        for key, change in changes.services.items():
+            affected.add(key)
+            if change.current is None:
+                self.services.pop(key, None)
+            else:
+                self.services[key] = change.current
+            yield
+        for slice_key, slice_change in changes.slices.items():
+            if slice_change.previous is not None:
+                owner = slice_change.previous.service_key
+                affected.add(owner)
+                by_name = self.slices.get(owner)
+                if by_name is not None:
+                    by_name.pop(slice_key, None)
+                    if not by_name:
+                        del self.slices[owner]
+            if slice_change.current is not None:
+                owner = slice_change.current.service_key
+                affected.add(owner)
+                self.slices.setdefault(owner, {})[slice_key] = slice_change.current
+            yield
+        if changes.node is not None:
+            old_zone = self.zone
+            self.node = changes.node.current
+            if self.zone != old_zone:
+                affected.update(self.services)
+
+    @property
+    def zone(self) -> str | None:
+        return self.node.zone if self.node is not None else None
