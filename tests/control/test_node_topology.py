@@ -51,7 +51,7 @@ def test_a_node_change_outside_the_zone_plans_nothing_again() -> None:
     recorder.on_node_update(Node(NODE, zone="a"), Node(NODE, zone="a", to_be_deleted_taint=True))
     assert proxier.sync()
     assert proxier.status.services_planned == 0
-    assert proxier.node == Node(NODE, zone="a", to_be_deleted_taint=True), "health sees it"
+    assert proxier.state.node == Node(NODE, zone="a", to_be_deleted_taint=True), "health sees it"
     assert proxier.plans == before
 
 

@@ -310,15 +310,15 @@ def test_slice_moving_between_services(world: World) -> None:
     assert sorted(world.planned, key=str) == [key("api"), key("web")]
     assert applied[key("web")] == (spec("web", "10.96.0.1", ()),)
     assert pool_ips(applied[key("api")]) == [["10.1.0.1", "10.1.1.1"]]
-    assert world.proxier.slices[key("api")].keys() == {(NS, "api-1"), (NS, "web-1")}
-    assert key("web") not in world.proxier.slices
+    assert world.proxier.state.slices[key("api")].keys() == {(NS, "api-1"), (NS, "web-1")}
+    assert key("web") not in world.proxier.state.slices
 
 
 def test_slice_deleted(world: World) -> None:
     _started(world)
     world.recorder.on_endpointslice_delete(eps("api-1", "api", sep("10.1.1.1")))
     assert world.sync() == {key("api"): (spec("api", "10.96.0.2", ()),)}
-    assert key("api") not in world.proxier.slices
+    assert key("api") not in world.proxier.state.slices
 
 
 def test_service_deletion_applies_an_empty_tuple(world: World) -> None:
@@ -327,7 +327,7 @@ def test_service_deletion_applies_an_empty_tuple(world: World) -> None:
     applied = world.sync()
     assert applied == {key("web"): ()}
     assert key("web") not in world.proxier.specs
-    assert key("web") not in world.proxier.services
+    assert key("web") not in world.proxier.state.services
     # The slices stay: a Service re-created with the same name gets them back.
     world.recorder.on_service_add(svc("web"))
     assert pool_ips(world.sync()[key("web")]) == [["10.1.0.1"]]
@@ -375,7 +375,7 @@ def test_node_zone_change_replans_services_with_topology_hints(world: World) -> 
     assert sorted(world.planned, key=str) == [key("hinted"), key("plain")]
     assert list(applied) == [key("hinted")], "only the hinted Service's listeners change"
     assert pool_ips(applied[key("hinted")]) == [["10.1.0.2"]]
-    assert world.proxier.node == Node(NODE, zone="zone-b")
+    assert world.proxier.state.node == Node(NODE, zone="zone-b")
 
     rec.on_node_update(Node(NODE, zone="zone-b"), Node(NODE, zone="zone-c"))
     applied = world.sync()

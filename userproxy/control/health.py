@@ -71,7 +71,7 @@ class HealthState:
         now = self._clock()
         queued = self.recorder.queued_at
         live = queued is None or now - queued <= self.timeout
-        node = self.proxier.node
+        node = self.proxier.state.node
         eligible = node is None or not (node.deleting or node.to_be_deleted_taint)
         status = self.proxier.status
         wall_now = self._wall_clock()

@@ -37,8 +37,8 @@ from typing import Protocol
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.plan import NodeView, ServicePlan, plan_service
-from userproxy.control.trackers import AppliedState, ChangeRecorder, PendingChanges, SliceKey
-from userproxy.model import EndpointSlice, ListenerSpec, Node, Service, ServiceKey
+from userproxy.control.trackers import AppliedState, ChangeRecorder, PendingChanges
+from userproxy.model import ListenerSpec, ServiceKey
 from userproxy.slices import Slicer
 
 log = logging.getLogger(__name__)
@@ -185,19 +185,6 @@ class Proxier:
         # Trigger times older than the proxy describe changes some earlier process applied
         # (kube-proxy ignores those too); they would report hours of "latency" per restart.
         self._started_wall = wall_clock()
-
-    # -- the applied state, for readers (health, status) -------------------------------------
-    @property
-    def services(self) -> Mapping[ServiceKey, Service]:
-        return self.state.services
-
-    @property
-    def slices(self) -> Mapping[ServiceKey, Mapping[SliceKey, EndpointSlice]]:
-        return self.state.slices
-
-    @property
-    def node(self) -> Node | None:
-        return self.state.node
 
     # -- a sync -------------------------------------------------------------------------------
     def sync(self) -> bool:
