@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from userproxy.admin.health import health_app
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
-from userproxy.admin.service_health import HealthCheck, ServiceHealthServers
+from userproxy.admin.service_health import ServiceHealthServers
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.config import ConfigError, Settings, configz, flag_name
 from userproxy.control.health import HealthState
@@ -133,6 +133,8 @@ class Proxy:
             if on_synced is not None:
                 on_synced(status)
 
+        self._health_ports: dict[ServiceKey, int] = {}
+        self._local_endpoints: dict[ServiceKey, int] = {}
         self.service_health = ServiceHealthServers(
             health=lambda: self.health.report().healthy,
             addresses=lambda: self.proxier.node_addresses,
@@ -182,8 +184,11 @@ class Proxy:
         self._next_sync = asyncio.Event()
 
     def _apply_health_check(self, service: ServiceKey, port: int | None, local: int) -> None:
-        check = None if port is None else HealthCheck(service, port, local)
-        self.service_health.apply(service, check)
+        # Collected here, handed over whole at the end of each sync (sync_services).
+        self._health_ports.pop(service, None)
+        self._local_endpoints.pop(service, None)
+        if port is not None:
+            self._health_ports[service], self._local_endpoints[service] = port, local
 
     async def _sync(self) -> bool:
         """One sync; False when something could not be applied (the runner retries).
@@ -204,7 +209,8 @@ class Proxy:
                 else:
                     self._managed = wanted
                     self._addresses_error = None
-        self.service_health.retry_failed()
+        self.service_health.sync_endpoints(self._local_endpoints)
+        self.service_health.sync_services(self._health_ports)
         if self.service_health.failed():
             complete = False
         if self.proxier.status.syncs:
