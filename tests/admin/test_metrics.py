@@ -5,6 +5,7 @@ gzip; /proxyMode, /configz, /healthz."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import urllib.request
@@ -20,7 +21,8 @@ from tests.support.manifests import endpoint_slice, fresh_net, service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy, wait_for_sync
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.control.health import HealthState
-from userproxy.metrics import Metrics
+from userproxy.dataplane.listeners import PortTotals
+from userproxy.metrics import PORT_FAMILIES, Metrics
 
 pytestmark = pytest.mark.both_loops
 
@@ -187,3 +189,15 @@ async def test_metrics_negotiate_openmetrics_and_gzip() -> None:
         zipped = await client.get("/metrics", headers={"Accept-Encoding": "gzip"})
         assert zipped.headers["Content-Encoding"] == "gzip"
         assert b"kubeproxy_proxy_healthz_total" in gzip.decompress(await zipped.read())
+
+
+def test_every_port_counter_is_exported_once_per_protocol() -> None:
+    read: dict[str, list[str]] = {"TCP": [], "UDP": []}
+    for spec in PORT_FAMILIES:
+        counters = [spec.read] if isinstance(spec.read, str) else list(spec.read.values())
+        for protocol in (spec.protocol,) if spec.protocol else ("TCP", "UDP"):
+            read[protocol] += counters
+    fields = {field.name for field in dataclasses.fields(PortTotals)}
+    assert set(read["TCP"]) | set(read["UDP"]) == fields
+    for counters in read.values():
+        assert len(counters) == len(set(counters)), counters
