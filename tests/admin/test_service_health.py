@@ -6,6 +6,7 @@ full map of local endpoint counts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import socket
@@ -73,13 +74,22 @@ async def exchange(
     return int(status_line.split()[1]), headers, body
 
 
-async def get(port: int, path: str = "/", host: str = "127.0.0.1") -> Answer:
+@contextlib.asynccontextmanager
+async def connected(
+    port: int, host: str = "127.0.0.1"
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A keep-alive connection to ``host:port``, closed on the way out."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        return await exchange(reader, writer, path)
+        yield reader, writer
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def get(port: int, path: str = "/", host: str = "127.0.0.1") -> Answer:
+    async with connected(port, host) as (reader, writer):
+        return await exchange(reader, writer, path)
 
 
 async def is_refused(port: int, host: str = "127.0.0.1") -> bool:
@@ -158,17 +168,13 @@ async def test_503_when_the_proxy_is_unhealthy_even_with_endpoints(h: Harness) -
 async def test_count_update_switches_status_without_closing_the_port(h: Harness) -> None:
     port = free_port()
     h.want(HealthCheck(WEB, port, 0))
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
+    async with connected(port) as (reader, writer):
         assert (await exchange(reader, writer))[0] == 503
         h.want(HealthCheck(WEB, port, 1))
         status, _, data = await exchange(reader, writer)  # the same keep-alive connection
         assert (status, data) == (200, body(WEB, 1, True))
         h.want(HealthCheck(WEB, port, 0))
         assert (await exchange(reader, writer))[0] == 503
-    finally:
-        writer.close()
-        await writer.wait_closed()
     assert h.servers.ports() == {port: HealthCheck(WEB, port, 0)}
     assert h.errors == []
 
@@ -176,17 +182,13 @@ async def test_count_update_switches_status_without_closing_the_port(h: Harness)
 async def test_a_service_left_out_closes_its_port_and_connections(h: Harness) -> None:
     port = free_port()
     h.want(HealthCheck(WEB, port, 1))
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
+    async with connected(port) as (reader, writer):
         assert (await exchange(reader, writer))[0] == 200
         h.want()
         assert h.servers.ports() == {}
         await until_refused(port)
         async with asyncio.timeout(5):
             assert await reader.read() == b""  # the idle keep-alive connection is closed
-    finally:
-        writer.close()
-        await writer.wait_closed()
     h.want()  # again: nothing to do
 
 
@@ -275,17 +277,24 @@ async def test_second_service_on_a_port_is_refused_until_the_first_lets_go(h: Ha
     assert (await get(port))[2] == body(API, 2, True)
 
 
+async def test_of_two_new_claims_in_one_sync_the_first_listed_wins(h: Harness) -> None:
+    port = free_port()
+    api, web = HealthCheck(API, port, 1), HealthCheck(WEB, port, 0)
+    h.want(api, web)
+    assert h.servers.ports() == {port: api}
+    assert h.servers.refused() == {WEB: web}
+    [(failed_port, error)] = h.errors
+    assert (failed_port, error.errno) == (port, errno.EADDRINUSE)
+    assert (await get(port))[2] == body(API, 1, True)
+
+
 async def test_close_closes_everything(h: Harness) -> None:
     ports = [free_port(), free_port()]
     h.want(HealthCheck(WEB, ports[0], 1), HealthCheck(API, ports[1], 1))
-    reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
-    try:
+    async with connected(ports[0]) as (reader, writer):
         assert (await exchange(reader, writer))[0] == 200
         await h.servers.close()
         assert await reader.read() == b""
-    finally:
-        writer.close()
-        await writer.wait_closed()
     assert h.servers.ports() == {}
     for port in ports:
         assert await is_refused(port)
