@@ -115,18 +115,15 @@ class FailedBind:
 
 
 def render(check: HealthCheck, proxy_healthy: bool) -> bytes:
-    """The body upstream prints (Go's %q equals JSON quoting for Kubernetes names)."""
-    service = check.service
-    return (
-        "{\n"
-        '\t"service": {\n'
-        f'\t\t"namespace": {json.dumps(service.namespace)},\n'
-        f'\t\t"name": {json.dumps(service.name)}\n'
-        "\t},\n"
-        f'\t"localEndpoints": {check.local_endpoints},\n'
-        f'\t"serviceProxyHealthy": {"true" if proxy_healthy else "false"}\n'
-        "}"
-    ).encode()
+    """The body upstream prints: its Go template's layout is JSON indented by tabs (and
+    Go's %q quotes Kubernetes names as JSON does)."""
+    service = {"namespace": check.service.namespace, "name": check.service.name}
+    body = {
+        "service": service,
+        "localEndpoints": check.local_endpoints,
+        "serviceProxyHealthy": proxy_healthy,
+    }
+    return json.dumps(body, indent="\t").encode()
 
 
 def bind_addresses(addresses: Sequence[str]) -> tuple[str, ...]:
