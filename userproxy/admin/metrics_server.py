@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from userproxy.admin.health import healthz_response
+from userproxy.admin.health import healthz_handler
 from userproxy.control.health import HealthState
 from userproxy.metrics import Metrics
 
@@ -23,9 +23,6 @@ PROXY_MODE = "userspace"
 def metrics_app(
     metrics: Metrics, health: HealthState, configz: Mapping[str, object]
 ) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
-        return healthz_response(health, metrics)
-
     async def proxy_mode(_: web.Request) -> web.Response:
         return web.Response(text=PROXY_MODE)
 
@@ -34,7 +31,7 @@ def metrics_app(
 
     app = web.Application()
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", healthz_handler(health, metrics))
     app.router.add_get("/proxyMode", proxy_mode)
     app.router.add_get("/configz", serve_configz)
     return app
