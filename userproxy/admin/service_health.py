@@ -155,6 +155,26 @@ def listen(address: str, port: int) -> socket.socket:
     return sock
 
 
+def listen_all(addresses: Sequence[str], port: int) -> list[socket.socket]:
+    """Listening sockets on ``port`` at every one of ``addresses`` (empty: both wildcards,
+    the IPv6 one skipped quietly where the host has no IPv6), or none: OSError."""
+    sockets: list[socket.socket] = []
+    try:
+        for address in bind_addresses(addresses):
+            try:
+                sockets.append(listen(address, port))
+            except OSError as exc:
+                if not addresses and address == "::" and exc.errno in _NO_IPV6:
+                    log.debug("health check port %d: no IPv6 wildcard: %s", port, exc)
+                    continue
+                raise
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 class _Site(web.SockSite):
     """A SockSite that can stop listening at once: aiohttp's ``stop()`` is a coroutine,
     but closing the listening server needs no await (the runner's cleanup closes it again,
@@ -301,7 +321,7 @@ class ServiceHealthServers:
 
     def _open_port(self, port: int) -> None:
         try:
-            sockets = self._bind(port)
+            sockets = listen_all(self._addresses(), port)
         except OSError as exc:
             self._fail(port, exc)
             return
@@ -317,24 +337,6 @@ class ServiceHealthServers:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _bind(self, port: int) -> list[socket.socket]:
-        given = tuple(self._addresses())
-        sockets: list[socket.socket] = []
-        try:
-            for address in bind_addresses(given):
-                try:
-                    sockets.append(listen(address, port))
-                except OSError as exc:
-                    if not given and address == "::" and exc.errno in _NO_IPV6:
-                        log.debug("health check port %d: no IPv6 wildcard: %s", port, exc)
-                        continue
-                    raise
-        except BaseException:
-            for sock in sockets:
-                sock.close()
-            raise
-        return sockets
 
     def _fail(self, port: int, exc: OSError) -> None:
         previous = self._failed.get(port)
