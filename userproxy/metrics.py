@@ -1,9 +1,11 @@
 """Prometheus metrics: kube-proxy's core set under its own names, plus ``userproxy_*``.
 
 One ``Metrics`` object owns its ``CollectorRegistry`` (never the global one) and is
-injected where events happen.  Data-path numbers are not counted per packet in
+injected where events happen; the metrics server serves its registry through
+prometheus-client's aiohttp handler.  Data-path numbers are not counted per packet in
 prometheus_client objects: the relay keeps plain integer counters and a collector reads
-them at scrape time, so the hot path pays an integer add, not a lock.
+them at scrape time, so the hot path pays an integer add, not a lock.  Which counter
+feeds which family is one table, ``PORT_FAMILIES``.
 
 Labels stay bounded: service port (``namespace/name:port``), protocol, resource, code,
 traffic policy, reason; never a client address.
@@ -11,8 +13,9 @@ traffic policy, reason; never a client address.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -21,7 +24,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from userproxy.control.proxier import SyncStatus
     from userproxy.control.trackers import ChangeRecorder
-    from userproxy.dataplane.listeners import ListenerSet
+    from userproxy.dataplane.listeners import ListenerSet, PortTotals
 
 #: kube-proxy's sync duration buckets: from 1 ms, doubling, 15 of them.
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
@@ -125,31 +128,94 @@ class _ControlCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         rec = self.recorder
-        yield GaugeMetricFamily(
-            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
-            "Pending proxy rules Endpoint changes",
-            value=len(rec.slices),
-        )
-        yield CounterMetricFamily(
-            "kubeproxy_sync_proxy_rules_endpoint_changes",
-            "Cumulative proxy rules Endpoint changes",
-            value=rec.slices.total,
-        )
-        yield GaugeMetricFamily(
-            "kubeproxy_sync_proxy_rules_service_changes_pending",
-            "Pending proxy rules Service changes",
-            value=len(rec.services),
-        )
-        yield CounterMetricFamily(
-            "kubeproxy_sync_proxy_rules_service_changes",
-            "Cumulative proxy rules Service changes",
-            value=rec.services.total,
-        )
-        yield GaugeMetricFamily(
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "The last time a sync of proxy rules was queued",
-            value=rec.last_queued_wall or 0.0,
-        )
+        for family, name, text, value in (
+            (GaugeMetricFamily, "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+             "Pending proxy rules Endpoint changes", len(rec.slices)),
+            (CounterMetricFamily, "kubeproxy_sync_proxy_rules_endpoint_changes",
+             "Cumulative proxy rules Endpoint changes", rec.slices.total),
+            (GaugeMetricFamily, "kubeproxy_sync_proxy_rules_service_changes_pending",
+             "Pending proxy rules Service changes", len(rec.services)),
+            (CounterMetricFamily, "kubeproxy_sync_proxy_rules_service_changes",
+             "Cumulative proxy rules Service changes", rec.services.total),
+            (GaugeMetricFamily, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+             "The last time a sync of proxy rules was queued", rec.last_queued_wall or 0.0),
+        ):  # fmt: skip
+            yield family(name, text, value=value)
+
+
+@dataclass(frozen=True, slots=True)
+class PortFamily:
+    """One data-path family, labelled by service port and protocol, read off ``PortTotals``.
+
+    ``read`` names the ``PortTotals`` counter, or maps each value of one more label
+    (``split``: direction, reason) to the counter behind it."""
+
+    name: str
+    kind: Literal["counter", "gauge"]
+    text: str
+    read: str | Mapping[str, str]
+    split: str | None = None
+    #: The protocol whose ports have this family (None: both).
+    protocol: Literal["TCP", "UDP"] | None = None
+
+    def family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        labels = ["service_port", "protocol", *([self.split] if self.split else [])]
+        kind = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        return kind(self.name, self.text, labels=labels)
+
+    def samples(self, totals: PortTotals) -> Iterator[tuple[list[str], int]]:
+        """(extra label values, value) for one port."""
+        if isinstance(self.read, str):
+            yield [], getattr(totals, self.read)
+        else:
+            for label, counter in self.read.items():
+                yield [label], getattr(totals, counter)
+
+
+#: Every data-path family: name, kind, help, the PortTotals counter(s) read, the extra label.
+PORT_FAMILIES = (
+    PortFamily("userproxy_udp_sessions_active", "gauge", "UDP sessions open now",
+               "sessions_active", protocol="UDP"),
+    PortFamily("userproxy_udp_sessions_created", "counter", "UDP sessions created",
+               "sessions_created", protocol="UDP"),
+    PortFamily("userproxy_udp_sessions_expired", "counter",
+               "UDP sessions ended by --udp-idle-timeout", "sessions_expired", protocol="UDP"),
+    PortFamily("userproxy_udp_sessions_evicted", "counter",
+               "UDP sessions evicted because the table was full (--udp-max-sessions)",
+               "sessions_evicted", protocol="UDP"),
+    PortFamily("userproxy_udp_datagrams", "counter", "UDP datagrams relayed",
+               {"upstream": "datagrams_up", "downstream": "datagrams_down"}, "direction", "UDP"),
+    PortFamily("userproxy_udp_drops", "counter",
+               "UDP datagrams dropped: rate_limit (a client over --udp-session-rate), "
+               "send_failed (socket buffer full or no session socket), no_endpoints (none "
+               "for the client's traffic class), source_range, backend_unreachable (ICMP "
+               "error from the endpoint; the session ends)",
+               {"rate_limit": "drops_rate", "send_failed": "drops_send",
+                "no_endpoints": "refused_no_endpoints", "source_range": "refused_source_range",
+                "backend_unreachable": "sessions_closed_by_icmp"}, "reason", "UDP"),
+    PortFamily("userproxy_connections_accepted", "counter", "Connections accepted",
+               "accepted", protocol="TCP"),
+    PortFamily("userproxy_connections_active", "gauge", "Connections open now",
+               "active", protocol="TCP"),
+    PortFamily("userproxy_connections_refused", "counter",
+               "Connections accepted and then reset: reason dial_failed (no endpoint could "
+               "be reached), source_range (loadBalancerSourceRanges), no_endpoints (none "
+               "for the client's traffic class), client_limit (the client IP held its "
+               "share of --max-connections, --client-connection-share). With no endpoints "
+               "at all the listener is closed and the kernel refuses, uncounted.",
+               {"dial_failed": "dial_exhausted", "source_range": "refused_source_range",
+                "no_endpoints": "refused_no_endpoints", "client_limit": "refused_client_limit"},
+               "reason", "TCP"),
+    PortFamily("userproxy_upstream_dial_failures", "counter", "Failed dials to endpoints",
+               "dial_failures", protocol="TCP"),
+    PortFamily("userproxy_upstream_dial_retries", "counter",
+               "Dials that were a retry on another endpoint", "dial_retries", protocol="TCP"),
+    PortFamily("userproxy_listeners_open", "gauge", "Listening sockets open", "listening"),
+    PortFamily("userproxy_listener_bind_errors", "gauge",
+               "Listeners that could not bind their address (retried every sync)", "bind_errors"),
+    PortFamily("userproxy_bytes", "counter", "Bytes relayed",
+               {"upstream": "bytes_up", "downstream": "bytes_down"}, "direction"),
+)  # fmt: skip
 
 
 class _DataplaneCollector(Collector):
@@ -159,109 +225,13 @@ class _DataplaneCollector(Collector):
         self.listeners = listeners
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["service_port", "protocol"]
-        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
-            "accepted": CounterMetricFamily(
-                "userproxy_connections_accepted", "Connections accepted", labels=labels
-            ),
-            "active": GaugeMetricFamily(
-                "userproxy_connections_active", "Connections open now", labels=labels
-            ),
-            "refused": CounterMetricFamily(
-                "userproxy_connections_refused",
-                "Connections accepted and then reset: reason dial_failed (no endpoint could "
-                "be reached), source_range (loadBalancerSourceRanges), no_endpoints (none "
-                "for the client's traffic class), client_limit (the client IP held its "
-                "share of --max-connections, --client-connection-share). With no endpoints "
-                "at all the listener is closed and the kernel refuses, uncounted.",
-                labels=[*labels, "reason"],
-            ),
-            "dial_failures": CounterMetricFamily(
-                "userproxy_upstream_dial_failures", "Failed dials to endpoints", labels=labels
-            ),
-            "dial_retries": CounterMetricFamily(
-                "userproxy_upstream_dial_retries",
-                "Dials that were a retry on another endpoint",
-                labels=labels,
-            ),
-            "listening": GaugeMetricFamily(
-                "userproxy_listeners_open", "Listening sockets open", labels=labels
-            ),
-            "bind_errors": GaugeMetricFamily(
-                "userproxy_listener_bind_errors",
-                "Listeners that could not bind their address (retried every sync)",
-                labels=labels,
-            ),
-        }
-        bytes_family = CounterMetricFamily(
-            "userproxy_bytes", "Bytes relayed", labels=[*labels, "direction"]
-        )
-        udp: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
-            "active": GaugeMetricFamily(
-                "userproxy_udp_sessions_active", "UDP sessions open now", labels=labels
-            ),
-            "created": CounterMetricFamily(
-                "userproxy_udp_sessions_created", "UDP sessions created", labels=labels
-            ),
-            "expired": CounterMetricFamily(
-                "userproxy_udp_sessions_expired",
-                "UDP sessions ended by --udp-idle-timeout",
-                labels=labels,
-            ),
-            "evicted": CounterMetricFamily(
-                "userproxy_udp_sessions_evicted",
-                "UDP sessions evicted because the table was full (--udp-max-sessions)",
-                labels=labels,
-            ),
-            "datagrams": CounterMetricFamily(
-                "userproxy_udp_datagrams", "UDP datagrams relayed", labels=[*labels, "direction"]
-            ),
-            "drops": CounterMetricFamily(
-                "userproxy_udp_drops",
-                "UDP datagrams dropped: rate_limit (a client over --udp-session-rate), "
-                "send_failed (socket buffer full or no session socket), no_endpoints (none "
-                "for the client's traffic class), source_range, backend_unreachable (ICMP "
-                "error from the endpoint; the session ends)",
-                labels=[*labels, "reason"],
-            ),
-        }
-        for key, totals in self.listeners.totals().items():
-            spn, protocol = key
-            port = [spn, protocol]
-            bytes_family.add_metric([*port, "upstream"], totals.bytes_up)
-            bytes_family.add_metric([*port, "downstream"], totals.bytes_down)
-            families["listening"].add_metric(port, totals.listening)
-            families["bind_errors"].add_metric(port, totals.bind_errors)
-            if protocol == "UDP":
-                udp["active"].add_metric(port, totals.sessions_active)
-                udp["created"].add_metric(port, totals.sessions_created)
-                udp["expired"].add_metric(port, totals.sessions_expired)
-                udp["evicted"].add_metric(port, totals.sessions_evicted)
-                udp["datagrams"].add_metric([*port, "upstream"], totals.datagrams_up)
-                udp["datagrams"].add_metric([*port, "downstream"], totals.datagrams_down)
-                for reason, count in (
-                    ("rate_limit", totals.drops_rate),
-                    ("send_failed", totals.drops_send),
-                    ("no_endpoints", totals.refused_no_endpoints),
-                    ("source_range", totals.refused_source_range),
-                    ("backend_unreachable", totals.sessions_closed_by_icmp),
-                ):
-                    udp["drops"].add_metric([*port, reason], count)
-                continue
-            families["accepted"].add_metric(port, totals.accepted)
-            families["active"].add_metric(port, totals.active)
-            for reason, count in (
-                ("dial_failed", totals.dial_exhausted),
-                ("source_range", totals.refused_source_range),
-                ("no_endpoints", totals.refused_no_endpoints),
-                ("client_limit", totals.refused_client_limit),
-            ):
-                families["refused"].add_metric([*port, reason], count)
-            families["dial_failures"].add_metric(port, totals.dial_failures)
-            families["dial_retries"].add_metric(port, totals.dial_retries)
-        yield from udp.values()
-        yield from families.values()
-        yield bytes_family
+        families = [(spec, spec.family()) for spec in PORT_FAMILIES]
+        for (service_port, protocol), totals in self.listeners.totals().items():
+            for spec, family in families:
+                if spec.protocol in (None, protocol):
+                    for extra, value in spec.samples(totals):
+                        family.add_metric([service_port, protocol, *extra], value)
+        yield from (family for _, family in families)
         # Unlabelled: the refused Service is named in the log line that reports it.
         yield GaugeMetricFamily(
             "userproxy_listener_conflicts",

@@ -1,19 +1,28 @@
 """A scrape of /metrics carries every kube-proxy core metric and the userproxy_* data-path
-metrics, and their values move with traffic and syncs; /proxyMode, /configz, /healthz."""
+metrics, and their values move with traffic and syncs; /metrics negotiates OpenMetrics and
+gzip; /proxyMode, /configz, /healthz."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gzip
 import json
 import urllib.request
 from pathlib import Path
+from typing import cast
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import endpoint_slice, fresh_net, service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy, wait_for_sync
+from userproxy.admin.metrics_server import metrics_app
+from userproxy.control.health import HealthState
+from userproxy.dataplane.listeners import PortTotals
+from userproxy.metrics import PORT_FAMILIES, Metrics
 
 pytestmark = pytest.mark.both_loops
 
@@ -161,3 +170,34 @@ async def test_metrics_cover_kube_proxy_and_the_data_path(tmp_path: Path) -> Non
     finally:
         b1.stop()
         b2.stop()
+
+
+async def test_metrics_negotiate_openmetrics_and_gzip() -> None:
+    # Only /metrics is asked for: no HealthState is needed.
+    app = metrics_app(Metrics(), cast("HealthState", None), {})
+    async with TestClient(TestServer(app), auto_decompress=False) as client:
+        plain = await client.get("/metrics", headers={"Accept-Encoding": "identity"})
+        assert plain.headers["Content-Type"].startswith("text/plain")
+        assert "Content-Encoding" not in plain.headers
+        assert "kubeproxy_proxy_healthz_total" in await plain.text()
+        accept = "application/openmetrics-text; version=1.0.0"
+        open_metrics = await client.get(
+            "/metrics", headers={"Accept": accept, "Accept-Encoding": "identity"}
+        )
+        assert open_metrics.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await open_metrics.text()).endswith("# EOF\n")
+        zipped = await client.get("/metrics", headers={"Accept-Encoding": "gzip"})
+        assert zipped.headers["Content-Encoding"] == "gzip"
+        assert b"kubeproxy_proxy_healthz_total" in gzip.decompress(await zipped.read())
+
+
+def test_every_port_counter_is_exported_once_per_protocol() -> None:
+    read: dict[str, list[str]] = {"TCP": [], "UDP": []}
+    for spec in PORT_FAMILIES:
+        counters = [spec.read] if isinstance(spec.read, str) else list(spec.read.values())
+        for protocol in (spec.protocol,) if spec.protocol else ("TCP", "UDP"):
+            read[protocol] += counters
+    fields = {field.name for field in dataclasses.fields(PortTotals)}
+    assert set(read["TCP"]) | set(read["UDP"]) == fields
+    for counters in read.values():
+        assert len(counters) == len(set(counters)), counters

@@ -1,9 +1,12 @@
 """Per-Service health-check ports: upstream's answers (200/503, exact body and headers),
-in-place endpoint updates, closing, bind failures and their retry, port conflicts."""
+in-place endpoint updates, closing, bind failures and their retry at the next sync, port
+conflicts.  Each test drives the servers as the sync does: the full map of ports, then the
+full map of local endpoint counts."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import socket
@@ -38,6 +41,11 @@ class Harness:
     def get_addresses(self) -> Sequence[str]:
         return self.addresses
 
+    def want(self, *checks: HealthCheck) -> None:
+        """One sync wanting exactly these health checks (none: every port closes)."""
+        self.servers.sync_services({check.service: check.port for check in checks})
+        self.servers.sync_endpoints({check.service: check.local_endpoints for check in checks})
+
 
 @pytest.fixture
 async def h() -> AsyncIterator[Harness]:
@@ -66,13 +74,22 @@ async def exchange(
     return int(status_line.split()[1]), headers, body
 
 
-async def get(port: int, path: str = "/", host: str = "127.0.0.1") -> Answer:
+@contextlib.asynccontextmanager
+async def connected(
+    port: int, host: str = "127.0.0.1"
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A keep-alive connection to ``host:port``, closed on the way out."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        return await exchange(reader, writer, path)
+        yield reader, writer
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def get(port: int, path: str = "/", host: str = "127.0.0.1") -> Answer:
+    async with connected(port, host) as (reader, writer):
+        return await exchange(reader, writer, path)
 
 
 async def is_refused(port: int, host: str = "127.0.0.1") -> bool:
@@ -109,7 +126,7 @@ def body(service: ServiceKey, endpoints: int, healthy: bool) -> bytes:
 async def test_serves_200_with_upstream_body_and_headers_on_any_path(h: Harness) -> None:
     port = free_port()
     check = HealthCheck(WEB, port, 2)
-    h.servers.apply(WEB, check)
+    h.want(check)
     assert h.servers.ports() == {port: check}
     for path in ("/", "/healthz", "/any/path?x=1"):
         status, headers, data = await get(port, path)
@@ -128,7 +145,7 @@ async def test_serves_200_with_upstream_body_and_headers_on_any_path(h: Harness)
 
 async def test_503_without_local_endpoints(h: Harness) -> None:
     port = free_port()
-    h.servers.apply(WEB, HealthCheck(WEB, port, 0))
+    h.want(HealthCheck(WEB, port, 0))
     status, headers, data = await get(port)
     assert status == 503
     assert headers["content-type"] == "application/json"
@@ -139,7 +156,7 @@ async def test_503_without_local_endpoints(h: Harness) -> None:
 async def test_503_when_the_proxy_is_unhealthy_even_with_endpoints(h: Harness) -> None:
     port = free_port()
     h.healthy = False
-    h.servers.apply(WEB, HealthCheck(WEB, port, 3))
+    h.want(HealthCheck(WEB, port, 3))
     status, _, data = await get(port)
     assert status == 503
     assert data == body(WEB, 3, False)
@@ -150,71 +167,63 @@ async def test_503_when_the_proxy_is_unhealthy_even_with_endpoints(h: Harness) -
 
 async def test_count_update_switches_status_without_closing_the_port(h: Harness) -> None:
     port = free_port()
-    h.servers.apply(WEB, HealthCheck(WEB, port, 0))
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
+    h.want(HealthCheck(WEB, port, 0))
+    async with connected(port) as (reader, writer):
         assert (await exchange(reader, writer))[0] == 503
-        h.servers.apply(WEB, HealthCheck(WEB, port, 1))
+        h.want(HealthCheck(WEB, port, 1))
         status, _, data = await exchange(reader, writer)  # the same keep-alive connection
         assert (status, data) == (200, body(WEB, 1, True))
-        h.servers.apply(WEB, HealthCheck(WEB, port, 0))
+        h.want(HealthCheck(WEB, port, 0))
         assert (await exchange(reader, writer))[0] == 503
-    finally:
-        writer.close()
-        await writer.wait_closed()
     assert h.servers.ports() == {port: HealthCheck(WEB, port, 0)}
     assert h.errors == []
 
 
-async def test_apply_none_closes_the_port_and_its_connections(h: Harness) -> None:
+async def test_a_service_left_out_closes_its_port_and_connections(h: Harness) -> None:
     port = free_port()
-    h.servers.apply(WEB, HealthCheck(WEB, port, 1))
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
+    h.want(HealthCheck(WEB, port, 1))
+    async with connected(port) as (reader, writer):
         assert (await exchange(reader, writer))[0] == 200
-        h.servers.apply(WEB, None)
+        h.want()
         assert h.servers.ports() == {}
         await until_refused(port)
         async with asyncio.timeout(5):
             assert await reader.read() == b""  # the idle keep-alive connection is closed
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    h.servers.apply(WEB, None)  # again: nothing to do
+    h.want()  # again: nothing to do
 
 
 async def test_a_new_port_moves_the_server(h: Harness) -> None:
     first, second = free_port(), free_port()
-    h.servers.apply(WEB, HealthCheck(WEB, first, 1))
+    h.want(HealthCheck(WEB, first, 1))
     assert (await get(first))[0] == 200
-    h.servers.apply(WEB, HealthCheck(WEB, second, 1))
+    h.want(HealthCheck(WEB, second, 1))
     assert h.servers.ports() == {second: HealthCheck(WEB, second, 1)}
     assert (await get(second))[0] == 200
     await until_refused(first)
 
 
-async def test_taken_port_is_reported_and_opened_by_retry_failed(h: Harness) -> None:
+async def test_taken_port_is_reported_and_opened_by_a_later_sync(h: Harness) -> None:
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     port = blocker.getsockname()[1]
     check = HealthCheck(WEB, port, 1)
     try:
-        h.servers.apply(WEB, check)
+        h.want(check)
         assert h.servers.ports() == {}
         [(failed_port, error)] = h.errors
         assert (failed_port, error.errno) == (port, errno.EADDRINUSE)
         assert h.servers.failed() == {port: FailedBind(check, error)}
-        h.servers.retry_failed()  # still taken: the same error is not reported twice
+        h.want(check)  # still taken: the same error is not reported twice
         assert len(h.errors) == 1
         assert port in h.servers.failed()
     finally:
         blocker.close()
-    h.servers.retry_failed()
+    h.want(check)
     assert h.servers.failed() == {}
     assert h.servers.ports() == {port: check}
     assert (await get(port))[0] == 200
-    h.servers.retry_failed()  # nothing failed: nothing happens
+    h.want(check)  # nothing failed: nothing happens
     assert h.servers.ports() == {port: check}
 
 
@@ -225,12 +234,12 @@ async def test_a_port_is_all_addresses_or_none(h: Harness) -> None:
     blocker.listen()
     port = blocker.getsockname()[1]
     try:
-        h.servers.apply(WEB, HealthCheck(WEB, port, 1))
+        h.want(HealthCheck(WEB, port, 1))
         assert port in h.servers.failed()
         assert await is_refused(port, "127.0.0.1")  # not left half open
     finally:
         blocker.close()
-    h.servers.retry_failed()
+    h.want(HealthCheck(WEB, port, 1))
     assert (await get(port, host="127.0.0.1"))[0] == 200
     assert (await get(port, host="127.0.0.2"))[0] == 200
 
@@ -238,7 +247,7 @@ async def test_a_port_is_all_addresses_or_none(h: Harness) -> None:
 async def test_a_non_local_address_binds_all_the_same(h: Harness) -> None:
     h.addresses = ["127.0.0.1", "192.0.2.1"]  # TEST-NET-1: bound (FREEBIND), never dialled
     port = free_port()
-    h.servers.apply(WEB, HealthCheck(WEB, port, 1))
+    h.want(HealthCheck(WEB, port, 1))
     assert h.servers.failed() == {}
     assert (await get(port))[0] == 200
 
@@ -251,8 +260,8 @@ def test_bind_addresses_empty_means_all() -> None:
 async def test_second_service_on_a_port_is_refused_until_the_first_lets_go(h: Harness) -> None:
     port = free_port()
     web, api = HealthCheck(WEB, port, 1), HealthCheck(API, port, 0)
-    h.servers.apply(WEB, web)
-    h.servers.apply(API, api)
+    h.want(web)
+    h.want(web, api)
     [(failed_port, error)] = h.errors
     assert (failed_port, error.errno) == (port, errno.EADDRINUSE)
     assert "default/web" in str(error)
@@ -260,36 +269,42 @@ async def test_second_service_on_a_port_is_refused_until_the_first_lets_go(h: Ha
     assert h.servers.ports() == {port: web}
     assert h.servers.refused() == {API: api}
     assert (await get(port))[2] == body(WEB, 1, True)
-    h.servers.apply(API, HealthCheck(API, port, 2))  # an update of a refused claim: quiet
+    h.want(web, HealthCheck(API, port, 2))  # an update of a refused claim: quiet
     assert len(h.errors) == 1
-    h.servers.apply(WEB, None)  # the first lets go: the waiting claim takes the port over
+    h.want(HealthCheck(API, port, 2))  # the first lets go: the waiting claim takes over
     assert h.servers.ports() == {port: HealthCheck(API, port, 2)}
     assert h.servers.refused() == {}
     assert (await get(port))[2] == body(API, 2, True)
 
 
+async def test_of_two_new_claims_in_one_sync_the_first_listed_wins(h: Harness) -> None:
+    port = free_port()
+    api, web = HealthCheck(API, port, 1), HealthCheck(WEB, port, 0)
+    h.want(api, web)
+    assert h.servers.ports() == {port: api}
+    assert h.servers.refused() == {WEB: web}
+    [(failed_port, error)] = h.errors
+    assert (failed_port, error.errno) == (port, errno.EADDRINUSE)
+    assert (await get(port))[2] == body(API, 1, True)
+
+
 async def test_close_closes_everything(h: Harness) -> None:
     ports = [free_port(), free_port()]
-    h.servers.apply(WEB, HealthCheck(WEB, ports[0], 1))
-    h.servers.apply(API, HealthCheck(API, ports[1], 1))
-    reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
-    try:
+    h.want(HealthCheck(WEB, ports[0], 1), HealthCheck(API, ports[1], 1))
+    async with connected(ports[0]) as (reader, writer):
         assert (await exchange(reader, writer))[0] == 200
         await h.servers.close()
         assert await reader.read() == b""
-    finally:
-        writer.close()
-        await writer.wait_closed()
     assert h.servers.ports() == {}
     for port in ports:
         assert await is_refused(port)
-    h.servers.apply(WEB, HealthCheck(WEB, ports[0], 1))  # after close: ignored
+    h.want(HealthCheck(WEB, ports[0], 1))  # after close: ignored
     assert h.servers.ports() == {}
 
 
-async def test_close_right_after_apply(h: Harness) -> None:
+async def test_close_right_after_a_sync(h: Harness) -> None:
     port = free_port()
-    h.servers.apply(WEB, HealthCheck(WEB, port, 1))
+    h.want(HealthCheck(WEB, port, 1))
     await h.servers.close()  # before the serving task ever ran
     assert await is_refused(port)
 
@@ -301,6 +316,10 @@ def test_invalid_checks_are_rejected() -> None:
         HealthCheck(WEB, 30000, -1)
 
 
-async def test_apply_rejects_a_check_of_another_service(h: Harness) -> None:
-    with pytest.raises(ValueError, match="applied to"):
-        h.servers.apply(API, HealthCheck(WEB, free_port(), 1))
+async def test_sync_rejects_invalid_ports_and_counts_and_changes_nothing(h: Harness) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        h.servers.sync_services({WEB: free_port(), API: 70000})
+    with pytest.raises(ValueError, match="negative"):
+        h.servers.sync_endpoints({WEB: 1, API: -1})
+    assert h.servers.ports() == {}
+    assert h.servers.refused() == {}

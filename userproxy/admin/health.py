@@ -8,33 +8,32 @@ counted in ``kubeproxy_proxy_healthz_total`` / ``kubeproxy_proxy_livez_total`` b
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from userproxy.control.health import HealthState
 from userproxy.metrics import Metrics
 
 
-def healthz_response(health: HealthState, metrics: Metrics) -> web.Response:
-    report = health.report()
-    code = 200 if report.healthy else 503
-    metrics.healthz.labels(str(code)).inc()
-    return web.json_response(report.healthz_body(), status=code)
+def healthz_handler(health: HealthState, metrics: Metrics) -> Handler:
+    """``/healthz`` (here and on the metrics server): 200 while live and the Node eligible."""
 
+    async def healthz(_: web.Request) -> web.Response:
+        report = health.report()
+        code = 200 if report.healthy else 503
+        metrics.healthz.labels(str(code)).inc()
+        return web.json_response(report.healthz_body(), status=code)
 
-def livez_response(health: HealthState, metrics: Metrics) -> web.Response:
-    report = health.report()
-    code = 200 if report.live else 503
-    metrics.livez.labels(str(code)).inc()
-    return web.json_response(report.livez_body(), status=code)
+    return healthz
 
 
 def health_app(health: HealthState, metrics: Metrics) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
-        return healthz_response(health, metrics)
-
     async def livez(_: web.Request) -> web.Response:
-        return livez_response(health, metrics)
+        report = health.report()
+        code = 200 if report.live else 503
+        metrics.livez.labels(str(code)).inc()
+        return web.json_response(report.livez_body(), status=code)
 
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", healthz_handler(health, metrics))
     app.router.add_get("/livez", livez)
     return app

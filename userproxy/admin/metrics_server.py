@@ -1,7 +1,9 @@
 """The metrics server (``--metrics-bind-address``, default 127.0.0.1:10249).
 
-``/metrics`` (Prometheus text format), ``/healthz`` (as on the health server),
-``/proxyMode`` (``userspace``) and ``/configz`` (the effective configuration as JSON).
+``/metrics`` through prometheus-client's aiohttp handler (the text format, or OpenMetrics
+when the scraper's ``Accept`` asks for it; gzip when ``Accept-Encoding`` allows it),
+``/healthz`` (as on the health server), ``/proxyMode`` (``userspace``) and ``/configz``
+(the effective configuration as JSON).
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
 
-from userproxy.admin.health import healthz_response
+from userproxy.admin.health import healthz_handler
 from userproxy.control.health import HealthState
 from userproxy.metrics import Metrics
 
@@ -21,13 +23,6 @@ PROXY_MODE = "userspace"
 def metrics_app(
     metrics: Metrics, health: HealthState, configz: Mapping[str, object]
 ) -> web.Application:
-    async def serve_metrics(_: web.Request) -> web.Response:
-        body = generate_latest(metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(_: web.Request) -> web.Response:
-        return healthz_response(health, metrics)
-
     async def proxy_mode(_: web.Request) -> web.Response:
         return web.Response(text=PROXY_MODE)
 
@@ -35,8 +30,8 @@ def metrics_app(
         return web.json_response(configz)
 
     app = web.Application()
-    app.router.add_get("/metrics", serve_metrics)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    app.router.add_get("/healthz", healthz_handler(health, metrics))
     app.router.add_get("/proxyMode", proxy_mode)
     app.router.add_get("/configz", serve_configz)
     return app

@@ -29,27 +29,31 @@ Behaviour choices:
   IPv6.  A port is all or nothing: if one address cannot be bound, none stays bound
   (upstream closes what it opened, too).  Specific addresses are bound with FREEBIND, so
   an address not (yet) on an interface does not fail the port; ``SO_REUSEADDR`` always.
-* **Updates.**  A new endpoint count for a Service is stored and read per request: the
-  port, its sockets and open keep-alive connections stay as they are.  A new port for a
-  Service closes the old port and opens the new one.
+* **Updates** follow upstream's two calls.  ``sync_services(ports)`` is the complete set
+  of health-check ports wanted now: ports no longer wanted close, new ones open, and ports
+  that failed to bind before are tried again (upstream's ``SyncServices`` at every sync).
+  ``sync_endpoints(local)`` stores the local endpoint counts, read per request: a port, its
+  sockets and open keep-alive connections stay as they are when only a count changes.
 * **Bind failures** (the port is taken by another process): logged, reported to
-  ``on_error`` and listed by ``failed()``; ``retry_failed()`` tries again (upstream retries
-  at every sync).  The log and ``on_error`` fire on the first failure and whenever the
-  errno changes, not on every identical retry.
+  ``on_error`` and listed by ``failed()`` until a later ``sync_services`` binds the port.
+  The log and ``on_error`` fire on the first failure and whenever the errno changes, not
+  on every identical retry.
 * **Two Services on one port** (the apiserver allocates these ports uniquely, so this is
-  a misconfiguration or a transient during a reallocation): the first claim keeps the
-  port; the later one is logged as an error naming both Services, reported to
-  ``on_error`` as EADDRINUSE and listed by ``refused()``.  When the owner lets go of the
-  port, the earliest waiting claimant takes it over without a rebind (upstream gets the
-  same result from its retry at the next sync).
+  a misconfiguration or a transient during a reallocation): the Service holding the port
+  keeps it, and among new claims the one the map lists first wins; each other claim is
+  logged as an error naming both Services, reported to ``on_error`` as EADDRINUSE once
+  and listed by ``refused()``.  When the owner lets go of the port, the earliest waiting
+  claimant takes it over without a rebind (upstream gets the same result from its retry
+  at the next sync).
 * **Malformed requests** get aiohttp's 400 and a closed connection; they are logged
   through ``http_logger`` (one line a second at most for all admin servers, no traceback).
 * **Closing** a port stops listening at once (new clients are refused) and closes idle
   keep-alive connections; a request in flight gets ``SHUTDOWN_TIMEOUT`` seconds.
 
-``apply`` and ``retry_failed`` are plain functions for the synchronous sync path; they
-must run on the event loop's thread (they bind sockets synchronously and start serving in
-a task owned here, one per open port; ``close()`` ends and awaits them all).
+Each open port is an aiohttp ``ServerRunner`` with one ``SockSite`` per pre-bound socket,
+served by a task owned here (``close()`` ends and awaits them all); the sockets are bound
+synchronously, so ``sync_services`` is a plain function for the synchronous sync path and
+must run on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ import json
 import logging
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from aiohttp import web
 
@@ -88,7 +93,7 @@ _HEADERS = {"Content-Type": "application/json", "X-Content-Type-Options": "nosni
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
-    """What one Service's health-check port serves: its port and its local endpoints."""
+    """What one health-check port answers for: its Service and its local endpoints."""
 
     service: ServiceKey
     port: int
@@ -110,18 +115,15 @@ class FailedBind:
 
 
 def render(check: HealthCheck, proxy_healthy: bool) -> bytes:
-    """The body upstream prints (Go's %q equals JSON quoting for Kubernetes names)."""
-    service = check.service
-    return (
-        "{\n"
-        '\t"service": {\n'
-        f'\t\t"namespace": {json.dumps(service.namespace)},\n'
-        f'\t\t"name": {json.dumps(service.name)}\n'
-        "\t},\n"
-        f'\t"localEndpoints": {check.local_endpoints},\n'
-        f'\t"serviceProxyHealthy": {"true" if proxy_healthy else "false"}\n'
-        "}"
-    ).encode()
+    """The body upstream prints: its Go template's layout is JSON indented by tabs (and
+    Go's %q quotes Kubernetes names as JSON does)."""
+    service = {"namespace": check.service.namespace, "name": check.service.name}
+    body = {
+        "service": service,
+        "localEndpoints": check.local_endpoints,
+        "serviceProxyHealthy": proxy_healthy,
+    }
+    return json.dumps(body, indent="\t").encode()
 
 
 def bind_addresses(addresses: Sequence[str]) -> tuple[str, ...]:
@@ -153,30 +155,59 @@ def listen(address: str, port: int) -> socket.socket:
     return sock
 
 
+def listen_all(addresses: Sequence[str], port: int) -> list[socket.socket]:
+    """Listening sockets on ``port`` at every one of ``addresses`` (empty: both wildcards,
+    the IPv6 one skipped quietly where the host has no IPv6), or none: OSError."""
+    sockets: list[socket.socket] = []
+    try:
+        for address in bind_addresses(addresses):
+            try:
+                sockets.append(listen(address, port))
+            except OSError as exc:
+                if not addresses and address == "::" and exc.errno in _NO_IPV6:
+                    log.debug("health check port %d: no IPv6 wildcard: %s", port, exc)
+                    continue
+                raise
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class _Site(web.SockSite):
+    """A SockSite that can stop listening at once: aiohttp's ``stop()`` is a coroutine,
+    but closing the listening server needs no await (the runner's cleanup closes it again,
+    which is a no-op, and then the connections)."""
+
+    __slots__ = ()
+
+    def stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
 @dataclass(eq=False, slots=True)
 class _Port:
-    """One open port: sockets not yet handed to a server, the servers, and their task."""
+    """One open port: bound sockets not yet handed to a site, the sites, the stop signal."""
 
     port: int
     sockets: list[socket.socket]
-    web_server: web.Server
-    servers: list[asyncio.AbstractServer] = field(default_factory=list)
-    closing: bool = False
+    sites: list[_Site] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def close(self) -> None:
-        """Stop listening now (as far as the loop allows); the task finishes the rest."""
-        self.closing = True
-        for server in self.servers:
-            server.close()
-        for sock in self.sockets:  # never handed over: still ours to close
+        """Stop listening now; the serving task closes the connections."""
+        for site in self.sites:
+            site.stop_listening()
+        for sock in self.sockets:  # never handed to a site: still ours to close
             sock.close()
         self.sockets.clear()
         self.stop.set()
 
 
 class ServiceHealthServers:
-    """The health-check ports of all Services, one HTTP server per port."""
+    """The health-check ports of all Services, one aiohttp server runner per port."""
 
     def __init__(
         self,
@@ -187,9 +218,11 @@ class ServiceHealthServers:
         self._health = health
         self._addresses = addresses
         self._on_error = on_error
-        #: Every Service's current claim, in claim order (the order decides conflicts).
-        self._claims: dict[ServiceKey, HealthCheck] = {}
-        #: port -> the Service it serves for (bound or not).
+        #: Service -> its health-check port, in claim order (the order decides conflicts).
+        self._claims: dict[ServiceKey, int] = {}
+        #: Local ready endpoints per Service (absent: none), read per request.
+        self._local: dict[ServiceKey, int] = {}
+        #: port -> the Service it answers for (bound or not).
         self._owners: dict[int, ServiceKey] = {}
         self._open: dict[int, _Port] = {}
         self._failed: dict[int, OSError] = {}
@@ -200,51 +233,65 @@ class ServiceHealthServers:
     # -- views ---------------------------------------------------------------------------
     def ports(self) -> dict[int, HealthCheck]:
         """The ports being served, with what each one answers for."""
-        return {port: self._claims[self._owners[port]] for port in self._open}
+        return {port: self._check(self._owners[port]) for port in self._open}
 
     def failed(self) -> dict[int, FailedBind]:
-        """Ports that should be served but could not be bound (retried by retry_failed)."""
+        """Ports that should be served but could not be bound (retried by sync_services)."""
         return {
-            port: FailedBind(self._claims[self._owners[port]], error)
+            port: FailedBind(self._check(self._owners[port]), error)
             for port, error in self._failed.items()
         }
 
     def refused(self) -> dict[ServiceKey, HealthCheck]:
         """Claims refused because another Service holds the port first."""
-        return {
-            service: check
-            for service, check in self._claims.items()
-            if self._owners.get(check.port) != service
-        }
+        return {service: self._check(service) for service, _ in self._refused_claims()}
 
     def answers(self) -> dict[int, int]:
         """How many answers were given, by HTTP status code."""
         return dict(self._answers)
 
     # -- changes -------------------------------------------------------------------------
-    def apply(self, service: ServiceKey, check: HealthCheck | None) -> None:
-        """Make ``service``'s health check ``check`` (None: it has none any more)."""
-        if check is not None and check.service != service:
-            raise ValueError(f"health check of {check.service} applied to {service}")
+    def sync_services(self, ports: Mapping[ServiceKey, int]) -> None:
+        """Serve exactly these health-check ports (Service -> port; absent: none), and try
+        again the ones that could not be bound before (upstream's ``SyncServices``)."""
+        for service, port in ports.items():
+            HealthCheck(service, port, 0)  # raises for a port out of range
         if self._closed:
-            log.debug("health check of %s ignored: servers closed", service)
+            log.debug("health checks ignored: servers closed")
             return
-        old = self._claims.get(service)
-        if old is not None and check is not None and old.port == check.port:
-            self._claims[service] = check  # read per request: nothing to reopen
-            return
-        if old is not None:
-            del self._claims[service]
-            self._release(old)
-        if check is not None:
-            self._claims[service] = check
-            self._claim(check)
+        refused_before = self._refused_claims()
+        # A claim that stays keeps its place in the queue; a new or moved one goes last.
+        kept = {
+            service: port for service, port in self._claims.items() if ports.get(service) == port
+        }
+        self._claims = kept | dict(ports)
+        holders = {port: owner for port, owner in self._owners.items() if kept.get(owner) == port}
+        owners: dict[int, ServiceKey] = {}
+        for service, port in self._claims.items():
+            owners.setdefault(port, holders.get(port, service))
+        for port, old in self._owners.items():
+            if port not in owners:
+                self._close_port(port, old)
+            elif owners[port] != old:  # the handler answers for the owner: no rebind
+                log.info("health check port %d passes from %s to %s", port, old, owners[port])
+        self._owners = owners
+        for service, port in self._refused_claims() - refused_before:
+            message = (
+                f"health check port {port} of {service} is already the health check port "
+                f"of {owners[port]}; not serving it for {service}"
+            )
+            log.error("%s", message)
+            self._report(port, OSError(errno.EADDRINUSE, message))
+        for port in owners.keys() - self._open.keys():
+            self._open_port(port)
 
-    def retry_failed(self) -> None:
-        """Try again to bind the ports that failed (the port was taken, say)."""
-        for port in list(self._failed):
-            if port in self._owners and port not in self._open:
-                self._open_port(port)
+    def sync_endpoints(self, local: Mapping[ServiceKey, int]) -> None:
+        """Each Service's local ready endpoints (absent: none), read per request
+        (upstream's ``SyncEndpoints``): no port opens or closes."""
+        for service, count in local.items():
+            if count < 0:
+                raise ValueError(f"negative local endpoint count for {service}")
+        self._local = dict(local)
 
     async def close(self) -> None:
         """Close every port and wait for the servers to finish."""
@@ -259,79 +306,37 @@ class ServiceHealthServers:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- internals -----------------------------------------------------------------------
-    def _claim(self, check: HealthCheck) -> None:
-        port, service = check.port, check.service
-        owner = self._owners.get(port)
-        if owner is not None:
-            message = (
-                f"health check port {port} of {service} is already the health check port "
-                f"of {owner}; not serving it for {service}"
-            )
-            log.error("%s", message)
-            self._report(port, OSError(errno.EADDRINUSE, message))
-            return
-        self._owners[port] = service
-        self._open_port(port)
+    def _check(self, service: ServiceKey) -> HealthCheck:
+        return HealthCheck(service, self._claims[service], self._local.get(service, 0))
 
-    def _release(self, old: HealthCheck) -> None:
-        port = old.port
-        if self._owners.get(port) != old.service:
-            return  # a refused claim: it held nothing
-        successor = next((c.service for c in self._claims.values() if c.port == port), None)
-        if successor is not None:
-            # The handler answers for whoever owns the port: no rebind needed.
-            self._owners[port] = successor
-            log.info("health check port %d passes from %s to %s", port, old.service, successor)
-            return
-        del self._owners[port]
+    def _refused_claims(self) -> set[tuple[ServiceKey, int]]:
+        return {(s, port) for s, port in self._claims.items() if self._owners.get(port) != s}
+
+    def _close_port(self, port: int, service: ServiceKey) -> None:
         self._failed.pop(port, None)
         entry = self._open.pop(port, None)
         if entry is not None:
             entry.close()
-            log.info("health check of %s closed on port %d", old.service, port)
+            log.info("health check of %s closed on port %d", service, port)
 
     def _open_port(self, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        service = self._owners[port]
         try:
-            sockets = self._bind(port)
+            sockets = listen_all(self._addresses(), port)
         except OSError as exc:
             self._fail(port, exc)
             return
+        service = self._owners[port]
         if self._failed.pop(port, None) is not None:
             log.info("health check of %s listening on port %d now", service, port)
         else:
             log.debug("health check of %s listening on port %d", service, port)
-        web_server = web.Server(
-            self._handler(port),
-            loop=loop,
-            access_log=None,
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
-            logger=http_logger("service-health"),
-        )
-        entry = _Port(port, sockets, web_server)
+        entry = _Port(port, sockets)
         self._open[port] = entry
-        task = loop.create_task(self._serve(entry), name=f"service-health-{port}")
+        task = asyncio.get_running_loop().create_task(
+            self._serve(entry), name=f"service-health-{port}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _bind(self, port: int) -> list[socket.socket]:
-        given = tuple(self._addresses())
-        sockets: list[socket.socket] = []
-        try:
-            for address in bind_addresses(given):
-                try:
-                    sockets.append(listen(address, port))
-                except OSError as exc:
-                    if not given and address == "::" and exc.errno in _NO_IPV6:
-                        log.debug("health check port %d: no IPv6 wildcard: %s", port, exc)
-                        continue
-                    raise
-        except BaseException:
-            for sock in sockets:
-                sock.close()
-            raise
-        return sockets
 
     def _fail(self, port: int, exc: OSError) -> None:
         previous = self._failed.get(port)
@@ -355,47 +360,45 @@ class ServiceHealthServers:
             log.exception("health check error callback failed")
 
     async def _serve(self, entry: _Port) -> None:
-        loop = asyncio.get_running_loop()
+        """Hand each socket to a site, wait for the stop signal, then clean up: the
+        runner closes the sites, idle connections and, after SHUTDOWN_TIMEOUT, the rest."""
+        server = web.Server(
+            partial(self._answer, entry.port),
+            access_log=None,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            logger=http_logger("service-health"),
+        )
+        runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
         try:
-            while entry.sockets and not entry.closing:
+            await runner.setup()
+            while entry.sockets:  # close() empties it: nothing more is handed over
                 sock = entry.sockets.pop(0)
+                site = _Site(runner, sock, backlog=BACKLOG)
+                entry.sites.append(site)
                 try:
-                    server = await loop.create_server(entry.web_server, sock=sock)
+                    await site.start()
                 except OSError as exc:
                     sock.close()
                     if self._open.get(entry.port) is entry:
                         del self._open[entry.port]
-                        entry.close()
                         self._fail(entry.port, exc)
                     return
-                entry.servers.append(server)
-                if entry.stop.is_set():  # closed while create_server awaited
-                    server.close()
             await entry.stop.wait()
         except Exception:
             log.exception("health check server on port %d failed", entry.port)
         finally:
             entry.close()
-            entry.web_server.pre_shutdown()
             try:
-                await entry.web_server.shutdown(SHUTDOWN_TIMEOUT)
-                for started in entry.servers:
-                    await started.wait_closed()
+                await runner.cleanup()
             except Exception:
                 log.exception("closing health check port %d", entry.port)
 
-    def _handler(self, port: int) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-        async def answer(_: web.BaseRequest) -> web.StreamResponse:
-            return self._answer(port)
-
-        return answer
-
-    def _answer(self, port: int) -> web.Response:
+    async def _answer(self, port: int, _: web.BaseRequest) -> web.Response:
         owner = self._owners.get(port)
-        check = None if owner is None or port not in self._open else self._claims.get(owner)
-        if check is None:  # the port is on its way out
+        if owner is None or port not in self._open:  # the port is on its way out
             self._answers[503] += 1
             return web.Response(status=503, headers={"X-Content-Type-Options": "nosniff"})
+        check = self._check(owner)
         healthy = self._health()
         status = 200 if check.local_endpoints > 0 and healthy else 503
         self._answers[status] += 1
