@@ -21,11 +21,7 @@ from typing import Any
 
 import pytest
 
-from userproxy.hostnet.host_addresses import (
-    local_addresses,
-    primary_addresses,
-    select_nodeport_addresses,
-)
+from userproxy.hostnet.host_addresses import read_host, select_nodeport_addresses
 
 REPO = Path(__file__).resolve().parents[2]
 CAP_NET_ADMIN = 12
@@ -87,10 +83,10 @@ def test_select_nodeport_addresses_sorts_numerically_and_canonicalises() -> None
 async def test_local_addresses_work_inside_a_running_event_loop() -> None:
     # pyroute2's default asyncio transport cannot be opened on uvloop (AF_NETLINK); the
     # module must hide that.  Read-only on the root namespace.
-    here = await local_addresses()
+    here = (await read_host(routes=False)).local()
     assert here
     assert not any(a.startswith("fe80:") for a in here)
-    assert await primary_addresses() <= here
+    assert (await read_host()).primary() <= here
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,7 +95,7 @@ async def test_local_addresses_work_inside_a_running_event_loop() -> None:
 WORKER = r"""
 import asyncio, json, logging, socket, sys
 from userproxy.hostnet.address_device import AddressManager
-from userproxy.hostnet.host_addresses import local_addresses, primary_addresses, read_host
+from userproxy.hostnet.host_addresses import read_host
 
 records = []
 class Keep(logging.Handler):
@@ -121,7 +117,8 @@ def serve(address):
                 return {"reply": client.recv(5).decode(), "port": port}
 
 async def local(exclude):
-    return sorted(await local_addresses(exclude_devices=exclude)), sorted(await primary_addresses())
+    host = await read_host()
+    return sorted(host.local(exclude)), sorted(host.primary())
 
 loop = asyncio.new_event_loop()
 
@@ -143,8 +140,10 @@ async def ticks_during(make):
 
 async def read_and_sync(device, wanted):
     read, host = await ticks_during(read_host)
-    async with AddressManager(device) as manager:
-        synced, _ = await ticks_during(lambda: manager.sync(wanted))
+    manager = AddressManager(device)
+    await manager.open()
+    synced, _ = await ticks_during(lambda: manager.sync(wanted))
+    await manager.close()
     return {"read": read, "addresses": len(host.addresses), "sync": synced}
 
 def fresh_loop(name):

@@ -32,7 +32,6 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
@@ -107,18 +106,6 @@ class AddressManager:
     def kind(self) -> str | None:
         """The device's link kind (``dummy``, ``bridge``, ...) once open."""
         return self._kind
-
-    async def __aenter__(self) -> AddressManager:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- public operations -------------------------------------------------------------
 

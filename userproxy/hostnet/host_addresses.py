@@ -33,9 +33,7 @@ __all__ = [
     "Address",
     "HostAddresses",
     "IPAddress",
-    "local_addresses",
     "netlink",
-    "primary_addresses",
     "read_host",
     "select_nodeport_addresses",
     "sort_key",
@@ -76,13 +74,12 @@ class _ReaderTransport:
             return
         self._protocol.datagram_received(data, None)
 
-    def abort(self) -> None:
-        self.close()
-
     def close(self) -> None:
         if self._sock is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._sock = None
+
+    abort = close
 
 
 class _LoopIPRoute(AsyncIPRoute):  # type: ignore[misc]
@@ -235,16 +232,6 @@ async def read_host(*, routes: bool = True) -> HostAddresses:
         addresses = tuple(await dump_addresses(ipr))
         oifs = {int(f): await _default_route_oifs(ipr, f) for f in _FAMILIES} if routes else {}
     return HostAddresses(addresses, links, oifs)
-
-
-async def local_addresses(*, exclude_devices: Iterable[str] = ()) -> frozenset[str]:
-    """``HostAddresses.local`` of a fresh read."""
-    return (await read_host(routes=False)).local(exclude_devices)
-
-
-async def primary_addresses(*, exclude_devices: Iterable[str] = ()) -> frozenset[str]:
-    """``HostAddresses.primary`` of a fresh read."""
-    return (await read_host()).primary(exclude_devices)
 
 
 def select_nodeport_addresses(
