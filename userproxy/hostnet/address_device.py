@@ -256,6 +256,9 @@ class AddressManager:
 
     async def _add(self, ipr: Any, index: int, address: IPAddress) -> None:
         v6 = address.version == 6
+        # Ours before the kernel answers: a sync cancelled meanwhile (at shutdown) still
+        # leaves it to close() to remove.
+        self._added.add(address.compressed)
         try:
             await ipr.addr(
                 "add",
@@ -266,11 +269,11 @@ class AddressManager:
                 proto=ADDRESS_PROTO,
             )
         except NetlinkError as exc:
+            self._added.discard(address.compressed)
             log.error(
                 "manage-addresses: cannot add %s to %s: %s", address, self._device, _refused(exc)
             )
             return
-        self._added.add(address.compressed)
         log.info("manage-addresses: added %s to %s", address, self._device)
 
     async def _remove(self, ipr: Any, index: int, address: IPAddress) -> None:
