@@ -18,9 +18,12 @@ longest stall) while ``--reads`` reads run one after another:
   at most one 4 KiB datagram decoded per loop turn).
 
 ``idle`` is the ticker with no read at all: this machine's noise floor.  Every read
-dumps links and addresses; the numbers are the longest stall, the median read time and
-the longest pass of the cyclic garbage collector (which stops every thread: with the read
-awaited, what stall remains is mostly these passes, freeing pyroute2's decoded messages).
+dumps links and addresses; the numbers are the longest stall (over all reads, and the
+median of each read's longest: noise and rare collector passes move the first), the
+median read time, and the longest pass of the cyclic garbage collector, which stops every
+thread: with the read awaited, the stall left is mostly these passes, freeing pyroute2's
+decoded messages (each holds a reference to itself, so only the collector frees them).
+This machine's load moves every number: compare the rows of one run, not runs.
 Needs root (CAP_SYS_ADMIN for the namespace).
 """
 
@@ -90,9 +93,10 @@ READS: dict[str, Callable[[], Awaitable[object]]] = {
 
 
 async def _measure(way: str, reads: int) -> dict[str, float]:
-    """The longest gap of a 1 ms ticker during ``reads`` reads, the median read time, and
-    the longest pass of Python's cyclic garbage collector meanwhile (it holds every thread
-    up; pyroute2's decoded messages are cyclic garbage, about 36 objects an address)."""
+    """The longest gap of a 1 ms ticker during ``reads`` reads (the longest over all, and the
+    median over the reads of each read's longest), the median read time, and
+        the longest pass of Python's cyclic garbage collector meanwhile (it holds every thread
+        up; pyroute2's decoded messages are cyclic garbage, about 36 objects an address)."""
     longest = 0.0
     collector = {"started": 0.0, "longest": 0.0}
 
@@ -114,20 +118,22 @@ async def _measure(way: str, reads: int) -> dict[str, float]:
 
     ticker = asyncio.create_task(tick())
     await asyncio.sleep(0.01)
-    longest = 0.0
-    times = []
+    times, stalls = [], []
     gc.callbacks.append(gc_pass)
     try:
         for _ in range(reads):
+            longest = 0.0
             start = time.perf_counter()
             await READS[way]()
             times.append(time.perf_counter() - start)
             await asyncio.sleep(0.005)  # the ticker notices a stall that ended the read
+            stalls.append(longest)
     finally:
         gc.callbacks.remove(gc_pass)
         ticker.cancel()
     return {
-        "stall_ms": longest * 1000,
+        "stall_ms": max(stalls) * 1000,
+        "median_stall_ms": statistics.median(stalls) * 1000,
         "read_ms": statistics.median(times) * 1000,
         "gc_ms": collector["longest"] * 1000,
     }
@@ -181,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
     print(f"{n} addresses on one device, {args.reads} reads of links + addresses per row:")
-    header = f"  {'loop':8} {'way':10} {'longest stall':>14} {'median read':>12}"
-    print(header + f" {'longest gc pass':>16}")
+    print(f"  {'loop':8} {'way':10} {'stall: longest':>15} {'median':>9}", end="")
+    print(f" {'median read':>12} {'longest gc pass':>16}")
     for row in rows:
         print(
-            f"  {row['loop']:8} {row['way']:10} {row['stall_ms']:11.1f} ms "
-            f"{row['read_ms']:9.1f} ms {row['gc_ms']:13.1f} ms"
+            f"  {row['loop']:8} {row['way']:10} {row['stall_ms']:12.1f} ms "
+            f"{row['median_stall_ms']:6.1f} ms {row['read_ms']:9.1f} ms {row['gc_ms']:13.1f} ms"
         )
     return 0
 
