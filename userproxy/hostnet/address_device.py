@@ -89,10 +89,6 @@ class AddressManager:
         self._open = False
 
     @property
-    def device(self) -> str:
-        return self._device
-
-    @property
     def added(self) -> frozenset[str]:
         """The addresses this manager added and still owns."""
         return frozenset(self._added)

@@ -37,6 +37,7 @@ __all__ = [
     "Address",
     "HostAddresses",
     "IPAddress",
+    "dump_addresses",
     "netlink",
     "read_host",
     "select_nodeport_addresses",
