@@ -4,7 +4,7 @@ kube-proxy has ``--cleanup`` for the same need.  A clean shutdown removes every 
 userproxy added and deletes the device it created; a SIGKILL or a crash leaves them, and
 the service IPs stay local on the node (answered with RSTs by nothing) until the next run
 adopts them.  This command removes them without starting a proxy, by the marks they carry
-in the kernel (``hostnet.addresses.cleanup``): only addresses with ``IFA_PROTO`` 0x75, and
+in the kernel (``hostnet.address_device.cleanup``): only addresses with ``IFA_PROTO`` 0x75, and
 the device only if it carries userproxy's alias and nothing else holds addresses on it.
 
 Exit status: 0 when it cleaned up or there was nothing to clean; 2 with one line on stderr
@@ -15,6 +15,7 @@ Run it when no userproxy runs with this device: it would pull the addresses from
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import sys
 from pathlib import Path
@@ -76,10 +77,10 @@ def cleanup_command(
         print(f"userproxy: cleanup: {exc}", file=err)
         return 2
     # Imported here: pyroute2 is only needed when there is something to do.
-    from userproxy.hostnet.addresses import cleanup
+    from userproxy.hostnet.address_device import cleanup
 
     try:
-        result = cleanup(device)
+        result = asyncio.run(cleanup(device))
     except OSError as exc:
         hint = " (it needs CAP_NET_ADMIN)" if exc.errno in (errno.EPERM, errno.EACCES) else ""
         print(f"userproxy: cleanup of {device}: {exc.strerror or exc}{hint}", file=err)

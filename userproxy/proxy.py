@@ -38,7 +38,7 @@ from userproxy.dataplane.limits import (
 from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
 from userproxy.dataplane.udp import UdpSettings
 from userproxy.effects import HostEffects, ServiceAddressSync
-from userproxy.hostnet.addresses import AddressManager
+from userproxy.hostnet.address_device import AddressManager
 from userproxy.hostnet.node import NodeAddresses
 from userproxy.logs import setup_logging
 from userproxy.metrics import Metrics
@@ -153,7 +153,7 @@ class Proxy:
             self.recorder,
             effects,
             self.registry,
-            node_addresses=self.node_addresses,
+            node_addresses=self.node_addresses.nodeport_addresses,
         )
         self.health = HealthState(self.recorder, self.proxier, settings.sync_period)
         self.manifests: ManifestSource | None = None
@@ -267,12 +267,13 @@ class Proxy:
             self._client_configuration = await load_client_configuration(self.settings.kubeconfig)
         if self.addresses is not None:
             try:
-                self.addresses.open()
+                await self.addresses.open()
             except OSError as exc:
                 raise ConfigError(
                     f"--manage-addresses: cannot create device {self.settings.address_device}: "
                     f"{exc} (it needs CAP_NET_ADMIN)"
                 ) from exc
+        await self.node_addresses.refresh()  # read once before serving; then watched
         log.info(
             "userproxy serving %s as node %s (max %d connections, %d%% per Service, "
             "%d%% per client IP)",
@@ -324,7 +325,7 @@ class Proxy:
             await self.service_health.close()
             if self.addresses is not None:
                 # Last: removing the addresses would break connections still draining.
-                self.addresses.close()
+                await self.addresses.close()
             self.stopped.set()
 
     async def _drain(self) -> int:

@@ -13,12 +13,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support.backends import Backend, ask, name_server
-from tests.support.manifests import endpoint_slice, fresh_net, service, write
+from tests.dataplane.test_nodeport import answer, node_port_service
+from tests.support.backends import Backend, name_server
+from tests.support.manifests import endpoint_slice, fresh_net, write
 from tests.support.proxyrun import eventually, free_port, running_proxy
 from userproxy.model import Protocol
 
@@ -36,20 +36,6 @@ def node_ip() -> Iterator[str]:
     ip("addr", "del", f"{address}/32", "dev", "lo")  # a leftover of a killed run
     yield address
     ip("addr", "del", f"{address}/32", "dev", "lo")
-
-
-def node_port_service(name: str, cluster_ip: str, node_port: int) -> dict[str, Any]:
-    svc = service(name, cluster_ip, 8080)
-    svc["spec"]["type"] = "NodePort"
-    svc["spec"]["ports"][0]["nodePort"] = node_port
-    return svc
-
-
-def answer(address: tuple[str, int]) -> str:
-    try:
-        return ask(address, timeout=2)
-    except OSError as exc:
-        return type(exc).__name__
 
 
 async def test_a_new_node_address_gets_its_node_port_within_a_second(

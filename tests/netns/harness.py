@@ -436,9 +436,22 @@ def backends(netns: str, log: IO[bytes]) -> Iterator[subprocess.Popen[bytes]]:
         stop_process(proc)
 
 
+#: The lab's flags for ``userproxy``: a sync at once, metrics on METRICS_ADDRESS, debug logs.
+LAB_FLAGS = (
+    "--min-sync-period",
+    "0",
+    "--metrics-bind-address={}:{}".format(*METRICS_ADDRESS),
+    "--log-level",
+    "debug",
+)
+
+
 @contextlib.contextmanager
-def userproxy(netns: str, manifests: Path, log: IO[bytes]) -> Iterator[subprocess.Popen[bytes]]:
-    """``userproxy run --manage-addresses`` in ``netns`` serving ``manifests``."""
+def userproxy(
+    netns: str, manifests: Path, log: IO[bytes], flags: Sequence[str] = LAB_FLAGS
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``userproxy run --manage-addresses`` in ``netns`` serving ``manifests``, with
+    ``flags`` added; stopped (SIGTERM, then SIGKILL) at the end."""
     proc = subprocess.Popen(
         in_netns(
             netns,
@@ -451,12 +464,8 @@ def userproxy(netns: str, manifests: Path, log: IO[bytes]) -> Iterator[subproces
             "--hostname-override",
             NODE_NAME,
             "--manage-addresses",
-            "--min-sync-period",
-            "0",
             "--healthz-bind-address=",
-            "--metrics-bind-address={}:{}".format(*METRICS_ADDRESS),
-            "--log-level",
-            "debug",
+            *flags,
         ),
         cwd=REPO,
         stdin=subprocess.DEVNULL,

@@ -1,20 +1,4 @@
-"""Host networking helpers: local addresses, NodePort address selection, and the service IPs
-userproxy makes local on its own device (``--manage-addresses``)."""
-
-from __future__ import annotations
-
-from userproxy.hostnet.addresses import (
-    ADDRESS_PROTO,
-    AddressManager,
-    local_addresses,
-    primary_addresses,
-    select_nodeport_addresses,
-)
-
-__all__ = [
-    "ADDRESS_PROTO",
-    "AddressManager",
-    "local_addresses",
-    "primary_addresses",
-    "select_nodeport_addresses",
-]
+"""Host networking: the host's addresses and which of them NodePorts listen on
+(``host_addresses``), the node's addresses kept fresh by a watcher (``node``), and the
+service IPs userproxy makes local on its own device (``address_device``,
+``--manage-addresses``).  Every netlink call is awaited on the event loop."""

@@ -2,23 +2,28 @@
 
 Two consumers: the proxier (which addresses NodePorts listen on: ``--nodeport-addresses``,
 never the service IPs on the proxy's own device) and the listeners' traffic classifier
-(which clients are on this node: every local address, plus ``--cluster-cidr``).
+(which clients are on this node: every local address, plus ``--cluster-cidr``; kube-proxy's
+LocalTrafficDetector answers the same question).
 
-``watch()`` is the proxy's task for this: it subscribes to the kernel's address events
-(``RTMGRP_IPV4_IFADDR`` and ``RTMGRP_IPV6_IFADDR`` on a ``NETLINK_ROUTE`` socket the loop
-reads with ``add_reader``), and after each burst of events re-reads the addresses on a
-worker thread, updates the classifier, and asks for a sync only when the NodePort addresses
-changed.  So a new node address gets its NodePort listeners within a sync's time, not at the
-next periodic sync (kube-proxy's iptables mode matches NodePorts with ``--dst-type LOCAL``,
-so there a new address works at once), and the sync itself reads no netlink on the loop.
-Where the netlink socket cannot be opened it polls every ``POLL_INTERVAL`` seconds instead,
-on the worker thread likewise.
+``refresh()`` reads the host once (``host_addresses.read_host``, awaited on the loop: no
+step waits for the kernel), updates the classifier and keeps the NodePort addresses for
+``nodeport_addresses()``.  The proxy awaits one ``refresh()`` before it serves, then runs
+``watch()`` as a task: it subscribes to the kernel's address events (``RTMGRP_IPV4_IFADDR``
+and ``RTMGRP_IPV6_IFADDR`` on a raw ``NETLINK_ROUTE`` socket the loop reads with
+``add_reader``), reads once more (so a change before the subscription is not lost), and
+after each burst of events reads again and asks for a sync only when the NodePort
+addresses changed.  The events are not decoded, they only wake the watcher: pyroute2's own
+subscription would decode each one on the loop and must reopen its socket after an
+overflow, where this one drains it and reads again.  So a new node address gets its
+NodePort listeners within a sync's time, not at the next periodic sync (kube-proxy's
+iptables mode matches NodePorts with ``--dst-type LOCAL``, so there a new address works at
+once), and the sync itself reads no netlink.  Where the netlink socket cannot be opened it
+polls every ``POLL_INTERVAL`` seconds instead.
 
-Invariants: while ``watch()`` runs and has read once, calling the object returns what the
-last read found (or raises what the last read raised: the proxier then keeps the previous
-addresses and fails the sync, which is retried) and never touches netlink; without a
-watcher it reads itself, at most once per ``REFRESH_INTERVAL``.  Only the loop's thread
-changes the cached values (a worker thread only reads the kernel).
+Invariants: ``nodeport_addresses()`` never touches netlink: it returns what the last read
+found, or raises what the last read raised (before any read: LookupError); the proxier
+then keeps the previous addresses and fails the sync, which is retried.  Only the loop's
+thread reads and changes the cached values.
 """
 
 from __future__ import annotations
@@ -27,20 +32,13 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Callable, Sequence
 
 from userproxy.dataplane.classify import NodeLocal
-from userproxy.hostnet.addresses import (
-    local_addresses,
-    primary_addresses,
-    select_nodeport_addresses,
-)
+from userproxy.hostnet.host_addresses import read_host, select_nodeport_addresses
 
 log = logging.getLogger(__name__)
 
-#: How often the node's addresses are re-read at most without a watcher.
-REFRESH_INTERVAL = 1.0
 #: Without a netlink socket (or after a failed read), how often the watcher re-reads.
 POLL_INTERVAL = 1.0
 #: After an event, how long the watcher waits for more before reading: adding many
@@ -50,30 +48,25 @@ DEBOUNCE = 0.05
 _RTMGRP_IPV4_IFADDR = 0x10
 _RTMGRP_IPV6_IFADDR = 0x100
 
-#: (every local address, the NodePort addresses), as one read of the kernel finds them.
-_Read = tuple[frozenset[str], tuple[str, ...]]
-
 
 def _open_address_events() -> socket.socket | None:
     """A non-blocking netlink socket receiving address add/remove events, or None."""
+    sock = None
     try:
         sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE
         )
-    except (OSError, AttributeError) as exc:
-        log.info("no netlink address events (%s); node addresses polled every second", exc)
-        return None
-    try:
         sock.bind((0, _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV6_IFADDR))
-    except OSError as exc:
-        sock.close()
+    except (OSError, AttributeError) as exc:
+        if sock is not None:
+            sock.close()
         log.info("no netlink address events (%s); node addresses polled every second", exc)
         return None
     return sock
 
 
 class NodeAddresses:
-    """Callable giving the NodePort addresses; keeps ``node_local`` up to date on the way."""
+    """The NodePort addresses (``nodeport_addresses()``); keeps ``node_local`` up to date."""
 
     def __init__(
         self,
@@ -82,55 +75,52 @@ class NodeAddresses:
         nodeport_cidrs: Sequence[str] = (),
         cluster_cidrs: Sequence[str] = (),
         own_device: str | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._node_local = node_local
         self._nodeport_cidrs = tuple(nodeport_cidrs)
         self._cluster_cidrs = tuple(cluster_cidrs)
         self._exclude = (own_device,) if own_device else ()
-        self._clock = clock
-        self._read_at = float("-inf")
         self._nodeport: tuple[str, ...] = ()
-        #: True while ``watch()`` keeps the cache fresh (after its first read).
-        self._watched = False
-        #: What the watcher's last read raised (None: it succeeded).
-        self._error: Exception | None = None
+        #: What the last read raised (None: it succeeded).
+        self._error: Exception | None = LookupError("the node's addresses were not read yet")
 
-    def __call__(self) -> tuple[str, ...]:
-        if self._watched:
-            if self._error is not None:
-                raise self._error
-            return self._nodeport
-        now = self._clock()
-        if now - self._read_at < REFRESH_INTERVAL:
-            return self._nodeport
-        self._read_at = now
-        self._store(self._read())
+    def nodeport_addresses(self) -> tuple[str, ...]:
+        """The NodePort addresses of the last read; raises what the last read raised."""
+        if self._error is not None:
+            raise self._error
         return self._nodeport
 
-    def _read(self) -> _Read:
-        """Read the kernel (blocking netlink: ~ms; the watcher calls it on a thread)."""
-        local = local_addresses()
-        # Service IPs on the proxy's own device are not node addresses for NodePorts.
-        candidates = local_addresses(exclude_devices=self._exclude) if self._exclude else local
-        primary = (
-            primary_addresses(exclude_devices=self._exclude)
-            if "primary" in self._nodeport_cidrs
-            else ()
-        )
-        return local, select_nodeport_addresses(self._nodeport_cidrs, candidates, primary)
-
-    def _store(self, read: _Read) -> bool:
-        """Take a read in (on the loop's thread); True when the NodePort addresses changed."""
-        local, nodeport = read
+    async def refresh(self) -> bool:
+        """Read the host once and take it in.  True when a sync should follow: the NodePort
+        addresses changed, reading failed with a new error, or it works again."""
+        primary = "primary" in self._nodeport_cidrs
+        try:
+            host = await read_host(routes=primary)
+            local = host.local()
+            # Service IPs on the proxy's own device are not node addresses for NodePorts.
+            nodeport = select_nodeport_addresses(
+                self._nodeport_cidrs,
+                host.local(self._exclude),
+                host.primary(self._exclude) if primary else (),
+            )
+        except Exception as exc:
+            new = self._error is None or str(self._error) != str(exc)
+            self._error = exc
+            if new:  # once per distinct error; the sync's retries report it
+                log.warning("cannot read the node's addresses: %s (will retry)", exc)
+            return new
+        recovered = self._error is not None
+        self._error = None
         self._node_local.update(local, self._cluster_cidrs)
         changed = nodeport != self._nodeport
         self._nodeport = nodeport
-        return changed
+        if changed:
+            log.info("NodePort addresses now: %s", ", ".join(nodeport))
+        return changed or recovered
 
     async def watch(self, on_change: Callable[[], None]) -> None:
         """Forever: follow the node's addresses and call ``on_change`` (ask for a sync)
-        when the NodePort addresses change, or when reading works again after failing."""
+        when the NodePort addresses change, or when reading fails or works again."""
         loop = asyncio.get_running_loop()
         events = _open_address_events()
         wake = asyncio.Event()
@@ -151,39 +141,17 @@ class NodeAddresses:
 
         if events is not None:
             loop.add_reader(events.fileno(), drain)
-        first = True
         try:
             while True:
                 wake.clear()  # before reading: an event during the read reads again
-                try:
-                    # The first read waits (a few ms, once, as the first sync's read did):
-                    # the proxy is settled, with no netlink socket of a read in flight,
-                    # by the time it serves; later ones run beside the loop.
-                    read = self._read() if first else await asyncio.to_thread(self._read)
-                except Exception as exc:
-                    first = self._error is None or str(self._error) != str(exc)
-                    self._error = exc
-                    self._watched = True
-                    if first:  # once per distinct error; the sync's retries report it
-                        log.warning("cannot read the node's addresses: %s (will retry)", exc)
-                        on_change()
-                else:
-                    recovered = self._error is not None
-                    self._error = None
-                    changed = self._store(read)
-                    self._watched = True
-                    if changed:
-                        log.info("NodePort addresses now: %s", ", ".join(self._nodeport))
-                    if changed or recovered:
-                        on_change()
-                first = False
+                if await self.refresh():
+                    on_change()
                 poll = events is None or self._error is not None
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_INTERVAL if poll else None):
                         await wake.wait()
                 await asyncio.sleep(DEBOUNCE)
         finally:
-            self._watched = False
             if events is not None:
                 loop.remove_reader(events.fileno())
                 events.close()
