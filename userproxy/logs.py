@@ -6,6 +6,10 @@ an exception's traceback to :data:`MAX_TRACEBACK_CHARS` and :data:`MAX_TRACEBACK
 saying how much was left out.  This is a safety net: messages are meant to be bounded
 where they are made (e.g. ``ManifestError`` lists at most 20 problems), but a value quoted
 from an input somewhere must not turn into a 10 MB log line.
+
+Invariant: a condition that can repeat per connection, datagram or retry logs at most one
+line per interval, saying how many it held back; :class:`RateLimitedLog` is the one place
+that decides it, so "at most every N seconds" is not written again at each call site.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import sys
 import time
 import types
+from collections.abc import Callable, Hashable
 
 #: Longest message of one record (characters), before the note on what was cut.
 MAX_MESSAGE_CHARS = 8192
@@ -93,6 +98,58 @@ class JsonFormatter(BoundedFormatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class RateLimitedLog:
+    """Lets one line through per ``interval`` seconds to ``logger``, counting what it held back.
+
+    ``log`` is the common use; ``allow`` is the decision alone, for a caller that writes
+    the line itself (e.g. a ``logging.Filter``).  With a ``key``, a line whose key differs
+    from the last one let through passes at once (a new kind of failure is news), and the
+    count of held-back lines starts again (they repeated the line already logged); the same
+    key is held to the interval.  With ``interval=math.inf`` that is "once per distinct
+    key, while it repeats".
+    """
+
+    __slots__ = ("_clock", "_interval", "_key", "_last", "_logger", "_suppressed")
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._last = float("-inf")
+        self._key: Hashable = None
+        self._suppressed = 0
+
+    def allow(self, key: Hashable = None) -> int | None:
+        """None: hold this line back (counted); else let it through, and the number of
+        lines held back since the last one let through."""
+        now = self._clock()
+        if key == self._key and now - self._last < self._interval:
+            self._suppressed += 1
+            return None
+        held = self._suppressed if key == self._key else 0
+        self._last, self._key, self._suppressed = now, key, 0
+        return held
+
+    def log(self, level: int, msg: str, *args: object, key: Hashable = None) -> bool:
+        """Log ``msg % args`` at ``level`` unless held back; True when it was logged.
+
+        A line after held-back ones says so: ``(N similar messages suppressed)``.
+        """
+        held = self.allow(key)
+        if held is None:
+            return False
+        if held:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, held)
+        self._logger.log(level, msg, *args)
+        return True
 
 
 def setup_logging(level: str, fmt: str) -> None:

@@ -16,8 +16,9 @@ from userproxy.balancers.base import Balancer
 from userproxy.balancers.randomized import RandomChoice
 from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry
 from userproxy.balancers.roundrobin import RoundRobin
-from userproxy.dataplane.limits import ConnectionLimit, RateLimitedLog, share_of
+from userproxy.dataplane.limits import ConnectionLimit, share_of
 from userproxy.dataplane.pool import BackendPool
+from userproxy.logs import RateLimitedLog
 from userproxy.model import Endpoint, PoolSpec
 
 
@@ -495,11 +496,11 @@ def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("tests.ratelimited")
     caplog.set_level(logging.INFO, logger=logger.name)
     time = FakeTime(1000.0)
-    limited = RateLimitedLog(interval=1.0, clock=time)
+    limited = RateLimitedLog(logger, interval=1.0, clock=time)
 
     def say(at: float) -> None:
         time.now = at
-        limited(logger, logging.WARNING, "accept failed: %s", "EMFILE")
+        limited.log(logging.WARNING, "accept failed: %s", "EMFILE")
 
     for at in (1000.0, 1000.1, 1000.5, 1000.99):
         say(at)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.classify import in_networks, parse_networks
-from userproxy.dataplane.limits import RateLimitedLog
 from userproxy.dataplane.pool import BackendPool
+from userproxy.logs import RateLimitedLog
 from userproxy.model import ListenerSpec
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ IP_FREEBIND = 15
 IPV6_FREEBIND = 78
 #: Errors that say "the process or system is out of something", not "this address".
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_resource_log = RateLimitedLog()
+_resource_log = RateLimitedLog(log)
 
 
 def _hint(exc: OSError, port: int) -> str:
@@ -186,7 +186,7 @@ class Listener(abc.ABC):
         args = (spec.spn, spec.ip, spec.port, exc.strerror or exc, _hint(exc, spec.port))
         if exc.errno in RESOURCE_ERRNOS:
             # Out of descriptors, every listener opened in a sync fails alike: one line.
-            _resource_log(log, logging.ERROR, message, *args)
+            _resource_log.log(logging.ERROR, message, *args)
         elif previous is None or previous.errno != exc.errno:
             log.error(message, *args)
         else:

@@ -28,10 +28,11 @@ from collections.abc import Callable
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.dial import dial
-from userproxy.dataplane.limits import ConnectionLimit, RateLimitedLog
+from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import Listener
 from userproxy.dataplane.pool import BackendPool
 from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
+from userproxy.logs import RateLimitedLog
 from userproxy.model import Endpoint, ListenerSpec, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 ACCEPT_BATCH = 64
 BACKLOG = 4096
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_accept_error_log = RateLimitedLog()
-_dial_error_log = RateLimitedLog()
+_accept_error_log = RateLimitedLog(log)
+_dial_error_log = RateLimitedLog(log)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -146,8 +147,7 @@ class TcpListener(Listener):
     def _back_off(self, exc: OSError) -> None:
         self._pause()
         self._backoff_delay = min(1.0, max(0.05, self._backoff_delay * 2))
-        _accept_error_log(
-            log,
+        _accept_error_log.log(
             logging.ERROR,
             "%s: accept() failed: %s; backing off %.2fs",
             self.spec.spn,
@@ -199,8 +199,7 @@ class TcpListener(Listener):
                 # Forget the client's pin so the next attempt (and the next connection)
                 # goes elsewhere: kube-proxy's fix for clients stuck on a dead pod.
                 pool.balancer.failed(conn.client_ip, endpoint)
-                _dial_error_log(
-                    log,
+                _dial_error_log.log(
                     logging.WARNING,
                     "%s: dial %s failed (attempt %d, timeout %.2fs): %s",
                     self.spec.spn,

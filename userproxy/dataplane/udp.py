@@ -40,9 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.dataplane.limits import RateLimitedLog
 from userproxy.dataplane.listener import Listener
 from userproxy.dataplane.pool import BackendPool
+from userproxy.logs import RateLimitedLog
 from userproxy.model import Endpoint, ListenerSpec
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,9 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 SESSION_BUFFER = 1024 * 1024
 #: Dropped datagrams are logged at most once per this many seconds (per kind of drop).
 DROP_LOG_INTERVAL = 5.0
-_session_error_log = RateLimitedLog()
-_rate_drop_log = RateLimitedLog(DROP_LOG_INTERVAL)
-_send_drop_log = RateLimitedLog(DROP_LOG_INTERVAL)
+_session_error_log = RateLimitedLog(log)
+_rate_drop_log = RateLimitedLog(log, DROP_LOG_INTERVAL)
+_send_drop_log = RateLimitedLog(log, DROP_LOG_INTERVAL)
 
 Address = tuple[str, int]
 
@@ -294,8 +294,7 @@ class UdpListener(Listener):
                 if tokens < 1.0:
                     session.tokens = tokens
                     stats.drops_rate += 1
-                    _rate_drop_log(
-                        log,
+                    _rate_drop_log.log(
                         logging.WARNING,
                         "%s: client %s sends more than --udp-session-rate %g datagrams/s; "
                         "dropping its excess (%d dropped on this listener so far)",
@@ -311,8 +310,7 @@ class UdpListener(Listener):
                 session.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 stats.drops_send += 1
-                _send_drop_log(
-                    log,
+                _send_drop_log.log(
                     logging.WARNING,
                     "%s: dropped a datagram to %s: the socket's send buffer is full "
                     "(%d dropped on this listener so far)",
@@ -351,9 +349,9 @@ class UdpListener(Listener):
             sock = socket.socket(family, socket.SOCK_DGRAM)
         except OSError as exc:
             self.stats.drops_send += 1
-            _session_error_log(log, logging.ERROR if exc.errno in (errno.EMFILE, errno.ENFILE)
-                               else logging.WARNING, "%s: cannot open a UDP session socket: %s",
-                               self.spec.spn, exc)  # fmt: skip
+            _session_error_log.log(logging.ERROR if exc.errno in (errno.EMFILE, errno.ENFILE)
+                                   else logging.WARNING, "%s: cannot open a UDP session socket: %s",
+                                   self.spec.spn, exc)  # fmt: skip
             return None
         try:
             sock.setblocking(False)
@@ -363,8 +361,8 @@ class UdpListener(Listener):
             sock.close()
             pool.balancer.failed(client[0], endpoint)
             self.stats.drops_send += 1
-            _session_error_log(log, logging.WARNING, "%s: cannot reach %s: %s",
-                               self.spec.spn, endpoint, exc)  # fmt: skip
+            _session_error_log.log(logging.WARNING, "%s: cannot reach %s: %s",
+                                   self.spec.spn, endpoint, exc)  # fmt: skip
             return None
         session = UdpSession(self, client, pool, endpoint, sock=sock, now=now)
         self._loop.add_reader(sock.fileno(), session.on_readable)
