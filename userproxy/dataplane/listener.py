@@ -28,14 +28,12 @@ from dataclasses import dataclass
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.classify import in_networks, parse_networks
 from userproxy.dataplane.pool import BackendPool
+from userproxy.hostnet.listen import listening_socket
 from userproxy.logs import RateLimitedLog
 from userproxy.model import ListenerSpec
 
 log = logging.getLogger(__name__)
 
-# Linux socket options Python does not name (linux/in.h, linux/in6.h).
-IP_FREEBIND = 15
-IPV6_FREEBIND = 78
 #: Errors that say "the process or system is out of something", not "this address".
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _resource_log = RateLimitedLog(log)
@@ -151,20 +149,11 @@ class Listener(abc.ABC):
 
     def _open(self) -> None:
         spec = self.spec
-        family = socket.AF_INET6 if ":" in spec.ip else socket.AF_INET
         sock: socket.socket | None = None
         try:
-            sock = socket.socket(family, self.SOCK_TYPE)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             # FREEBIND: a service IP may not be (yet) on any interface; the listener still
             # starts, and serves as soon as the address is local (see docs/addressing.md).
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-            sock.setblocking(False)
-            sock.bind((spec.ip, spec.port))
+            sock = listening_socket(spec.ip, spec.port, self.SOCK_TYPE)
             self._prepare(sock)
         except OSError as exc:
             if sock is not None:

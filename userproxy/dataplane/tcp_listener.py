@@ -21,7 +21,6 @@ no task).  Dialing therefore never blocks accepting.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from collections.abc import Callable
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.dial import dial
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listener import Listener
+from userproxy.dataplane.listener import RESOURCE_ERRNOS, Listener
 from userproxy.dataplane.pool import BackendPool
 from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
 from userproxy.logs import RateLimitedLog
@@ -42,7 +41,6 @@ DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 #: Connections accepted per readiness event before yielding to the loop.
 ACCEPT_BATCH = 64
 BACKLOG = 4096
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _accept_error_log = RateLimitedLog(log)
 _dial_error_log = RateLimitedLog(log)
 
@@ -118,7 +116,7 @@ class TcpListener(Listener):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS:
+                if exc.errno in RESOURCE_ERRNOS:
                     self._back_off(exc)
                     return
                 # ECONNABORTED, EPROTO and friends concern one client only.
