@@ -22,11 +22,10 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.dataplane.classify import in_networks, parse_networks
+from userproxy.dataplane.classify import NodeLocal, in_networks, parse_networks
 from userproxy.dataplane.pool import BackendPool
 from userproxy.hostnet.listen import listening_socket
 from userproxy.logs import RateLimitedLog
@@ -86,7 +85,7 @@ class Listener(abc.ABC):
         self,
         spec: ListenerSpec,
         registry: BalancerRegistry,
-        node_local: Callable[[str], bool] = lambda _: False,
+        node_local: NodeLocal,
     ) -> None:
         self.spec = spec
         self._registry = registry
@@ -209,8 +208,9 @@ class Listener(abc.ABC):
         if self._source_ranges and not in_networks(client_ip, self._source_ranges):
             self.stats.refused_source_range += 1
             return None
-        node_pool = self.node_pool
-        pool = node_pool if node_pool is not None and self._node_local(client_ip) else self.pool
+        pool = self.pool
+        if self.node_pool is not None and self._node_local.is_local(client_ip):
+            pool = self.node_pool
         if pool.empty:
             # The other traffic class has endpoints, so the socket is open; this one has
             # none: turn the client away (TCP: an immediate reset; UDP: a drop).

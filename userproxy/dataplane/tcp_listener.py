@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.dial import dial
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import RESOURCE_ERRNOS, Listener
@@ -69,7 +69,7 @@ class TcpListener(Listener):
         spec: ListenerSpec,
         registry: BalancerRegistry,
         limit: ConnectionLimit,
-        node_local: Callable[[str], bool] = lambda _: False,
+        node_local: NodeLocal,
     ) -> None:
         super().__init__(spec, registry, node_local)
         self.limit = limit

@@ -36,10 +36,10 @@ import errno
 import logging
 import socket
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.listener import Listener
 from userproxy.dataplane.pool import BackendPool
 from userproxy.logs import RateLimitedLog
@@ -224,7 +224,7 @@ class UdpListener(Listener):
         spec: ListenerSpec,
         registry: BalancerRegistry,
         table: SessionTable,
-        node_local: Callable[[str], bool] = lambda _: False,
+        node_local: NodeLocal,
     ) -> None:
         super().__init__(spec, registry, node_local)
         self.table = table
