@@ -20,7 +20,7 @@ from tests.support.manifests import fresh_net
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
 from userproxy.metrics import Metrics
 from userproxy.model import (
     AddressKind,

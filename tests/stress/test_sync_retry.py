@@ -31,7 +31,7 @@ from tests.support.manifests import fresh_net, write
 from tests.support.proxyrun import running_proxy
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listeners import ApplyError, ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ApplyError, ListenerSet, TcpTimeouts
 from userproxy.model import (
     AddressKind,
     Endpoint,

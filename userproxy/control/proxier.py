@@ -55,7 +55,7 @@ BULK_SERVICES = 1000
 
 
 class ListenerApplier(Protocol):
-    """What the proxier drives (``userproxy.dataplane.listeners.ListenerSet``)."""
+    """What the proxier drives (``userproxy.dataplane.listener_set.ListenerSet``)."""
 
     def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         """Make the listeners of ``service`` exactly ``specs``; raise if some are not

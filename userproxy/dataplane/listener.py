@@ -97,7 +97,7 @@ class Listener(abc.ABC):
         #: Why the socket the listener wants is not open (None: open, or not wanted).
         self.bind_error: OSError | None = None
         self.closed = False
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
         self._reading = False
 
@@ -193,13 +193,13 @@ class Listener(abc.ABC):
 
     def _pause(self) -> None:
         if self._reading and self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
+            self.loop.remove_reader(self._sock.fileno())
         self._reading = False
 
     def _resume(self) -> None:
         if self._reading or self._sock is None or not self._can_read():
             return
-        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        self.loop.add_reader(self._sock.fileno(), self._on_readable)
         self._reading = True
 
     # -- traffic classes -------------------------------------------------------------------

@@ -134,8 +134,8 @@ class TcpListener(Listener):
                 self.stats.refused_client_limit += 1
                 _reset(client)
                 continue
-            conn = DownstreamProtocol(self, client_ip, self._loop)
-            task = self._loop.create_task(self._serve(conn, client, pool))
+            conn = DownstreamProtocol(self, client_ip, self.loop)
+            task = self.loop.create_task(self._serve(conn, client, pool))
             # Kept, not looked up with current_task() later: every get_running_loop() costs
             # a getpid() system call, and this runs once per connection.
             conn.dial_task = task
@@ -152,7 +152,7 @@ class TcpListener(Listener):
             exc.strerror or exc,
             self._backoff_delay,
         )
-        self._backoff = self._loop.call_later(self._backoff_delay, self._end_backoff)
+        self._backoff = self.loop.call_later(self._backoff_delay, self._end_backoff)
 
     def _end_backoff(self) -> None:
         self._backoff = None
@@ -165,7 +165,7 @@ class TcpListener(Listener):
         self.connections.add(conn)
         try:
             # Both loops set TCP_NODELAY on the transports they make.
-            await self._loop.connect_accepted_socket(lambda: conn, client)
+            await self.loop.connect_accepted_socket(lambda: conn, client)
         except (OSError, asyncio.CancelledError) as exc:
             client.close()
             self.connection_finished(conn)
@@ -191,7 +191,7 @@ class TcpListener(Listener):
                 self.stats.dial_retries += 1
             tried.append(endpoint)
             try:
-                sock = await dial(self._loop, endpoint.ip, endpoint.port, timeout)
+                sock = await dial(self.loop, endpoint.ip, endpoint.port, timeout)
             except (OSError, TimeoutError) as exc:
                 self.stats.dial_failures += 1
                 # Forget the client's pin so the next attempt (and the next connection)
@@ -224,7 +224,7 @@ class TcpListener(Listener):
         cancelled only when the client has gone, and then the relay drops the upstream.
         """
         try:
-            await self._loop.create_connection(lambda: UpstreamProtocol(conn), sock=sock)
+            await self.loop.create_connection(lambda: UpstreamProtocol(conn), sock=sock)
         except OSError as exc:
             # The endpoint accepted and then failed at once: pass it on as a reset.
             sock.close()

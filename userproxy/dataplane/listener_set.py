@@ -37,7 +37,8 @@ from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import ListenerStats
 from userproxy.dataplane.tcp_listener import TcpListener
 from userproxy.dataplane.tcp_relay import DownstreamProtocol
-from userproxy.dataplane.udp import SessionTable, UdpListener, UdpSettings
+from userproxy.dataplane.udp_listener import UdpListener
+from userproxy.dataplane.udp_session import SessionTable, UdpSettings
 from userproxy.model import ListenerSpec, Protocol, ServiceKey
 
 log = logging.getLogger(__name__)
