@@ -122,7 +122,7 @@ class _RecordingListeners:
     def __init__(self) -> None:
         self.specs: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
 
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         if specs:
             self.specs[service] = tuple(specs)
         else:

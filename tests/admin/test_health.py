@@ -28,7 +28,7 @@ class Clock:
 
 
 class NoListeners:
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         pass
 
 

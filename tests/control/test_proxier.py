@@ -49,7 +49,7 @@ class RecordingApplier:
 
     calls: list[tuple[ServiceKey, tuple[ListenerSpec, ...]]] = field(default_factory=list)
 
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         self.calls.append((service, tuple(specs)))
 
     @property

@@ -38,7 +38,7 @@ class Applier:
         self.current: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
         self.applies = 0
 
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         self.applies += 1
         self.current[service] = tuple(specs)
 

@@ -132,7 +132,7 @@ class FlakyListeners:
     applied: dict[ServiceKey, tuple[ListenerSpec, ...]] = field(default_factory=dict)
     calls: list[ServiceKey] = field(default_factory=list)
 
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         self.calls.append(service)
         error = self.broken.get(service)
         if error is not None:

@@ -57,7 +57,7 @@ BULK_SERVICES = 1000
 class ListenerApplier(Protocol):
     """What the proxier drives (``userproxy.dataplane.listener_set.ListenerSet``)."""
 
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         """Make the listeners of ``service`` exactly ``specs``; raise if some are not
         (after applying all it could): the proxier retries the Service."""
 
@@ -341,7 +341,7 @@ class Proxier:
         error: Exception | None = None
         if force or plan.listeners != old.listeners:
             try:
-                self.listeners.apply(key, plan.listeners)
+                self.listeners.set_listeners(key, plan.listeners)
             except Exception as exc:
                 error = exc
         health = (plan.health_check_port, plan.local_endpoints)

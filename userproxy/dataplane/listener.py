@@ -112,8 +112,8 @@ class Listener(abc.ABC):
     def update(self, spec: ListenerSpec) -> None:
         """Swap in new pools (and retry a failed bind); open connections are untouched.
 
-        ``spec`` is taken last: if a pool update raises, the old spec stays, so applying
-        the new one again is not mistaken for "unchanged"."""
+        ``spec`` is taken last: if a pool update raises, the old spec stays, so updating
+        to the new one again is not mistaken for "unchanged"."""
         if spec.source_ranges != self.spec.source_ranges:
             self._source_ranges = parse_networks(spec.source_ranges)
         self.pool.update(spec.pool)
@@ -124,20 +124,21 @@ class Listener(abc.ABC):
         else:
             self.node_pool.update(spec.node_pool)
         self.spec = spec
-        self._apply()
+        self._open_or_close()
 
     def retry_bind(self) -> None:
         """Try a failed open again (the listener set calls this at syncs and every few
         seconds)."""
         if self.bind_error is not None:
-            self._apply()
+            self._open_or_close()
 
     def close(self) -> None:
         """Stop serving new clients for good; what is open goes on (or is drained)."""
         self.closed = True
-        self._apply()
+        self._open_or_close()
 
-    def _apply(self) -> None:
+    def _open_or_close(self) -> None:
+        """Open the socket if it is wanted and not open; close it if it is not wanted."""
         want = not self.closed and self.spec.serves_anyone
         if want and self._sock is None:
             self._open()

@@ -1,6 +1,6 @@
 """The set of listeners: opened, updated and closed as the control plane's syncs say.
 
-``apply(service, specs)`` is the only entry point the control plane uses.  It touches only
+``set_listeners(service, specs)`` is the only entry point the control plane uses.  It touches only
 the listeners of that Service: a listener whose spec is unchanged is left alone (or, if its
 socket could not be opened, tried again), one whose pool changed gets its pool swapped, new
 ones are opened and the rest are closed.  A closed TCP listener's open connections are left
@@ -10,10 +10,10 @@ Service stops new connections, not the ones it has.  Only process shutdown reset
 after ``--shutdown-grace`` (``drain``).  A closed UDP listener's sessions end with it
 (their replies would have no socket).
 
-``apply`` always goes through the whole plan: a listener that cannot be opened (out of
+``set_listeners`` always goes through the whole plan: a listener that cannot be opened (out of
 descriptors, address taken) is kept, without a socket, and retried; an exception for one
 listener does not stop the others.  Only then, if some listener the plan wants is not
-open, it raises ``ApplyError`` naming them, so the caller can retry the Service (the
+open, it raises ``ListenersNotOpen`` naming them, so the caller can retry the Service (the
 proxier does, through the sync runner).  Between syncs the sweeper retries failed opens
 every ``BIND_RETRY_INTERVAL`` seconds.  An address wanted by two Services is served for
 the first; the other gets it when the first lets go.
@@ -79,8 +79,9 @@ def _totals_key(listener: AnyListener) -> TotalsKey:
     return (f"{spn.namespace}/{spn.name}{port}", str(spn.protocol))
 
 
-class ApplyError(Exception):
-    """Some listeners ``apply`` was asked for are not open (everything else is applied)."""
+class ListenersNotOpen(Exception):
+    """Some listeners ``set_listeners`` was asked for are not open (everything else is
+    done)."""
 
     def __init__(self, service: ServiceKey, failures: dict[ListenerKey, BaseException]):
         self.service = service
@@ -136,12 +137,12 @@ class ListenerSet:
         #: Counters of listeners that are gone, so totals never go backwards.
         self._retired: dict[TotalsKey, PortTotals] = {}
 
-    # -- applying --------------------------------------------------------------------------
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    # -- the control plane's entry point ---------------------------------------------------
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         """Make the listeners of ``service`` exactly ``specs`` (empty: remove them all).
 
-        Raises ``ApplyError`` after applying all it could when some wanted listener is not
-        open; calling ``apply`` again with the same specs retries exactly those.
+        Raises ``ListenersNotOpen`` after doing all it could when some wanted listener is
+        not open; calling ``set_listeners`` again with the same specs retries exactly those.
         """
         if specs:
             self._wanted[service] = tuple(specs)
@@ -157,7 +158,7 @@ class ListenerSet:
             except Exception:
                 log.exception("%s: taking over a released address failed", other)
         if failures:
-            raise ApplyError(service, failures)
+            raise ListenersNotOpen(service, failures)
 
     def _converge(
         self, service: ServiceKey, released: list[ListenerKey]

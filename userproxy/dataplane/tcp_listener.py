@@ -81,7 +81,7 @@ class TcpListener(Listener):
         self._backoff_delay = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         limit.register(self, self._pause, self._resume, self.service)
-        self._apply()
+        self._open_or_close()
 
     def close(self) -> None:
         """Stop accepting for good; open connections go on until they end or are drained."""

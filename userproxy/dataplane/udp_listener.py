@@ -80,7 +80,7 @@ class UdpListener(Listener):
         rate = table.settings.session_rate
         self.rate = rate
         self.burst = max(64.0, rate / 10) if rate else 0.0
-        self._apply()
+        self._open_or_close()
 
     @property
     def sock(self) -> socket.socket | None:
