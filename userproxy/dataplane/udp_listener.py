@@ -207,7 +207,10 @@ class UdpListener(Listener):
             _session_error_log.log(logging.WARNING, "%s: cannot reach %s: %s",
                                    self.spec.spn, endpoint, exc)  # fmt: skip
             return None
-        session = UdpSession(self, client, pool, endpoint, sock=sock, now=now)
+        session = UdpSession(
+            self, client, pool, endpoint, sock,
+            last=now, version=self.version, tokens=self.burst, token_time=now,
+        )  # fmt: skip
         self.loop.add_reader(sock.fileno(), session.on_readable)
         self.table.add(session)
         self.stats.sessions_created += 1

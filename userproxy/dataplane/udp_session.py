@@ -55,40 +55,23 @@ class UdpSettings:
     session_rate: float = 0.0
 
 
+@dataclass(slots=True, eq=False)  # hashed by identity: the LRU table's key
 class UdpSession:
     """One client's flow through one listener to one endpoint."""
 
-    __slots__ = (
-        "client",
-        "endpoint",
-        "last",
-        "listener",
-        "pool",
-        "sock",
-        "token_time",
-        "tokens",
-        "version",
-    )
-
-    def __init__(
-        self,
-        listener: UdpListener,
-        client: Address,
-        pool: BackendPool,
-        endpoint: Endpoint,
-        *,
-        sock: socket.socket,
-        now: float,
-    ) -> None:
-        self.listener = listener
-        self.client = client
-        self.pool = pool
-        self.endpoint = endpoint
-        self.sock = sock
-        self.last = now
-        self.version = listener.version
-        self.tokens = listener.burst
-        self.token_time = now
+    listener: UdpListener
+    client: Address
+    pool: BackendPool
+    endpoint: Endpoint
+    #: Connected to ``endpoint``; open exactly while the session is in the table.
+    sock: socket.socket
+    #: Last activity (loop time); the table reorders on it at most every TOUCH_GRANULARITY.
+    last: float
+    #: The listener's pool version the endpoint was last checked against.
+    version: int
+    #: The ``--udp-session-rate`` token bucket: tokens left, and when they were counted.
+    tokens: float
+    token_time: float
 
     def on_readable(self) -> None:
         """Replies from the endpoint: back to the client from the listening socket."""
@@ -166,10 +149,9 @@ class SessionTable:
             del self._lru[session]
             session.drop()
 
-    def expire(self, now: float) -> int:
+    def expire(self, now: float) -> None:
         """Close the sessions idle for ``idle_timeout``; cheap: stops at the first live one."""
         idle = self.settings.idle_timeout
-        expired = 0
         while self._lru:
             oldest = next(iter(self._lru))
             if now - oldest.last < idle:
@@ -177,8 +159,6 @@ class SessionTable:
             del self._lru[oldest]
             oldest.listener.stats.sessions_expired += 1
             oldest.drop()
-            expired += 1
-        return expired
 
     def close_all(self, listener: UdpListener) -> None:
         for session in list(listener.sessions.values()):
