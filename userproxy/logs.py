@@ -1,4 +1,5 @@
-"""Logging setup: plain text for people, one JSON object per line for log pipelines.
+"""Logging setup (plain text for people, one JSON object per line for log pipelines) and
+the one rate limiter for lines that repeat.
 
 Invariant: one record never makes an unbounded log entry.  Both formatters cut a record's
 message to :data:`MAX_MESSAGE_CHARS` characters and :data:`MAX_MESSAGE_LINES` lines, and
@@ -7,9 +8,10 @@ saying how much was left out.  This is a safety net: messages are meant to be bo
 where they are made (e.g. ``ManifestError`` lists at most 20 problems), but a value quoted
 from an input somewhere must not turn into a 10 MB log line.
 
-Invariant: a condition that can repeat per connection, datagram or retry logs at most one
-line per interval, saying how many it held back; :class:`RateLimitedLog` is the one place
-that decides it, so "at most every N seconds" is not written again at each call site.
+A condition that can repeat per connection, datagram or retry is logged through a
+:class:`RateLimitedLog`: at most one line per interval, saying how many it held back.  It
+is the one place that decides this, so "at most every N seconds" is not written again at
+each call site.
 """
 
 from __future__ import annotations

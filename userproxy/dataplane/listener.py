@@ -81,12 +81,7 @@ class Listener(abc.ABC):
 
     SOCK_TYPE = socket.SOCK_STREAM
 
-    def __init__(
-        self,
-        spec: ListenerSpec,
-        registry: BalancerRegistry,
-        node_local: NodeLocal,
-    ) -> None:
+    def __init__(self, spec: ListenerSpec, registry: BalancerRegistry, node_local: NodeLocal):
         self.spec = spec
         self._registry = registry
         self.pool = BackendPool(spec.pool, registry)

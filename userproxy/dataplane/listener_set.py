@@ -1,17 +1,21 @@
 """The set of listeners: opened, updated and closed as the control plane's syncs say.
 
-``set_listeners(service, specs)`` is the only entry point the control plane uses.  It touches only
-the listeners of that Service: a listener whose spec is unchanged is left alone (or, if its
-socket could not be opened, tried again), one whose pool changed gets its pool swapped, new
-ones are opened and the rest are closed.  A closed TCP listener's open connections are left
-open until they end by themselves (or hit ``--tcp-idle-timeout``/``--tcp-fin-timeout``), as
-kube-proxy's conntrack entries keep a deleted Service's established flows: deleting a
-Service stops new connections, not the ones it has.  Only process shutdown resets them,
-after ``--shutdown-grace`` (``drain``).  A closed UDP listener's sessions end with it
-(their replies would have no socket).
+This is the part of kube-proxy's old userspace proxier (pkg/proxy/userspace/proxier.go)
+that opened and stopped one proxy socket per service port; here the unit is a
+``ListenerSpec`` (one protocol, address and port of one ServicePort).
 
-``set_listeners`` always goes through the whole plan: a listener that cannot be opened (out of
-descriptors, address taken) is kept, without a socket, and retried; an exception for one
+``set_listeners(service, specs)`` is the only entry point the control plane uses.  It
+touches only the listeners of that Service: a listener whose spec is unchanged is left
+alone (or, if its socket could not be opened, tried again), one whose pool changed gets its
+pool swapped, new ones are opened and the rest are closed.  A closed TCP listener's open
+connections are left open until they end by themselves (or hit ``--tcp-idle-timeout``/
+``--tcp-fin-timeout``), as kube-proxy's conntrack entries keep a deleted Service's
+established flows: deleting a Service stops new connections, not the ones it has.  Only
+process shutdown resets them, after ``--shutdown-grace`` (``drain``).  A closed UDP
+listener's sessions end with it (their replies would have no socket).
+
+``set_listeners`` always goes through the whole plan: a listener that cannot be opened (out
+of descriptors, address taken) is kept, without a socket, and retried; an exception for one
 listener does not stop the others.  Only then, if some listener the plan wants is not
 open, it raises ``ListenersNotOpen`` naming them, so the caller can retry the Service (the
 proxier does, through the sync runner).  Between syncs the sweeper retries failed opens
@@ -109,6 +113,9 @@ class TcpTimeouts:
 
 
 class ListenerSet:
+    """Every listener of the process, by (protocol, address, port), and the Service owning
+    each (see the module)."""
+
     def __init__(
         self,
         registry: BalancerRegistry,
@@ -120,7 +127,8 @@ class ListenerSet:
         self.limit = limit
         self.timeouts = timeouts
         self.udp_sessions = SessionTable(udp or UdpSettings())
-        #: Classifies clients of NodePort/external/LB listeners (updated by the proxier).
+        #: Classifies clients of NodePort/external/LB listeners (its node addresses are
+        #: kept up to date by hostnet).
         self.node_local = NodeLocal()
         self._last_bind_retry = 0.0
         self.listeners: dict[ListenerKey, AnyListener] = {}
