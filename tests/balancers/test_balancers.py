@@ -518,6 +518,19 @@ def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
     assert {r.levelno for r in caplog.records} == {logging.WARNING}
 
 
+def test_rate_limited_log_lets_a_new_key_through_at_once() -> None:
+    time = FakeTime()
+    limited = RateLimitedLog(logging.getLogger("tests.ratelimited"), interval=10.0, clock=time)
+    # (time, key, what allow() answers: None = held back, else how many were held back)
+    steps = [(0, "a", 0), (1, "a", None), (2, "a", None), (3, "b", 0), (4, "b", None),
+             (5, "a", 0), (6, "a", None), (15, "a", 1), (16, "a", None)]  # fmt: skip
+    answers = []
+    for at, key, _ in steps:
+        time.now = at
+        answers.append((at, key, limited.allow(key)))
+    assert answers == steps
+
+
 # -- ConnectionLimit: shares per Service and per client ------------------------------------
 
 
