@@ -183,7 +183,7 @@ class ListenerSet:
                 failures[key] = exc
         for key, spec in wanted.items():
             try:
-                listener = self._open(service, key, spec)
+                listener = self._create_or_update(service, key, spec)
             except Exception as exc:
                 failures[key] = exc
             else:
@@ -230,7 +230,9 @@ class ListenerSet:
                     del self._refused[key]
         return wanted
 
-    def _open(self, service: ServiceKey, key: ListenerKey, spec: ListenerSpec) -> AnyListener:
+    def _create_or_update(
+        self, service: ServiceKey, key: ListenerKey, spec: ListenerSpec
+    ) -> AnyListener:
         """The listener for ``key``, created, updated or retried as ``spec`` needs."""
         listener = self.listeners.get(key)
         if listener is None:

@@ -103,7 +103,7 @@ class UdpSession:
             listener.stats.bytes_down += len(data)
         listener.table.touch(self, listener.loop.time())
 
-    def drop(self) -> None:
+    def close(self) -> None:
         """Forget the session and close its socket (the table has already let it go)."""
         listener = self.listener
         if listener.sessions.get(self.client) is self:
@@ -140,14 +140,14 @@ class SessionTable:
         while len(self._lru) >= self.settings.max_sessions:
             oldest, _ = self._lru.popitem(last=False)
             oldest.listener.stats.sessions_evicted += 1
-            oldest.drop()
+            oldest.close()
         self._lru[session] = None
         session.listener.sessions[session.client] = session
 
     def remove(self, session: UdpSession) -> None:
         if session in self._lru:
             del self._lru[session]
-            session.drop()
+            session.close()
 
     def expire(self, now: float) -> None:
         """Close the sessions idle for ``idle_timeout``; cheap: stops at the first live one."""
@@ -158,7 +158,7 @@ class SessionTable:
                 break
             del self._lru[oldest]
             oldest.listener.stats.sessions_expired += 1
-            oldest.drop()
+            oldest.close()
 
     def close_all(self, listener: UdpListener) -> None:
         for session in list(listener.sessions.values()):
