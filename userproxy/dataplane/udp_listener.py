@@ -77,8 +77,8 @@ class UdpListener(Listener):
         self.sessions: dict[Address, UdpSession] = {}
         #: Bumped at every pool update; sessions re-check their endpoint when it differs.
         self.version = 0
-        rate = table.settings.session_rate
-        self.rate = rate
+        self.rate = rate = table.settings.session_rate
+        #: Each session's token bucket holds at most this many datagrams (0: no bucket).
         self.burst = max(64.0, rate / 10) if rate else 0.0
         self._open_or_close()
 

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Largest UDP payload over IPv4 (65 535 - 8 UDP - 20 IP); the receive buffer size.
+#: Receive buffer size: holds the largest UDP payload (65 507 bytes over IPv4: 65 535
+#: less 20 for the IP header and 8 for UDP's).
 MAX_DATAGRAM = 65535
 #: Datagrams handled per readiness event before yielding to the loop.
 BATCH = 128
@@ -49,6 +50,8 @@ Address = tuple[str, int]
 
 @dataclass(frozen=True, slots=True)
 class UdpSettings:
+    """``--udp-idle-timeout``, ``--udp-max-sessions`` and ``--udp-session-rate``."""
+
     idle_timeout: float = 30.0
     max_sessions: int = 10_000
     #: Datagrams per second one client session may send (0: unlimited, the default).
