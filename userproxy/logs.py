@@ -139,6 +139,10 @@ class RateLimitedLog:
         self._last, self._key, self._suppressed = now, key, 0
         return held
 
+    def reset(self) -> None:
+        """Forget the last line (the condition is over): the next one passes at once."""
+        self._last, self._key, self._suppressed = float("-inf"), None, 0
+
     def log(self, level: int, msg: str, *args: object, key: Hashable = None) -> bool:
         """Log ``msg % args`` at ``level`` unless held back; True when it was logged.
 

@@ -529,6 +529,8 @@ def test_rate_limited_log_lets_a_new_key_through_at_once() -> None:
         time.now = at
         answers.append((at, key, limited.allow(key)))
     assert answers == steps
+    limited.reset()  # e.g. after a success: the same failure again is news
+    assert limited.allow("a") == 0
 
 
 # -- ConnectionLimit: shares per Service and per client ------------------------------------
