@@ -1,4 +1,5 @@
-"""Logging setup: plain text for people, one JSON object per line for log pipelines.
+"""Logging setup (plain text for people, one JSON object per line for log pipelines) and
+the one rate limiter for lines that repeat.
 
 Invariant: one record never makes an unbounded log entry.  Both formatters cut a record's
 message to :data:`MAX_MESSAGE_CHARS` characters and :data:`MAX_MESSAGE_LINES` lines, and
@@ -6,6 +7,11 @@ an exception's traceback to :data:`MAX_TRACEBACK_CHARS` and :data:`MAX_TRACEBACK
 saying how much was left out.  This is a safety net: messages are meant to be bounded
 where they are made (e.g. ``ManifestError`` lists at most 20 problems), but a value quoted
 from an input somewhere must not turn into a 10 MB log line.
+
+A condition that can repeat per connection, datagram or retry is logged through a
+:class:`RateLimitedLog`: at most one line per interval, saying how many it held back.  It
+is the one place that decides this, so "at most every N seconds" is not written again at
+each call site.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import sys
 import time
 import types
+from collections.abc import Callable, Hashable
 
 #: Longest message of one record (characters), before the note on what was cut.
 MAX_MESSAGE_CHARS = 8192
@@ -93,6 +100,62 @@ class JsonFormatter(BoundedFormatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class RateLimitedLog:
+    """Lets one line through per ``interval`` seconds to ``logger``, counting what it held back.
+
+    ``log`` is the common use; ``allow`` is the decision alone, for a caller that writes
+    the line itself (e.g. a ``logging.Filter``).  With a ``key``, a line whose key differs
+    from the last one let through passes at once (a new kind of failure is news), and the
+    count of held-back lines starts again (they repeated the line already logged); the same
+    key is held to the interval.  With ``interval=math.inf`` that is "once per distinct
+    key, while it repeats".
+    """
+
+    __slots__ = ("_clock", "_interval", "_key", "_last", "_logger", "_suppressed")
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._last = float("-inf")
+        self._key: Hashable = None
+        self._suppressed = 0
+
+    def allow(self, key: Hashable = None) -> int | None:
+        """None: hold this line back (counted); else let it through, and the number of
+        lines held back since the last one let through."""
+        now = self._clock()
+        if key == self._key and now - self._last < self._interval:
+            self._suppressed += 1
+            return None
+        held = self._suppressed if key == self._key else 0
+        self._last, self._key, self._suppressed = now, key, 0
+        return held
+
+    def reset(self) -> None:
+        """Forget the last line (the condition is over): the next one passes at once."""
+        self._last, self._key, self._suppressed = float("-inf"), None, 0
+
+    def log(self, level: int, msg: str, *args: object, key: Hashable = None) -> bool:
+        """Log ``msg % args`` at ``level`` unless held back; True when it was logged.
+
+        A line after held-back ones says so: ``(N similar messages suppressed)``.
+        """
+        held = self.allow(key)
+        if held is None:
+            return False
+        if held:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, held)
+        self._logger.log(level, msg, *args)
+        return True
 
 
 def setup_logging(level: str, fmt: str) -> None:

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from userproxy.control.proxier import SyncStatus
     from userproxy.control.trackers import ChangeRecorder
-    from userproxy.dataplane.listeners import ListenerSet, PortTotals
+    from userproxy.dataplane.listener_set import ListenerSet, PortTotals
 
 #: kube-proxy's sync duration buckets: from 1 ms, doubling, 15 of them.
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))

@@ -35,8 +35,8 @@ from userproxy.dataplane.limits import (
     default_udp_sessions,
     raise_nofile_limit,
 )
-from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
-from userproxy.dataplane.udp import UdpSettings
+from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.udp_session import UdpSettings
 from userproxy.effects import HostEffects, ServiceAddressSync
 from userproxy.hostnet.address_device import AddressManager
 from userproxy.hostnet.node import NodeAddresses

@@ -16,8 +16,9 @@ from userproxy.balancers.base import Balancer
 from userproxy.balancers.randomized import RandomChoice
 from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry
 from userproxy.balancers.roundrobin import RoundRobin
-from userproxy.dataplane.limits import ConnectionLimit, RateLimitedLog, share_of
+from userproxy.dataplane.limits import ConnectionLimit, share_of
 from userproxy.dataplane.pool import BackendPool
+from userproxy.logs import RateLimitedLog
 from userproxy.model import Endpoint, PoolSpec
 
 
@@ -495,11 +496,11 @@ def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("tests.ratelimited")
     caplog.set_level(logging.INFO, logger=logger.name)
     time = FakeTime(1000.0)
-    limited = RateLimitedLog(interval=1.0, clock=time)
+    limited = RateLimitedLog(logger, interval=1.0, clock=time)
 
     def say(at: float) -> None:
         time.now = at
-        limited(logger, logging.WARNING, "accept failed: %s", "EMFILE")
+        limited.log(logging.WARNING, "accept failed: %s", "EMFILE")
 
     for at in (1000.0, 1000.1, 1000.5, 1000.99):
         say(at)
@@ -515,6 +516,21 @@ def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
         "accept failed: EMFILE",
     ]
     assert {r.levelno for r in caplog.records} == {logging.WARNING}
+
+
+def test_rate_limited_log_lets_a_new_key_through_at_once() -> None:
+    time = FakeTime()
+    limited = RateLimitedLog(logging.getLogger("tests.ratelimited"), interval=10.0, clock=time)
+    # (time, key, what allow() answers: None = held back, else how many were held back)
+    steps = [(0, "a", 0), (1, "a", None), (2, "a", None), (3, "b", 0), (4, "b", None),
+             (5, "a", 0), (6, "a", None), (15, "a", 1), (16, "a", None)]  # fmt: skip
+    answers = []
+    for at, key, _ in steps:
+        time.now = at
+        answers.append((at, key, limited.allow(key)))
+    assert answers == steps
+    limited.reset()  # e.g. after a success: the same failure again is news
+    assert limited.allow("a") == 0
 
 
 # -- ConnectionLimit: shares per Service and per client ------------------------------------

@@ -21,7 +21,7 @@ from tests.support.proxyrun import (
     socket_inode,
     wait_for_sync,
 )
-from userproxy.dataplane.udp import UdpListener
+from userproxy.dataplane.udp_listener import UdpListener
 
 pytestmark = pytest.mark.both_loops
 

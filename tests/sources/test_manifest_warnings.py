@@ -20,7 +20,7 @@ from tests.support.manifests import fresh_net
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listeners import ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
 from userproxy.metrics import Metrics
 from userproxy.model import (
     AddressKind,
@@ -283,10 +283,10 @@ async def test_two_services_on_one_address_are_counted_in_a_metric() -> None:
     web, web2 = ServiceKey("shop", "web"), ServiceKey("shop", "web2")
     try:
         assert metrics.registry.get_sample_value("userproxy_listener_conflicts") == 0
-        listeners.apply(web, [_spec("web", ip)])
-        listeners.apply(web2, [_spec("web2", ip)])
+        listeners.set_listeners(web, [_spec("web", ip)])
+        listeners.set_listeners(web2, [_spec("web2", ip)])
         assert metrics.registry.get_sample_value("userproxy_listener_conflicts") == 1
-        listeners.apply(web2, [])  # no longer asks for it
+        listeners.set_listeners(web2, [])  # no longer asks for it
         assert metrics.registry.get_sample_value("userproxy_listener_conflicts") == 0
     finally:
         listeners.stop_accepting()

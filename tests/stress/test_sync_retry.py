@@ -31,7 +31,7 @@ from tests.support.manifests import fresh_net, write
 from tests.support.proxyrun import running_proxy
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listeners import ApplyError, ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ListenerSet, ListenersNotOpen, TcpTimeouts
 from userproxy.model import (
     AddressKind,
     Endpoint,
@@ -252,22 +252,22 @@ async def test_listener_set_raises_after_applying_all_and_retries_what_failed() 
     taken = tcp_spec("a", f"{prefix}.1", 80, backend)
     free = tcp_spec("a", f"{prefix}.1", 81, backend)
     try:
-        with pytest.raises(ApplyError, match="1 listener not open") as raised:
-            listeners.apply(a, [taken, free])
+        with pytest.raises(ListenersNotOpen, match="1 listener not open") as raised:
+            listeners.set_listeners(a, [taken, free])
         assert list(raised.value.failures) == [taken.key]
         assert await asyncio.to_thread(listening, (f"{prefix}.1", 81)), "the rest is applied"
         blocker.close()
-        listeners.apply(a, [taken, free])  # the same plan again: the failed one is retried
+        listeners.set_listeners(a, [taken, free])  # the same plan again: the failed one is retried
         assert await asyncio.to_thread(ask, (f"{prefix}.1", 80)) == "b"
 
         # b wants a's address: refused while a holds it, served as soon as a lets go.
-        listeners.apply(b, [tcp_spec("b", f"{prefix}.1", 81, backend)])
+        listeners.set_listeners(b, [tcp_spec("b", f"{prefix}.1", 81, backend)])
         assert listeners.listeners[free.key].spec.spn.name == "a"
-        listeners.apply(a, [taken])
+        listeners.set_listeners(a, [taken])
         assert listeners.listeners[free.key].spec.spn.name == "b"
         assert await asyncio.to_thread(ask, (f"{prefix}.1", 81)) == "b"
-        listeners.apply(a, [])
-        listeners.apply(b, [])
+        listeners.set_listeners(a, [])
+        listeners.set_listeners(b, [])
         assert not listeners.listeners
         assert not await asyncio.to_thread(listening, (f"{prefix}.1", 80))
         assert not await asyncio.to_thread(listening, (f"{prefix}.1", 81))

@@ -19,8 +19,8 @@ from tests.support.backends import UdpBackend
 from tests.support.manifests import write
 from tests.support.proxyrun import eventually, running_proxy
 from tests.udp.dns_backend import DNS_PORT, addresses, udp_objects
-from userproxy.dataplane import udp
-from userproxy.dataplane.limits import RateLimitedLog
+from userproxy.dataplane import udp_listener as udp
+from userproxy.logs import RateLimitedLog
 
 pytestmark = pytest.mark.both_loops
 
@@ -99,7 +99,7 @@ async def test_rate_limit_drops_are_logged_at_most_every_few_seconds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The limiter is process-wide: a fresh one, so an earlier test's line does not count.
-    monkeypatch.setattr(udp, "_rate_drop_log", RateLimitedLog(udp.DROP_LOG_INTERVAL))
+    monkeypatch.setattr(udp, "_rate_drop_log", RateLimitedLog(udp.log, udp.DROP_LOG_INTERVAL))
 
     cluster_ip, _, client_prefix = addresses(0)
     client_ip = f"{client_prefix}.1"
@@ -111,7 +111,7 @@ async def test_rate_limit_drops_are_logged_at_most_every_few_seconds(
             for _ in range(500):
                 sock.sendto(b"x", (cluster_ip, DNS_PORT))
 
-    with caplog.at_level(logging.WARNING, logger="userproxy.dataplane.udp"):
+    with caplog.at_level(logging.WARNING, logger="userproxy.dataplane.udp_listener"):
         async with running_proxy(tmp_path, udp_session_rate=100) as proxy:
             await asyncio.to_thread(flood)
 

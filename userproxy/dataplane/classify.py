@@ -28,7 +28,8 @@ def in_networks(ip: str, networks: Sequence[Network]) -> bool:
 
 
 class NodeLocal:
-    """Answers "is this client on this node (or in the cluster CIDR)?".
+    """Answers "is this client on this node (or in the cluster CIDR)?": kube-proxy's
+    LocalTrafficDetector (pkg/proxy/util/localdetector.go) with its ``IsLocal``.
 
     Invariant: loopback clients are always local; ``update`` replaces the set of the
     node's addresses (refreshed at every sync) and the cluster CIDRs.
@@ -44,7 +45,7 @@ class NodeLocal:
         self._local = frozenset(local_addresses)
         self._cidrs = parse_networks(cluster_cidrs)
 
-    def __call__(self, ip: str) -> bool:
+    def is_local(self, ip: str) -> bool:
         if ip in self._local or ip.startswith("127.") or ip == "::1":
             return True
         return bool(self._cidrs) and in_networks(ip, self._cidrs)

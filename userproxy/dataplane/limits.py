@@ -6,8 +6,9 @@ import asyncio
 import logging
 import resource
 import sys
-import time
 from collections.abc import Callable, Hashable
+
+from userproxy.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -39,38 +40,14 @@ def default_max_connections(nofile: int, udp_sessions: int = 0) -> int:
     return max(16, min(100_000, (nofile - FD_RESERVE - udp_sessions) // 2))
 
 
-class RateLimitedLog:
-    """Logs a message at most once per ``interval`` seconds, counting what it held back."""
-
-    __slots__ = ("_clock", "_interval", "_last", "_suppressed")
-
-    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
-        self._interval = interval
-        self._clock = clock
-        self._last = float("-inf")
-        self._suppressed = 0
-
-    def __call__(self, logger: logging.Logger, level: int, msg: str, *args: object) -> None:
-        now = self._clock()
-        if now - self._last < self._interval:
-            self._suppressed += 1
-            return
-        self._last = now
-        if self._suppressed:
-            msg += " (%d similar messages suppressed)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
-        logger.log(level, msg, *args)
-
-
 #: Defaults of --service-connection-share and --client-connection-share (percent of
 #: --max-connections).  A Service may hold half the budget and a client IP a quarter, so
 #: neither one busy Service nor one client (nor, at the default, two) can take it all.
 DEFAULT_SERVICE_SHARE = 50
 DEFAULT_CLIENT_SHARE = 25
 
-_client_refused_log = RateLimitedLog(interval=5.0)
-_service_full_log = RateLimitedLog(interval=5.0)
+_client_refused_log = RateLimitedLog(log, interval=5.0)
+_service_full_log = RateLimitedLog(log, interval=5.0)
 
 
 def share_of(maximum: int, percent: float) -> int:
@@ -180,8 +157,7 @@ class ConnectionLimit:
         clients = self._clients
         held = clients.get(client, 0)
         if held >= self.per_client:
-            _client_refused_log(
-                log,
+            _client_refused_log.log(
                 logging.WARNING,
                 "client %s holds %d connections, its share of --max-connections %d "
                 "(--client-connection-share): its new connections are reset",
@@ -199,8 +175,7 @@ class ConnectionLimit:
             for pause, _ in list(self._listeners.values()):
                 pause()
         elif count == self.per_service:
-            _service_full_log(
-                log,
+            _service_full_log.log(
                 logging.WARNING,
                 "Service %s holds %d connections, its share of --max-connections %d "
                 "(--service-connection-share): its new clients wait until one closes",

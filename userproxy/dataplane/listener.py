@@ -22,23 +22,20 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.dataplane.classify import in_networks, parse_networks
-from userproxy.dataplane.limits import RateLimitedLog
+from userproxy.dataplane.classify import NodeLocal, in_networks, parse_networks
 from userproxy.dataplane.pool import BackendPool
+from userproxy.hostnet.listen import listening_socket
+from userproxy.logs import RateLimitedLog
 from userproxy.model import ListenerSpec
 
 log = logging.getLogger(__name__)
 
-# Linux socket options Python does not name (linux/in.h, linux/in6.h).
-IP_FREEBIND = 15
-IPV6_FREEBIND = 78
 #: Errors that say "the process or system is out of something", not "this address".
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_resource_log = RateLimitedLog()
+_resource_log = RateLimitedLog(log)
 
 
 def _hint(exc: OSError, port: int) -> str:
@@ -84,12 +81,7 @@ class Listener(abc.ABC):
 
     SOCK_TYPE = socket.SOCK_STREAM
 
-    def __init__(
-        self,
-        spec: ListenerSpec,
-        registry: BalancerRegistry,
-        node_local: Callable[[str], bool] = lambda _: False,
-    ) -> None:
+    def __init__(self, spec: ListenerSpec, registry: BalancerRegistry, node_local: NodeLocal):
         self.spec = spec
         self._registry = registry
         self.pool = BackendPool(spec.pool, registry)
@@ -100,7 +92,7 @@ class Listener(abc.ABC):
         #: Why the socket the listener wants is not open (None: open, or not wanted).
         self.bind_error: OSError | None = None
         self.closed = False
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
         self._reading = False
 
@@ -115,8 +107,8 @@ class Listener(abc.ABC):
     def update(self, spec: ListenerSpec) -> None:
         """Swap in new pools (and retry a failed bind); open connections are untouched.
 
-        ``spec`` is taken last: if a pool update raises, the old spec stays, so applying
-        the new one again is not mistaken for "unchanged"."""
+        ``spec`` is taken last: if a pool update raises, the old spec stays, so updating
+        to the new one again is not mistaken for "unchanged"."""
         if spec.source_ranges != self.spec.source_ranges:
             self._source_ranges = parse_networks(spec.source_ranges)
         self.pool.update(spec.pool)
@@ -127,20 +119,21 @@ class Listener(abc.ABC):
         else:
             self.node_pool.update(spec.node_pool)
         self.spec = spec
-        self._apply()
+        self._open_or_close()
 
     def retry_bind(self) -> None:
         """Try a failed open again (the listener set calls this at syncs and every few
         seconds)."""
         if self.bind_error is not None:
-            self._apply()
+            self._open_or_close()
 
     def close(self) -> None:
         """Stop serving new clients for good; what is open goes on (or is drained)."""
         self.closed = True
-        self._apply()
+        self._open_or_close()
 
-    def _apply(self) -> None:
+    def _open_or_close(self) -> None:
+        """Open the socket if it is wanted and not open; close it if it is not wanted."""
         want = not self.closed and self.spec.serves_anyone
         if want and self._sock is None:
             self._open()
@@ -151,20 +144,11 @@ class Listener(abc.ABC):
 
     def _open(self) -> None:
         spec = self.spec
-        family = socket.AF_INET6 if ":" in spec.ip else socket.AF_INET
         sock: socket.socket | None = None
         try:
-            sock = socket.socket(family, self.SOCK_TYPE)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             # FREEBIND: a service IP may not be (yet) on any interface; the listener still
             # starts, and serves as soon as the address is local (see docs/addressing.md).
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-            sock.setblocking(False)
-            sock.bind((spec.ip, spec.port))
+            sock = listening_socket(spec.ip, spec.port, self.SOCK_TYPE)
             self._prepare(sock)
         except OSError as exc:
             if sock is not None:
@@ -186,7 +170,7 @@ class Listener(abc.ABC):
         args = (spec.spn, spec.ip, spec.port, exc.strerror or exc, _hint(exc, spec.port))
         if exc.errno in RESOURCE_ERRNOS:
             # Out of descriptors, every listener opened in a sync fails alike: one line.
-            _resource_log(log, logging.ERROR, message, *args)
+            _resource_log.log(logging.ERROR, message, *args)
         elif previous is None or previous.errno != exc.errno:
             log.error(message, *args)
         else:
@@ -205,13 +189,13 @@ class Listener(abc.ABC):
 
     def _pause(self) -> None:
         if self._reading and self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
+            self.loop.remove_reader(self._sock.fileno())
         self._reading = False
 
     def _resume(self) -> None:
         if self._reading or self._sock is None or not self._can_read():
             return
-        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        self.loop.add_reader(self._sock.fileno(), self._on_readable)
         self._reading = True
 
     # -- traffic classes -------------------------------------------------------------------
@@ -220,8 +204,9 @@ class Listener(abc.ABC):
         if self._source_ranges and not in_networks(client_ip, self._source_ranges):
             self.stats.refused_source_range += 1
             return None
-        node_pool = self.node_pool
-        pool = node_pool if node_pool is not None and self._node_local(client_ip) else self.pool
+        pool = self.pool
+        if self.node_pool is not None and self._node_local.is_local(client_ip):
+            pool = self.node_pool
         if pool.empty:
             # The other traffic class has endpoints, so the socket is open; this one has
             # none: turn the client away (TCP: an immediate reset; UDP: a drop).

@@ -21,17 +21,17 @@ no task).  Dialing therefore never blocks accepting.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
-from collections.abc import Callable
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.dial import dial
-from userproxy.dataplane.limits import ConnectionLimit, RateLimitedLog
-from userproxy.dataplane.listener import Listener
+from userproxy.dataplane.limits import ConnectionLimit
+from userproxy.dataplane.listener import RESOURCE_ERRNOS, Listener
 from userproxy.dataplane.pool import BackendPool
 from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
+from userproxy.logs import RateLimitedLog
 from userproxy.model import Endpoint, ListenerSpec, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,8 @@ DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 #: Connections accepted per readiness event before yielding to the loop.
 ACCEPT_BATCH = 64
 BACKLOG = 4096
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_accept_error_log = RateLimitedLog()
-_dial_error_log = RateLimitedLog()
+_accept_error_log = RateLimitedLog(log)
+_dial_error_log = RateLimitedLog(log)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -70,7 +69,7 @@ class TcpListener(Listener):
         spec: ListenerSpec,
         registry: BalancerRegistry,
         limit: ConnectionLimit,
-        node_local: Callable[[str], bool] = lambda _: False,
+        node_local: NodeLocal,
     ) -> None:
         super().__init__(spec, registry, node_local)
         self.limit = limit
@@ -82,7 +81,7 @@ class TcpListener(Listener):
         self._backoff_delay = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         limit.register(self, self._pause, self._resume, self.service)
-        self._apply()
+        self._open_or_close()
 
     def close(self) -> None:
         """Stop accepting for good; open connections go on until they end or are drained."""
@@ -117,7 +116,7 @@ class TcpListener(Listener):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS:
+                if exc.errno in RESOURCE_ERRNOS:
                     self._back_off(exc)
                     return
                 # ECONNABORTED, EPROTO and friends concern one client only.
@@ -135,8 +134,8 @@ class TcpListener(Listener):
                 self.stats.refused_client_limit += 1
                 _reset(client)
                 continue
-            conn = DownstreamProtocol(self, client_ip, self._loop)
-            task = self._loop.create_task(self._serve(conn, client, pool))
+            conn = DownstreamProtocol(self, client_ip, self.loop)
+            task = self.loop.create_task(self._serve(conn, client, pool))
             # Kept, not looked up with current_task() later: every get_running_loop() costs
             # a getpid() system call, and this runs once per connection.
             conn.dial_task = task
@@ -146,15 +145,14 @@ class TcpListener(Listener):
     def _back_off(self, exc: OSError) -> None:
         self._pause()
         self._backoff_delay = min(1.0, max(0.05, self._backoff_delay * 2))
-        _accept_error_log(
-            log,
+        _accept_error_log.log(
             logging.ERROR,
             "%s: accept() failed: %s; backing off %.2fs",
             self.spec.spn,
             exc.strerror or exc,
             self._backoff_delay,
         )
-        self._backoff = self._loop.call_later(self._backoff_delay, self._end_backoff)
+        self._backoff = self.loop.call_later(self._backoff_delay, self._end_backoff)
 
     def _end_backoff(self) -> None:
         self._backoff = None
@@ -167,7 +165,7 @@ class TcpListener(Listener):
         self.connections.add(conn)
         try:
             # Both loops set TCP_NODELAY on the transports they make.
-            await self._loop.connect_accepted_socket(lambda: conn, client)
+            await self.loop.connect_accepted_socket(lambda: conn, client)
         except (OSError, asyncio.CancelledError) as exc:
             client.close()
             self.connection_finished(conn)
@@ -193,14 +191,13 @@ class TcpListener(Listener):
                 self.stats.dial_retries += 1
             tried.append(endpoint)
             try:
-                sock = await dial(self._loop, endpoint.ip, endpoint.port, timeout)
+                sock = await dial(self.loop, endpoint.ip, endpoint.port, timeout)
             except (OSError, TimeoutError) as exc:
                 self.stats.dial_failures += 1
                 # Forget the client's pin so the next attempt (and the next connection)
                 # goes elsewhere: kube-proxy's fix for clients stuck on a dead pod.
                 pool.balancer.failed(conn.client_ip, endpoint)
-                _dial_error_log(
-                    log,
+                _dial_error_log.log(
                     logging.WARNING,
                     "%s: dial %s failed (attempt %d, timeout %.2fs): %s",
                     self.spec.spn,
@@ -227,7 +224,7 @@ class TcpListener(Listener):
         cancelled only when the client has gone, and then the relay drops the upstream.
         """
         try:
-            await self._loop.create_connection(lambda: UpstreamProtocol(conn), sock=sock)
+            await self.loop.create_connection(lambda: UpstreamProtocol(conn), sock=sock)
         except OSError as exc:
             # The endpoint accepted and then failed at once: pass it on as a reset.
             sock.close()

@@ -139,7 +139,6 @@ class DownstreamProtocol(asyncio.Protocol):
         "bytes_up",
         "client_eof",
         "client_ip",
-        "deadline",
         "dial_task",
         "dialing",
         "downstream",
@@ -177,7 +176,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self.active = True
         self.idle_since = 0.0
         self.half_closed_at: float | None = None
-        self.deadline: float | None = None
         self.bytes_up = 0
         self.bytes_down = 0
 

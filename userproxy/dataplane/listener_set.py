@@ -1,19 +1,23 @@
 """The set of listeners: opened, updated and closed as the control plane's syncs say.
 
-``apply(service, specs)`` is the only entry point the control plane uses.  It touches only
-the listeners of that Service: a listener whose spec is unchanged is left alone (or, if its
-socket could not be opened, tried again), one whose pool changed gets its pool swapped, new
-ones are opened and the rest are closed.  A closed TCP listener's open connections are left
-open until they end by themselves (or hit ``--tcp-idle-timeout``/``--tcp-fin-timeout``), as
-kube-proxy's conntrack entries keep a deleted Service's established flows: deleting a
-Service stops new connections, not the ones it has.  Only process shutdown resets them,
-after ``--shutdown-grace`` (``drain``).  A closed UDP listener's sessions end with it
-(their replies would have no socket).
+This is the part of kube-proxy's old userspace proxier (pkg/proxy/userspace/proxier.go)
+that opened and stopped one proxy socket per service port; here the unit is a
+``ListenerSpec`` (one protocol, address and port of one ServicePort).
 
-``apply`` always goes through the whole plan: a listener that cannot be opened (out of
-descriptors, address taken) is kept, without a socket, and retried; an exception for one
+``set_listeners(service, specs)`` is the only entry point the control plane uses.  It
+touches only the listeners of that Service: a listener whose spec is unchanged is left
+alone (or, if its socket could not be opened, tried again), one whose pool changed gets its
+pool swapped, new ones are opened and the rest are closed.  A closed TCP listener's open
+connections are left open until they end by themselves (or hit ``--tcp-idle-timeout``/
+``--tcp-fin-timeout``), as kube-proxy's conntrack entries keep a deleted Service's
+established flows: deleting a Service stops new connections, not the ones it has.  Only
+process shutdown resets them, after ``--shutdown-grace`` (``drain``).  A closed UDP
+listener's sessions end with it (their replies would have no socket).
+
+``set_listeners`` always goes through the whole plan: a listener that cannot be opened (out
+of descriptors, address taken) is kept, without a socket, and retried; an exception for one
 listener does not stop the others.  Only then, if some listener the plan wants is not
-open, it raises ``ApplyError`` naming them, so the caller can retry the Service (the
+open, it raises ``ListenersNotOpen`` naming them, so the caller can retry the Service (the
 proxier does, through the sync runner).  Between syncs the sweeper retries failed opens
 every ``BIND_RETRY_INTERVAL`` seconds.  An address wanted by two Services is served for
 the first; the other gets it when the first lets go.
@@ -37,7 +41,8 @@ from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import ListenerStats
 from userproxy.dataplane.tcp_listener import TcpListener
 from userproxy.dataplane.tcp_relay import DownstreamProtocol
-from userproxy.dataplane.udp import SessionTable, UdpListener, UdpSettings
+from userproxy.dataplane.udp_listener import UdpListener
+from userproxy.dataplane.udp_session import SessionTable, UdpSettings
 from userproxy.model import ListenerSpec, Protocol, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -78,8 +83,9 @@ def _totals_key(listener: AnyListener) -> TotalsKey:
     return (f"{spn.namespace}/{spn.name}{port}", str(spn.protocol))
 
 
-class ApplyError(Exception):
-    """Some listeners ``apply`` was asked for are not open (everything else is applied)."""
+class ListenersNotOpen(Exception):
+    """Some listeners ``set_listeners`` was asked for are not open (everything else is
+    done)."""
 
     def __init__(self, service: ServiceKey, failures: dict[ListenerKey, BaseException]):
         self.service = service
@@ -107,6 +113,9 @@ class TcpTimeouts:
 
 
 class ListenerSet:
+    """Every listener of the process, by (protocol, address, port), and the Service owning
+    each (see the module)."""
+
     def __init__(
         self,
         registry: BalancerRegistry,
@@ -118,7 +127,8 @@ class ListenerSet:
         self.limit = limit
         self.timeouts = timeouts
         self.udp_sessions = SessionTable(udp or UdpSettings())
-        #: Classifies clients of NodePort/external/LB listeners (updated by the proxier).
+        #: Classifies clients of NodePort/external/LB listeners (its node addresses are
+        #: kept up to date by hostnet).
         self.node_local = NodeLocal()
         self._last_bind_retry = 0.0
         self.listeners: dict[ListenerKey, AnyListener] = {}
@@ -135,12 +145,12 @@ class ListenerSet:
         #: Counters of listeners that are gone, so totals never go backwards.
         self._retired: dict[TotalsKey, PortTotals] = {}
 
-    # -- applying --------------------------------------------------------------------------
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
+    # -- the control plane's entry point ---------------------------------------------------
+    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         """Make the listeners of ``service`` exactly ``specs`` (empty: remove them all).
 
-        Raises ``ApplyError`` after applying all it could when some wanted listener is not
-        open; calling ``apply`` again with the same specs retries exactly those.
+        Raises ``ListenersNotOpen`` after doing all it could when some wanted listener is
+        not open; calling ``set_listeners`` again with the same specs retries exactly those.
         """
         if specs:
             self._wanted[service] = tuple(specs)
@@ -156,7 +166,7 @@ class ListenerSet:
             except Exception:
                 log.exception("%s: taking over a released address failed", other)
         if failures:
-            raise ApplyError(service, failures)
+            raise ListenersNotOpen(service, failures)
 
     def _converge(
         self, service: ServiceKey, released: list[ListenerKey]
@@ -173,7 +183,7 @@ class ListenerSet:
                 failures[key] = exc
         for key, spec in wanted.items():
             try:
-                listener = self._open(service, key, spec)
+                listener = self._create_or_update(service, key, spec)
             except Exception as exc:
                 failures[key] = exc
             else:
@@ -220,7 +230,9 @@ class ListenerSet:
                     del self._refused[key]
         return wanted
 
-    def _open(self, service: ServiceKey, key: ListenerKey, spec: ListenerSpec) -> AnyListener:
+    def _create_or_update(
+        self, service: ServiceKey, key: ListenerKey, spec: ListenerSpec
+    ) -> AnyListener:
         """The listener for ``key``, created, updated or retried as ``spec`` needs."""
         listener = self.listeners.get(key)
         if listener is None:
