@@ -7,6 +7,12 @@ from collections.abc import Callable, Mapping
 
 import pytest
 import uvloop
+from hypothesis import settings
+
+# Property tests assert behaviour, never speed: no per-example deadline (on a loaded
+# machine hypothesis' default 200 ms fails examples that are merely slow).
+settings.register_profile("userproxy", deadline=None)
+settings.load_profile("userproxy")
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
