@@ -47,8 +47,10 @@ from userproxy.sources.decode_fields import (
     meta_namespace,
     metadata,
     opt_bool,
+    opt_entries,
     opt_enum,
     opt_int,
+    opt_items,
     opt_list,
     opt_mapping,
     opt_port,
@@ -128,13 +130,9 @@ def decode_service(obj: Mapping[str, object]) -> Service:
     cluster_ips = _cluster_ips(spec)
     ports = _service_ports(spec, service_type)
 
-    external_ips = tuple(
-        ip_literal(value, f"spec.externalIPs[{i}]")
-        for i, value in enumerate(opt_list(spec, "externalIPs", "spec"))
-    )
+    external_ips = tuple(ip_literal(v, p) for p, v in opt_items(spec, "externalIPs", "spec"))
     source_ranges = tuple(
-        cidr(value, f"spec.loadBalancerSourceRanges[{i}]")
-        for i, value in enumerate(opt_list(spec, "loadBalancerSourceRanges", "spec"))
+        cidr(v, p) for p, v in opt_items(spec, "loadBalancerSourceRanges", "spec")
     )
     internal_policy = opt_enum(
         spec, "internalTrafficPolicy", "spec", TrafficPolicy, TrafficPolicy.CLUSTER
@@ -303,9 +301,7 @@ def _affinity_timeout(spec: Mapping[str, object]) -> int | None:
 def _load_balancer_ingress(status: Mapping[str, object]) -> tuple[LoadBalancerIngress, ...]:
     load_balancer = opt_mapping(status, "loadBalancer", "status")
     result: list[LoadBalancerIngress] = []
-    for i, raw in enumerate(opt_list(load_balancer, "ingress", "status.loadBalancer")):
-        path = f"status.loadBalancer.ingress[{i}]"
-        entry = as_mapping(raw, path)
+    for path, entry in opt_entries(load_balancer, "ingress", "status.loadBalancer"):
         ip = entry.get("ip")
         ip_mode = opt_str(entry, "ipMode", path)
         if ip_mode is not None and ip_mode not in _IP_MODES:
@@ -342,9 +338,7 @@ def decode_endpoint_slice(obj: Mapping[str, object]) -> EndpointSlice | None:
         raise unknown_value("addressType", address_type, "IPv4, IPv6 or FQDN") from None
 
     ports: list[EndpointPort] = []
-    for i, raw in enumerate(opt_list(obj, "ports", "")):
-        path = f"ports[{i}]"
-        entry = as_mapping(raw, path)
+    for path, entry in opt_entries(obj, "ports", ""):
         ports.append(
             EndpointPort(
                 name=opt_str(entry, "name", path) or "",
@@ -354,8 +348,8 @@ def decode_endpoint_slice(obj: Mapping[str, object]) -> EndpointSlice | None:
         )
 
     endpoints: list[SliceEndpoint] = []
-    for i, raw in enumerate(opt_list(obj, "endpoints", "")):
-        endpoint = _slice_endpoint(raw, f"endpoints[{i}]", family)
+    for path, entry in opt_entries(obj, "endpoints", ""):
+        endpoint = _slice_endpoint(entry, path, family)
         if endpoint is not None:
             endpoints.append(endpoint)
 
@@ -370,12 +364,10 @@ def decode_endpoint_slice(obj: Mapping[str, object]) -> EndpointSlice | None:
     )
 
 
-def _slice_endpoint(raw: object, path: str, family: IPFamily) -> SliceEndpoint | None:
-    entry = as_mapping(raw, path)
-    addresses = [
-        ip_literal(value, f"{path}.addresses[{i}]", family)
-        for i, value in enumerate(opt_list(entry, "addresses", path))
-    ]
+def _slice_endpoint(
+    entry: Mapping[str, object], path: str, family: IPFamily
+) -> SliceEndpoint | None:
+    addresses = [ip_literal(v, p, family) for p, v in opt_items(entry, "addresses", path)]
     conditions = opt_mapping(entry, "conditions", path)
     conditions_path = f"{path}.conditions"
     # Unset conditions resolve as upstream kube-proxy does (pkg/proxy/endpointslicecache.go):
@@ -404,9 +396,7 @@ def _slice_endpoint(raw: object, path: str, family: IPFamily) -> SliceEndpoint |
 
 def _hint_names(hints: Mapping[str, object], key: str, path: str) -> frozenset[str]:
     names: set[str] = set()
-    for i, raw in enumerate(opt_list(hints, key, path)):
-        hint_path = f"{path}.{key}[{i}]"
-        hint = as_mapping(raw, hint_path)
+    for hint_path, hint in opt_entries(hints, key, path):
         name = opt_str(hint, "name", hint_path)
         if not name:
             raise DecodeError(f"{hint_path}.name", "is required")
@@ -436,9 +426,7 @@ def decode_node(obj: Mapping[str, object]) -> Node:
     deleting = meta.get("deletionTimestamp") is not None
     spec = opt_mapping(obj, "spec", "")
     tainted = False
-    for i, raw in enumerate(opt_list(spec, "taints", "spec")):
-        path = f"spec.taints[{i}]"
-        taint = as_mapping(raw, path)
+    for path, taint in opt_entries(spec, "taints", "spec"):
         key = opt_str(taint, "key", path)
         if not key:
             raise DecodeError(f"{path}.key", "is required")

@@ -16,39 +16,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from typing import TypeVar
 
 from userproxy.model import IPFamily, parse_ip
-
-__all__ = [
-    "MAX_FIELD_CHARS",
-    "MAX_MESSAGE_CHARS",
-    "MAX_QUOTED_CHARS",
-    "DecodeError",
-    "as_mapping",
-    "cidr",
-    "decode_annotations",
-    "decode_labels",
-    "describe",
-    "ip_literal",
-    "join",
-    "meta_name",
-    "meta_namespace",
-    "metadata",
-    "opt_bool",
-    "opt_enum",
-    "opt_int",
-    "opt_list",
-    "opt_mapping",
-    "opt_port",
-    "opt_str",
-    "quote",
-    "shorten",
-    "string_map",
-    "unknown_value",
-]
 
 _E = TypeVar("_E", bound=StrEnum)
 _V = TypeVar("_V", str, int, bool)
@@ -157,6 +129,21 @@ def opt_list(m: Mapping[str, object], key: str, path: str) -> list[object]:
     if not isinstance(value, list | tuple):
         raise DecodeError(join(path, key), f"expected a list, got {describe(value)}")
     return list(value)
+
+
+def opt_items(m: Mapping[str, object], key: str, path: str) -> Iterator[tuple[str, object]]:
+    """(path, item) of each item of the list ``m[key]``: ``("spec.ports[1]", item)``."""
+    field = join(path, key)
+    for i, item in enumerate(opt_list(m, key, path)):
+        yield f"{field}[{i}]", item
+
+
+def opt_entries(
+    m: Mapping[str, object], key: str, path: str
+) -> Iterator[tuple[str, dict[str, object]]]:
+    """(path, mapping) of each item of the list ``m[key]``, checked one by one."""
+    for item_path, item in opt_items(m, key, path):
+        yield item_path, as_mapping(item, item_path)
 
 
 def _opt_scalar(

@@ -24,16 +24,6 @@ import aiohttp
 
 from userproxy.sources import json_limits
 
-__all__ = [
-    "LIST_PAGE_SIZE",
-    "ApiError",
-    "Gone",
-    "ListWatch",
-    "WatchBroken",
-    "metadata_str",
-    "str_mapping",
-]
-
 logger = logging.getLogger(__name__)
 
 #: Page size of LIST requests (the API server may ignore it, e.g. for resourceVersion=0).

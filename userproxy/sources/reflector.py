@@ -53,8 +53,6 @@ from userproxy.sources.list_watch import (
     str_mapping,
 )
 
-__all__ = ["EventKind", "OnEvent", "Reflector", "ReflectorOptions", "ResourceHandlers"]
-
 logger = logging.getLogger(__name__)
 
 #: What ``on_event(kind, resource)`` is called with as ``kind``:
@@ -65,6 +63,8 @@ logger = logging.getLogger(__name__)
 #: ERROR event other than 410, a broken response) and is retried after a backoff.
 EventKind = Literal["watch_restart", "relist", "invalid_object", "api_error"]
 OnEvent = Callable[[EventKind, str], None]
+#: Why a reflector lists: the first time, a periodic resync, or the watch's 410 Gone.
+_ListReason = Literal["initial", "resync", "gone"]
 
 #: At most one warning per resource and cause in this many seconds (the rest go to debug).
 _WARN_INTERVAL = 30.0
@@ -214,7 +214,7 @@ class Reflector(Generic[_T]):
     async def run(self) -> None:
         """List, then watch, until cancelled (client-go's ListAndWatch in its retry loop)."""
         loop = asyncio.get_running_loop()
-        relist: str | None = "initial"  # why the next round lists first; None: watch only
+        relist: _ListReason | None = "initial"  # None: the next round only watches
         next_resync: float | None = None
         gone_in_a_row = 0
         while True:  # until cancelled; every failure sleeps a backoff delay
@@ -294,7 +294,7 @@ class Reflector(Generic[_T]):
 
     # ------------------------------------------------------------------ LIST
 
-    async def _relist(self, reason: str) -> None:
+    async def _relist(self, reason: _ListReason) -> None:
         """LIST, reconcile the view with it and deliver the differences."""
         rv, items = await self.list_watch.list_items(self._options.page_size)
         new: dict[_Key, _T] = {}
