@@ -461,7 +461,7 @@ async def test_api_server_outage_of_10_seconds(server: FakeApiServer, tmp_path: 
 async def test_malformed_objects_are_skipped_with_a_warning(
     server: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="userproxy.sources.kubernetes")
+    caplog.set_level(logging.WARNING, logger="userproxy.sources.reflector")
     server.create("services", service("good"))
     server.inject("services", service("", cluster_ip="10.96.0.12"))  # no name
     server.create("endpointslices", endpoint_slice("good-1", "good"))

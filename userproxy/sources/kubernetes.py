@@ -7,8 +7,10 @@ which handlers to call.  kube-proxy does the same with its informers
 (cmd/kube-proxy/app/server.go: a label selector that leaves out headless Services and those
 of another service proxy; a field selector for the own Node).
 
-The label selector is also applied to each object the watch delivers, so that an object
-whose labels leave the selection is deleted, as the API server's watch cache reports it.
+Each object received is checked against the label selector again (the server filters
+already; this guards against one that ignores a selector): one that does not match is
+not this proxy's, and one that stops matching is deleted.
+
 Besides: the API client configuration (a kubeconfig or the in-cluster one), checked before
 anything starts so that an unusable one stops the process with one line.
 """

@@ -11,7 +11,8 @@ handlers in the place of client-go's store.  :meth:`Reflector.run` is its state 
   ends or breaks is resumed where it stopped, without a re-list.
 * On ``410 Gone`` (an ERROR event with code 410, or an HTTP 410), re-list and reconcile:
   unchanged objects cause no handler call, objects missing from the new list are deleted.
-  The first 410 re-lists at once; a 410 again before a watch has ended waits a backoff.
+  The first 410 re-lists at once; another before a watch has run to its end waits a
+  backoff.
 * Every ``resync_period`` seconds re-list and reconcile the same way (no churn when
   nothing changed).
 * Any other failure is logged (rate-limited), reported through ``on_event`` and retried
