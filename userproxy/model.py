@@ -45,6 +45,7 @@ class IPLiteral:
 
     canonical: str
     family: IPFamily
+    version: int
     value: int
     zoned: bool
 
@@ -61,13 +62,13 @@ def parse_ip(text: str) -> IPLiteral:
     ip = ipaddress.ip_address(text)
     zoned = isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None
     family = IPFamily.IPv6 if ip.version == 6 else IPFamily.IPv4
-    return IPLiteral(str(ip), family, int(ip), zoned)
+    return IPLiteral(str(ip), family, ip.version, int(ip), zoned)
 
 
 def ip_value(address: str) -> tuple[int, int]:
     """(version, integer value) of a literal IP address, for sorting; raises ValueError."""
     ip = parse_ip(address)
-    return (6 if ip.family is IPFamily.IPv6 else 4, ip.value)
+    return (ip.version, ip.value)
 
 
 class ServiceType(enum.StrEnum):
