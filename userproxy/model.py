@@ -31,18 +31,44 @@ class IPFamily(enum.StrEnum):
     @staticmethod
     def of(address: str) -> IPFamily:
         """The family of a literal IP address (raises ValueError for anything else)."""
-        return IPFamily.IPv6 if ip_value(address)[0] == 6 else IPFamily.IPv4
+        return parse_ip(address).family
+
+
+@dataclass(frozen=True, slots=True)
+class IPLiteral:
+    """A parsed literal IP address.
+
+    ``canonical`` is its standard spelling (``fd00::1`` for ``FD00:0::1``); ``zoned`` says
+    it carried an IPv6 zone index (``fe80::1%eth0``), which no Kubernetes address field
+    allows.
+    """
+
+    canonical: str
+    family: IPFamily
+    version: int
+    value: int
+    zoned: bool
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def ip_value(address: str) -> tuple[int, int]:
-    """(version, integer value) of a literal IP address; raises ValueError otherwise.
+def parse_ip(text: str) -> IPLiteral:
+    """The parsed literal IP address ``text``; raises ValueError for anything else.
 
-    Cached: parsing with ``ipaddress`` dominated syncs of large endpoint sets, and the same
-    addresses are looked at again at every sync.
+    The one IP parser cache of the package: parsing with ``ipaddress`` dominated decoding
+    large EndpointSlice lists and syncs of large endpoint sets, and the same addresses
+    come back at every re-list, reload and sync.  Errors are not cached (rare, and the
+    decoder bounds the length of what it parses).
     """
-    ip = ipaddress.ip_address(address)
-    return (ip.version, int(ip))
+    ip = ipaddress.ip_address(text)
+    zoned = isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None
+    family = IPFamily.IPv6 if ip.version == 6 else IPFamily.IPv4
+    return IPLiteral(str(ip), family, ip.version, int(ip), zoned)
+
+
+def ip_value(address: str) -> tuple[int, int]:
+    """(version, integer value) of a literal IP address, for sorting; raises ValueError."""
+    ip = parse_ip(address)
+    return (ip.version, ip.value)
 
 
 class ServiceType(enum.StrEnum):

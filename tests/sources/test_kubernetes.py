@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -18,6 +19,7 @@ from userproxy.model import EndpointSlice, Node, Service
 from userproxy.sources.kubernetes import KubernetesSource, label_selector, make_api_client
 
 NODE = "node-a"
+_T = TypeVar("_T", Service, EndpointSlice, Node)
 DEFAULT_SELECTOR = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
 
 # --------------------------------------------------------------------------- objects
@@ -90,56 +92,56 @@ class Recorder:
     nodes: dict[str, Node] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
-    def _add(self, what: str, state: dict[str, object], name: str, value: object) -> None:
+    def _add(self, what: str, state: dict[str, _T], name: str, value: _T) -> None:
         self.calls.append((f"{what}_add", name))
         if name in state:
             self.errors.append(f"duplicate add of {what} {name}")
         state[name] = value
 
-    def _update(self, what: str, state: dict[str, object], name: str, value: object) -> None:
+    def _update(self, what: str, state: dict[str, _T], name: str, value: _T) -> None:
         self.calls.append((f"{what}_update", name))
         if name not in state:
             self.errors.append(f"update of unknown {what} {name}")
         state[name] = value
 
-    def _delete(self, what: str, state: dict[str, object], name: str) -> None:
+    def _delete(self, what: str, state: dict[str, _T], name: str) -> None:
         self.calls.append((f"{what}_delete", name))
         if state.pop(name, None) is None:
             self.errors.append(f"delete of unknown {what} {name}")
 
     def on_service_add(self, service: Service) -> None:
-        self._add("service", self.services, service.name, service)  # type: ignore[arg-type]
+        self._add("service", self.services, service.name, service)
 
     def on_service_update(self, old: Service, new: Service) -> None:
         assert old.key == new.key
-        self._update("service", self.services, new.name, new)  # type: ignore[arg-type]
+        self._update("service", self.services, new.name, new)
 
     def on_service_delete(self, service: Service) -> None:
-        self._delete("service", self.services, service.name)  # type: ignore[arg-type]
+        self._delete("service", self.services, service.name)
 
     def on_services_synced(self) -> None:
         self.calls.append(("services_synced", ""))
 
     def on_endpointslice_add(self, endpoint_slice: EndpointSlice) -> None:
-        self._add("slice", self.slices, endpoint_slice.name, endpoint_slice)  # type: ignore[arg-type]
+        self._add("slice", self.slices, endpoint_slice.name, endpoint_slice)
 
     def on_endpointslice_update(self, old: EndpointSlice, new: EndpointSlice) -> None:
-        self._update("slice", self.slices, new.name, new)  # type: ignore[arg-type]
+        self._update("slice", self.slices, new.name, new)
 
     def on_endpointslice_delete(self, endpoint_slice: EndpointSlice) -> None:
-        self._delete("slice", self.slices, endpoint_slice.name)  # type: ignore[arg-type]
+        self._delete("slice", self.slices, endpoint_slice.name)
 
     def on_endpointslices_synced(self) -> None:
         self.calls.append(("endpointslices_synced", ""))
 
     def on_node_add(self, node: Node) -> None:
-        self._add("node", self.nodes, node.name, node)  # type: ignore[arg-type]
+        self._add("node", self.nodes, node.name, node)
 
     def on_node_update(self, old: Node, new: Node) -> None:
-        self._update("node", self.nodes, new.name, new)  # type: ignore[arg-type]
+        self._update("node", self.nodes, new.name, new)
 
     def on_node_delete(self, node: Node) -> None:
-        self._delete("node", self.nodes, node.name)  # type: ignore[arg-type]
+        self._delete("node", self.nodes, node.name)
 
     def on_node_synced(self) -> None:
         self.calls.append(("node_synced", ""))
@@ -461,7 +463,7 @@ async def test_api_server_outage_of_10_seconds(server: FakeApiServer, tmp_path: 
 async def test_malformed_objects_are_skipped_with_a_warning(
     server: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="userproxy.sources.kubernetes")
+    caplog.set_level(logging.WARNING, logger="userproxy.sources.reflector")
     server.create("services", service("good"))
     server.inject("services", service("", cluster_ip="10.96.0.12"))  # no name
     server.create("endpointslices", endpoint_slice("good-1", "good"))

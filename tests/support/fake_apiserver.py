@@ -12,7 +12,8 @@ Nodes over plain HTTP on 127.0.0.1, the way the API server does it:
   arrives as DELETED (ADDED), as the API server's watch cache does it.  BOOKMARK events
   when ``allowWatchBookmarks`` (every ``bookmark_interval`` seconds and on
   :meth:`FakeApiServer.bookmark`).  A resourceVersion older than the kept history gets an
-  ``ERROR`` event with a 410 Status.  ``timeoutSeconds`` ends the stream.
+  ``ERROR`` event with a 410 Status.  ``timeoutSeconds`` ends the stream;
+  :meth:`FakeApiServer.send_raw` writes any line a test wants on the open watches.
 
 Objects are stored as given (nothing is validated), so a test can inject malformed ones.
 Every change gets the next resourceVersion of one cluster-wide counter, like etcd's.
@@ -146,7 +147,7 @@ class _Watcher:
     namespace: str | None
     selector: _Selector
     bookmarks: bool
-    queue: asyncio.Queue[_Change | str] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[_Change | str | bytes] = field(default_factory=asyncio.Queue)
 
 
 def write_kubeconfig(path: Path, server: str) -> Path:
@@ -284,12 +285,7 @@ class FakeApiServer:
         return self._store(resource, self._key(resource, obj), obj)
 
     def delete(self, resource: str, name: str, namespace: str = "default") -> None:
-        key = (namespace if KINDS[resource].namespaced else "", name)
-        old = self._objects[resource].pop(key)
-        self._rv += 1
-        final = copy.deepcopy(old)
-        _metadata(final)["resourceVersion"] = str(self._rv)
-        self._record(resource, _Change(self._rv, old, final, deleted=True))
+        self.delete_key(resource, (namespace if KINDS[resource].namespaced else "", name))
 
     def inject(self, resource: str, raw: Mapping[str, object]) -> _Key:
         """Store a raw (possibly malformed, even nameless) object; returns its key."""
@@ -354,6 +350,16 @@ class FakeApiServer:
         for watcher in self._watchers:
             watcher.queue.put_nowait(_ABORT if abort else _DROP)
         return len(self._watchers)
+
+    def send_raw(self, resource: str, line: bytes) -> int:
+        """Write ``line`` as it is on every open watch of ``resource``; returns how many.
+
+        For what a real API server rarely sends: garbage, an ERROR event, an unknown type.
+        """
+        watchers = [w for w in self._watchers if w.resource == resource]
+        for watcher in watchers:
+            watcher.queue.put_nowait(line)
+        return len(watchers)
 
     def bookmark(self) -> None:
         """Send a BOOKMARK at the current resourceVersion on every watch that allows them."""
@@ -506,6 +512,9 @@ class FakeApiServer:
         try:
             async with contextlib.aclosing(self._items(watcher, deadline)) as items:
                 async for item in items:
+                    if isinstance(item, bytes):
+                        await response.write(item)
+                        continue
                     if item == _ABORT:
                         if request.transport is not None:
                             request.transport.abort()
@@ -540,7 +549,7 @@ class FakeApiServer:
 
     async def _items(
         self, watcher: _Watcher, deadline: float
-    ) -> AsyncGenerator[_Change | str, None]:
+    ) -> AsyncGenerator[_Change | str | bytes, None]:
         """What to send on a watch until its deadline (a BOOKMARK every bookmark_interval)."""
         loop = asyncio.get_running_loop()
         while (remaining := deadline - loop.time()) > 0:
