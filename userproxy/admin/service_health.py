@@ -59,7 +59,6 @@ must run on the event loop's thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -72,6 +71,7 @@ from functools import partial
 from aiohttp import web
 
 from userproxy.admin.http_log import http_logger
+from userproxy.hostnet.listen import listening_socket
 from userproxy.model import ServiceKey
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,6 @@ BACKLOG = 128
 SHUTDOWN_TIMEOUT = 1.0
 #: Idle keep-alive connections are closed after this long (probers reconnect at will).
 KEEPALIVE_TIMEOUT = 75.0
-# Linux socket options Python does not name (linux/in.h, linux/in6.h).
-IP_FREEBIND = 15
-IPV6_FREEBIND = 78
 #: errnos that mean "no IPv6 here" when binding the IPv6 wildcard.
 _NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
 _HEADERS = {"Content-Type": "application/json", "X-Content-Type-Options": "nosniff"}
@@ -131,30 +128,6 @@ def bind_addresses(addresses: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(addresses)) or ALL_ADDRESSES
 
 
-def listen(address: str, port: int) -> socket.socket:
-    """A non-blocking listening TCP socket on ``address:port``."""
-    v6 = ":" in address
-    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if v6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if address not in ALL_ADDRESSES:
-            # An address that is not local (yet) binds all the same and serves once it is.
-            with contextlib.suppress(OSError):
-                if v6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-                else:
-                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-        sock.setblocking(False)
-        sock.bind((address, port))
-        sock.listen(BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def listen_all(addresses: Sequence[str], port: int) -> list[socket.socket]:
     """Listening sockets on ``port`` at every one of ``addresses`` (empty: both wildcards,
     the IPv6 one skipped quietly where the host has no IPv6), or none: OSError."""
@@ -162,7 +135,8 @@ def listen_all(addresses: Sequence[str], port: int) -> list[socket.socket]:
     try:
         for address in bind_addresses(addresses):
             try:
-                sockets.append(listen(address, port))
+                freebind = address not in ALL_ADDRESSES
+                sockets.append(listening_socket(address, port, freebind=freebind, backlog=BACKLOG))
             except OSError as exc:
                 if not addresses and address == "::" and exc.errno in _NO_IPV6:
                     log.debug("health check port %d: no IPv6 wildcard: %s", port, exc)
