@@ -19,11 +19,11 @@ handler) passes unchanged.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+
+from userproxy.logs import RateLimitedLog
 
 #: Exceptions a client causes; anything else in a record is ours and keeps its traceback.
 CLIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -36,29 +36,9 @@ LOG_INTERVAL = 1.0
 _REASON_LIMIT = 160
 
 
-class _Budget:
-    """One line per ``interval`` seconds, shared by every admin server's filter."""
-
-    __slots__ = ("clock", "interval", "last", "suppressed")
-
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self.clock = clock
-        self.last = float("-inf")
-        self.suppressed = 0
-
-    def take(self) -> int | None:
-        """The number of lines held back since the last one, or None: hold this one too."""
-        now = self.clock()
-        if now - self.last < self.interval:
-            self.suppressed += 1
-            return None
-        self.last = now
-        held, self.suppressed = self.suppressed, 0
-        return held
-
-
-_budget = _Budget(LOG_INTERVAL)
+#: The budget every admin server's filter shares (its logger is unused: filters write
+#: the record themselves).
+_budget = RateLimitedLog(logging.getLogger(__name__), LOG_INTERVAL)
 
 
 def reason(exc: BaseException) -> str:
@@ -76,7 +56,7 @@ def reason(exc: BaseException) -> str:
 class ClientErrorFilter(logging.Filter):
     """Rewrites client-caused records of one admin server's aiohttp logger (see module)."""
 
-    def __init__(self, server: str, budget: _Budget | None = None) -> None:
+    def __init__(self, server: str, budget: RateLimitedLog | None = None) -> None:
         super().__init__()
         self.server = server
         self._budget = budget or _budget
@@ -85,7 +65,7 @@ class ClientErrorFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None or not isinstance(exc, CLIENT_ERRORS):
             return True
-        held = self._budget.take()
+        held = self._budget.allow()
         if held is None:
             return False
         args = record.args if isinstance(record.args, tuple) else ()
