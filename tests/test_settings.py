@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from userproxy.cli import build_parser, settings_from
+from userproxy.cli import settings_from
 from userproxy.config import ConfigError, Settings, format_duration
+from userproxy.flags import build_parser
 
 KPC = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
 UPC = "apiVersion: userproxy.io/v1alpha1\nkind: UserProxyConfiguration\n"
