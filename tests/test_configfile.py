@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from userproxy.config import ConfigError, Settings
-from userproxy.configfile import FileConfig, describe, load_config_file, parse_go_duration
+from userproxy.config_rules import parse_go_duration
+from userproxy.configfile import FileConfig, describe, load_config_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "config"
 KPC = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from userproxy.cli import settings_from
-from userproxy.config import ConfigError, Settings, format_duration
+from userproxy.config import ConfigError, Settings
+from userproxy.config_rules import format_duration
 from userproxy.flags import build_parser
 
 KPC = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"

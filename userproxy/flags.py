@@ -32,10 +32,8 @@ from userproxy.config import (
     Settings,
     check_setting,
     flag_name,
-    format_duration,
-    show,
 )
-from userproxy.configfile import parse_go_duration
+from userproxy.config_rules import format_duration, parse_go_duration, show
 from userproxy.demo import DEMO_DEFAULTS
 
 
