@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from userproxy.config import ConfigError, Settings
+from userproxy.config import ConfigError, Settings, settings_values
 from userproxy.config_rules import parse_go_duration
 from userproxy.configfile import FileConfig, describe, load_config_file
 
@@ -109,8 +108,7 @@ def test_values_build_settings(tmp_path: Path) -> None:
     assert set(config.values) <= fields
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text("")
-    make: Callable[..., Settings] = Settings
-    settings = make(**{**config.values, "kubeconfig": kubeconfig})
+    settings = Settings(**settings_values({**config.values, "kubeconfig": kubeconfig}))
     assert settings.healthz_address == ("0.0.0.0", 10256)
     assert settings.sync_period == 30.0
 

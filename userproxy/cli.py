@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from userproxy.check import check_command
 from userproxy.cleanup import cleanup_command
-from userproxy.config import ConfigError, Settings
+from userproxy.config import ConfigError, Loop, Settings, SettingsValues, settings_values
 from userproxy.configfile import describe, load_config_file
 from userproxy.demo import DEMO_DEFAULTS
 from userproxy.flags import DEFAULT, build_parser
@@ -39,8 +39,8 @@ T = TypeVar("T")
 def settings_from(
     args: argparse.Namespace,
     *,
-    defaults: Mapping[str, object] | None = None,
-    fixed: Mapping[str, object] | None = None,
+    defaults: SettingsValues | None = None,
+    fixed: SettingsValues | None = None,
 ) -> tuple[Settings, str | None, dict[str, str]]:
     """``Settings``' defaults, then ``defaults`` (the command's own), then the ``--config``
     file, then flags, then ``fixed``.
@@ -50,7 +50,8 @@ def settings_from(
     (``FILE: Kind.field``: a later error about it names that, not a flag the user never
     typed).
     """
-    values: dict[str, object] = dict(defaults or {})
+    own_defaults: dict[str, object] = dict(defaults or {})
+    values = dict(own_defaults)
     fixed = fixed or {}
     described = None
     origins: dict[str, str] = {}
@@ -77,19 +78,18 @@ def settings_from(
         if overridden:
             described += f"; overridden by the command line: {', '.join(overridden)}"
     for key, value in flags.items():
-        if value is DEFAULT:  # '' on the command line: back to the default
-            values.pop(key, None)
-            if defaults and key in defaults:
-                values[key] = defaults[key]
-        else:
+        if value is not DEFAULT:
             values[key] = value
+        elif key in own_defaults:  # '' on the command line: back to the default
+            values[key] = own_defaults[key]
+        else:
+            values.pop(key, None)
     values.update(fixed)
     if not values.get("manifests") and values.get("kubeconfig") is None:
         # kube-proxy's rule: no kubeconfig means the in-cluster configuration.
         values["in_cluster"] = "KUBERNETES_SERVICE_HOST" in os.environ
-    make: Callable[..., Settings] = Settings
     try:
-        return make(**values), described, origins
+        return Settings(**settings_values(values)), described, origins
     except ConfigError as exc:
         raise located(exc, origins) from None
 
@@ -104,7 +104,7 @@ def located(exc: ConfigError, origins: Mapping[str, str]) -> ConfigError:
     )
 
 
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory(choice: Loop) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The loop to run on: uvloop when asked for (or for auto, when importable)."""
     if choice == "asyncio":
         return None
@@ -196,7 +196,7 @@ async def serve(settings: Settings, args: argparse.Namespace | None = None) -> i
     return stopping.exit_status
 
 
-def run_on_loop(main: Coroutine[Any, Any, T], loop_choice: str) -> T:
+def run_on_loop(main: Coroutine[Any, Any, T], loop_choice: Loop) -> T:
     with asyncio.Runner(loop_factory=loop_factory(loop_choice)) as runner:
         return runner.run(main)
 
