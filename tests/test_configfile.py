@@ -8,9 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from userproxy.config import ConfigError, Settings, settings_values
+from userproxy.config import RULES, ConfigError, Settings, settings_values
 from userproxy.config_rules import parse_go_duration
-from userproxy.configfile import FileConfig, describe, load_config_file
+from userproxy.configfile import (
+    KUBE_PROXY_FIELDS,
+    USERPROXY_FIELDS,
+    FileConfig,
+    describe,
+    load_config_file,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "config"
 KPC = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
@@ -111,6 +117,12 @@ def test_values_build_settings(tmp_path: Path) -> None:
     settings = Settings(**settings_values({**config.values, "kubeconfig": kubeconfig}))
     assert settings.healthz_address == ("0.0.0.0", 10256)
     assert settings.sync_period == 30.0
+
+
+def test_every_field_that_sets_something_names_a_setting() -> None:
+    settings = {setting for _, setting in KUBE_PROXY_FIELDS.values() if setting is not None}
+    assert settings | {setting for _, setting in USERPROXY_FIELDS.values()} <= set(RULES)
+    assert all(setting is not None for _, setting in USERPROXY_FIELDS.values())
 
 
 # --- KubeProxyConfiguration mapping --------------------------------------------------------

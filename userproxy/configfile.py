@@ -28,6 +28,7 @@ setting's rule (``config.check_setting``), the one a flag's value goes through.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,93 +144,67 @@ _DURATION, _OPTDURATION = Kind(_duration), Kind(_duration, _pointer)
 _STRINGS, _GATES, _ANY = Kind(_strings), Kind(_gates), Kind(lambda value: value, _is_zero)
 
 # One table per document: dotted field name -> (the value's kind, the Settings field it sets,
-# or None when ignored).  The KubeProxyConfiguration's lists every field kube-proxy's v1alpha1
-# has had (current ones, plus removed ones still found in deployed files, plus the top-level
-# sync periods of its internal config); of the sync periods set, one per setting applies
-# (``_applies``: the top-level one, else the one of ``mode``'s section).  Each applied value
-# goes through the setting's one rule (``config.check_setting``), as the flag's value does.
-KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
-    "featureGates": (_GATES, None),
-    "clientConnection.kubeconfig": (_STR, "kubeconfig"),
-    "clientConnection.acceptContentTypes": (_STR, None),
-    "clientConnection.contentType": (_STR, None),
-    "clientConnection.qps": (_NUMBER, None),
-    "clientConnection.burst": (_INT, None),
-    "logging.format": (_STR, None),
-    "logging.flushFrequency": (_ANY, None),
-    "logging.verbosity": (_INT, None),
-    "logging.vmodule": (_ANY, None),
-    "logging.options": (_ANY, None),
-    "hostnameOverride": (_STR, "hostname"),
-    "bindAddress": (_STR, None),
-    "healthzBindAddress": (_STR, "healthz_bind_address"),
-    "metricsBindAddress": (_STR, "metrics_bind_address"),
-    "bindAddressHardFail": (_BOOL, None),
-    "enableProfiling": (_BOOL, None),
-    "showHiddenMetricsForVersion": (_STR, None),
-    "mode": (_STR, None),
-    "syncPeriod": (_DURATION, "sync_period"),
-    "minSyncPeriod": (_DURATION, "min_sync_period"),
-    "iptables.masqueradeBit": (_OPTINT, None),
-    "iptables.masqueradeAll": (_BOOL, None),
-    "iptables.localhostNodePorts": (_OPTBOOL, None),
-    "iptables.snatNodeInternalIP": (_OPTBOOL, None),
-    "iptables.syncPeriod": (_DURATION, "sync_period"),
-    "iptables.minSyncPeriod": (_DURATION, "min_sync_period"),
-    "ipvs.syncPeriod": (_DURATION, "sync_period"),
-    "ipvs.minSyncPeriod": (_DURATION, "min_sync_period"),
-    "ipvs.scheduler": (_STR, None),
-    "ipvs.excludeCIDRs": (_STRINGS, None),
-    "ipvs.strictARP": (_BOOL, None),
-    "ipvs.tcpTimeout": (_DURATION, None),
-    "ipvs.tcpFinTimeout": (_DURATION, None),
-    "ipvs.udpTimeout": (_DURATION, None),
-    "nftables.masqueradeBit": (_OPTINT, None),
-    "nftables.masqueradeAll": (_BOOL, None),
-    "nftables.syncPeriod": (_DURATION, "sync_period"),
-    "nftables.minSyncPeriod": (_DURATION, "min_sync_period"),
-    "winkernel.networkName": (_STR, None),
-    "winkernel.sourceVip": (_STR, None),
-    "winkernel.enableDSR": (_BOOL, None),
-    "winkernel.rootHnsEndpointName": (_STR, None),
-    "winkernel.forwardHealthCheckVip": (_BOOL, None),
-    "detectLocalMode": (_STR, None),
-    "detectLocal.bridgeInterface": (_STR, None),
-    "detectLocal.interfaceNamePrefix": (_STR, None),
-    "clusterCIDR": (_STR, "cluster_cidr"),
-    "nodePortAddresses": (_STRINGS, "nodeport_addresses"),
-    "oomScoreAdj": (_OPTINT, None),
-    "conntrack.max": (_INT, None),
-    "conntrack.maxPerCore": (_OPTINT, None),
-    "conntrack.min": (_OPTINT, None),
-    "conntrack.tcpEstablishedTimeout": (_OPTDURATION, None),
-    "conntrack.tcpCloseWaitTimeout": (_OPTDURATION, None),
-    "conntrack.tcpBeLiberal": (_BOOL, None),
-    "conntrack.udpTimeout": (_DURATION, None),
-    "conntrack.udpStreamTimeout": (_DURATION, None),
-    "configSyncPeriod": (_DURATION, "config_sync_period"),
-    "portRange": (_STR, None),
-    "udpIdleTimeout": (_DURATION, "udp_idle_timeout"),
-    "resourceContainer": (_STR, None),
-    "windowsRunAsService": (_BOOL, None),
+# or None: read, type-checked and listed as ignored).  Each applied value goes through the
+# setting's one rule (``config.check_setting``), as the flag's value does.
+
+#: The fields of kube-proxy's v1alpha1 that a userspace proxy has no use for (current ones,
+#: plus removed ones still found in deployed files), by kind.
+_KUBE_PROXY_IGNORED: Final[Mapping[Kind, str]] = {
+    _STR: "bindAddress clientConnection.acceptContentTypes clientConnection.contentType "
+    "detectLocal.bridgeInterface detectLocal.interfaceNamePrefix detectLocalMode "
+    "ipvs.scheduler logging.format mode portRange resourceContainer "
+    "showHiddenMetricsForVersion winkernel.networkName winkernel.rootHnsEndpointName "
+    "winkernel.sourceVip",
+    _BOOL: "bindAddressHardFail conntrack.tcpBeLiberal enableProfiling iptables.masqueradeAll "
+    "ipvs.strictARP nftables.masqueradeAll windowsRunAsService winkernel.enableDSR "
+    "winkernel.forwardHealthCheckVip",
+    _OPTBOOL: "iptables.localhostNodePorts iptables.snatNodeInternalIP",
+    _INT: "clientConnection.burst conntrack.max logging.verbosity",
+    _OPTINT: "conntrack.maxPerCore conntrack.min iptables.masqueradeBit nftables.masqueradeBit "
+    "oomScoreAdj",
+    _NUMBER: "clientConnection.qps",
+    _DURATION: "conntrack.udpStreamTimeout conntrack.udpTimeout ipvs.tcpFinTimeout "
+    "ipvs.tcpTimeout ipvs.udpTimeout",
+    _OPTDURATION: "conntrack.tcpCloseWaitTimeout conntrack.tcpEstablishedTimeout",
+    _STRINGS: "ipvs.excludeCIDRs",
+    _GATES: "featureGates",
+    _ANY: "logging.flushFrequency logging.options logging.vmodule",
 }
 
+#: The KubeProxyConfiguration: the fields userproxy applies; the sync periods at the top level
+#: (the layout of kube-proxy's internal config) and in each mode's section, of which one per
+#: setting applies (``_applies``); and the ignored ones.
+KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
+    "clientConnection.kubeconfig": (_STR, "kubeconfig"),
+    "hostnameOverride": (_STR, "hostname"),
+    "healthzBindAddress": (_STR, "healthz_bind_address"),
+    "metricsBindAddress": (_STR, "metrics_bind_address"),
+    "clusterCIDR": (_STR, "cluster_cidr"),
+    "nodePortAddresses": (_STRINGS, "nodeport_addresses"),
+    "configSyncPeriod": (_DURATION, "config_sync_period"),
+    "udpIdleTimeout": (_DURATION, "udp_idle_timeout"),
+    **{
+        f"{section}{name}": (_DURATION, setting)
+        for section in ("", "iptables.", "ipvs.", "nftables.")
+        for name, setting in (("syncPeriod", "sync_period"), ("minSyncPeriod", "min_sync_period"))
+    },
+    **{name: (kind, None) for kind, names in _KUBE_PROXY_IGNORED.items() for name in names.split()},
+}
+
+#: The UserProxyConfiguration's fields, by kind.  Each one sets the setting its name gives in
+#: snake_case (``serviceProxyName``: ``service_proxy_name``).
+_USERPROXY: Final[Mapping[Kind, str]] = {
+    _STRINGS: "manifests",
+    _STR: "serviceProxyName loop logLevel logFormat addressDevice",
+    _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout",
+    _INT: "maxConnections serviceConnectionShare clientConnectionShare udpMaxSessions "
+    "udpSessionRate",
+    _BOOL: "manageAddresses",
+}
 USERPROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
-    "manifests": (_STRINGS, "manifests"),
-    "serviceProxyName": (_STR, "service_proxy_name"),
-    "loop": (_STR, "loop"),
-    "logLevel": (_STR, "log_level"),
-    "logFormat": (_STR, "log_format"),
-    "shutdownGrace": (_DURATION, "shutdown_grace"),
-    "tcpFinTimeout": (_DURATION, "tcp_fin_timeout"),
-    "tcpIdleTimeout": (_DURATION, "tcp_idle_timeout"),
-    "maxConnections": (_INT, "max_connections"),
-    "serviceConnectionShare": (_INT, "service_connection_share"),
-    "clientConnectionShare": (_INT, "client_connection_share"),
-    "udpMaxSessions": (_INT, "udp_max_sessions"),
-    "udpSessionRate": (_INT, "udp_session_rate"),
-    "manageAddresses": (_BOOL, "manage_addresses"),
-    "addressDevice": (_STR, "address_device"),
+    name: (kind, re.sub("([A-Z])", r"_\1", name).lower())
+    for kind, names in _USERPROXY.items()
+    for name in names.split()
 }
 
 # Settings that belong in the KubeProxyConfiguration document, for a helpful error.

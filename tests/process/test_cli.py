@@ -29,14 +29,9 @@ def run_cli(
     *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``python -m userproxy ARGS`` to completion (bounded: 30 s)."""
+    command = [sys.executable, "-m", "userproxy", *args]
     return subprocess.run(
-        [sys.executable, "-m", "userproxy", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=30, check=False
     )
 
 
