@@ -71,7 +71,19 @@ def describe(config: FileConfig) -> str:
     return f"applied: {applied}; ignored: {ignored}"
 
 
-# --- schemas ------------------------------------------------------------------------------
+# --- the kinds of field values ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """How a field's value is read.  ``read`` checks the YAML value and converts it (a Go
+    duration to seconds, a list to a tuple; ``ValueError``: what is wrong), None for an empty
+    list or map (unset).  ``is_zero`` tells Go's zero value of the type (``false``, ``0``,
+    ``0s``), which kube-proxy replaces by its default: in a KubeProxyConfiguration it is
+    unset too."""
+
+    read: Callable[[object], object]
+    is_zero: Callable[[object], bool] = operator.not_
 
 
 def _number(value: object) -> object:
@@ -124,18 +136,6 @@ def _is_zero(value: object) -> bool:
 def _pointer(value: object) -> bool:
     """A Go pointer (``*int32``, ``*bool``) has no zero value: only null is unset."""
     return False
-
-
-@dataclass(frozen=True, slots=True)
-class Kind:
-    """How a field's value is read.  ``read`` checks the YAML value and converts it (a Go
-    duration to seconds, a list to a tuple; ``ValueError``: what is wrong), None for an empty
-    list or map (unset).  ``is_zero`` tells Go's zero value of the type (``false``, ``0``,
-    ``0s``), which kube-proxy replaces by its default: in a KubeProxyConfiguration it is
-    unset too."""
-
-    read: Callable[[object], object]
-    is_zero: Callable[[object], bool] = operator.not_
 
 
 _STR, _BOOL, _INT, _NUMBER = Kind(string), Kind(boolean), Kind(integer), Kind(_number)
