@@ -127,7 +127,7 @@ class StopSignals:
     for SIGINT, 143 for SIGTERM: what a shell reports for a process that signal ended),
     so that a supervisor can tell connections were cut short on demand."""
 
-    def __init__(self, stop: Callable[[], None], force: Callable[[], None] | None) -> None:
+    def __init__(self, stop: Callable[[], None], force: Callable[[], None]) -> None:
         self._stop = stop
         self._force = force
         self.received: list[int] = []
@@ -137,18 +137,17 @@ class StopSignals:
         self.received.append(signum)
         name = signal.Signals(signum).name
         if len(self.received) == 1:
-            again = " (SIGTERM or SIGINT again: close open connections now)" if self._force else ""
-            log.info("%s: shutting down%s", name, again)
+            log.info(
+                "%s: shutting down (SIGTERM or SIGINT again: close open connections now)", name
+            )
             self._stop()
-        elif self._force is not None:
+        else:
             log.warning("%s again: closing open connections now", name)
             self._force()
 
     @property
     def exit_status(self) -> int:
-        if self._force is None or len(self.received) < 2:
-            return 0
-        return 128 + self.received[1]
+        return 0 if len(self.received) < 2 else 128 + self.received[1]
 
 
 def _handle_stop_signals(handler: StopSignals) -> StopSignals:
@@ -161,7 +160,7 @@ def _handle_stop_signals(handler: StopSignals) -> StopSignals:
 
 def install_demo_signals(proxy: Proxy) -> None:
     """The demo's signals, as ``run``'s: SIGTERM/SIGINT stop and a second one forces; SIGHUP
-    re-reads the manifests (the demo has no config file to re-read)."""
+    re-reads the manifests only (a demo's ``--config`` file is read once, at start)."""
     _handle_stop_signals(StopSignals(proxy.stop, proxy.force_stop))
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, proxy.reload, proxy.settings)
 
