@@ -98,23 +98,29 @@ def _shown_default(setting: str, defaults: Mapping[str, object]) -> str:
 class Flag:
     """A flag that sets ``Settings.<setting>``.
 
-    ``store``: ``parse`` the text, then the setting's rule; ``''`` gives ``empty``.
+    ``store``: ``parse`` the text (a duration setting's: a number of seconds or a Go
+    duration, shown as ``DURATION``), then the setting's rule; ``''`` gives ``empty``.
     ``append`` (``--manifests``, repeatable): each item parsed, the list checked by
     ``Settings``.  ``store_true``: a switch, no value."""
 
     setting: str
     help: str
     metavar: str | None = None
-    parse: Callable[[str], object] = str
+    parse: Callable[[str], object] | None = None
     empty: object = DEFAULT
     action: Literal["store", "append", "store_true"] = "store"
+
+    def _parse(self, text: str) -> object:
+        if self.parse is not None:
+            return self.parse(text)
+        return _seconds(text) if self.setting in DURATIONS else text
 
     def convert(self, text: str) -> object:
         """The argparse ``type`` of a ``store`` flag."""
         if text == "":
             return self.empty
         try:
-            return check_setting(self.setting, self.parse(text))
+            return check_setting(self.setting, self._parse(text))
         except ConfigError as exc:
             raise argparse.ArgumentTypeError(exc.problem) from None
         except ValueError as exc:
@@ -134,12 +140,10 @@ class Flag:
             default=argparse.SUPPRESS,
             help=help,
             action=self.action,
-            type=self.convert if self.action == "store" else self.parse,
-            metavar=self.metavar,
+            type=self.convert if self.action == "store" else self._parse,
+            metavar=self.metavar or ("DURATION" if self.setting in DURATIONS else None),
         )
 
-
-_DURATION: Final = "DURATION"
 
 #: The source flags of ``run`` (the demo serves its own manifests).
 RUN_FLAGS: Final = (
@@ -160,8 +164,6 @@ RUN_FLAGS: Final = (
     Flag(
         "config_sync_period",
         "how often to re-list Services and EndpointSlices from the API (0: never)",
-        _DURATION,
-        _seconds,
     ),
 )
 
@@ -172,25 +174,12 @@ COMMON_FLAGS: Final = (
     Flag("log_level", "log level", _one_of(LOG_LEVELS)),
     Flag("log_format", "log format", _one_of(LOG_FORMATS)),
     Flag(
-        "min_sync_period",
-        "at most one sync per this period on average, burst 2 (0: every change)",
-        _DURATION,
-        _seconds,
+        "min_sync_period", "at most one sync per this period on average, burst 2 (0: every change)"
     ),
-    Flag("sync_period", "at least one sync per this period", _DURATION, _seconds),
-    Flag(
-        "shutdown_grace",
-        "on SIGTERM/SIGINT, how long open connections may go on",
-        _DURATION,
-        _seconds,
-    ),
-    Flag("tcp_fin_timeout", "how long a half-closed TCP connection may live", _DURATION, _seconds),
-    Flag(
-        "tcp_idle_timeout",
-        "close TCP connections idle this long (default: never)",
-        _DURATION,
-        _seconds,
-    ),
+    Flag("sync_period", "at least one sync per this period"),
+    Flag("shutdown_grace", "on SIGTERM/SIGINT, how long open connections may go on"),
+    Flag("tcp_fin_timeout", "how long a half-closed TCP connection may live"),
+    Flag("tcp_idle_timeout", "close TCP connections idle this long (default: never)"),
     Flag(
         "max_connections",
         "concurrent proxied connections, two open files each (default: half the open-files "
@@ -212,7 +201,7 @@ COMMON_FLAGS: Final = (
         "PERCENT",
         _integer,
     ),
-    Flag("udp_idle_timeout", "end UDP sessions idle this long", _DURATION, _seconds),
+    Flag("udp_idle_timeout", "end UDP sessions idle this long"),
     Flag(
         "udp_max_sessions",
         "UDP sessions (and their descriptors) at most; the least recently used is evicted "
