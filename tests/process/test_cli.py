@@ -172,10 +172,11 @@ def test_run_help_of_the_installed_script_exits_0() -> None:
 
 
 def echo_service(
-    tmp_path: Path, host: int
+    tmp_path: Path, host: int, net: int = 80
 ) -> contextlib.AbstractContextManager[tuple[tuple[str, int], Path]]:
-    """An echo Service at 127.0.80.HOST:8080 (backend 127.0.81.HOST)."""
-    return manifests_echo_service(tmp_path, f"127.0.80.{host}", f"127.0.81.{host}", SERVICE_PORT)
+    """An echo Service at 127.0.NET.HOST:8080 (backend 127.0.NET+1.HOST)."""
+    service, backend = f"127.0.{net}.{host}", f"127.0.{net + 1}.{host}"
+    return manifests_echo_service(tmp_path, service, backend, SERVICE_PORT)
 
 
 def exchange(sock: socket.socket, data: bytes) -> bytes:

@@ -10,7 +10,6 @@ Addresses: Services on 127.0.86.N:8080, backends on 127.0.87.N, the metrics serv
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
@@ -19,10 +18,12 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
+from tests.process.test_cli import echo_service as cli_echo_service
 from tests.process.test_cli import (
     exchange,
     output_of,
@@ -30,18 +31,14 @@ from tests.process.test_cli import (
     signalled_with_a_connection_open,
     wait_refused,
 )
-from tests.support.manifests import echo_service as manifests_echo_service
 from tests.support.proxyrun import free_port, proxy_process, wait_listening
 
 METRICS_IP = "127.0.86.200"
-SERVICE_PORT = 8080
 
 
-def echo_service(
-    tmp_path: Path, host: int
-) -> contextlib.AbstractContextManager[tuple[tuple[str, int], Path]]:
+def echo_service(tmp_path: Path, host: int) -> AbstractContextManager[tuple[tuple[str, int], Path]]:
     """An echo Service at 127.0.86.HOST:8080 (backend 127.0.87.HOST)."""
-    return manifests_echo_service(tmp_path, f"127.0.86.{host}", f"127.0.87.{host}", SERVICE_PORT)
+    return cli_echo_service(tmp_path, host, net=86)
 
 
 @pytest.mark.parametrize(
