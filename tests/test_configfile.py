@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from userproxy.config import ConfigError, Settings
-from userproxy.configfile import FileConfig, describe, load_config_file, parse_go_duration
+from userproxy.config import RULES, ConfigError, Settings, settings_values
+from userproxy.config_rules import parse_go_duration
+from userproxy.configfile import (
+    KUBE_PROXY_FIELDS,
+    USERPROXY_FIELDS,
+    FileConfig,
+    describe,
+    load_config_file,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "config"
 KPC = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
@@ -108,10 +114,15 @@ def test_values_build_settings(tmp_path: Path) -> None:
     assert set(config.values) <= fields
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text("")
-    make: Callable[..., Settings] = Settings
-    settings = make(**{**config.values, "kubeconfig": kubeconfig})
+    settings = Settings(**settings_values({**config.values, "kubeconfig": kubeconfig}))
     assert settings.healthz_address == ("0.0.0.0", 10256)
     assert settings.sync_period == 30.0
+
+
+def test_every_field_that_sets_something_names_a_setting() -> None:
+    settings = {setting for _, setting in KUBE_PROXY_FIELDS.values() if setting is not None}
+    assert settings | {setting for _, setting in USERPROXY_FIELDS.values()} <= set(RULES)
+    assert all(setting is not None for _, setting in USERPROXY_FIELDS.values())
 
 
 # --- KubeProxyConfiguration mapping --------------------------------------------------------

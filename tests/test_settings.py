@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shlex
 import socket
 import textwrap
 from dataclasses import dataclass
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from userproxy.cli import build_parser, settings_from
-from userproxy.config import ConfigError, Settings, format_duration
+from userproxy.cli import settings_from
+from userproxy.config import ConfigError, Settings, SettingsValues
+from userproxy.config_rules import format_duration
+from userproxy.demo import DEMO_DEFAULTS
+from userproxy.flags import build_parser
 
 KPC = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
 UPC = "apiVersion: userproxy.io/v1alpha1\nkind: UserProxyConfiguration\n"
@@ -26,225 +30,209 @@ UPC = "apiVersion: userproxy.io/v1alpha1\nkind: UserProxyConfiguration\n"
 @dataclass(frozen=True)
 class Case:
     field: str
-    flags: tuple[str, ...]
+    flags: str  # as typed in a shell
     file: str  # a document: KPC or UPC followed by the field
     expect: object = None  # the field's value ...
     error: str | None = None  # ... or a phrase both errors contain
     source: bool = True  # give --manifests (False: the case is about the source itself)
 
 
-def kpc(body: str) -> str:
-    return KPC + body
+def kpc(field: str) -> str:
+    return f"{KPC}{field}\n"
 
 
-def upc(body: str) -> str:
-    return UPC + body
+def upc(field: str) -> str:
+    return f"{UPC}{field}\n"
 
 
 CASES: dict[str, Case] = {
     # Hostname: trimmed and lowercased (kube-proxy's GetHostname), blank is an error.
     "hostname-normalised": Case(
         "hostname",
-        ("--hostname-override", "  Node-A.Example "),
-        kpc("hostnameOverride: '  Node-A.Example '\n"),
+        "--hostname-override '  Node-A.Example '",
+        kpc("hostnameOverride: '  Node-A.Example '"),
         "node-a.example",
     ),
     "hostname-blank": Case(
-        "hostname", ("--hostname-override", "   "), kpc("hostnameOverride: '   '\n"), error="blank"
+        "hostname", "--hostname-override '   '", kpc("hostnameOverride: '   '"), error="blank"
     ),
     "hostname-empty-is-the-host-name": Case(
         "hostname",
-        ("--hostname-override=",),
-        kpc("hostnameOverride: ''\n"),
+        "--hostname-override=",
+        kpc("hostnameOverride: ''"),
         socket.gethostname().strip().lower(),
     ),
     # nodePortAddresses: keywords expanded, host bits cleared, a bare IP refused.
     "nodeport-addresses": Case(
         "nodeport_addresses",
-        ("--nodeport-addresses", "10.1.2.3/8,primary,localhost"),
-        kpc("nodePortAddresses: [10.1.2.3/8, primary, localhost]\n"),
+        "--nodeport-addresses 10.1.2.3/8,primary,localhost",
+        kpc("nodePortAddresses: [10.1.2.3/8, primary, localhost]"),
         ("10.0.0.0/8", "primary", "127.0.0.0/8", "::1/128"),
     ),
     "nodeport-address-bare-ip": Case(
         "nodeport_addresses",
-        ("--nodeport-addresses", "10.0.0.1"),
-        kpc("nodePortAddresses: [10.0.0.1]\n"),
+        "--nodeport-addresses 10.0.0.1",
+        kpc("nodePortAddresses: [10.0.0.1]"),
         error='"10.0.0.1" is not a CIDR or one of primary, localhost, all',
     ),
     "nodeport-address-empty-item": Case(
         "nodeport_addresses",
-        ("--nodeport-addresses", "10.0.0.0/8,"),
-        kpc("nodePortAddresses: [10.0.0.0/8, '']\n"),
+        "--nodeport-addresses 10.0.0.0/8,",
+        kpc("nodePortAddresses: [10.0.0.0/8, '']"),
         error='"" is not a CIDR',
     ),
     "nodeport-addresses-empty": Case(
-        "nodeport_addresses", ("--nodeport-addresses=",), kpc("nodePortAddresses: []\n"), ()
+        "nodeport_addresses", "--nodeport-addresses=", kpc("nodePortAddresses: []"), ()
     ),
     # Bind addresses: without a port, the default port.
     "healthz-without-port": Case(
         "healthz_bind_address",
-        ("--healthz-bind-address", "0.0.0.0"),
-        kpc("healthzBindAddress: 0.0.0.0\n"),
+        "--healthz-bind-address 0.0.0.0",
+        kpc("healthzBindAddress: 0.0.0.0"),
         "0.0.0.0:10256",
     ),
     "metrics-ipv6-without-port": Case(
         "metrics_bind_address",
-        ("--metrics-bind-address", "::1"),
-        kpc("metricsBindAddress: '::1'\n"),
+        "--metrics-bind-address ::1",
+        kpc("metricsBindAddress: '::1'"),
         "[::1]:10249",
     ),
     "healthz-port-0-off": Case(
         "healthz_bind_address",
-        ("--healthz-bind-address", "127.0.0.1:0"),
-        kpc("healthzBindAddress: 127.0.0.1:0\n"),
+        "--healthz-bind-address 127.0.0.1:0",
+        kpc("healthzBindAddress: 127.0.0.1:0"),
         "127.0.0.1:0",
     ),
     "metrics-not-an-ip": Case(
         "metrics_bind_address",
-        ("--metrics-bind-address", "localhost:9000"),
-        kpc("metricsBindAddress: localhost:9000\n"),
+        "--metrics-bind-address localhost:9000",
+        kpc("metricsBindAddress: localhost:9000"),
         error="'localhost' in 'localhost:9000' is not an IP address",
     ),
     # Empty strings mean the default.
     "kubeconfig-empty": Case(
         "kubeconfig",
-        ("--kubeconfig=",),
-        kpc("clientConnection: {kubeconfig: ''}\n"),
+        "--kubeconfig=",
+        kpc("clientConnection: {kubeconfig: ''}"),
         error="give exactly one source",
         source=False,
     ),
     "service-proxy-name-empty": Case(
-        "service_proxy_name",
-        ("--service-proxy-name", ""),
-        upc("serviceProxyName: ''\n"),
-        None,
+        "service_proxy_name", "--service-proxy-name ''", upc("serviceProxyName: ''"), None
     ),
     "service-proxy-name-not-a-label": Case(
         "service_proxy_name",
-        ("--service-proxy-name", "my proxy"),
-        upc("serviceProxyName: my proxy\n"),
+        "--service-proxy-name 'my proxy'",
+        upc("serviceProxyName: my proxy"),
         error="is not a label value",
     ),
-    "cluster-cidr-empty": Case(
-        "cluster_cidr", ("--cluster-cidr", ""), kpc("clusterCIDR: ''\n"), None
-    ),
-    "loop-empty": Case("loop", ("--loop=",), upc("loop: ''\n"), "auto"),
+    "cluster-cidr-empty": Case("cluster_cidr", "--cluster-cidr ''", kpc("clusterCIDR: ''"), None),
+    "loop-empty": Case("loop", "--loop=", upc("loop: ''"), "auto"),
     "address-device-empty": Case(
-        "address_device", ("--address-device=",), upc("addressDevice: ''\n"), "userproxy0"
+        "address_device", "--address-device=", upc("addressDevice: ''"), "userproxy0"
     ),
     # CIDRs: host bits cleared; a pair must be one of each family.
     "cluster-cidr-host-bits": Case(
         "cluster_cidr",
-        ("--cluster-cidr", "10.244.1.2/16, fd00:10:244::1/56"),
-        kpc("clusterCIDR: '10.244.1.2/16, fd00:10:244::1/56'\n"),
+        "--cluster-cidr '10.244.1.2/16, fd00:10:244::1/56'",
+        kpc("clusterCIDR: '10.244.1.2/16, fd00:10:244::1/56'"),
         "10.244.0.0/16,fd00:10:244::/56",
     ),
     "cluster-cidr-two-ipv4": Case(
         "cluster_cidr",
-        ("--cluster-cidr", "10.0.0.0/8,10.1.0.0/16"),
-        kpc("clusterCIDR: 10.0.0.0/8,10.1.0.0/16\n"),
+        "--cluster-cidr 10.0.0.0/8,10.1.0.0/16",
+        kpc("clusterCIDR: 10.0.0.0/8,10.1.0.0/16"),
         error="has two IPv4 CIDRs",
     ),
     "cluster-cidr-three": Case(
         "cluster_cidr",
-        ("--cluster-cidr", "10.0.0.0/8,fd00::/64,11.0.0.0/8"),
-        kpc("clusterCIDR: 10.0.0.0/8,fd00::/64,11.0.0.0/8\n"),
+        "--cluster-cidr 10.0.0.0/8,fd00::/64,11.0.0.0/8",
+        kpc("clusterCIDR: 10.0.0.0/8,fd00::/64,11.0.0.0/8"),
         error="more than two",
     ),
     # Durations: the same range rule.
-    "sync-period": Case(
-        "sync_period", ("--sync-period", "1m30s"), kpc("syncPeriod: 1m30s\n"), 90.0
-    ),
+    "sync-period": Case("sync_period", "--sync-period 1m30s", kpc("syncPeriod: 1m30s"), 90.0),
     "negative-duration": Case(
-        "sync_period", ("--sync-period=-5s",), kpc("syncPeriod: -5s\n"), error="-5s is negative"
+        "sync_period", "--sync-period=-5s", kpc("syncPeriod: -5s"), error="-5s is negative"
     ),
     "min-sync-over-sync": Case(
         "min_sync_period",
-        ("--sync-period", "10s", "--min-sync-period", "20s"),
-        kpc("iptables: {syncPeriod: 10s, minSyncPeriod: 20s}\n"),
+        "--sync-period 10s --min-sync-period 20s",
+        kpc("iptables: {syncPeriod: 10s, minSyncPeriod: 20s}"),
         error="20s is greater than the sync period (10s)",
     ),
     "idle-timeout-zero": Case(
         "tcp_idle_timeout",
-        ("--tcp-idle-timeout", "0s"),
-        upc("tcpIdleTimeout: 0s\n"),
+        "--tcp-idle-timeout 0s",
+        upc("tcpIdleTimeout: 0s"),
         error="must be greater than 0",
     ),
     "udp-idle-timeout": Case(
-        "udp_idle_timeout", ("--udp-idle-timeout", "250ms"), kpc("udpIdleTimeout: 250ms\n"), 0.25
+        "udp_idle_timeout", "--udp-idle-timeout 250ms", kpc("udpIdleTimeout: 250ms"), 0.25
     ),
     "shutdown-grace-zero-is-real": Case(
-        "shutdown_grace", ("--shutdown-grace", "0s"), upc("shutdownGrace: 0s\n"), 0.0
+        "shutdown_grace", "--shutdown-grace 0s", upc("shutdownGrace: 0s"), 0.0
     ),
     "config-sync-period": Case(
-        "config_sync_period",
-        ("--config-sync-period", "1h"),
-        kpc("configSyncPeriod: 1h\n"),
-        3600.0,
+        "config_sync_period", "--config-sync-period 1h", kpc("configSyncPeriod: 1h"), 3600.0
     ),
     # Counts and choices.
     "max-connections": Case(
-        "max_connections", ("--max-connections", "500"), upc("maxConnections: 500\n"), 500
+        "max_connections", "--max-connections 500", upc("maxConnections: 500"), 500
     ),
     "max-connections-zero": Case(
         "max_connections",
-        ("--max-connections", "0"),
-        upc("maxConnections: 0\n"),
+        "--max-connections 0",
+        upc("maxConnections: 0"),
         error="0 must be at least 1",
     ),
     "udp-session-rate-integer": Case(
         "udp_session_rate",
-        ("--udp-session-rate", "1.5"),
-        upc("udpSessionRate: 1.5\n"),
+        "--udp-session-rate 1.5",
+        upc("udpSessionRate: 1.5"),
         error="is not an integer",
     ),
     "udp-session-rate-off": Case(
-        "udp_session_rate", ("--udp-session-rate", "0"), upc("udpSessionRate: 0\n"), 0
+        "udp_session_rate", "--udp-session-rate 0", upc("udpSessionRate: 0"), 0
     ),
     "service-connection-share": Case(
         "service_connection_share",
-        ("--service-connection-share", "40"),
-        upc("serviceConnectionShare: 40\n"),
+        "--service-connection-share 40",
+        upc("serviceConnectionShare: 40"),
         40,
     ),
     "client-connection-share-over-100": Case(
         "client_connection_share",
-        ("--client-connection-share", "150"),
-        upc("clientConnectionShare: 150\n"),
+        "--client-connection-share 150",
+        upc("clientConnectionShare: 150"),
         error="150 is not a percentage from 1 to 100",
     ),
     "client-connection-share-zero": Case(
         "client_connection_share",
-        ("--client-connection-share", "0"),
-        upc("clientConnectionShare: 0\n"),
+        "--client-connection-share 0",
+        upc("clientConnectionShare: 0"),
         error="0 is not a percentage from 1 to 100",
     ),
     "udp-max-sessions": Case(
-        "udp_max_sessions", ("--udp-max-sessions", "64"), upc("udpMaxSessions: 64\n"), 64
+        "udp_max_sessions", "--udp-max-sessions 64", upc("udpMaxSessions: 64"), 64
     ),
-    "loop-unknown": Case(
-        "loop", ("--loop", "trio"), upc("loop: trio\n"), error='"trio" is not one of'
-    ),
-    "log-level": Case("log_level", ("--log-level", "debug"), upc("logLevel: debug\n"), "debug"),
-    "log-format": Case("log_format", ("--log-format", "json"), upc("logFormat: json\n"), "json"),
+    "loop-unknown": Case("loop", "--loop trio", upc("loop: trio"), error='"trio" is not one of'),
+    "log-level": Case("log_level", "--log-level debug", upc("logLevel: debug"), "debug"),
+    "log-format": Case("log_format", "--log-format json", upc("logFormat: json"), "json"),
     "tcp-fin-timeout": Case(
-        "tcp_fin_timeout", ("--tcp-fin-timeout", "45s"), upc("tcpFinTimeout: 45s\n"), 45.0
+        "tcp_fin_timeout", "--tcp-fin-timeout 45s", upc("tcpFinTimeout: 45s"), 45.0
     ),
     "manage-addresses": Case(
-        "manage_addresses", ("--manage-addresses",), upc("manageAddresses: true\n"), True
+        "manage_addresses", "--manage-addresses", upc("manageAddresses: true"), True
     ),
     "address-device-too-long": Case(
         "address_device",
-        ("--address-device", "a-very-long-device"),
-        upc("addressDevice: a-very-long-device\n"),
+        "--address-device a-very-long-device",
+        upc("addressDevice: a-very-long-device"),
         error="18 characters long; a Linux device name has at most 15 (IFNAMSIZ)",
     ),
     "manifests-empty-path": Case(
-        "manifests",
-        ("--manifests", ""),
-        upc("manifests: ['']\n"),
-        error="an empty path",
-        source=False,
+        "manifests", "--manifests ''", upc("manifests: ['']"), error="an empty path", source=False
     ),
 }
 
@@ -271,7 +259,7 @@ def test_flag_and_file_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, na
     config = tmp_path / "config.yaml"
     config.write_text(textwrap.dedent(case.file))
     source = ["--manifests", str(tmp_path / "m.yaml")] if case.source else []
-    by_flag = outcome(["run", *source, *case.flags])
+    by_flag = outcome(["run", *source, *shlex.split(case.flags)])
     by_file = outcome(["run", *source, "--config", str(config)])
     for how, (kind, result) in (("flag", by_flag), ("file", by_file)):
         if case.error is None:
@@ -298,11 +286,39 @@ def test_file_errors_name_the_field_not_the_flag(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        "run --manifests {m} --hostname-override ' Node-B '",
+        "run --manifests {m} --config {c}",
+        "check --manifests {m} --hostname-override ' Node-B '",
+        "check --manifests {m} --config {c}",
+        "demo --hostname-override ' Node-B '",
+        "demo --config {c}",
+    ],
+)
+def test_hostname_is_trimmed_and_lowercased_on_every_path(tmp_path: Path, command: str) -> None:
+    """``run``, ``check`` and ``demo``, by flag and by file (SIGHUP's reload is ``run``'s
+    path again): one rule, kube-proxy's GetHostname."""
+    (tmp_path / "m.yaml").write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(kpc("hostnameOverride: ' Node-B '"))
+    argv = shlex.split(command.format(m=tmp_path / "m.yaml", c=config))
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        fixed: SettingsValues = {"manifests": (tmp_path,)}
+        settings, _, _ = settings_from(args, defaults=DEMO_DEFAULTS, fixed=fixed)
+    else:
+        settings, _, _ = settings_from(args)
+    assert settings.hostname == "node-b"
+
+
 def test_every_setting_has_a_flag_and_a_rule() -> None:
     from userproxy.config import RULES
 
     internal = {"in_cluster"}  # derived from the environment, not a setting one gives
     assert set(Settings.__dataclass_fields__) - internal == set(RULES)
+    assert set(SettingsValues.__annotations__) == set(Settings.__dataclass_fields__)
 
 
 def test_settings_built_directly_hold_the_rules() -> None:

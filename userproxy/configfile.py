@@ -18,12 +18,18 @@ Rules, matching kube-proxy where it has one (see docs/configuration.md):
   internal config and of the proposed v1alpha2), else the one of the section ``mode`` selects
   (``ipvs``, ``nftables``; anything else: ``iptables``), as kube-proxy itself does.  Every other
   non-zero one is listed as ignored.
+
+Each document has one table (``DOCUMENTS``): dotted field name -> (its ``Kind``: how the YAML
+value is type-checked and converted, and what its Go zero value is; the ``Settings`` field
+it sets, or None).  The range checks are not here: an applied value goes through the
+setting's rule (``config.check_setting``), the one a flag's value goes through.
 """
 
 from __future__ import annotations
 
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -31,32 +37,14 @@ from typing import Final
 
 import yaml
 
-from userproxy.config import (
-    DEFAULT_HEALTHZ_PORT,
-    DEFAULT_METRICS_PORT,
-    ConfigError,
-    check_setting,
-    show,
-)
+from userproxy.config import ConfigError, check_setting
+from userproxy.config_rules import boolean, integer, parse_go_duration, show, string
 
 KUBE_PROXY_KIND: Final = "KubeProxyConfiguration"
 KUBE_PROXY_API_VERSION: Final = "kubeproxy.config.k8s.io/v1alpha1"
 USERPROXY_KIND: Final = "UserProxyConfiguration"
 USERPROXY_API_VERSION: Final = "userproxy.io/v1alpha1"
-API_VERSIONS: Final[Mapping[str, str]] = {
-    KUBE_PROXY_KIND: KUBE_PROXY_API_VERSION,
-    USERPROXY_KIND: USERPROXY_API_VERSION,
-}
-__all__ = [
-    "DEFAULT_HEALTHZ_PORT",
-    "DEFAULT_METRICS_PORT",
-    "KUBE_PROXY_FIELDS",
-    "USERPROXY_FIELDS",
-    "FileConfig",
-    "describe",
-    "load_config_file",
-    "parse_go_duration",
-]
+__all__ = ["KUBE_PROXY_FIELDS", "USERPROXY_FIELDS", "FileConfig", "describe", "load_config_file"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,138 +71,140 @@ def describe(config: FileConfig) -> str:
     return f"applied: {applied}; ignored: {ignored}"
 
 
-# --- Go durations -------------------------------------------------------------------------
-
-_DURATION_UNITS: Final[Mapping[str, float]] = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "\u00b5s": 1e-6,  # micro sign
-    "\u03bcs": 1e-6,  # Greek mu
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DURATION_PART: Final = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+# --- the kinds of field values ---------------------------------------------------------
 
 
-def parse_go_duration(text: str) -> float:
-    """Seconds in a Go ``time.ParseDuration`` string (``1h2m3.5s``, ``250ms``, ``0``).
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """How a field's value is read.  ``read`` checks the YAML value and converts it (a Go
+    duration to seconds, a list to a tuple; ``ValueError``: what is wrong), None for an empty
+    list or map (unset).  ``is_zero`` tells Go's zero value of the type (``false``, ``0``,
+    ``0s``), which kube-proxy replaces by its default: in a KubeProxyConfiguration it is
+    unset too."""
 
-    Raises ``ValueError`` for anything Go rejects.  Negative values are returned as such.
-    """
-    rest, sign = text, 1.0
-    if rest[:1] in ("+", "-"):
-        sign = -1.0 if rest[0] == "-" else 1.0
-        rest = rest[1:]
-    if rest == "0":
-        return 0.0
-    if not rest:
-        raise ValueError(f"invalid duration {text!r}")
-    total, position = 0.0, 0
-    while position < len(rest):
-        match = _DURATION_PART.match(rest, position)
-        if match is None:
-            raise ValueError(f"invalid duration {text!r}")
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        position = match.end()
-    return sign * total
+    read: Callable[[object], object]
+    is_zero: Callable[[object], bool] = operator.not_
 
 
-# --- schemas ------------------------------------------------------------------------------
+def _number(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{show(value)} is not a number")
+    return value
 
-# Value kinds.  "opt" kinds are Go pointers: only null is unset, a zero is a real value.
-_STR, _BOOL, _OPTBOOL, _INT, _OPTINT, _NUMBER = "str", "bool", "optbool", "int", "optint", "num"
-_DURATION, _OPTDURATION, _STRINGS, _GATES, _ANY = "dur", "optdur", "strings", "gates", "any"
+
+def _duration(value: object) -> float:
+    """A Go duration string (``30s``, ``1m0s``), not negative, in seconds."""
+    if isinstance(value, str):
+        try:
+            seconds = parse_go_duration(value)
+        except ValueError:
+            pass
+        else:
+            if seconds < 0:
+                raise ValueError(f"{value} is negative")
+            return seconds
+    raise ValueError(f"{show(value)} is not a duration (like 30s or 1m0s)")
+
+
+def _strings(value: object) -> tuple[str, ...] | None:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{show(value)} is not a list of strings")
+    return tuple(item for item in value if isinstance(item, str)) or None
+
+
+def _gates(value: object) -> object:
+    if not isinstance(value, dict) or not all(
+        isinstance(name, str) and isinstance(on, bool) for name, on in value.items()
+    ):
+        raise ValueError(f"{show(value)} is not a map of feature names to booleans")
+    return value or None
+
+
+def _is_zero(value: object) -> bool:
+    """A Go zero value, looked for recursively (``logging.options`` as kubeadm writes it)."""
+    if value is None or value is False or value in ("", "0", "0s"):
+        return True
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value == 0
+    if isinstance(value, dict):
+        return all(_is_zero(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_is_zero(item) for item in value)
+    return False
+
+
+def _pointer(value: object) -> bool:
+    """A Go pointer (``*int32``, ``*bool``) has no zero value: only null is unset."""
+    return False
+
+
+_STR, _BOOL, _INT, _NUMBER = Kind(string), Kind(boolean), Kind(integer), Kind(_number)
+_OPTBOOL, _OPTINT = Kind(boolean, _pointer), Kind(integer, _pointer)
+_DURATION, _OPTDURATION = Kind(_duration), Kind(_duration, _pointer)
+_STRINGS, _GATES, _ANY = Kind(_strings), Kind(_gates), Kind(lambda value: value, _is_zero)
 
 # One table per document: dotted field name -> (the value's kind, the Settings field it sets,
-# or None when ignored).  The KubeProxyConfiguration's lists every field kube-proxy's v1alpha1
-# has had (current ones, plus removed ones still found in deployed files, plus the top-level
-# sync periods of its internal config); its sync periods are None here because the one that
-# applies depends on ``mode`` (``_SYNC_SECTIONS``).  Each set value goes through the setting's
-# one rule (``config.check_setting``), the same the flag's value goes through.
-KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[str, str | None]]] = {
-    "featureGates": (_GATES, None),
-    "clientConnection.kubeconfig": (_STR, "kubeconfig"),
-    "clientConnection.acceptContentTypes": (_STR, None),
-    "clientConnection.contentType": (_STR, None),
-    "clientConnection.qps": (_NUMBER, None),
-    "clientConnection.burst": (_INT, None),
-    "logging.format": (_STR, None),
-    "logging.flushFrequency": (_ANY, None),
-    "logging.verbosity": (_INT, None),
-    "logging.vmodule": (_ANY, None),
-    "logging.options": (_ANY, None),
-    "hostnameOverride": (_STR, "hostname"),
-    "bindAddress": (_STR, None),
-    "healthzBindAddress": (_STR, "healthz_bind_address"),
-    "metricsBindAddress": (_STR, "metrics_bind_address"),
-    "bindAddressHardFail": (_BOOL, None),
-    "enableProfiling": (_BOOL, None),
-    "showHiddenMetricsForVersion": (_STR, None),
-    "mode": (_STR, None),
-    "syncPeriod": (_DURATION, None),
-    "minSyncPeriod": (_DURATION, None),
-    "iptables.masqueradeBit": (_OPTINT, None),
-    "iptables.masqueradeAll": (_BOOL, None),
-    "iptables.localhostNodePorts": (_OPTBOOL, None),
-    "iptables.snatNodeInternalIP": (_OPTBOOL, None),
-    "iptables.syncPeriod": (_DURATION, None),
-    "iptables.minSyncPeriod": (_DURATION, None),
-    "ipvs.syncPeriod": (_DURATION, None),
-    "ipvs.minSyncPeriod": (_DURATION, None),
-    "ipvs.scheduler": (_STR, None),
-    "ipvs.excludeCIDRs": (_STRINGS, None),
-    "ipvs.strictARP": (_BOOL, None),
-    "ipvs.tcpTimeout": (_DURATION, None),
-    "ipvs.tcpFinTimeout": (_DURATION, None),
-    "ipvs.udpTimeout": (_DURATION, None),
-    "nftables.masqueradeBit": (_OPTINT, None),
-    "nftables.masqueradeAll": (_BOOL, None),
-    "nftables.syncPeriod": (_DURATION, None),
-    "nftables.minSyncPeriod": (_DURATION, None),
-    "winkernel.networkName": (_STR, None),
-    "winkernel.sourceVip": (_STR, None),
-    "winkernel.enableDSR": (_BOOL, None),
-    "winkernel.rootHnsEndpointName": (_STR, None),
-    "winkernel.forwardHealthCheckVip": (_BOOL, None),
-    "detectLocalMode": (_STR, None),
-    "detectLocal.bridgeInterface": (_STR, None),
-    "detectLocal.interfaceNamePrefix": (_STR, None),
-    "clusterCIDR": (_STR, "cluster_cidr"),
-    "nodePortAddresses": (_STRINGS, "nodeport_addresses"),
-    "oomScoreAdj": (_OPTINT, None),
-    "conntrack.max": (_INT, None),
-    "conntrack.maxPerCore": (_OPTINT, None),
-    "conntrack.min": (_OPTINT, None),
-    "conntrack.tcpEstablishedTimeout": (_OPTDURATION, None),
-    "conntrack.tcpCloseWaitTimeout": (_OPTDURATION, None),
-    "conntrack.tcpBeLiberal": (_BOOL, None),
-    "conntrack.udpTimeout": (_DURATION, None),
-    "conntrack.udpStreamTimeout": (_DURATION, None),
-    "configSyncPeriod": (_DURATION, "config_sync_period"),
-    "portRange": (_STR, None),
-    "udpIdleTimeout": (_DURATION, "udp_idle_timeout"),
-    "resourceContainer": (_STR, None),
-    "windowsRunAsService": (_BOOL, None),
+# or None: read, type-checked and listed as ignored).  Each applied value goes through the
+# setting's one rule (``config.check_setting``), as the flag's value does.
+
+#: The fields of kube-proxy's v1alpha1 that a userspace proxy has no use for (current ones,
+#: plus removed ones still found in deployed files), by kind.
+_KUBE_PROXY_IGNORED: Final[Mapping[Kind, str]] = {
+    _STR: "bindAddress clientConnection.acceptContentTypes clientConnection.contentType "
+    "detectLocal.bridgeInterface detectLocal.interfaceNamePrefix detectLocalMode "
+    "ipvs.scheduler logging.format mode portRange resourceContainer "
+    "showHiddenMetricsForVersion winkernel.networkName winkernel.rootHnsEndpointName "
+    "winkernel.sourceVip",
+    _BOOL: "bindAddressHardFail conntrack.tcpBeLiberal enableProfiling iptables.masqueradeAll "
+    "ipvs.strictARP nftables.masqueradeAll windowsRunAsService winkernel.enableDSR "
+    "winkernel.forwardHealthCheckVip",
+    _OPTBOOL: "iptables.localhostNodePorts iptables.snatNodeInternalIP",
+    _INT: "clientConnection.burst conntrack.max logging.verbosity",
+    _OPTINT: "conntrack.maxPerCore conntrack.min iptables.masqueradeBit nftables.masqueradeBit "
+    "oomScoreAdj",
+    _NUMBER: "clientConnection.qps",
+    _DURATION: "conntrack.udpStreamTimeout conntrack.udpTimeout ipvs.tcpFinTimeout "
+    "ipvs.tcpTimeout ipvs.udpTimeout",
+    _OPTDURATION: "conntrack.tcpCloseWaitTimeout conntrack.tcpEstablishedTimeout",
+    _STRINGS: "ipvs.excludeCIDRs",
+    _GATES: "featureGates",
+    _ANY: "logging.flushFrequency logging.options logging.vmodule",
 }
 
-USERPROXY_FIELDS: Final[Mapping[str, tuple[str, str | None]]] = {
-    "manifests": (_STRINGS, "manifests"),
-    "serviceProxyName": (_STR, "service_proxy_name"),
-    "loop": (_STR, "loop"),
-    "logLevel": (_STR, "log_level"),
-    "logFormat": (_STR, "log_format"),
-    "shutdownGrace": (_DURATION, "shutdown_grace"),
-    "tcpFinTimeout": (_DURATION, "tcp_fin_timeout"),
-    "tcpIdleTimeout": (_DURATION, "tcp_idle_timeout"),
-    "maxConnections": (_INT, "max_connections"),
-    "serviceConnectionShare": (_INT, "service_connection_share"),
-    "clientConnectionShare": (_INT, "client_connection_share"),
-    "udpMaxSessions": (_INT, "udp_max_sessions"),
-    "udpSessionRate": (_INT, "udp_session_rate"),
-    "manageAddresses": (_BOOL, "manage_addresses"),
-    "addressDevice": (_STR, "address_device"),
+#: The KubeProxyConfiguration: the fields userproxy applies; the sync periods at the top level
+#: (the layout of kube-proxy's internal config) and in each mode's section, of which one per
+#: setting applies (``_applies``); and the ignored ones.
+KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
+    "clientConnection.kubeconfig": (_STR, "kubeconfig"),
+    "hostnameOverride": (_STR, "hostname"),
+    "healthzBindAddress": (_STR, "healthz_bind_address"),
+    "metricsBindAddress": (_STR, "metrics_bind_address"),
+    "clusterCIDR": (_STR, "cluster_cidr"),
+    "nodePortAddresses": (_STRINGS, "nodeport_addresses"),
+    "configSyncPeriod": (_DURATION, "config_sync_period"),
+    "udpIdleTimeout": (_DURATION, "udp_idle_timeout"),
+    **{
+        f"{section}{name}": (_DURATION, setting)
+        for section in ("", "iptables.", "ipvs.", "nftables.")
+        for name, setting in (("syncPeriod", "sync_period"), ("minSyncPeriod", "min_sync_period"))
+    },
+    **{name: (kind, None) for kind, names in _KUBE_PROXY_IGNORED.items() for name in names.split()},
+}
+
+#: The UserProxyConfiguration's fields, by kind.  Each one sets the setting its name gives in
+#: snake_case (``serviceProxyName``: ``service_proxy_name``).
+_USERPROXY: Final[Mapping[Kind, str]] = {
+    _STRINGS: "manifests",
+    _STR: "serviceProxyName loop logLevel logFormat addressDevice",
+    _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout",
+    _INT: "maxConnections serviceConnectionShare clientConnectionShare udpMaxSessions "
+    "udpSessionRate",
+    _BOOL: "manageAddresses",
+}
+USERPROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
+    name: (kind, re.sub("([A-Z])", r"_\1", name).lower())
+    for kind, names in _USERPROXY.items()
+    for name in names.split()
 }
 
 # Settings that belong in the KubeProxyConfiguration document, for a helpful error.
@@ -234,14 +224,29 @@ _KUBE_PROXY_HOME: Final[Mapping[str, str]] = {
 }
 
 
-def _sections(schema: Mapping[str, tuple[str, str | None]]) -> frozenset[str]:
-    return frozenset(name.rpartition(".")[0] for name in schema if "." in name)
+_MODE_SECTIONS: Final = frozenset({"iptables", "ipvs", "nftables"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Document:
+    """A kind of document: its apiVersion; its table; whether a Go zero value means unset
+    (kube-proxy's defaulting); where its unknown fields belong, for the error."""
+
+    api_version: str
+    fields: Mapping[str, tuple[Kind, str | None]]
+    zero_is_unset: bool
+    hints: Mapping[str, str] = field(default_factory=dict)
+
+
+DOCUMENTS: Final[Mapping[str, _Document]] = {
+    KUBE_PROXY_KIND: _Document(KUBE_PROXY_API_VERSION, KUBE_PROXY_FIELDS, zero_is_unset=True),
+    USERPROXY_KIND: _Document(
+        USERPROXY_API_VERSION, USERPROXY_FIELDS, zero_is_unset=False, hints=_KUBE_PROXY_HOME
+    ),
+}
 
 
 # --- reading ------------------------------------------------------------------------------
-
-
-_show = show
 
 
 def _reject_duplicate_keys(node: yaml.Node, where: str, seen: set[int]) -> None:
@@ -292,31 +297,29 @@ def _read_documents(path: Path) -> list[object]:
     return [document for document in documents if document is not None]
 
 
-# --- generic validation -------------------------------------------------------------------
+# --- checking a document -----------------------------------------------------------------
 
 
 def _flatten(
-    document: Mapping[object, object],
-    schema: Mapping[str, tuple[str, str | None]],
-    sections: frozenset[str],
-    where: str,
+    document: Mapping[object, object], table: _Document, where: str
 ) -> tuple[dict[str, object], list[str]]:
     """The leaf values by dotted name, and the dotted names of unknown fields."""
     leaves: dict[str, object] = {}
     unknown: list[str] = []
+    sections = frozenset(name.rpartition(".")[0] for name in table.fields if "." in name)
 
     def walk(mapping: Mapping[object, object], prefix: str) -> None:
         for key, value in mapping.items():
             if not isinstance(key, str):
-                raise ConfigError(f"{where}.{prefix}{_show(key)}: a field name must be a string")
+                raise ConfigError(f"{where}.{prefix}{show(key)}: a field name must be a string")
             dotted = prefix + key
-            if dotted in schema:
+            if dotted in table.fields:
                 leaves[dotted] = value
             elif dotted in sections:
                 if isinstance(value, dict):
                     walk(value, dotted + ".")
                 elif value is not None:
-                    raise ConfigError(f"{where}.{dotted}: {_show(value)} is not a mapping")
+                    raise ConfigError(f"{where}.{dotted}: {show(value)} is not a mapping")
             else:
                 unknown.append(dotted)
 
@@ -324,172 +327,48 @@ def _flatten(
     return leaves, unknown
 
 
-def _is_zero(value: object) -> bool:
-    """A Go zero value, looked for recursively (``logging.options`` as kubeadm writes it)."""
-    if value is None or value is False or value in ("", "0", "0s"):
-        return True
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value == 0
-    if isinstance(value, dict):
-        return all(_is_zero(item) for item in value.values())
-    if isinstance(value, list):
-        return all(_is_zero(item) for item in value)
-    return False
-
-
-def _duration(value: object, where: str) -> float:
-    if isinstance(value, str):
-        try:
-            seconds = parse_go_duration(value)
-        except ValueError:
-            pass
-        else:
-            if seconds < 0:
-                raise ConfigError(f"{where}: {value} is negative")
-            return seconds
-    raise ConfigError(f"{where}: {_show(value)} is not a duration (like 30s or 1m0s)")
-
-
-def _check(kind: str, value: object, where: str, zero_is_unset: bool) -> object | None:
-    """The value checked against its kind, or None when it counts as unset."""
+def _check(kind: Kind, value: object, where: str, zero_is_unset: bool) -> object | None:
+    """The value read as its kind, or None when it counts as unset."""
     if value is None or (isinstance(value, str) and value == ""):
         return None
-    if kind == _STR:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {_show(value)} is not a string")
-        return value
-    if kind in (_BOOL, _OPTBOOL):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {_show(value)} is not true or false")
-        return None if zero_is_unset and kind == _BOOL and not value else value
-    if kind in (_INT, _OPTINT):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {_show(value)} is not an integer")
-        return None if zero_is_unset and kind == _INT and value == 0 else value
-    if kind == _NUMBER:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: {_show(value)} is not a number")
-        return None if zero_is_unset and value == 0 else value
-    if kind in (_DURATION, _OPTDURATION):
-        seconds = _duration(value, where)
-        return None if zero_is_unset and kind == _DURATION and seconds == 0 else seconds
-    if kind == _STRINGS:
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"{where}: {_show(value)} is not a list of strings")
-        items = tuple(item for item in value if isinstance(item, str))
-        return items or None
-    if kind == _GATES:
-        if not isinstance(value, dict) or not all(
-            isinstance(name, str) and isinstance(on, bool) for name, on in value.items()
-        ):
-            raise ConfigError(f"{where}: {_show(value)} is not a map of feature names to booleans")
-        return value or None
-    return None if zero_is_unset and _is_zero(value) else value
+    try:
+        value = kind.read(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return None if value is None or (zero_is_unset and kind.is_zero(value)) else value
 
 
-def _checked_leaves(
-    document: Mapping[object, object],
-    schema: Mapping[str, tuple[str, str | None]],
-    file: str,
-    kind: str,
-    *,
-    zero_is_unset: bool,
-    hints: Mapping[str, str] | None = None,
+def _set_fields(
+    document: Mapping[object, object], table: _Document, file: str, kind: str
 ) -> dict[str, object]:
     """The set fields of a document, by dotted name, after strict name and type checks."""
     where = f"{file}: {kind}"
-    leaves, unknown = _flatten(document, schema, _sections(schema), where)
+    leaves, unknown = _flatten(document, table, where)
     if unknown:
         names = ", ".join(f"{kind}.{name}" for name in unknown)
         plural = "s" if len(unknown) > 1 else ""
         message = f"{file}: unknown field{plural} {names}"
-        homes = [f"{name} -> {hints[name]}" for name in unknown if hints and name in hints]
+        homes = [f"{name} -> {table.hints[name]}" for name in unknown if name in table.hints]
         if homes:
             message += f" (set in the {KUBE_PROXY_KIND} document: {', '.join(homes)})"
         raise ConfigError(message)
     present: dict[str, object] = {}
     for name, raw in leaves.items():
-        value = _check(schema[name][0], raw, f"{where}.{name}", zero_is_unset)
+        value = _check(table.fields[name][0], raw, f"{where}.{name}", table.zero_is_unset)
         if value is not None:
             present[name] = value
     return present
 
 
-# --- applying the honoured fields ------------------------------------------------------
-
-
-_SYNC_SECTIONS: Final[Mapping[str, str]] = {"ipvs": "ipvs", "nftables": "nftables"}
-
-
-def _apply(
-    setting: str,
-    name: str,
-    value: object,
-    *,
-    where: str,
-    values: dict[str, object],
-    origins: dict[str, str],
-) -> None:
-    """Set ``setting`` from the file field ``name`` (dotted, with its kind) after its rule."""
-    values[setting] = check_setting(setting, value, f"{where}.{name}")
-    origins[setting] = f"{where.partition(': ')[2]}.{name}"
-
-
-def _kube_proxy(
-    document: Mapping[object, object],
-    file: str,
-    values: dict[str, object],
-    origins: dict[str, str],
-) -> tuple[list[str], list[str]]:
-    present = _checked_leaves(
-        document, KUBE_PROXY_FIELDS, file, KUBE_PROXY_KIND, zero_is_unset=True
-    )
-    where = f"{file}: {KUBE_PROXY_KIND}"
-    applied: list[str] = []
+def _applies(name: str, present: Mapping[str, object]) -> bool:
+    """Whether a set field that has a setting is the one applied: a field of a mode's
+    section (``iptables.syncPeriod``) only in the section ``mode`` selects (``ipvs``,
+    ``nftables``, else ``iptables``) and only without the top-level field, as kube-proxy."""
+    section, _, leaf = name.rpartition(".")
+    if section not in _MODE_SECTIONS:
+        return True
     mode = present.get("mode")
-    section = _SYNC_SECTIONS.get(mode, "iptables") if isinstance(mode, str) else "iptables"
-    for name, setting in (("syncPeriod", "sync_period"), ("minSyncPeriod", "min_sync_period")):
-        for candidate in (name, f"{section}.{name}"):
-            if candidate in present:
-                _apply(
-                    setting,
-                    candidate,
-                    present[candidate],
-                    where=where,
-                    values=values,
-                    origins=origins,
-                )
-                applied.append(candidate)
-                break
-    for name, value in present.items():
-        honoured = KUBE_PROXY_FIELDS[name][1]
-        if honoured is not None:
-            _apply(honoured, name, value, where=where, values=values, origins=origins)
-            applied.append(name)
-    ignored = [name for name in present if name not in applied]
-    return applied, ignored
-
-
-def _userproxy(
-    document: Mapping[object, object],
-    file: str,
-    values: dict[str, object],
-    origins: dict[str, str],
-) -> list[str]:
-    present = _checked_leaves(
-        document,
-        USERPROXY_FIELDS,
-        file,
-        USERPROXY_KIND,
-        zero_is_unset=False,
-        hints=_KUBE_PROXY_HOME,
-    )
-    where = f"{file}: {USERPROXY_KIND}"
-    for name, value in present.items():
-        setting = USERPROXY_FIELDS[name][1]
-        assert setting is not None  # every UserProxyConfiguration field is honoured
-        _apply(setting, name, value, where=where, values=values, origins=origins)
-    return list(present)
+    return section == (mode if mode in ("ipvs", "nftables") else "iptables") and leaf not in present
 
 
 def load_config_file(path: Path) -> FileConfig:
@@ -504,28 +383,32 @@ def load_config_file(path: Path) -> FileConfig:
     seen: set[str] = set()
     for number, document in enumerate(documents, start=1):
         if not isinstance(document, dict):
-            raise ConfigError(f"{path}: document {number}: {_show(document)} is not a mapping")
+            raise ConfigError(f"{path}: document {number}: {show(document)} is not a mapping")
         body = dict(document)
         kind, api_version = body.pop("kind", None), body.pop("apiVersion", None)
-        if not isinstance(kind, str) or kind not in API_VERSIONS:
+        if not isinstance(kind, str) or kind not in DOCUMENTS:
             raise ConfigError(
-                f"{path}: document {number}: kind {_show(kind)} is not {KUBE_PROXY_KIND} "
+                f"{path}: document {number}: kind {show(kind)} is not {KUBE_PROXY_KIND} "
                 f"({KUBE_PROXY_API_VERSION}) or {USERPROXY_KIND} ({USERPROXY_API_VERSION})"
             )
-        if api_version != API_VERSIONS[kind]:
+        table = DOCUMENTS[kind]
+        if api_version != table.api_version:
             raise ConfigError(
-                f"{path}: {kind}: apiVersion {_show(api_version)} is not supported "
-                f"(use {API_VERSIONS[kind]})"
+                f"{path}: {kind}: apiVersion {show(api_version)} is not supported "
+                f"(use {table.api_version})"
             )
         if kind in seen:
             raise ConfigError(f"{path}: more than one {kind} document")
         seen.add(kind)
-        if kind == KUBE_PROXY_KIND:
-            kube_applied, kube_ignored = _kube_proxy(body, str(path), values, origins)
-            applied += kube_applied
-            ignored += kube_ignored
-        else:
-            applied += _userproxy(body, str(path), values, origins)
+        present = _set_fields(body, table, str(path), kind)
+        for name, value in present.items():
+            setting = table.fields[name][1]
+            if setting is None or not _applies(name, present):
+                ignored.append(name)
+                continue
+            values[setting] = check_setting(setting, value, f"{path}: {kind}.{name}")
+            origins[setting] = f"{kind}.{name}"
+            applied.append(name)
     return FileConfig(
         values=MappingProxyType(values),
         applied=tuple(sorted(applied)),

@@ -13,14 +13,14 @@ import errno
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 
-from userproxy.config import ConfigError, Settings
+from userproxy.config import ConfigError, Settings, SettingsValues
 from userproxy.proxy import Proxy
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ BACKEND_PORT = 9376
 SERVICE_ADDRESS = ("127.0.50.1", 8080)
 #: The demo's own defaults (flags and the config file still override them): a node name
 #: that matches the demo manifests, and a health server on loopback (one machine).
-DEMO_DEFAULTS: Final[Mapping[str, object]] = {
+DEMO_DEFAULTS: Final[SettingsValues] = {
     "hostname": DEMO_NODE,
     "healthz_bind_address": "127.0.0.1:10256",
 }

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,13 @@ from tests.support.proxyrun import proxy_process, wait_listening
 SERVICE_PORT = 8080
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``python -m userproxy ARGS`` to completion (bounded: 30 s)."""
+    command = [sys.executable, "-m", "userproxy", *args]
     return subprocess.run(
-        [sys.executable, "-m", "userproxy", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=30, check=False
     )
 
 
@@ -43,6 +42,20 @@ apiVersion: v1
 kind: Node
 metadata: {name: some-node}
 """
+_WEB = "{name: web, namespace: shop}"
+
+
+def _service(metadata: str, port: str) -> str:
+    """A Service document at 127.0.80.9 with this ``metadata`` and one ``port``."""
+    return f"""\
+apiVersion: v1
+kind: Service
+metadata: {metadata}
+spec:
+  clusterIP: 127.0.80.9
+  ports: [{port}]
+"""
+
 
 BROKEN: dict[str, tuple[str, list[str]]] = {
     # id: (file content, what the message must say after the file name)
@@ -58,40 +71,15 @@ spec:
         ["line 4", "YAML syntax error"],
     ),
     "missing-name": (
-        _NODE
-        + """\
----
-apiVersion: v1
-kind: Service
-metadata: {namespace: shop}
-spec:
-  clusterIP: 127.0.80.9
-  ports: [{name: http, protocol: TCP, port: 80}]
-""",
+        _NODE + "---\n" + _service("{namespace: shop}", "{name: http, protocol: TCP, port: 80}"),
         ["document 2", "Service shop/", "metadata.name", "required"],
     ),
     "port-out-of-range": (
-        _NODE
-        + """\
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  clusterIP: 127.0.80.9
-  ports: [{name: http, protocol: TCP, port: 70000}]
-""",
+        _NODE + "---\n" + _service(_WEB, "{name: http, protocol: TCP, port: 70000}"),
         ["document 2", "Service shop/web", "spec.ports[0].port", "70000"],
     ),
     "unknown-protocol": (
-        """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  clusterIP: 127.0.80.9
-  ports: [{name: http, protocol: HTTP, port: 80}]
-""",
+        _service(_WEB, "{name: http, protocol: HTTP, port: 80}"),
         ["document 1", "Service shop/web", "spec.ports[0].protocol", "HTTP"],
     ),
     "slice-without-service-label": (
@@ -184,10 +172,11 @@ def test_run_help_of_the_installed_script_exits_0() -> None:
 
 
 def echo_service(
-    tmp_path: Path, host: int
+    tmp_path: Path, host: int, net: int = 80
 ) -> contextlib.AbstractContextManager[tuple[tuple[str, int], Path]]:
-    """An echo Service at 127.0.80.HOST:8080 (backend 127.0.81.HOST)."""
-    return manifests_echo_service(tmp_path, f"127.0.80.{host}", f"127.0.81.{host}", SERVICE_PORT)
+    """An echo Service at 127.0.NET.HOST:8080 (backend 127.0.NET+1.HOST)."""
+    service, backend = f"127.0.{net}.{host}", f"127.0.{net + 1}.{host}"
+    return manifests_echo_service(tmp_path, service, backend, SERVICE_PORT)
 
 
 def exchange(sock: socket.socket, data: bytes) -> bytes:
@@ -221,21 +210,35 @@ def output_of(proc: subprocess.Popen[str]) -> str:
     return proc.stdout.read()
 
 
-def test_sigterm_stops_accepting_and_lets_open_connections_finish(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def signalled_with_a_connection_open(
+    service: contextlib.AbstractContextManager[tuple[tuple[str, int], Path]],
+    grace: str,
+    signum: signal.Signals = signal.SIGTERM,
+) -> Iterator[tuple[subprocess.Popen[str], socket.socket, tuple[str, int]]]:
+    """``userproxy run --shutdown-grace GRACE`` serving the echo ``service``, a connection
+    through it that has echoed, then ``signum`` sent: yields the process, that connection
+    and the Service's address."""
     with (
-        echo_service(tmp_path, 1) as (address, manifests),
-        proxy_process(["run", "--manifests", str(manifests), "--shutdown-grace", "5s"]) as proc,
+        service as (address, manifests),
+        proxy_process(["run", "--manifests", str(manifests), "--shutdown-grace", grace]) as proc,
     ):
         wait_listening(address)
-        with socket.create_connection(address, timeout=5) as conn:
-            assert exchange(conn, b"before") == b"before"
-            proc.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            assert wait_refused(address, timeout=3) < 3
-            # The open connection goes on working, in both directions, then half-closes.
-            assert exchange(conn, b"during the grace") == b"during the grace"
-            conn.shutdown(socket.SHUT_WR)
-            assert recv_all(conn) == b""
+        with socket.create_connection(address, timeout=10) as conn:
+            assert exchange(conn, b"hello") == b"hello"
+            proc.send_signal(signum)
+            yield proc, conn, address
+
+
+def test_sigterm_stops_accepting_and_lets_open_connections_finish(tmp_path: Path) -> None:
+    with signalled_with_a_connection_open(echo_service(tmp_path, 1), "5s") as (proc, conn, address):
+        signalled = time.monotonic()
+        assert wait_refused(address, timeout=3) < 3
+        # The open connection goes on working, in both directions, then half-closes.
+        assert exchange(conn, b"during the grace") == b"during the grace"
+        conn.shutdown(socket.SHUT_WR)
+        assert recv_all(conn) == b""
+        conn.close()
         returncode = proc.wait(timeout=5)
         elapsed = time.monotonic() - signalled
         assert returncode == 0, output_of(proc)
@@ -244,20 +247,14 @@ def test_sigterm_stops_accepting_and_lets_open_connections_finish(tmp_path: Path
 
 
 def test_connection_left_open_is_closed_when_the_grace_ends(tmp_path: Path) -> None:
-    with (
-        echo_service(tmp_path, 2) as (address, manifests),
-        proxy_process(["run", "--manifests", str(manifests), "--shutdown-grace", "1s"]) as proc,
-    ):
-        wait_listening(address)
-        with socket.create_connection(address, timeout=10) as conn:
-            assert exchange(conn, b"hello") == b"hello"
-            proc.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            try:
-                rest = recv_all(conn)  # blocks until the proxy closes the connection
-            except ConnectionResetError:
-                rest = b""
-            closed_after = time.monotonic() - signalled
+    with signalled_with_a_connection_open(echo_service(tmp_path, 2), "1s") as (proc, conn, _):
+        signalled = time.monotonic()
+        try:
+            rest = recv_all(conn)  # blocks until the proxy closes the connection
+        except ConnectionResetError:
+            rest = b""
+        closed_after = time.monotonic() - signalled
+        conn.close()
         assert rest == b""
         assert 0.9 <= closed_after < 5, closed_after
         returncode = proc.wait(timeout=5)
@@ -268,17 +265,9 @@ def test_connection_left_open_is_closed_when_the_grace_ends(tmp_path: Path) -> N
 
 def test_log_format_json_writes_json_lines_to_stderr(tmp_path: Path) -> None:
     with echo_service(tmp_path, 3) as (address, manifests):
+        args = ["run", "--manifests", str(manifests), "--log-format", "json"]
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "userproxy",
-                "run",
-                "--manifests",
-                str(manifests),
-                "--log-format",
-                "json",
-            ],
+            [sys.executable, "-m", "userproxy", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

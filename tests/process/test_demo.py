@@ -10,7 +10,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.process.test_cli import wait_refused
 from tests.support.proxyrun import proxy_process, wait_listening
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,18 +58,6 @@ def replace_slice(directory: Path, endpoints: list[Any]) -> float:
     tmp.write_text(yaml.safe_dump(document))
     os.replace(tmp, path)
     return time.monotonic()
-
-
-def wait_refused(deadline: float) -> float:
-    """Connect until refused (or ``deadline``); returns the monotonic time of the refusal."""
-    while True:
-        try:
-            socket.create_connection((HOST, PORT), timeout=1).close()
-        except ConnectionRefusedError:
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{HOST}:{PORT} still accepts connections")
-        time.sleep(0.02)
 
 
 def wait_answering(deadline: float) -> str:
@@ -138,8 +126,9 @@ def test_demo_follows_manifest_edits_survives_sighup_and_stops_on_sigint(
 
     # No endpoints: connections are refused.
     written = replace_slice(demo_dir, [])
-    refused_at = wait_refused(deadline=written + 5)
-    assert refused_at - written <= 1.0, refused_at - written
+    wait_refused((HOST, PORT), timeout=5)
+    refused_after = time.monotonic() - written
+    assert refused_after <= 1.0, refused_after
     with pytest.raises(ConnectionRefusedError):
         get_new()
 

@@ -10,33 +10,35 @@ Addresses: Services on 127.0.86.N:8080, backends on 127.0.87.N, the metrics serv
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
-from tests.process.test_cli import exchange, output_of, wait_refused
-from tests.support.manifests import echo_service as manifests_echo_service
+from tests.process.test_cli import echo_service as cli_echo_service
+from tests.process.test_cli import (
+    exchange,
+    output_of,
+    run_cli,
+    signalled_with_a_connection_open,
+    wait_refused,
+)
 from tests.support.proxyrun import free_port, proxy_process, wait_listening
 
 METRICS_IP = "127.0.86.200"
-SERVICE_PORT = 8080
 
 
-def echo_service(
-    tmp_path: Path, host: int
-) -> contextlib.AbstractContextManager[tuple[tuple[str, int], Path]]:
+def echo_service(tmp_path: Path, host: int) -> AbstractContextManager[tuple[tuple[str, int], Path]]:
     """An echo Service at 127.0.86.HOST:8080 (backend 127.0.87.HOST)."""
-    return manifests_echo_service(tmp_path, f"127.0.86.{host}", f"127.0.87.{host}", SERVICE_PORT)
+    return cli_echo_service(tmp_path, host, net=86)
 
 
 @pytest.mark.parametrize(
@@ -48,27 +50,21 @@ def test_a_second_signal_during_the_grace_exits_at_once(
     tmp_path: Path, first: signal.Signals, second: signal.Signals
 ) -> None:
     host = 1 if first == signal.SIGINT else 2
-    with (
-        echo_service(tmp_path, host) as (address, manifests),
-        proxy_process(["run", "--manifests", str(manifests), "--shutdown-grace", "30s"]) as proc,
-    ):
-        wait_listening(address)
-        with socket.create_connection(address, timeout=10) as conn:
-            assert exchange(conn, b"hello") == b"hello"
-            proc.send_signal(first)
-            wait_refused(address, timeout=5)  # the shutdown has begun...
-            # ... and the open connection keeps the 30 s grace period going.
-            assert exchange(conn, b"still here") == b"still here"
-            assert proc.poll() is None
-            proc.send_signal(second)
-            signalled = time.monotonic()
-            returncode = proc.wait(timeout=10)
-            exited_after = time.monotonic() - signalled
-            conn.settimeout(5)
-            try:
-                rest = conn.recv(100)
-            except ConnectionResetError:
-                rest = b""
+    service = echo_service(tmp_path, host)
+    with signalled_with_a_connection_open(service, "30s", first) as (proc, conn, address):
+        wait_refused(address, timeout=5)  # the shutdown has begun...
+        # ... and the open connection keeps the 30 s grace period going.
+        assert exchange(conn, b"still here") == b"still here"
+        assert proc.poll() is None
+        proc.send_signal(second)
+        signalled = time.monotonic()
+        returncode = proc.wait(timeout=10)
+        exited_after = time.monotonic() - signalled
+        conn.settimeout(5)
+        try:
+            rest = conn.recv(100)
+        except ConnectionResetError:
+            rest = b""
         output = output_of(proc)
     assert exited_after < 1.0, (exited_after, output)
     assert returncode == 128 + second, output
@@ -195,20 +191,10 @@ def test_sighup_never_ends_a_proxy_without_a_config_file(tmp_path: Path) -> None
     assert "applied none; nothing needs a restart" in output, output
 
 
-def run_cleanup(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "userproxy", "cleanup", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 def test_cleanup_help_and_an_invalid_device_name() -> None:
     """The netlink part is tested in a network namespace (tests/netns/test_cleanup.py)."""
-    assert run_cleanup("--help").returncode == 0
-    result = run_cleanup("--address-device", "x" * 16)
+    assert run_cli("cleanup", "--help").returncode == 0
+    result = run_cli("cleanup", "--address-device", "x" * 16)
     assert result.returncode == 2, result.stderr
     assert "--address-device" in result.stderr
     assert "Traceback" not in result.stderr

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.process.test_cli import run_cli as run_userproxy
 from tests.support.backends import Backend, echo
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import free_port, proxy_process, wait_listening
@@ -52,15 +52,9 @@ def env_without_cluster(**extra: str) -> dict[str, str]:
 def run_cli(
     args: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "userproxy", *args],
-        cwd=cwd,
-        env=env if env is not None else env_without_cluster(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    """``python -m userproxy ARGS`` to completion, without any cluster settings in its
+    environment unless ``env`` is given."""
+    return run_userproxy(*args, cwd=cwd, env=env if env is not None else env_without_cluster())
 
 
 def child(
