@@ -37,12 +37,8 @@ from userproxy.model import (
     ServiceKey,
     ServiceType,
 )
-from userproxy.sources.manifest_files import (
-    MAX_SHOWN_PROBLEMS,
-    ManifestError,
-    ManifestState,
-    load_manifests,
-)
+from userproxy.sources.manifest_files import ManifestState, load_manifests
+from userproxy.sources.manifest_read import MAX_SHOWN_PROBLEMS, ManifestError
 from userproxy.sources.manifest_warnings import summarize
 from userproxy.sources.manifests import deliver_all
 

@@ -32,7 +32,8 @@ from tests.sources.test_manifest_limits import BAD, write_bad
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import eventually, proxy_process, running_proxy, wait_listening
-from userproxy.sources.manifest_files import FileContents, ManifestError, parse_documents
+from userproxy.sources.manifest_files import FileContents
+from userproxy.sources.manifest_read import ManifestError, parse_documents
 
 PORT = 8080
 

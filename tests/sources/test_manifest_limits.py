@@ -27,15 +27,15 @@ from tests.sources.test_manifests import (
     write_text,
     write_yaml,
 )
-from userproxy.sources import manifests
-from userproxy.sources.manifest_files import (
+from userproxy.sources import manifest_worker
+from userproxy.sources.manifest_files import load_manifests
+from userproxy.sources.manifest_read import (
     MAX_FILE_BYTES,
     MAX_PROBLEM_CHARS,
     MAX_SHOWN_PROBLEMS,
     MAX_TOTAL_BYTES,
     ManifestError,
     list_manifest_files,
-    load_manifests,
     read_manifest_file,
 )
 from userproxy.sources.manifests import INLINE_BYTES
@@ -456,7 +456,7 @@ async def test_a_child_that_dies_is_a_reload_error(
     fx: Fixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fx.source.initial_load()
-    monkeypatch.setattr(manifests, "_WORKER_CODE", "import os; os.kill(os.getpid(), 9)")
+    monkeypatch.setattr(manifest_worker, "_WORKER_CODE", "import os; os.kill(os.getpid(), 9)")
     big_manifest(fx.dir / "bulk.yaml", 500)
     await fx.source.poll()
     assert [str(e) for e in fx.errors] == [
@@ -468,8 +468,8 @@ async def test_a_child_that_hangs_is_killed_after_the_timeout(
     fx: Fixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fx.source.initial_load()
-    monkeypatch.setattr(manifests, "_WORKER_CODE", "import time; time.sleep(60)")
-    monkeypatch.setattr(manifests, "WORKER_TIMEOUT", 0.5)
+    monkeypatch.setattr(manifest_worker, "_WORKER_CODE", "import time; time.sleep(60)")
+    monkeypatch.setattr(manifest_worker, "WORKER_TIMEOUT", 0.5)
     big_manifest(fx.dir / "bulk.yaml", 500)
     before = _children()
     await fx.source.poll()
@@ -495,7 +495,7 @@ async def test_a_child_that_sends_garbage_is_a_reload_error(
 ) -> None:
     fx.source.initial_load()
     garbage = "import sys; sys.stdout.buffer.write(bytes([0, 0, 0, 5]) + b'hello')"
-    monkeypatch.setattr(manifests, "_WORKER_CODE", garbage)
+    monkeypatch.setattr(manifest_worker, "_WORKER_CODE", garbage)
     big_manifest(fx.dir / "bulk.yaml", 500)
     await fx.source.poll()
     assert [str(e) for e in fx.errors] == [
