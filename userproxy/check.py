@@ -81,20 +81,14 @@ def add_check_parser(commands: argparse._SubParsersAction[_P]) -> None:
         "for the settings that change what is served (hostnameOverride, nodePortAddresses, "
         "the service proxy name); flags override it",
     )
-    parser.add_argument(
-        "--hostname-override",
-        dest="hostname",
-        default=argparse.SUPPRESS,
-        metavar="NAME",
-        help="this node's name (Local traffic policies, topology hints)",
-    )
-    parser.add_argument(
-        "--service-proxy-name",
-        dest="service_proxy_name",
-        default=argparse.SUPPRESS,
-        metavar="NAME",
-        help="check only objects labelled service.kubernetes.io/service-proxy-name=NAME",
-    )
+    # Absent flags (SUPPRESS) leave the config file's value, as `run`'s flags do.
+    for name, dest, text in (
+        ("--hostname-override", "hostname",
+         "this node's name (Local traffic policies, topology hints)"),
+        ("--service-proxy-name", "service_proxy_name",
+         "check only objects labelled service.kubernetes.io/service-proxy-name=NAME"),
+    ):  # fmt: skip
+        parser.add_argument(name, dest=dest, default=argparse.SUPPRESS, metavar="NAME", help=text)
 
 
 def check_command(args: argparse.Namespace, out: TextIO | None = None) -> int:

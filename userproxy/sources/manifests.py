@@ -42,6 +42,7 @@ from typing import TypeVar
 from userproxy.control.handlers import Handlers
 from userproxy.model import Node
 from userproxy.slices import Slicer
+from userproxy.sources.diff import deliver_diff
 from userproxy.sources.inotify import Inotify, watch_directories
 from userproxy.sources.manifest_files import (
     ManifestCache,
@@ -134,6 +135,12 @@ def _own_node(state: ManifestState, node_name: str) -> dict[str, Node]:
     return {node_name: node} if node is not None else {}
 
 
+def _woken(notify: Inotify, wake: asyncio.Event) -> None:
+    """inotify saw a change: empty its queue (so the reader fires once per burst), poll."""
+    notify.drain()
+    wake.set()
+
+
 class ManifestSource:
     """Feeds the handlers from manifest files and follows changes to them.
 
@@ -212,20 +219,14 @@ class ManifestSource:
             self.initial_load()
         loop = asyncio.get_running_loop()
         wake = self._wake = asyncio.Event()
+        notify: Inotify | None = None
         try:
-            notify: Inotify | None = Inotify(watch_directories(self._paths))
+            notify = Inotify(watch_directories(self._paths))
         except OSError as exc:
-            notify = None
             logger.info("no inotify (%s): polling the manifests every %.1fs", exc,
                         self._poll_interval)  # fmt: skip
-        if notify is not None:
-            watcher = notify
-
-            def changed() -> None:
-                watcher.drain()
-                wake.set()
-
-            loop.add_reader(watcher.fileno(), changed)
+        else:
+            loop.add_reader(notify.fileno(), _woken, notify, wake)
         try:
             while True:
                 # With inotify, polling is only the fallback (and the re-reads of files
@@ -362,13 +363,12 @@ class ManifestSource:
             handlers.on_endpointslice_delete,
             slicer=slicer,
         )
-        calls += await _deliver_sliced(
+        calls += deliver_diff(  # one Node at most: no slices needed
             _own_node(old, self._node_name),
             _own_node(state, self._node_name),
             handlers.on_node_add,
             handlers.on_node_update,
             handlers.on_node_delete,
-            slicer=slicer,
         )
         self._state = state
         logger.log(
