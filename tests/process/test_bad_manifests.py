@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from tests.process.test_cli import output_of, run_cli
-from tests.sources.test_manifest_limits import BAD, write_bad
 from tests.support.backends import Backend, ask, name_server
+from tests.support.manifest_cases import BAD, write_bad
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import eventually, proxy_process, running_proxy, wait_listening
 from userproxy.sources.manifest_files import FileContents

@@ -4,14 +4,14 @@ edit visible at once even when the fallback poll is slow."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.sources.test_manifests import (
+from tests.support.manifest_cases import (
     RecordingHandlers,
+    age,
     endpoint_slice,
     service,
     write_yaml,
@@ -25,19 +25,12 @@ from userproxy.sources.manifests import (
 )
 
 
-def age(path: Path, seconds: float = 5.0) -> None:
-    """Backdate a file so its stat is trusted (files modified within 1 s are re-read)."""
-    then = time.time() - seconds
-    os.utime(path, (then, then))
-
-
 def test_only_changed_files_are_read_again(tmp_path: Path) -> None:
     files = [
         write_yaml(tmp_path / f"svc-{i}.yaml", service(f"s{i}", cluster_ip=f"10.96.0.{i + 1}"))
         for i in range(20)
     ]
-    for path in files:
-        age(path)
+    age(*files)
     cache = ManifestCache()
     first = load_manifests([tmp_path], cache=cache)
     assert cache.reads == 20
