@@ -23,7 +23,7 @@ import pytest
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifest_cases import documents, service_yaml, slice_yaml
 from tests.support.manifests import endpoint_slice, service, write
-from tests.support.proxyrun import running_proxy, wait_for_sync
+from tests.support.proxyrun import eventually, running_proxy, wait_for_sync
 
 pytestmark = pytest.mark.both_loops
 
@@ -154,7 +154,10 @@ async def test_broken_edit_keeps_the_last_good_state_until_fixed(
         for part in expected:
             assert part in message, (part, message)
         # Still serving the last good state, after several more polls of the broken file.
-        await asyncio.sleep(0.3)
+        source = proxy.manifests
+        assert source is not None
+        polls = source.polls + 3
+        await eventually(lambda: source.polls >= polls, what="3 more polls")
         assert await asyncio.to_thread(ask, scene.address) == "b1"
         assert proxy.proxier.status.syncs == syncs
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -265,7 +265,7 @@ async def test_running_source_keeps_the_last_good_state(running: Fixture, case: 
     await eventually(lambda: len(fx.errors) == 1, within=10)
     assert str(fx.errors[0]).startswith(f"{path}: "), str(fx.errors[0])
     assert expected in str(fx.errors[0])
-    await asyncio.sleep(0.2)
+    await fx.polled()
     assert fx.handlers.calls == []
     assert fx.source.state is before
 
@@ -288,7 +288,7 @@ async def test_running_source_skips_a_fifo_and_applies_the_rest(
         await eventually(lambda: key("web") not in fx.state().services, within=10)
         write_yaml(fx.dir / "api.yaml", service("api", cluster_ip="10.96.0.2", port=90))
         await eventually(lambda: fx.state().services[key("api")].ports[0].port == 90, within=10)
-        await asyncio.sleep(0.3)
+        await fx.polled()
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert skipped == [f"manifest skipped: {web}: not a regular file (a FIFO)"]  # once
     assert fx.errors == []

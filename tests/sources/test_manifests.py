@@ -367,7 +367,7 @@ async def test_edit_delivers_exactly_the_update(running: Fixture) -> None:
     await fx.wait(lambda: bool(fx.handlers.calls))
     new = fx.state().services[key("web")]
     assert new.ports == (ServicePort("http", Protocol.TCP, 8080),)
-    await asyncio.sleep(0.5)  # nothing else follows (re-reads of a fresh file change nothing)
+    await fx.polled()  # nothing else follows (re-reads of a fresh file change nothing)
     assert fx.handlers.take() == [("service_update", old, new)]
     assert fx.reloads == 1
     assert fx.errors == []
@@ -429,7 +429,7 @@ async def test_broken_edit_keeps_state_and_fix_applies(
 
     write_yaml(path, service("web", port=81), endpoint_slice("web-1", "web"))
     await fx.wait(lambda: bool(fx.handlers.calls))
-    await asyncio.sleep(0.3)
+    await fx.polled()
     new = fx.state().services[key("web")]
     assert fx.handlers.take() == [("service_update", before.services[key("web")], new)]
     assert new.ports[0].port == 81
@@ -453,7 +453,7 @@ async def test_adding_a_file_adds_its_objects(running: Fixture) -> None:
     write_yaml(fx.dir / "new.json.yaml", service("new", cluster_ip="10.96.0.9"))
     write_text(fx.dir / "ignored.txt", "not a manifest")
     await fx.wait(lambda: bool(fx.handlers.calls))
-    await asyncio.sleep(0.3)
+    await fx.polled()
     assert fx.handlers.take() == [("service_add", fx.state().services[key("new")])]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.proxyrun import eventually
 from userproxy.model import EndpointSlice, Node, Service, ServiceKey
 from userproxy.sources.manifests import (
     ManifestError,
@@ -324,6 +325,12 @@ class Fixture:
 
     async def wait(self, predicate: Callable[[], bool]) -> None:
         await wait_until(predicate, self.handlers.event)
+
+    async def polled(self, count: int = 2) -> None:
+        """Wait for ``count`` more polls: what has not happened by then is not coming (a
+        freshly written file is polled every 0.2 s, so this is quick)."""
+        polls = self.source.polls + count
+        await eventually(lambda: self.source.polls >= polls, within=10, what=f"{count} polls")
 
     def state(self) -> ManifestState:
         state = self.source.state

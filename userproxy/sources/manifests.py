@@ -180,7 +180,9 @@ class ManifestSource:
         self._last_error: str | None = None
         self._skipped: tuple[str, ...] = ()
         self._warnings = WarningLog(logger)
-        #: How many reloads went through a child process (for tests and diagnostics).
+        #: How many polls ran and how many reloads went through a child process (for tests,
+        #: which wait for the next polls instead of sleeping, and diagnostics).
+        self.polls = 0
         self.worker_reads = 0
         #: Set by request_reload(): the next poll re-reads every file, changed or not.
         self._forced = False
@@ -258,6 +260,7 @@ class ManifestSource:
 
     async def poll(self) -> None:
         """Check the paths once and reload if they changed (what :meth:`run` repeats)."""
+        self.polls += 1
         listing = list_manifest_files(self._paths)
         changed = listing != self._listing
         forced, self._forced = self._forced, False
