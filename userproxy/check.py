@@ -148,9 +148,8 @@ def check(settings: Settings, out: TextIO) -> int:
         state = load_manifests(settings.manifests, settings.service_proxy_name)
     except ManifestError as exc:
         print(f"userproxy: invalid manifests:\n{exc}", file=sys.stderr)
-        count = len(exc.problems)
         out.write(
-            f"userproxy check: {count} problem{'s' if count != 1 else ''} in the manifests; "
+            f"userproxy check: {_count(len(exc.problems), 'problem')} in the manifests; "
             "invalid, nothing would be served\n"
         )
         return 2
@@ -195,16 +194,19 @@ def _report(
             yield f"skipped: {entry}"
     warnings = len(state.warnings)
     if warnings:
-        yield f"{warnings} warning{'s' if warnings != 1 else ''}:"
+        yield f"{_count(warnings, 'warning')}:"
         for line in summarize(state.warnings, MAX_SHOWN_PROBLEMS):
             yield f"  {line}"
     yield (
-        f"userproxy check: valid: {served} Service{'s' if served != 1 else ''} served on "
-        f"{len(addresses)} address{'es' if len(addresses) != 1 else ''}, "
-        f"{unproxied} not proxied, {len(state.slices)} EndpointSlice"
-        f"{'s' if len(state.slices) != 1 else ''}, {warnings} warning"
-        f"{'s' if warnings != 1 else ''}"
+        f"userproxy check: valid: {_count(served, 'Service')} served on "
+        f"{_count(len(addresses), 'address', 'addresses')}, {unproxied} not proxied, "
+        f"{_count(len(state.slices), 'EndpointSlice')}, {_count(warnings, 'warning')}"
     )
+
+
+def _count(n: int, noun: str, plural: str = "") -> str:
+    """ "1 warning", "2 warnings" ("2 addresses" with ``plural``)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _why_not(service: Service) -> str:

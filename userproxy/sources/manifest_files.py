@@ -70,7 +70,7 @@ def _frozen_map(items: Mapping[_K, _V] | None = None) -> Mapping[_K, _V]:
     return MappingProxyType(dict(items or {}))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManifestState:
     """Every selected object the manifests define.
 
@@ -89,6 +89,10 @@ class ManifestState:
     skipped: tuple[str, ...] = ()
     warnings: tuple[ManifestWarning, ...] = ()
     locations: Mapping[tuple[str, str, str], str] = field(default_factory=_frozen_map)
+
+    def with_warnings(self, found: Sequence[ManifestWarning]) -> ManifestState:
+        """This state with ``found`` (say, the checks across objects) added to its warnings."""
+        return dataclasses.replace(self, warnings=(*self.warnings, *found)) if found else self
 
 
 # --------------------------------------------------------------------------- one file
@@ -342,12 +346,8 @@ def merge(listing: FileList, collectors: Sequence[FileContents]) -> ManifestStat
 
 def with_cross_checks(state: ManifestState) -> ManifestState:
     """``state`` with the warnings that need more than one object added (in this thread)."""
-    found = [
-        warning
-        for warning in cross_check(state.services, state.slices, state.locations)
-        if warning is not None
-    ]
-    return dataclasses.replace(state, warnings=(*state.warnings, *found)) if found else state
+    checks = cross_check(state.services, state.slices, state.locations)
+    return state.with_warnings([warning for warning in checks if warning is not None])
 
 
 def load_manifests(

@@ -1,7 +1,9 @@
 """Reading manifest files: which files a set of paths names, their bytes, their documents.
 
 The first half of loading manifests (``manifest_files.py`` turns the documents into
-userproxy's model objects).  Invariants, whatever is on disk:
+userproxy's model objects).  A directory is read as ``kubectl apply -f DIR`` reads one
+(cli-runtime's ExpandPathsToFileVisitors): its ``*.yaml``, ``*.yml`` and ``*.json`` files,
+not recursively, in name order.  Invariants, whatever is on disk:
 
 - Only regular files are opened, and only with ``O_NONBLOCK``: a FIFO, socket or device
   (named explicitly, or replacing a file between the listing and the read) is reported as

@@ -33,7 +33,6 @@ Invariants of a reload (the event loop keeps serving connections while it runs):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -301,7 +300,7 @@ class ManifestSource:
                 await slicer.tick()
             else:
                 found.append(warning)
-        return dataclasses.replace(state, warnings=(*state.warnings, *found)) if found else state
+        return state.with_warnings(found)
 
     async def _reload(self, listing: FileList, *, changed: bool) -> None:
         try:
