@@ -4,6 +4,7 @@ edit visible at once even when the fallback poll is slow."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -75,3 +76,20 @@ async def test_inotify_sees_an_edit_before_the_slow_poll(tmp_path: Path) -> None
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_requested_reload_reads_a_file_whose_stat_did_not_change(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "web.yaml", service("web", port=80))
+    age(path)
+    handlers = RecordingHandlers()
+    source = ManifestSource([tmp_path], handlers, node_name="n")
+    source.initial_load()
+    handlers.take()
+    before = path.stat()
+    write_yaml(path, service("web", port=81))  # same size, same inode
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime: cp -p
+    await source.poll()
+    assert handlers.calls == []  # stat says nothing changed: nothing is read
+    source.request_reload()  # SIGHUP
+    await source.poll()
+    assert [call[0] for call in handlers.take()] == ["service_update"]
