@@ -1,33 +1,28 @@
 """The manifest source: Services, EndpointSlices and Nodes from files, followed as they change.
 
-Loading files is ``manifest_read.py`` (which files, their bytes, their documents) and
-``manifest_files.py`` (the model objects, the per-file cache); this module delivers a
-:class:`ManifestState` through the handler interface and then polls the files (woken at
-once by inotify where it works), reloading what changed and delivering only the
-differences.  A broken edit keeps the last good state.  Like a Kubernetes informer
-(client-go's reflector, ``kubernetes.py``) it hands the handlers adds, updates and deletes
-and then ``*_synced``; unlike one, a relist is a poll of ``stat``.
+Loading is ``manifest_read.py`` (which files, their bytes, their documents) and
+``manifest_files.py`` (model objects, the per-file cache).  This module delivers a
+:class:`ManifestState` through the handler interface, adds and then ``*_synced`` as an
+informer does (client-go's reflector, ``kubernetes.py``), and then polls the files (woken
+at once by inotify where it works), delivering only the differences of each reload.
 
 Invariants of a reload (the event loop keeps serving connections while it runs):
 
-- A poll compares two :class:`~userproxy.sources.manifest_read.FileList` s (names and
-  stamps); only when they differ (or a file is too fresh to trust its stamp, or a reload
-  was requested) does it reload, and then only the stale files are read again
-  (``manifest_read.is_stale``, the one answer to "must this file be read again?").
+- A poll lists the files with their stamps; only when the listing differs from the last
+  one (or a file is too fresh to trust its stamp, or a reload was requested) does it
+  reload, and then only the stale files are read (``manifest_read.is_stale``).
 - The loop is never held for long.  Files to re-read totalling at most
-  :data:`INLINE_BYTES` are parsed on the loop (a few milliseconds).  Larger ones are read,
-  parsed and validated by a child process (``manifest_worker.read_in_worker``).  The
-  differences are delivered to the handlers in slices of at most
-  ``userproxy.slices.SLICE_SECONDS``, yielding to the loop in between.  (So, as with a
-  Kubernetes watch, the proxier may sync between two slices of one large reload.)
-- Nothing blocks: files are opened only when regular, with ``O_NONBLOCK``.
+  :data:`INLINE_BYTES` are parsed on the loop (a few milliseconds); larger ones by a
+  child process (``manifest_worker.read_in_worker``).  The differences are delivered in
+  slices (``userproxy.slices``), yielding to the loop in between, so, as with a
+  Kubernetes watch, the proxier may sync between two slices of one large reload.
 - A failed reload (any problem, or the child failing) keeps the last good state; the
   bounded error is logged once per distinct failure.  Directory entries that are not
   regular files (a FIFO ...) are skipped and logged as errors once; the other files work.
 - Valid objects that would be dropped without a word (``manifest_warnings.py``) are
-  logged as warnings naming file, document and object: each distinct one once, not at
-  every reload, at most ``LOGGED_PER_CATEGORY`` lines per category and reload.  The checks
-  across objects run in slices too.
+  logged as warnings naming file, document and object: each distinct one once, at most
+  ``LOGGED_PER_CATEGORY`` lines per category and reload.  The checks across objects run
+  in slices too.
 """
 
 from __future__ import annotations
