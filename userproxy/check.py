@@ -37,12 +37,8 @@ from userproxy.model import (
     ServiceKey,
     ServiceType,
 )
-from userproxy.sources.manifest_files import (
-    MAX_SHOWN_PROBLEMS,
-    ManifestError,
-    ManifestState,
-    load_manifests,
-)
+from userproxy.sources.manifest_files import ManifestState, load_manifests
+from userproxy.sources.manifest_read import MAX_SHOWN_PROBLEMS, ManifestError
 from userproxy.sources.manifest_warnings import summarize
 from userproxy.sources.manifests import deliver_all
 
@@ -85,20 +81,14 @@ def add_check_parser(commands: argparse._SubParsersAction[_P]) -> None:
         "for the settings that change what is served (hostnameOverride, nodePortAddresses, "
         "the service proxy name); flags override it",
     )
-    parser.add_argument(
-        "--hostname-override",
-        dest="hostname",
-        default=argparse.SUPPRESS,
-        metavar="NAME",
-        help="this node's name (Local traffic policies, topology hints)",
-    )
-    parser.add_argument(
-        "--service-proxy-name",
-        dest="service_proxy_name",
-        default=argparse.SUPPRESS,
-        metavar="NAME",
-        help="check only objects labelled service.kubernetes.io/service-proxy-name=NAME",
-    )
+    # Absent flags (SUPPRESS) leave the config file's value, as `run`'s flags do.
+    for name, dest, text in (
+        ("--hostname-override", "hostname",
+         "this node's name (Local traffic policies, topology hints)"),
+        ("--service-proxy-name", "service_proxy_name",
+         "check only objects labelled service.kubernetes.io/service-proxy-name=NAME"),
+    ):  # fmt: skip
+        parser.add_argument(name, dest=dest, default=argparse.SUPPRESS, metavar="NAME", help=text)
 
 
 def check_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -144,9 +134,8 @@ def check(settings: Settings, out: TextIO) -> int:
         state = load_manifests(settings.manifests, settings.service_proxy_name)
     except ManifestError as exc:
         print(f"userproxy: invalid manifests:\n{exc}", file=sys.stderr)
-        count = len(exc.problems)
         out.write(
-            f"userproxy check: {count} problem{'s' if count != 1 else ''} in the manifests; "
+            f"userproxy check: {_count(len(exc.problems), 'problem')} in the manifests; "
             "invalid, nothing would be served\n"
         )
         return 2
@@ -191,16 +180,19 @@ def _report(
             yield f"skipped: {entry}"
     warnings = len(state.warnings)
     if warnings:
-        yield f"{warnings} warning{'s' if warnings != 1 else ''}:"
+        yield f"{_count(warnings, 'warning')}:"
         for line in summarize(state.warnings, MAX_SHOWN_PROBLEMS):
             yield f"  {line}"
     yield (
-        f"userproxy check: valid: {served} Service{'s' if served != 1 else ''} served on "
-        f"{len(addresses)} address{'es' if len(addresses) != 1 else ''}, "
-        f"{unproxied} not proxied, {len(state.slices)} EndpointSlice"
-        f"{'s' if len(state.slices) != 1 else ''}, {warnings} warning"
-        f"{'s' if warnings != 1 else ''}"
+        f"userproxy check: valid: {_count(served, 'Service')} served on "
+        f"{_count(len(addresses), 'address', 'addresses')}, {unproxied} not proxied, "
+        f"{_count(len(state.slices), 'EndpointSlice')}, {_count(warnings, 'warning')}"
     )
+
+
+def _count(n: int, noun: str, plural: str = "") -> str:
+    """ "1 warning", "2 warnings" ("2 addresses" with ``plural``)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _why_not(service: Service) -> str:

@@ -12,90 +12,38 @@ import socket
 from pathlib import Path
 
 from tests.process.test_cli import run_cli
+from tests.support.manifest_cases import documents, node_yaml, service_yaml, slice_yaml
 
-GOOD = """\
-apiVersion: v1
-kind: Node
-metadata: {name: n1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  type: NodePort
-  clusterIP: 127.0.82.1
-  ports: [{name: http, protocol: TCP, port: 8080, nodePort: 30080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-a, namespace: shop, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, protocol: TCP, port: 9376}]
-endpoints:
-- {addresses: [10.1.0.5], nodeName: n1}
-- {addresses: [10.1.0.6], conditions: {ready: false}}
----
-apiVersion: v1
-kind: Service
-metadata: {name: db, namespace: shop}
-spec: {clusterIP: None, ports: [{name: pg, port: 5432}]}
-"""
+HTTP_8080 = "{name: http, protocol: TCP, port: 8080}"
+
+GOOD = documents(
+    node_yaml("n1"),
+    service_yaml(
+        "web", "127.0.82.1", "{name: http, protocol: TCP, port: 8080, nodePort: 30080}",
+        type="NodePort",
+    ),
+    slice_yaml(
+        "web-a", "web",
+        endpoints="{addresses: [10.1.0.5], nodeName: n1}, "
+        "{addresses: [10.1.0.6], conditions: {ready: false}}",
+    ),
+    service_yaml("db", "None", "{name: pg, port: 5432}"),
+)  # fmt: skip
 
 #: Valid, with one warning of each kind a file can show.
-WITH_WARNINGS = """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  clusterIP: 127.0.82.2
-  ports: [{name: http, protocol: TCP, port: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlise
-metadata: {name: web-a, namespace: shop, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, protocol: TCP, port: 9376}]
-endpoints: [{addresses: [10.1.0.5]}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {name: web, namespace: shop}
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop}
-spec: {ports: [{name: http, port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-b, namespace: shop, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: htp, protocol: TCP, port: 9376}]
-endpoints: [{addresses: [10.1.0.7]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web2, namespace: shop}
-spec:
-  clusterIP: 127.0.82.2
-  ports: [{name: http, protocol: TCP, port: 8080}]
-"""
+WITH_WARNINGS = documents(
+    service_yaml("web", "127.0.82.2", HTTP_8080),
+    slice_yaml("web-a", "web", kind="EndpointSlise"),
+    "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web, namespace: shop}\n",
+    service_yaml("api", None, "{name: http, port: 80}"),
+    slice_yaml("web-b", "web", port_name="htp", endpoints="{addresses: [10.1.0.7]}"),
+    service_yaml("web2", "127.0.82.2", HTTP_8080),
+)
 
-BROKEN = """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  clusterIP: 127.0.82.3
-  ports: [{name: http, protocol: TCP, port: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: bad, namespace: shop}
-spec:
-  clusterIP: 127.0.82.4
-  ports: [{name: http, protocol: TCP, port: 70000}]
-"""
+BROKEN = documents(
+    service_yaml("web", "127.0.82.3", HTTP_8080),
+    service_yaml("bad", "127.0.82.4", "{name: http, protocol: TCP, port: 70000}"),
+)
 
 
 def test_valid_manifests_exit_0_and_print_what_would_be_served(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ so collides with a suite run concurrently by someone else on the same machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -20,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.backends import Backend, ask, name_server
+from tests.support.manifest_cases import documents, service_yaml, slice_yaml
 from tests.support.manifests import endpoint_slice, service, write
-from tests.support.proxyrun import running_proxy, wait_for_sync
+from tests.support.proxyrun import eventually, running_proxy, wait_for_sync
 
 pytestmark = pytest.mark.both_loops
 
@@ -61,9 +63,8 @@ class Scene:
 
 @pytest.fixture
 def scene(tmp_path: Path) -> Iterator[Scene]:
-    s = Scene(tmp_path)
-    yield s
-    s.close()
+    with contextlib.closing(Scene(tmp_path)) as s:
+        yield s
 
 
 def broken_yaml(scene: Scene) -> str:
@@ -77,56 +78,37 @@ spec:
 """
 
 
+def _service(scene: Scene, port: str) -> str:
+    """The Service ``web`` (in the default namespace) with one port, written out."""
+    return service_yaml("web", scene.cluster_ip, port, namespace=None)
+
+
 def missing_name(scene: Scene) -> str:
-    return f"""\
-apiVersion: v1
-kind: Service
-metadata: {{namespace: default}}
-spec:
-  clusterIP: {scene.cluster_ip}
-  ports: [{{name: tcp, protocol: TCP, port: {SERVICE_PORT}}}]
-"""
+    port = f"{{name: tcp, protocol: TCP, port: {SERVICE_PORT}}}"
+    return service_yaml(None, scene.cluster_ip, port, namespace="default")
 
 
 def port_out_of_range(scene: Scene) -> str:
-    return f"""\
-apiVersion: v1
-kind: Service
-metadata: {{name: web}}
-spec:
-  clusterIP: {scene.cluster_ip}
-  ports: [{{name: tcp, protocol: TCP, port: 70000}}]
-"""
+    return _service(scene, "{name: tcp, protocol: TCP, port: 70000}")
 
 
 def unknown_protocol(scene: Scene) -> str:
-    return f"""\
-apiVersion: v1
-kind: Service
-metadata: {{name: web}}
-spec:
-  clusterIP: {scene.cluster_ip}
-  ports: [{{name: tcp, protocol: HTTP, port: {SERVICE_PORT}}}]
-"""
+    return _service(scene, f"{{name: tcp, protocol: HTTP, port: {SERVICE_PORT}}}")
 
 
 def slice_without_label(scene: Scene) -> str:
     backend = scene.backends[1]
-    return f"""\
-apiVersion: v1
-kind: Service
-metadata: {{name: web}}
-spec:
-  clusterIP: {scene.cluster_ip}
-  ports: [{{name: tcp, protocol: TCP, port: {SERVICE_PORT}, targetPort: tcp}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-a}}
-addressType: IPv4
-ports: [{{name: tcp, protocol: TCP, port: {backend.port}}}]
-endpoints: [{{addresses: [{backend.ip}], conditions: {{ready: true}}}}]
-"""
+    return documents(
+        _service(scene, f"{{name: tcp, protocol: TCP, port: {SERVICE_PORT}, targetPort: tcp}}"),
+        slice_yaml(
+            "web-a",
+            None,
+            port_name="tcp",
+            port=backend.port,
+            endpoints=f"{{addresses: [{backend.ip}], conditions: {{ready: true}}}}",
+            namespace=None,
+        ),
+    )
 
 
 #: id -> (the broken file, what the logged message must contain)
@@ -172,7 +154,10 @@ async def test_broken_edit_keeps_the_last_good_state_until_fixed(
         for part in expected:
             assert part in message, (part, message)
         # Still serving the last good state, after several more polls of the broken file.
-        await asyncio.sleep(0.3)
+        source = proxy.manifests
+        assert source is not None
+        polls = source.polls + 3
+        await eventually(lambda: source.polls >= polls, what="3 more polls")
         assert await asyncio.to_thread(ask, scene.address) == "b1"
         assert proxy.proxier.status.syncs == syncs
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]

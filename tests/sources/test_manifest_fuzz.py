@@ -26,12 +26,8 @@ from userproxy.sources.decode import (
     decode_node,
     decode_service,
 )
-from userproxy.sources.manifest_files import (
-    MAX_PROBLEM_CHARS,
-    FileContents,
-    ManifestError,
-    parse_documents,
-)
+from userproxy.sources.manifest_files import FileContents
+from userproxy.sources.manifest_read import MAX_PROBLEM_CHARS, ManifestError, parse_documents
 
 FUZZ = settings(
     max_examples=150,

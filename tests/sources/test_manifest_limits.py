@@ -1,8 +1,9 @@
 """Hostile manifests: limits, non-regular files, the reader child process, bounded messages.
 
-Every case uses real files in ``tmp_path``.  What must hold (``manifest_files.py``): a bad
-file gives a ManifestError line naming it (never another exception, never a hang), the
-running source keeps its last good state, and messages stay bounded.
+Every case uses real files in ``tmp_path``.  What must hold (``manifest_read.py``,
+``manifest_worker.py``): a bad file gives a ManifestError line naming it (never another
+exception, never a hang), the running source keeps its last good state, and messages stay
+bounded.
 """
 
 from __future__ import annotations
@@ -12,98 +13,39 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.sources.test_manifests import (
+from tests.support.manifest_cases import (
+    BAD,
     Fixture,
+    age,
     endpoint_slice,
     key,
     load_error,
     service,
+    write_bad,
     write_text,
     write_yaml,
 )
-from userproxy.sources import manifests
-from userproxy.sources.manifest_files import (
+from tests.support.proxyrun import eventually
+from userproxy.sources import manifest_worker
+from userproxy.sources.manifest_files import load_manifests
+from userproxy.sources.manifest_read import (
     MAX_FILE_BYTES,
     MAX_PROBLEM_CHARS,
     MAX_SHOWN_PROBLEMS,
     MAX_TOTAL_BYTES,
     ManifestError,
     list_manifest_files,
-    load_manifests,
     read_manifest_file,
 )
 from userproxy.sources.manifests import INLINE_BYTES
 
 # --------------------------------------------------------------------------- the bad inputs
-
-
-def _service_with_port(port: str) -> str:
-    return (
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n"
-        f"spec: {{ports: [{{port: {port}}}]}}\n"
-    )
-
-
-def _json_service_with_port(port: str) -> str:
-    return (
-        '{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, '
-        f'"spec": {{"ports": [{{"port": {port}}}]}}}}'
-    )
-
-
-_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{b}: &{b} [{', '.join([f'*{a}'] * 10)}]\n" for a, b in zip("abcdefg", "bcdefgh", strict=True)
-)
-
-#: id: (file name, content, what the message says after the file name)
-BAD: dict[str, tuple[str, str, str]] = {
-    "yaml-flow-nested-5000": ("web.yaml", "a: " + "[" * 5000 + "]" * 5000, "nested more than 200"),
-    "yaml-block-nested-5000": ("web.yaml", "- " * 5000 + "x\n", "nested more than 200 levels"),
-    "yaml-mappings-nested-1000": (  # 5000 levels would be 25 MB: over the size limit
-        "web.yaml",
-        "".join(f"{'  ' * i}k:\n" for i in range(1000)),
-        "nested more than 200 levels",
-    ),
-    "json-nested-100000": ("web.json", "[" * 100_000 + "]" * 100_000, "nested more than 200"),
-    "json-objects-nested-100000": (
-        "web.json",
-        '{"a": ' * 100_000 + "1" + "}" * 100_000,
-        "nested more than 200",
-    ),
-    "yaml-int-5000-digits": (
-        "web.yaml",
-        _service_with_port("9" * 5000),
-        "integer of 5000 characters (at most 64",
-    ),
-    "yaml-hex-int-5000-digits": (
-        "web.yaml",
-        _service_with_port("0x" + "f" * 4998),
-        "integer of 5000 characters",
-    ),
-    "json-int-5000-digits": (
-        "web.json",
-        _json_service_with_port("9" * 5000),
-        "integer of 5000 characters",
-    ),
-    "yaml-empty-binary-int": ("web.yaml", _service_with_port("0b_"), "cannot parse: ValueError"),
-    "yaml-empty-float": ("web.yaml", "a: !!float ._\n", "cannot parse: ValueError"),
-    "yaml-alias-bomb": ("web.yaml", _LAUGHS, "more than 4000000 nodes"),
-    "yaml-recursive-alias": ("web.yaml", "a: &a [1, *a]\n", "alias *a refers to a node that"),
-    "yaml-undefined-alias": ("web.yaml", "a: *nope\n", "found undefined alias *nope"),
-    "yaml-python-tag": ("web.yaml", "a: !!python/object:os.system x\n", "YAML syntax error"),
-    "not-utf8": ("web.yaml", "kind: Service\nmetadata: {name: \udcff}\n", "not UTF-8"),
-}
-
-
-def write_bad(path: Path, content: str) -> Path:
-    path.write_bytes(content.encode("utf-8", "surrogateescape"))
-    return path
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -286,7 +228,7 @@ async def test_reload_error_log_is_bounded(
         write_text(
             fx.dir / "web.json", json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         )
-        await wait_for(lambda: len(fx.errors) == 1, within=20)
+        await eventually(lambda: len(fx.errors) == 1, within=20, what="the reload error")
     [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     message = record.getMessage()
     print(f"reload error log: {len(message)} characters, {message.count(chr(10)) + 1} lines")
@@ -300,13 +242,8 @@ async def test_reload_error_log_is_bounded(
 
 @pytest.fixture
 async def running(fx: Fixture) -> AsyncIterator[Fixture]:
-    fx.source.initial_load()
-    fx.handlers.take()
-    task = asyncio.create_task(fx.source.run())
-    yield fx
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with fx.running():
+        yield fx
 
 
 @pytest.fixture
@@ -314,12 +251,6 @@ def fx(tmp_path: Path) -> Fixture:
     fixture = Fixture(tmp_path)
     age(*fixture.dir.iterdir())  # only what a test changes is read again
     return fixture
-
-
-async def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - the source signals through callbacks
-            await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -331,16 +262,16 @@ async def test_running_source_keeps_the_last_good_state(running: Fixture, case: 
     if name != "web.yaml":
         (fx.dir / "web.yaml").unlink()  # the objects move to the bad file
     write_bad(path, content)
-    await wait_for(lambda: len(fx.errors) == 1)
+    await eventually(lambda: len(fx.errors) == 1, within=10)
     assert str(fx.errors[0]).startswith(f"{path}: "), str(fx.errors[0])
     assert expected in str(fx.errors[0])
-    await asyncio.sleep(0.2)
+    await fx.polled()
     assert fx.handlers.calls == []
     assert fx.source.state is before
 
     path.unlink()
     write_yaml(fx.dir / "web.yaml", service("web", port=81), endpoint_slice("web-1", "web"))
-    await wait_for(lambda: bool(fx.handlers.calls))
+    await eventually(lambda: bool(fx.handlers.calls), within=10)
     assert fx.state().services[key("web")].ports[0].port == 81
 
 
@@ -354,28 +285,21 @@ async def test_running_source_skips_a_fifo_and_applies_the_rest(
         web.unlink()
         os.mkfifo(web)
         # Its objects go, as for a deleted file; the rest keeps working.
-        await wait_for(lambda: key("web") not in fx.state().services)
+        await eventually(lambda: key("web") not in fx.state().services, within=10)
         write_yaml(fx.dir / "api.yaml", service("api", cluster_ip="10.96.0.2", port=90))
-        await wait_for(lambda: fx.state().services[key("api")].ports[0].port == 90)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: fx.state().services[key("api")].ports[0].port == 90, within=10)
+        await fx.polled()
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert skipped == [f"manifest skipped: {web}: not a regular file (a FIFO)"]  # once
     assert fx.errors == []
 
     web.unlink()
     write_yaml(web, service("web"), endpoint_slice("web-1", "web"))
-    await wait_for(lambda: key("web") in fx.state().services)
+    await eventually(lambda: key("web") in fx.state().services, within=10)
     assert fx.state().services[key("web")] == before.services[key("web")]
 
 
 # --------------------------------------------------------------------------- the child process
-
-
-def age(*paths: Path) -> None:
-    """Backdate files so their stat is trusted (files modified within 1 s are re-read)."""
-    then = time.time() - 5
-    for path in paths:
-        os.utime(path, (then, then))
 
 
 def place(path: Path, content: str) -> Path:
@@ -401,7 +325,7 @@ async def test_large_reload_is_read_by_a_child_process(running: Fixture) -> None
     fx = running
     path = big_manifest(fx.dir / "bulk.yaml", 500)
     assert path.stat().st_size > INLINE_BYTES
-    await wait_for(lambda: len(fx.state().services) == 502)
+    await eventually(lambda: len(fx.state().services) == 502, within=10)
     assert fx.source.worker_reads >= 1
     expected = load_manifests([fx.dir])
     assert fx.state().services == expected.services
@@ -414,7 +338,7 @@ async def test_large_bad_reload_in_the_child_keeps_the_state(running: Fixture) -
     before = fx.state()
     padding = "# padding\n" * (INLINE_BYTES // 10)
     place(fx.dir / "bulk.yaml", padding + "a: " + "[" * 5000 + "]" * 5000)
-    await wait_for(lambda: len(fx.errors) == 1)
+    await eventually(lambda: len(fx.errors) == 1, within=10)
     assert fx.source.worker_reads == 1
     assert str(fx.errors[0]) == (
         f"{fx.dir / 'bulk.yaml'}: document 1: line {INLINE_BYTES // 10 + 1}, column 203: "
@@ -444,8 +368,8 @@ async def test_cancelling_a_reload_kills_the_child(fx: Fixture) -> None:
         ),
     )
     task = asyncio.create_task(fx.source.run())
-    await wait_for(lambda: fx.source.worker_reads == 1)
-    await wait_for(lambda: bool(_children() - before))
+    await eventually(lambda: fx.source.worker_reads == 1, within=10)
+    await eventually(lambda: bool(_children() - before), within=10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -456,7 +380,7 @@ async def test_a_child_that_dies_is_a_reload_error(
     fx: Fixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fx.source.initial_load()
-    monkeypatch.setattr(manifests, "_WORKER_CODE", "import os; os.kill(os.getpid(), 9)")
+    monkeypatch.setattr(manifest_worker, "_WORKER_CODE", "import os; os.kill(os.getpid(), 9)")
     big_manifest(fx.dir / "bulk.yaml", 500)
     await fx.source.poll()
     assert [str(e) for e in fx.errors] == [
@@ -468,8 +392,8 @@ async def test_a_child_that_hangs_is_killed_after_the_timeout(
     fx: Fixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fx.source.initial_load()
-    monkeypatch.setattr(manifests, "_WORKER_CODE", "import time; time.sleep(60)")
-    monkeypatch.setattr(manifests, "WORKER_TIMEOUT", 0.5)
+    monkeypatch.setattr(manifest_worker, "_WORKER_CODE", "import time; time.sleep(60)")
+    monkeypatch.setattr(manifest_worker, "WORKER_TIMEOUT", 0.5)
     big_manifest(fx.dir / "bulk.yaml", 500)
     before = _children()
     await fx.source.poll()
@@ -495,7 +419,7 @@ async def test_a_child_that_sends_garbage_is_a_reload_error(
 ) -> None:
     fx.source.initial_load()
     garbage = "import sys; sys.stdout.buffer.write(bytes([0, 0, 0, 5]) + b'hello')"
-    monkeypatch.setattr(manifests, "_WORKER_CODE", garbage)
+    monkeypatch.setattr(manifest_worker, "_WORKER_CODE", garbage)
     big_manifest(fx.dir / "bulk.yaml", 500)
     await fx.source.poll()
     assert [str(e) for e in fx.errors] == [

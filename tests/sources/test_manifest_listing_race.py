@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.support.manifests import service, write
-from userproxy.sources.manifest_files import collect_file, list_manifest_files, merge
+from userproxy.sources.manifest_files import collect_file, merge
+from userproxy.sources.manifest_read import list_manifest_files
 
 
 def test_file_removed_after_the_listing_contributes_nothing(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.manifest_cases import documents, node_yaml, service_yaml, slice_yaml
 from tests.support.manifests import fresh_net
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.trackers import ChangeRecorder
@@ -34,33 +35,10 @@ from userproxy.model import (
 from userproxy.sources.manifest_warnings import LOGGED_PER_CATEGORY, Category, type_warning
 from userproxy.sources.manifests import ManifestSource, load_manifests
 
-NODE = "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n"
-
-WEB = """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{name: http, protocol: TCP, port: 80}]
-"""
-
-
-def slice_of(service: str, port_name: str, *, name: str = "web-a", kind: str = "EndpointSlice",
-             api_version: str = "discovery.k8s.io/v1") -> str:  # fmt: skip
-    return f"""\
-apiVersion: {api_version}
-kind: {kind}
-metadata:
-  name: {name}
-  namespace: shop
-  labels: {{kubernetes.io/service-name: {service}}}
-addressType: IPv4
-ports: [{{name: {port_name}, protocol: TCP, port: 8080}}]
-endpoints: [{{addresses: [10.1.0.5]}}]
-"""
-
-
+NODE = node_yaml("n1")
+WEB = service_yaml("web", "10.96.0.10")
+NO_CLUSTER_IP = service_yaml("api", None)
+SAME_ADDRESS = service_yaml("web2", "10.96.0.10")
 ENDPOINTS = """\
 apiVersion: v1
 kind: Endpoints
@@ -68,19 +46,17 @@ metadata: {name: web, namespace: shop}
 subsets: [{addresses: [{ip: 10.1.0.5}], ports: [{name: http, port: 8080}]}]
 """
 
-NO_CLUSTER_IP = """\
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop}
-spec:
-  ports: [{name: http, protocol: TCP, port: 80}]
-"""
 
-SAME_ADDRESS = WEB.replace("name: web,", "name: web2,")
-
-
-def documents(*docs: str) -> str:
-    return "---\n".join(docs)
+def slice_of(
+    service: str,
+    port_name: str,
+    *,
+    kind: str = "EndpointSlice",
+    api_version: str = "discovery.k8s.io/v1",
+) -> str:
+    return slice_yaml(
+        "web-a", service, port_name=port_name, port=8080, kind=kind, api_version=api_version
+    )
 
 
 #: id -> (file content, category, where (document N), object, what the message says)

@@ -6,85 +6,25 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from userproxy.model import EndpointSlice, Node, Protocol, Service, ServiceKey, ServicePort
-from userproxy.sources.manifests import (
-    ManifestError,
-    ManifestSource,
-    ManifestState,
-    load_manifests,
+from tests.support.manifest_cases import (
+    Fixture,
+    RecordingHandlers,
+    endpoint_slice,
+    key,
+    load_error,
+    node,
+    service,
+    write_text,
+    write_yaml,
 )
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def service(
-    name: str,
-    *,
-    namespace: str | None = None,
-    port: object = 80,
-    cluster_ip: str = "10.96.0.1",
-    labels: dict[str, str] | None = None,
-) -> dict[str, object]:
-    metadata: dict[str, object] = {"name": name}
-    if namespace is not None:
-        metadata["namespace"] = namespace
-    if labels is not None:
-        metadata["labels"] = labels
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata,
-        "spec": {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": port}]},
-    }
-
-
-def endpoint_slice(
-    name: str,
-    service_name: str,
-    *,
-    addresses: tuple[str, ...] = ("10.1.0.1",),
-    address_type: str = "IPv4",
-    labels: dict[str, str] | None = None,
-) -> dict[str, object]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "labels": {"kubernetes.io/service-name": service_name, **(labels or {})},
-        },
-        "addressType": address_type,
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [address]} for address in addresses],
-    }
-
-
-def node(name: str, zone: str | None = None) -> dict[str, object]:
-    metadata: dict[str, object] = {"name": name}
-    if zone is not None:
-        metadata["labels"] = {"topology.kubernetes.io/zone": zone}
-    return {"apiVersion": "v1", "kind": "Node", "metadata": metadata}
-
-
-def write_yaml(path: Path, *documents: object) -> Path:
-    path.write_text(yaml.safe_dump_all(documents, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def write_text(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def key(name: str, namespace: str = "default") -> ServiceKey:
-    return ServiceKey(namespace, name)
-
+from userproxy.model import Node, Protocol, ServicePort
+from userproxy.sources.manifests import ManifestError, ManifestSource, load_manifests
 
 # --------------------------------------------------------------------------- load_manifests
 
@@ -217,12 +157,6 @@ def test_label_selector(
 
 
 # --------------------------------------------------------------------------- errors
-
-
-def load_error(paths: list[Path]) -> ManifestError:
-    with pytest.raises(ManifestError) as info:
-        load_manifests(paths)
-    return info.value
 
 
 def test_error_names_file_document_object_and_field(tmp_path: Path) -> None:
@@ -380,106 +314,6 @@ def test_all_errors_are_collected(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- ManifestSource
 
 
-class RecordingHandlers:
-    """A Handlers implementation that records every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[object, ...]] = []
-        self.event = asyncio.Event()  # set on every call
-
-    def on_service_add(self, service: Service) -> None:
-        self.record(("service_add", service))
-
-    def on_service_update(self, old: Service, new: Service) -> None:
-        self.record(("service_update", old, new))
-
-    def on_service_delete(self, service: Service) -> None:
-        self.record(("service_delete", service))
-
-    def on_services_synced(self) -> None:
-        self.record(("services_synced",))
-
-    def on_endpointslice_add(self, endpoint_slice: EndpointSlice) -> None:
-        self.record(("endpointslice_add", endpoint_slice))
-
-    def on_endpointslice_update(self, old: EndpointSlice, new: EndpointSlice) -> None:
-        self.record(("endpointslice_update", old, new))
-
-    def on_endpointslice_delete(self, endpoint_slice: EndpointSlice) -> None:
-        self.record(("endpointslice_delete", endpoint_slice))
-
-    def on_endpointslices_synced(self) -> None:
-        self.record(("endpointslices_synced",))
-
-    def on_node_add(self, node: Node) -> None:
-        self.record(("node_add", node))
-
-    def on_node_update(self, old: Node, new: Node) -> None:
-        self.record(("node_update", old, new))
-
-    def on_node_delete(self, node: Node) -> None:
-        self.record(("node_delete", node))
-
-    def on_node_synced(self) -> None:
-        self.record(("node_synced",))
-
-    def record(self, call: tuple[object, ...]) -> None:
-        self.calls.append(call)
-        self.event.set()
-
-    def take(self) -> list[tuple[object, ...]]:
-        calls, self.calls = self.calls, []
-        return calls
-
-
-async def wait_until(
-    predicate: Callable[[], bool], event: asyncio.Event, within: float = 1.0
-) -> None:
-    """Wait until ``predicate()`` holds, re-checking whenever ``event`` is set.
-
-    Fails after ``within`` seconds: a change must be seen within 1 s.
-    """
-    async with asyncio.timeout(within):
-        while not predicate():
-            event.clear()
-            await event.wait()
-
-
-class Fixture:
-    def __init__(self, tmp_path: Path) -> None:
-        self.dir = tmp_path / "manifests"
-        self.dir.mkdir()
-        write_yaml(self.dir / "web.yaml", service("web"), endpoint_slice("web-1", "web"))
-        write_yaml(self.dir / "api.yaml", service("api", cluster_ip="10.96.0.2"))
-        write_yaml(self.dir / "nodes.yaml", node("node-a", zone="z1"), node("node-b"))
-        self.handlers = RecordingHandlers()
-        self.errors: list[ManifestError] = []
-        self.reloads = 0
-        self.source = ManifestSource(
-            [self.dir],
-            self.handlers,
-            node_name="node-a",
-            on_reload_error=self._failed,
-            on_reload=self._reloaded,
-        )
-
-    def _reloaded(self) -> None:
-        self.reloads += 1
-        self.handlers.event.set()
-
-    def _failed(self, error: ManifestError) -> None:
-        self.errors.append(error)
-        self.handlers.event.set()
-
-    async def wait(self, predicate: Callable[[], bool]) -> None:
-        await wait_until(predicate, self.handlers.event)
-
-    def state(self) -> ManifestState:
-        state = self.source.state
-        assert state is not None
-        return state
-
-
 @pytest.fixture
 def fx(tmp_path: Path) -> Fixture:
     return Fixture(tmp_path)
@@ -487,13 +321,8 @@ def fx(tmp_path: Path) -> Fixture:
 
 @pytest.fixture
 async def running(fx: Fixture) -> AsyncIterator[Fixture]:
-    fx.source.initial_load()
-    fx.handlers.take()
-    task = asyncio.create_task(fx.source.run())
-    yield fx
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with fx.running():
+        yield fx
 
 
 def test_initial_load_delivers_everything_then_synced(fx: Fixture) -> None:
@@ -538,7 +367,7 @@ async def test_edit_delivers_exactly_the_update(running: Fixture) -> None:
     await fx.wait(lambda: bool(fx.handlers.calls))
     new = fx.state().services[key("web")]
     assert new.ports == (ServicePort("http", Protocol.TCP, 8080),)
-    await asyncio.sleep(0.5)  # nothing else follows (re-reads of a fresh file change nothing)
+    await fx.polled()  # nothing else follows (re-reads of a fresh file change nothing)
     assert fx.handlers.take() == [("service_update", old, new)]
     assert fx.reloads == 1
     assert fx.errors == []
@@ -600,7 +429,7 @@ async def test_broken_edit_keeps_state_and_fix_applies(
 
     write_yaml(path, service("web", port=81), endpoint_slice("web-1", "web"))
     await fx.wait(lambda: bool(fx.handlers.calls))
-    await asyncio.sleep(0.3)
+    await fx.polled()
     new = fx.state().services[key("web")]
     assert fx.handlers.take() == [("service_update", before.services[key("web")], new)]
     assert new.ports[0].port == 81
@@ -624,7 +453,7 @@ async def test_adding_a_file_adds_its_objects(running: Fixture) -> None:
     write_yaml(fx.dir / "new.json.yaml", service("new", cluster_ip="10.96.0.9"))
     write_text(fx.dir / "ignored.txt", "not a manifest")
     await fx.wait(lambda: bool(fx.handlers.calls))
-    await asyncio.sleep(0.3)
+    await fx.polled()
     assert fx.handlers.take() == [("service_add", fx.state().services[key("new")])]
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.sources.test_manifests import (
+from tests.support.manifest_cases import (
     RecordingHandlers,
+    age,
     endpoint_slice,
     service,
     write_yaml,
@@ -25,19 +26,12 @@ from userproxy.sources.manifests import (
 )
 
 
-def age(path: Path, seconds: float = 5.0) -> None:
-    """Backdate a file so its stat is trusted (files modified within 1 s are re-read)."""
-    then = time.time() - seconds
-    os.utime(path, (then, then))
-
-
 def test_only_changed_files_are_read_again(tmp_path: Path) -> None:
     files = [
         write_yaml(tmp_path / f"svc-{i}.yaml", service(f"s{i}", cluster_ip=f"10.96.0.{i + 1}"))
         for i in range(20)
     ]
-    for path in files:
-        age(path)
+    age(*files)
     cache = ManifestCache()
     first = load_manifests([tmp_path], cache=cache)
     assert cache.reads == 20
@@ -82,3 +76,20 @@ async def test_inotify_sees_an_edit_before_the_slow_poll(tmp_path: Path) -> None
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_requested_reload_reads_a_file_whose_stat_did_not_change(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "web.yaml", service("web", port=80))
+    age(path)
+    handlers = RecordingHandlers()
+    source = ManifestSource([tmp_path], handlers, node_name="n")
+    source.initial_load()
+    handlers.take()
+    before = path.stat()
+    write_yaml(path, service("web", port=81))  # same size, same inode
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime: cp -p
+    await source.poll()
+    assert handlers.calls == []  # stat says nothing changed: nothing is read
+    source.request_reload()  # SIGHUP
+    await source.poll()
+    assert [call[0] for call in handlers.take()] == ["service_update"]

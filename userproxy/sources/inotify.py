@@ -3,19 +3,16 @@
 The manifest source uses it to notice an edit within milliseconds instead of at the next
 poll; it still polls (more slowly) as a fallback for file systems that do not report
 changes (NFS, some container mounts).  Only "wake up and look" is needed, so events are
-drained, not parsed.
+drained, not parsed (kube-proxy watches its config file the same way, with fsnotify).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004

@@ -1,41 +1,24 @@
-"""Reading, parsing and validating manifest files: bounded, and never crashing or hanging.
+"""Loading manifests: what a set of paths holds, as userproxy's model objects.
 
-``load_manifests`` reads YAML (multi-document, ``kind: List``) and JSON files and returns a
-validated :class:`ManifestState`, or raises :class:`ManifestError` listing the problems.
+``load_manifests`` reads YAML (multi-document, ``kind: List``) and JSON files
+(``manifest_read.py``) and returns a validated :class:`ManifestState`, or raises
+:class:`ManifestError` listing the problems, each naming file, document, object and field.
 Objects that are valid but would be dropped without a word (a misspelt kind, a Service
 without a cluster IP ...) are not problems: they are ``ManifestState.warnings`` (see
-``manifest_warnings.py``).
-:class:`ManifestSource` (``manifests.py``) builds on this to follow changes.
+``manifest_warnings.py``).  :class:`ManifestSource` (``manifests.py``) builds on this to
+follow changes.
 
-Invariants, whatever the bytes in the files:
-
-- Only regular files are opened, and only with ``O_NONBLOCK``: a FIFO, socket or device
-  (named explicitly, or replacing a file between the listing and the read) is reported as
-  a problem naming it, never opened in a way that could block.  In a directory, entries
-  that are not regular files are skipped and listed in ``ManifestState.skipped``.
-- Reading and parsing raise nothing but :class:`ManifestError`: a syntax error, a limit
-  exceeded (:data:`MAX_FILE_BYTES`, :data:`MAX_TOTAL_BYTES`, :data:`MAX_DEPTH`,
-  :data:`MAX_INT_CHARS`, :data:`MAX_NODES`) or any exception inside a parser (RecursionError,
-  ValueError from a malformed scalar, MemoryError, UnicodeDecodeError ...) becomes one
-  problem line naming the file (and the document when known).
-- Nothing recurses with the input's nesting: YAML documents are composed from libyaml's
-  event stream by an explicit stack with a depth limit; JSON is checked for depth before
-  the (recursive) C parser sees it.  Integers are bounded in length before ``int()``.
-- Messages are bounded: each problem line is at most :data:`MAX_PROBLEM_CHARS` characters
-  and a :class:`ManifestError`'s text lists at most :data:`MAX_SHOWN_PROBLEMS` problems.
-
-YAML is parsed by ``yaml_limits.py`` and JSON bounded by ``json_limits.py``; large reloads
-are read by the child process of ``manifest_worker.py``.
+Invariants: validation raises nothing but :class:`ManifestError` (a bug inside it becomes
+a problem line, never a crash); a file's contribution is a :class:`FileContents`, kept by
+:class:`ManifestCache` while the file is not stale (``manifest_read.is_stale``), so a
+reload re-reads only what changed; duplicates across files are problems however the files
+were read (here, in the source's slices, or in the child of ``manifest_worker.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import stat
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,21 +26,15 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from userproxy.model import EndpointSlice, Node, Service, ServiceKey
-from userproxy.sources.decode import (
-    DecodeError,
-    decode_endpoint_slice,
-    decode_labels,
-    decode_node,
-    decode_service,
-    is_selected,
-    shorten,
-)
-from userproxy.sources.json_limits import (
-    MAX_DEPTH,
-    MAX_INT_CHARS,
-    JsonLimitError,
-    has_long_int,
-    json_depth,
+from userproxy.sources import decode
+from userproxy.sources.manifest_read import (
+    FileList,
+    ManifestError,
+    Stamp,
+    is_stale,
+    list_manifest_files,
+    parse_documents,
+    read_manifest_file,
 )
 from userproxy.sources.manifest_warnings import (
     Category,
@@ -66,40 +43,20 @@ from userproxy.sources.manifest_warnings import (
     cross_check,
     type_warning,
 )
-from userproxy.sources.yaml_limits import MAX_NODES, YamlProblem, exception_text, parse_yaml
+from userproxy.sources.yaml_limits import exception_text
 
 __all__ = [
-    "MANIFEST_SUFFIXES",
-    "MAX_DEPTH",
-    "MAX_FILE_BYTES",
-    "MAX_INT_CHARS",
-    "MAX_NODES",
-    "MAX_PROBLEM_CHARS",
-    "MAX_SHOWN_PROBLEMS",
-    "MAX_TOTAL_BYTES",
+    "FileContents",
     "ManifestCache",
-    "ManifestError",
     "ManifestState",
+    "collect_file",
     "load_manifests",
-    "parse_documents",
-    "read_manifest_file",
+    "merge",
 ]
 
 # One logger for everything the manifest source says, whichever module says it: operators
 # (and tests) select "userproxy.sources.manifests".
 logger = logging.getLogger("userproxy.sources.manifests")
-
-#: File name endings read from a directory (a file named explicitly is read whatever its name).
-MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-
-#: Largest manifest file read (bytes); 40 000 Services take about 9 MB of YAML.
-MAX_FILE_BYTES = 16 * 1024 * 1024
-#: Largest total of all manifest files (bytes).
-MAX_TOTAL_BYTES = 64 * 1024 * 1024
-#: Longest problem line (characters); longer ones end with an ellipsis.
-MAX_PROBLEM_CHARS = 500
-#: Most problems a ManifestError's text lists; the rest are counted ("... and N more").
-MAX_SHOWN_PROBLEMS = 20
 
 _SERVICE = ("v1", "Service")
 _ENDPOINT_SLICE = ("discovery.k8s.io/v1", "EndpointSlice")
@@ -109,43 +66,11 @@ _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 
-class ManifestError(Exception):
-    """One or more problems in the manifest files, one line each.
-
-    Each line names the file, the document (numbered from 1, as the config file's
-    messages do), the object and the field, e.g.
-    ``web.yaml: document 2: Service default/web: spec.ports[0].port: 70000 is out of range
-    1..65535``.  Invariant: every line in ``problems`` is at most :data:`MAX_PROBLEM_CHARS`
-    long and ``str()`` shows at most :data:`MAX_SHOWN_PROBLEMS` of them, so the text stays
-    bounded however broken the files are.
-    """
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems: tuple[str, ...] = tuple(shorten(p, MAX_PROBLEM_CHARS) for p in problems)
-        super().__init__(self._text())
-
-    def _text(self) -> str:
-        if len(self.problems) == 1:
-            return self.problems[0]
-        lines = [f"{len(self.problems)} problems in the manifests:"]
-        lines.extend(f"  {problem}" for problem in self.problems[:MAX_SHOWN_PROBLEMS])
-        hidden = len(self.problems) - MAX_SHOWN_PROBLEMS
-        if hidden > 0:
-            lines.append(f"  ... and {hidden} more")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self._text()
-
-    def __reduce__(self) -> tuple[type[ManifestError], tuple[tuple[str, ...]]]:
-        return (ManifestError, (self.problems,))
-
-
 def _frozen_map(items: Mapping[_K, _V] | None = None) -> Mapping[_K, _V]:
     return MappingProxyType(dict(items or {}))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManifestState:
     """Every selected object the manifests define.
 
@@ -165,126 +90,12 @@ class ManifestState:
     warnings: tuple[ManifestWarning, ...] = ()
     locations: Mapping[tuple[str, str, str], str] = field(default_factory=_frozen_map)
 
-
-# --------------------------------------------------------------------------- reading
-
-
-def _file_type(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    return "not a regular file"
+    def with_warnings(self, found: Sequence[ManifestWarning]) -> ManifestState:
+        """This state with ``found`` (say, the checks across objects) added to its warnings."""
+        return dataclasses.replace(self, warnings=(*self.warnings, *found)) if found else self
 
 
-def _os_reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
-
-
-def read_manifest_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of one regular file of at most ``limit`` bytes; else ManifestError.
-
-    Never blocks on a FIFO or device: the path is checked with ``stat`` before it is
-    opened, and opened with ``O_NONBLOCK`` and checked again with ``fstat`` (it may have
-    been replaced in between).  A file that does not exist (any more) raises
-    ``FileNotFoundError``: whether that is a problem is the caller's call.
-    """
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError([f"{path}: not a regular file ({_file_type(st.st_mode)})"])
-        if st.st_size > limit:
-            raise ManifestError([f"{path}: {st.st_size} bytes, more than the limit of {limit}"])
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ManifestError([f"{path}: not a regular file ({_file_type(st.st_mode)})"])
-            chunks: list[bytes] = []
-            size = 0
-            while size <= limit:
-                chunk = os.read(fd, min(1 << 20, limit + 1 - size))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-        finally:
-            os.close(fd)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise ManifestError([f"{path}: cannot read: {_os_reason(exc)}"]) from None
-    if size > limit:  # it grew while being read
-        raise ManifestError([f"{path}: more than the limit of {limit} bytes"])
-    return b"".join(chunks)
-
-
-# --------------------------------------------------------------------------- JSON
-
-
-def _bounded_int(text: str) -> int:
-    if len(text) > MAX_INT_CHARS:
-        raise JsonLimitError(
-            f"integer of {len(text)} characters (at most {MAX_INT_CHARS} are allowed)"
-        )
-    return int(text)
-
-
-def _parse_json(path: Path, data: bytes) -> object:
-    if json_depth(data) > MAX_DEPTH:
-        raise ManifestError([f"{path}: nested more than {MAX_DEPTH} levels deep"])
-    try:
-        text = data.decode("utf-8")
-        if not has_long_int(data):
-            return json.loads(text)  # no integer can be too long: the fast path
-        return json.loads(text, parse_int=_bounded_int)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(
-            [f"{path}: line {exc.lineno}, column {exc.colno}: JSON syntax error: {exc.msg}"]
-        ) from None
-    except JsonLimitError as exc:
-        raise ManifestError([f"{path}: {exc}"]) from None
-    except RecursionError:
-        raise ManifestError([f"{path}: nested too deeply"]) from None
-    except Exception as exc:  # anything else a parser raises: a problem, not a crash
-        raise ManifestError([f"{path}: cannot parse: {exception_text(exc)}"]) from None
-
-
-# --------------------------------------------------------------------------- either
-def parse_documents(path: Path, data: bytes) -> list[object]:
-    """The documents in one file's bytes (JSON for ``*.json``, else YAML).
-
-    Raises only ManifestError (see the module's invariants).
-    """
-    try:
-        if path.suffix == ".json":
-            return [_parse_json(path, data)]
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ManifestError(
-                [f"{path}: cannot read: not UTF-8 (byte {exc.start}: {exc.reason})"]
-            ) from None
-        return parse_yaml(path, text)
-    except YamlProblem as exc:
-        raise ManifestError([exc.problem]) from None
-    except ManifestError:
-        raise
-    except Exception as exc:  # MemoryError, RecursionError in our own code ...: a problem
-        raise ManifestError([f"{path}: cannot parse: {exception_text(exc)}"]) from None
-
-
-def _read_documents(path: Path) -> list[object]:
-    return parse_documents(path, read_manifest_file(path))
-
-
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- one file
 
 
 def _raw_identity(obj: Mapping[object, object]) -> tuple[str, str]:
@@ -303,7 +114,7 @@ def _raw_identity(obj: Mapping[object, object]) -> tuple[str, str]:
 def _label(kind: str, namespace: str, name: str) -> str:
     # Names are unvalidated here: shortened, so a huge one cannot blow up a message.
     who = f"{namespace}/{name}" if namespace else name
-    return f"{shorten(kind, 60)} {shorten(who, 120)}"
+    return f"{decode.shorten(kind, 60)} {decode.shorten(who, 120)}"
 
 
 @dataclass
@@ -382,7 +193,7 @@ class FileContents:
                 logger.debug(
                     "%s: ignoring %s %s",
                     where,
-                    shorten(api_version, 80),
+                    decode.shorten(api_version, 80),
                     _label(kind, namespace, name),
                 )
             return
@@ -393,7 +204,7 @@ class FileContents:
         for key, value in raw.items():
             if not isinstance(key, str):
                 self.problems.append(
-                    f"{where}: {label}: key {shorten(repr(key), 80)} is not a string"
+                    f"{where}: {label}: key {decode.shorten(repr(key), 80)} is not a string"
                 )
                 return
             obj[key] = value
@@ -408,19 +219,19 @@ class FileContents:
 
         try:
             self._decode(kind, obj, where, label)
-        except DecodeError as exc:
+        except decode.DecodeError as exc:
             self.problems.append(f"{where}: {label}: {exc}")
 
     def _decode(self, kind: str, obj: Mapping[str, object], where: str, label: str) -> None:
         if kind == "Node":
-            node = decode_node(obj)
+            node = decode.decode_node(obj)
             self.nodes[node.name] = node
             return
-        if not is_selected(decode_labels(obj), self.proxy_name):
+        if not decode.is_selected(decode.decode_labels(obj), self.proxy_name):
             logger.debug("%s: %s is not selected by this proxy's label selector", where, label)
             return
         if kind == "Service":
-            service = decode_service(obj)
+            service = decode.decode_service(obj)
             self.services[service.key] = service
             unproxied = cluster_ip_warning(service, obj)
             if unproxied is not None:
@@ -428,7 +239,7 @@ class FileContents:
                     ManifestWarning(Category.NO_CLUSTER_IP, where, label, unproxied)
                 )
             return
-        endpoint_slice = decode_endpoint_slice(obj)
+        endpoint_slice = decode.decode_endpoint_slice(obj)
         if endpoint_slice is None:
             logger.debug("%s: ignoring FQDN %s", where, label)
             return
@@ -443,7 +254,7 @@ def collect_file(path: Path, proxy_name: str | None) -> FileContents:
     """
     collector = FileContents(proxy_name)
     try:
-        documents = _read_documents(path)
+        documents = parse_documents(path, read_manifest_file(path))
     except FileNotFoundError:
         pass
     except ManifestError as exc:
@@ -453,129 +264,42 @@ def collect_file(path: Path, proxy_name: str | None) -> FileContents:
     return collector
 
 
-# --------------------------------------------------------------------------- files and cache
-
-#: How long after a file's modification time its content may still change unnoticed: a
-#: second write within the same timestamp tick that keeps the size leaves stat unchanged.
-#: Files modified this recently are read again on the next poll (git's "racy" check).
-RACY_NS = 1_000_000_000
-
-#: What stat says about a file: (mtime_ns, size, inode); None when it cannot be stat'ed.
-StatKey = tuple[int, int, int]
-
-
-def stat_key(path: Path) -> StatKey | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-@dataclass(frozen=True)
-class FileList:
-    """The files to read (in order), problems with the paths, and skipped entries."""
-
-    files: tuple[Path, ...]
-    problems: tuple[str, ...]
-    skipped: tuple[str, ...]
-
-
-def list_manifest_files(paths: Sequence[Path]) -> FileList:
-    """The files to read: directories expanded (non-recursively, sorted), explicit paths kept.
-
-    A directory entry with a manifest suffix that is not a regular file (a FIFO, a socket,
-    a device, a subdirectory) is skipped and named in ``skipped``; an explicit path that
-    does not exist is a problem (an explicit non-regular file is reported when read).
-    Only ``stat`` is used here, never ``open``.
-    """
-    files: list[Path] = []
-    problems: list[str] = []
-    skipped: list[str] = []
-    for path in paths:
-        if path.is_dir():
-            try:
-                children = sorted(path.iterdir())
-            except OSError as exc:
-                problems.append(f"{path}: cannot list directory: {_os_reason(exc)}")
-                continue
-            for child in children:
-                if child.suffix not in MANIFEST_SUFFIXES:
-                    continue
-                try:
-                    mode = child.stat().st_mode
-                except OSError:
-                    continue  # removed since the listing (or a dangling link): absent
-                if stat.S_ISREG(mode):
-                    files.append(child)
-                else:
-                    skipped.append(f"{child}: not a regular file ({_file_type(mode)})")
-        elif path.exists():
-            files.append(path)
-        else:
-            problems.append(f"{path}: no such file or directory")
-    return FileList(tuple(files), tuple(problems), tuple(skipped))
-
-
-@dataclass
-class _FileResult:
-    """What one file contributed, kept while the file's stat stays the same."""
-
-    key: StatKey | None
-    collector: FileContents
+# --------------------------------------------------------------------------- many files
 
 
 class ManifestCache:
-    """Decoded files by path, so a reload re-reads only the files whose stat changed.
+    """What each file contributed, by path, so a reload re-reads only the stale files.
 
-    A file modified within the last second is read again even when its stat did not
-    change (a second write in the same timestamp tick keeping the size is invisible to
-    stat); everything else is trusted.  Not thread-safe: one reload at a time.
+    Not thread-safe: one reload at a time.
     """
 
     def __init__(self) -> None:
-        self._files: dict[Path, _FileResult] = {}
+        self._files: dict[Path, tuple[Stamp | None, FileContents]] = {}
+        #: How many files were stored (read), for tests and diagnostics.
         self.reads = 0
 
-    def needs_read(self, path: Path, key: StatKey | None) -> bool:
-        """Whether ``path`` (whose stat is ``key`` now) must be read again."""
-        cached = self._files.get(path)
-        return (
-            cached is None or key is None or cached.key != key or key[0] >= time.time_ns() - RACY_NS
-        )
-
-    def store(self, path: Path, key: StatKey | None, collector: FileContents) -> None:
-        """Remember what ``path`` contributed when its stat was ``key``."""
-        self.reads += 1
-        self._files[path] = _FileResult(key, collector)
-
-    def collect(self, path: Path, proxy_name: str | None) -> FileContents:
-        """What ``path`` contributes, read now unless the cached result is still valid."""
-        key = stat_key(path)
-        if not self.needs_read(path, key):
-            return self._files[path].collector
-        collector = collect_file(path, proxy_name)
-        self.store(path, key, collector)
-        return collector
-
-    def cached(self, path: Path) -> FileContents:
-        return self._files[path].collector
-
-    def keep_only(self, files: Sequence[Path]) -> None:
-        wanted = set(files)
-        for path in [p for p in self._files if p not in wanted]:
+    def to_read(self, listing: FileList) -> list[tuple[Path, Stamp | None]]:
+        """The files of ``listing`` to read (``is_stale``), with their stamps; forgets the
+        files no longer listed.  ManifestError when the files are too large together."""
+        for path in self._files.keys() - set(listing.files):
             del self._files[path]
+        problems = listing.size_problems()
+        if problems:
+            raise ManifestError([*listing.problems, *problems])
+        return [
+            (path, stamp)
+            for path, stamp in zip(listing.files, listing.stamps, strict=True)
+            if is_stale(self._files[path][0] if path in self._files else None, stamp)
+        ]
 
+    def store(self, path: Path, stamp: Stamp | None, contents: FileContents) -> None:
+        """Remember what ``path`` contributed when its stamp was ``stamp``."""
+        self.reads += 1
+        self._files[path] = (stamp, contents)
 
-def size_problems(files: Sequence[Path]) -> list[str]:
-    """A problem if the files together exceed :data:`MAX_TOTAL_BYTES`."""
-    total = 0
-    for path in files:
-        key = stat_key(path)
-        total += key[1] if key is not None else 0
-    if total > MAX_TOTAL_BYTES:
-        return [f"the manifests total {total} bytes, more than the limit of {MAX_TOTAL_BYTES}"]
-    return []
+    def merged(self, listing: FileList) -> ManifestState:
+        """:func:`merge` of the listed files' contributions (every one must be stored)."""
+        return merge(listing, [self._files[path][1] for path in listing.files])
 
 
 def merge(listing: FileList, collectors: Sequence[FileContents]) -> ManifestState:
@@ -622,12 +346,8 @@ def merge(listing: FileList, collectors: Sequence[FileContents]) -> ManifestStat
 
 def with_cross_checks(state: ManifestState) -> ManifestState:
     """``state`` with the warnings that need more than one object added (in this thread)."""
-    found = [
-        warning
-        for warning in cross_check(state.services, state.slices, state.locations)
-        if warning is not None
-    ]
-    return dataclasses.replace(state, warnings=(*state.warnings, *found)) if found else state
+    checks = cross_check(state.services, state.slices, state.locations)
+    return state.with_warnings([warning for warning in checks if warning is not None])
 
 
 def load_manifests(
@@ -639,14 +359,10 @@ def load_manifests(
     recursively, in sorted order).  Services and EndpointSlices are filtered with the
     proxy's label selector (:func:`userproxy.sources.decode.is_selected`).  Raises
     :class:`ManifestError` listing the problems found (and nothing else).  With a
-    ``cache``, unchanged files are not read again.
+    ``cache``, files that are not stale are not read again.
     """
     listing = list_manifest_files(paths)
     cache = cache if cache is not None else ManifestCache()
-    cache.keep_only(listing.files)
-    problems = size_problems(listing.files)
-    if problems:
-        raise ManifestError([*listing.problems, *problems])
-    return with_cross_checks(
-        merge(listing, [cache.collect(path, proxy_name) for path in listing.files])
-    )
+    for path, stamp in cache.to_read(listing):
+        cache.store(path, stamp, collect_file(path, proxy_name))
+    return with_cross_checks(cache.merged(listing))

@@ -1,44 +1,35 @@
 """The manifest source: Services, EndpointSlices and Nodes from files, followed as they change.
 
-Reading and validating files is ``manifest_files.py``; this module delivers a
-:class:`ManifestState` through the handler interface and then polls the files (woken at
-once by inotify where it works), reloading what changed and delivering only the
-differences.  A broken edit keeps the last good state.
+Loading is ``manifest_read.py`` (which files, their bytes, their documents) and
+``manifest_files.py`` (model objects, the per-file cache).  This module delivers a
+:class:`ManifestState` through the handler interface, adds and then ``*_synced`` as an
+informer does (client-go's reflector, ``kubernetes.py``), and then polls the files (woken
+at once by inotify where it works), delivering only the differences of each reload.
 
 Invariants of a reload (the event loop keeps serving connections while it runs):
 
+- A poll lists the files with their stamps; only when the listing differs from the last
+  one (or a file is too fresh to trust its stamp, or a reload was requested) does it
+  reload, and then only the stale files are read (``manifest_read.is_stale``).
 - The loop is never held for long.  Files to re-read totalling at most
-  :data:`INLINE_BYTES` are parsed on the loop (a few milliseconds).  Larger ones are read,
-  parsed and validated by a child process (``manifest_worker.worker_main``): a worker
-  thread would hold the GIL in pure-Python parsing and starve the loop thread (the
-  convoy effect), a process cannot.  Its results arrive as small pickle frames,
-  unpickled one at a time, and the differences are delivered to the handlers in slices
-  of at most :data:`SLICE_SECONDS`, yielding to the loop in between.  (So, as with a
-  Kubernetes watch, the proxier may sync between two slices of one large reload.)
-- Nothing blocks: files are opened only when regular, with ``O_NONBLOCK``; the child is
-  killed when the reload is cancelled (shutdown) or runs longer than
-  :data:`WORKER_TIMEOUT`.
+  :data:`INLINE_BYTES` are parsed on the loop (a few milliseconds); larger ones by a
+  child process (``manifest_worker.read_in_worker``).  The differences are delivered in
+  slices (``userproxy.slices``), yielding to the loop in between, so, as with a
+  Kubernetes watch, the proxier may sync between two slices of one large reload.
 - A failed reload (any problem, or the child failing) keeps the last good state; the
   bounded error is logged once per distinct failure.  Directory entries that are not
   regular files (a FIFO ...) are skipped and logged as errors once; the other files work.
 - Valid objects that would be dropped without a word (``manifest_warnings.py``) are
-  logged as warnings naming file, document and object: each distinct one once, not at
-  every reload, at most ``LOGGED_PER_CATEGORY`` lines per category and reload.  The checks
-  across objects run in slices too.
+  logged as warnings naming file, document and object: each distinct one once, at most
+  ``LOGGED_PER_CATEGORY`` lines per category and reload.  The checks across objects run
+  in slices too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
-import pickle
-import signal
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,22 +39,19 @@ from userproxy.slices import Slicer
 from userproxy.sources.diff import deliver_diff
 from userproxy.sources.inotify import Inotify, watch_directories
 from userproxy.sources.manifest_files import (
-    MANIFEST_SUFFIXES,
-    RACY_NS,
-    FileContents,
     ManifestCache,
-    ManifestError,
     ManifestState,
-    StatKey,
     collect_file,
-    list_manifest_files,
     load_manifests,
-    merge,
-    size_problems,
-    stat_key,
+)
+from userproxy.sources.manifest_read import (
+    MANIFEST_SUFFIXES,
+    FileList,
+    ManifestError,
+    list_manifest_files,
 )
 from userproxy.sources.manifest_warnings import WarningLog, cross_check
-from userproxy.sources.manifest_worker import FRAME_LENGTH, FrameReader
+from userproxy.sources.manifest_worker import read_in_worker
 
 __all__ = [
     "MANIFEST_SUFFIXES",
@@ -71,6 +59,7 @@ __all__ = [
     "ManifestError",
     "ManifestSource",
     "ManifestState",
+    "deliver_all",
     "load_manifests",
 ]
 
@@ -84,16 +73,6 @@ FALLBACK_POLL_INTERVAL = 2.0
 INLINE_BYTES = 32 * 1024
 #: A reload with this many Services is bulk work (see userproxy.slices).
 BULK_OBJECTS = 1000
-#: Longest a child reading the manifests may take before it is killed (seconds).
-WORKER_TIMEOUT = 120.0
-
-#: Largest result frame accepted from the child (its frames hold 200 objects each).
-MAX_FRAME_BYTES = 64 * 1024 * 1024
-
-_WORKER_CODE = "from userproxy.sources.manifest_worker import worker_main; worker_main()"
-#: The directory holding the ``userproxy`` package, put on the child's PYTHONPATH so it
-#: imports this very copy (also when running from a source tree).
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -108,7 +87,7 @@ async def _deliver_sliced(
     *,
     slicer: Slicer,
 ) -> int:
-    """``deliver_diff`` in slices: the same calls in the same order, yielding between.
+    """``diff.deliver_diff`` in slices: the same calls in the same order, yielding between.
 
     ``old`` and ``new`` must not change meanwhile (they are a state's frozen maps).
     """
@@ -130,118 +109,6 @@ async def _deliver_sliced(
     return calls
 
 
-async def _read_in_worker(files: Sequence[Path], proxy_name: str | None) -> dict[str, FileContents]:
-    """Read, parse and validate ``files`` in a child process; per path, what it holds.
-
-    Raises ManifestError when the child fails; kills it when cancelled or too slow.
-    """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    what = _describe_files(files)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _WORKER_CODE,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            env=env,
-        )
-    except OSError as exc:  # EMFILE, EAGAIN, ENOMEM ...: a failed reload, retried later
-        raise ManifestError(
-            [f"reading {what}: cannot start the reader process: {exc.strerror or exc}"]
-        ) from None
-    try:
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        reader = FrameReader(proxy_name)
-        slicer = Slicer(bulk=True)  # only large reloads come through the child
-        async with asyncio.timeout(WORKER_TIMEOUT):
-            try:
-                proc.stdin.write(pickle.dumps((proxy_name, tuple(str(path) for path in files))))
-                await proc.stdin.drain()
-                proc.stdin.close()
-                while not reader.done:
-                    header = await proc.stdout.readexactly(FRAME_LENGTH.size)
-                    (length,) = FRAME_LENGTH.unpack(header)
-                    if length > MAX_FRAME_BYTES:
-                        raise ValueError(f"a frame of {length} bytes")
-                    reader.feed(await proc.stdout.readexactly(length))
-                    await slicer.check()
-            except (asyncio.IncompleteReadError, ConnectionError):
-                status = await proc.wait()
-                raise ManifestError(
-                    [f"reading {what} failed: the reader {_exit(status)}"]
-                ) from None
-            except ManifestError:
-                raise
-            except Exception as exc:  # an unreadable frame: never a traceback, never a crash
-                raise ManifestError(
-                    [f"reading {what} failed: unreadable result ({type(exc).__name__})"]
-                ) from None
-        await proc.wait()
-    except TimeoutError:
-        raise ManifestError([f"reading {what} took more than {WORKER_TIMEOUT:g}s"]) from None
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return reader.results
-
-
-def _describe_files(files: Sequence[Path]) -> str:
-    if len(files) == 1:
-        return str(files[0])
-    return f"{files[0]} and {len(files) - 1} more files"
-
-
-def _exit(status: int) -> str:
-    if status < 0:
-        try:
-            return f"process was killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"process was killed by signal {-status}"
-    return f"process exited with status {status}"
-
-
-@dataclass(frozen=True)
-class _Signature:
-    """A cheap fingerprint of the manifest paths: names, and per file what stat says."""
-
-    entries: tuple[tuple[str, object], ...] = ()
-    newest_mtime_ns: int = 0
-
-
-def _signature(paths: Sequence[Path]) -> _Signature:
-    entries: list[tuple[str, object]] = []
-    newest = 0
-    for path in paths:
-        if path.is_dir():
-            try:
-                names = sorted(os.listdir(path))
-            except OSError:
-                entries.append((str(path), "unlistable"))
-                continue
-            listing = tuple(
-                (name, stat_key(path / name))
-                for name in names
-                if Path(name).suffix in MANIFEST_SUFFIXES
-            )
-            newest = max([newest, *(key[0] for _, key in listing if key is not None)])
-            entries.append((str(path), ("dir", listing)))
-        else:
-            key = stat_key(path)
-            if key is not None:
-                newest = max(newest, key[0])
-            entries.append((str(path), ("file", key)))
-    return _Signature(tuple(entries), newest)
-
-
-def _is_racy(signature: _Signature) -> bool:
-    return signature.newest_mtime_ns >= time.time_ns() - RACY_NS
-
-
 def deliver_all(state: ManifestState, handlers: Handlers, node_name: str) -> None:
     """Hand every object of ``state`` (and the own Node, if present) to ``handlers`` as
     additions, then the three ``*_synced`` calls: a first listing, complete."""
@@ -260,6 +127,12 @@ def deliver_all(state: ManifestState, handlers: Handlers, node_name: str) -> Non
 def _own_node(state: ManifestState, node_name: str) -> dict[str, Node]:
     node = state.nodes.get(node_name)
     return {node_name: node} if node is not None else {}
+
+
+def _woken(notify: Inotify, wake: asyncio.Event) -> None:
+    """inotify saw a change: empty its queue (so the reader fires once per burst), poll."""
+    notify.drain()
+    wake.set()
 
 
 class ManifestSource:
@@ -293,13 +166,17 @@ class ManifestSource:
         self._on_reload_error = on_reload_error
         self._on_reload = on_reload
         self._state: ManifestState | None = None
-        self._signature = _Signature()
+        #: What the last poll saw; the next one reloads only when it sees something else.
+        self._listing = FileList((), (), (), ())
+        #: Some file was too fresh to trust its stamp: poll (and re-read it) again soon.
         self._recheck = False
         self._cache = ManifestCache()
         self._last_error: str | None = None
         self._skipped: tuple[str, ...] = ()
         self._warnings = WarningLog(logger)
-        #: How many reloads went through a child process (for tests and diagnostics).
+        #: How many polls ran and how many reloads went through a child process (for tests,
+        #: which wait for the next polls instead of sleeping, and diagnostics).
+        self.polls = 0
         self.worker_reads = 0
         #: Set by request_reload(): the next poll re-reads every file, changed or not.
         self._forced = False
@@ -312,10 +189,10 @@ class ManifestSource:
 
     def initial_load(self) -> ManifestState:
         """Load the manifests and deliver everything, then the three ``*_synced`` calls."""
-        signature = _signature(self._paths)
+        listing = list_manifest_files(self._paths)
         state = load_manifests(self._paths, self._proxy_name, self._cache)
-        self._signature = signature
-        self._recheck = _is_racy(signature)
+        self._listing = listing
+        self._recheck = listing.racy()
         self._state = state
         self._report_skipped(state)
         self._warnings.report(state.warnings)
@@ -338,20 +215,14 @@ class ManifestSource:
             self.initial_load()
         loop = asyncio.get_running_loop()
         wake = self._wake = asyncio.Event()
+        notify: Inotify | None = None
         try:
-            notify: Inotify | None = Inotify(watch_directories(self._paths))
+            notify = Inotify(watch_directories(self._paths))
         except OSError as exc:
-            notify = None
             logger.info("no inotify (%s): polling the manifests every %.1fs", exc,
                         self._poll_interval)  # fmt: skip
-        if notify is not None:
-            watcher = notify
-
-            def changed() -> None:
-                watcher.drain()
-                wake.set()
-
-            loop.add_reader(watcher.fileno(), changed)
+        else:
+            loop.add_reader(notify.fileno(), _woken, notify, wake)
         try:
             while True:
                 # With inotify, polling is only the fallback (and the re-reads of files
@@ -383,8 +254,9 @@ class ManifestSource:
 
     async def poll(self) -> None:
         """Check the paths once and reload if they changed (what :meth:`run` repeats)."""
-        signature = _signature(self._paths)
-        changed = signature.entries != self._signature.entries
+        self.polls += 1
+        listing = list_manifest_files(self._paths)
+        changed = listing != self._listing
         forced, self._forced = self._forced, False
         if forced:
             # Forget what was read: every file is parsed again, not taken from the cache.
@@ -392,40 +264,30 @@ class ManifestSource:
             logger.info("re-reading the manifests (reload requested)")
         elif not changed and not self._recheck:
             return
-        self._signature = signature
+        self._listing = listing
         # A file written within the last second may change again without its stat changing:
         # read it once more on later polls until it is old enough to trust stat.
-        self._recheck = _is_racy(signature)
-        await self._reload(changed=changed or forced)
+        self._recheck = listing.racy()
+        await self._reload(listing, changed=changed or forced)
 
-    async def _load(self) -> ManifestState:
-        """Load the manifests without holding the loop (see the module's invariants)."""
-        listing = list_manifest_files(self._paths)
+    async def _load(self, listing: FileList) -> ManifestState:
+        """Load the listed files without holding the loop (see the module's invariants)."""
         cache = self._cache
-        cache.keep_only(listing.files)
-        problems = size_problems(listing.files)
-        if problems:
-            raise ManifestError([*listing.problems, *problems])
-        stale: list[tuple[Path, StatKey | None]] = []
-        for path in listing.files:
-            key = stat_key(path)
-            if cache.needs_read(path, key):
-                stale.append((path, key))
-        size = sum(key[1] for _, key in stale if key is not None)
-        if size > INLINE_BYTES:
+        stale = cache.to_read(listing)
+        if sum(stamp.size for _, stamp in stale if stamp is not None) > INLINE_BYTES:
             self.worker_reads += 1
-            results = await _read_in_worker([path for path, _ in stale], self._proxy_name)
-            for path, key in stale:
+            results = await read_in_worker([path for path, _ in stale], self._proxy_name)
+            for path, stamp in stale:
                 contents = results.get(str(path))
                 if contents is None:  # the child skipped it: cannot happen, but never cache it
                     raise ManifestError([f"{path}: not read by the manifest reader process"])
-                cache.store(path, key, contents)
+                cache.store(path, stamp, contents)
         else:
             slicer = Slicer()
-            for path, key in stale:
-                cache.store(path, key, collect_file(path, self._proxy_name))
+            for path, stamp in stale:
+                cache.store(path, stamp, collect_file(path, self._proxy_name))
                 await slicer.check()
-        state = merge(listing, [cache.cached(path) for path in listing.files])
+        state = cache.merged(listing)
         found = []
         slicer = Slicer(bulk=len(state.services) >= BULK_OBJECTS)
         for warning in cross_check(state.services, state.slices, state.locations):
@@ -433,11 +295,11 @@ class ManifestSource:
                 await slicer.tick()
             else:
                 found.append(warning)
-        return dataclasses.replace(state, warnings=(*state.warnings, *found)) if found else state
+        return state.with_warnings(found)
 
-    async def _reload(self, *, changed: bool) -> None:
+    async def _reload(self, listing: FileList, *, changed: bool) -> None:
         try:
-            state = await self._load()
+            state = await self._load(listing)
         except ManifestError as exc:
             self._failed(exc, changed=changed)
             return
@@ -481,8 +343,7 @@ class ManifestSource:
         """
         old = self._state if self._state is not None else ManifestState()
         handlers = self._handlers
-        bulk = max(len(old.services), len(state.services)) >= BULK_OBJECTS
-        slicer = Slicer(bulk=bulk)
+        slicer = Slicer(bulk=max(len(old.services), len(state.services)) >= BULK_OBJECTS)
         calls = await _deliver_sliced(
             old.services,
             state.services,
@@ -499,7 +360,7 @@ class ManifestSource:
             handlers.on_endpointslice_delete,
             slicer=slicer,
         )
-        calls += deliver_diff(
+        calls += deliver_diff(  # one Node at most: no slices needed
             _own_node(old, self._node_name),
             _own_node(state, self._node_name),
             handlers.on_node_add,
