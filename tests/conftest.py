@@ -1,9 +1,23 @@
-"""Suite-wide configuration: which event loops the async tests run on."""
+"""Suite-wide configuration: which event loops the async tests run on, which tests are
+slow, and a loop whose exception handler fires fails the test.
+
+Invariants:
+- every async test runs with an exception handler on its loop that records each call; a
+  test whose loop reported anything (a callback that raised, a task destroyed while
+  pending, an exception never retrieved) fails at teardown with the contexts printed, as
+  uvloop's tests/_testbase does;
+- ``slow`` marks the load, outage and subprocess tests, chosen here by directory or file
+  (``SLOW``) so the test modules need no marker; ``pytest -m "not slow"`` is the quick
+  loop and ``.ci/run`` runs everything.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -13,6 +27,13 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "uvloop": uvloop.new_event_loop,
 }
 
+HERE = Path(__file__).parent
+
+#: Directories and files (relative to tests/) whose tests start subprocesses, hold load or
+#: outages for seconds, or build network namespaces. A test elsewhere that does so carries
+#: ``@pytest.mark.slow`` itself.
+SLOW = ("netns", "process", "soak", "stress", "udp/test_udp_load.py")
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
@@ -21,3 +42,38 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("both_loops") is not None:
         return LOOPS
     return {"asyncio": asyncio.new_event_loop}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test below a ``SLOW`` path as ``slow``."""
+    for item in items:
+        where = item.path.relative_to(HERE).as_posix()
+        if any(where == slow or where.startswith(f"{slow}/") for slow in SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_loop_errors(request: pytest.FixtureRequest) -> None:
+    """Async tests get ``loop_errors``; sync tests have no loop of the test to watch."""
+    if inspect.iscoroutinefunction(getattr(request, "function", None)):
+        request.getfixturevalue("loop_errors")
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Every context the test's loop hands its exception handler; the test fails at
+    teardown if there is one. A test that provokes such a report on purpose takes this
+    fixture, checks the list and empties it."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    # One more round of the loop: callbacks scheduled by the test's last await report now.
+    await asyncio.sleep(0)
+    loop.set_exception_handler(previous)
+    if errors:
+        pytest.fail(
+            "the loop's exception handler fired:\n" + "\n".join(map(repr, errors)),
+            pytrace=False,
+        )
