@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pytest
 
+from tests.support.clock import FakeClock
+from tests.support.recorders import RecordingListeners
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.proxier import Proxier, ServicePlan, SyncStatus
 from userproxy.control.trackers import ChangeRecorder
@@ -35,41 +37,13 @@ NS = "default"
 HTTP = ServicePort("http", Protocol.TCP, 80)
 
 
-class FakeTime:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class RecordingApplier:
-    """A ``ListenerApplier`` that remembers every call."""
-
-    calls: list[tuple[ServiceKey, tuple[ListenerSpec, ...]]] = field(default_factory=list)
-
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        self.calls.append((service, tuple(specs)))
-
-    @property
-    def keys(self) -> list[ServiceKey]:
-        return [key for key, _ in self.calls]
-
-    def take(self) -> dict[ServiceKey, tuple[ListenerSpec, ...]]:
-        calls, self.calls = self.calls, []
-        result = dict(calls)
-        assert len(result) == len(calls), "one apply per Service per sync"
-        return result
-
-
 @dataclass
 class World:
     recorder: ChangeRecorder
     proxier: Proxier
-    applier: RecordingApplier
-    time: FakeTime
-    wall: FakeTime
+    applier: RecordingListeners
+    time: FakeClock
+    wall: FakeClock
     planned: list[ServiceKey]
     synced: list[SyncStatus]
 
@@ -85,12 +59,17 @@ class World:
 
 @pytest.fixture
 def world(monkeypatch: pytest.MonkeyPatch) -> World:
-    time, wall = FakeTime(100.0), FakeTime(1_700_000_000.0)
-    applier = RecordingApplier()
-    recorder = ChangeRecorder(NODE, lambda: None, clock=time)
+    time, wall = FakeClock(100.0), FakeClock(1_700_000_000.0)
+    applier = RecordingListeners()
+    recorder = ChangeRecorder(NODE, lambda: None, clock=time.now)
     synced: list[SyncStatus] = []
     proxier = Proxier(
-        recorder, applier, BalancerRegistry(), clock=time, wall_clock=wall, on_synced=synced.append
+        recorder,
+        applier,
+        BalancerRegistry(),
+        clock=time.now,
+        wall_clock=wall.now,
+        on_synced=synced.append,
     )
     planned: list[ServiceKey] = []
     plan = proxier.plan
@@ -488,15 +467,15 @@ def test_unknown_balancer_falls_back_to_round_robin_with_one_warning(
 
 def test_sync_status(world: World) -> None:
     rec, time, wall = world.recorder, world.time, world.wall
-    wall.now += 60.0  # the changes below happen after the proxier started
-    time.now = 100.0
+    wall.advance(60.0)  # the changes below happen after the proxier started
+    time.set(100.0)
     rec.on_service_add(svc("web"))
-    time.now = 101.0
-    rec.on_endpointslice_add(eps("web-1", "web", sep("10.1.0.1"), trigger=wall.now - 2.5))
-    rec.on_endpointslice_add(eps("web-2", "web", sep("10.1.0.2"), trigger=wall.now - 0.5))
+    time.set(101.0)
+    rec.on_endpointslice_add(eps("web-1", "web", sep("10.1.0.1"), trigger=wall.now() - 2.5))
+    rec.on_endpointslice_add(eps("web-2", "web", sep("10.1.0.2"), trigger=wall.now() - 0.5))
     rec.on_endpointslice_add(eps("web-3", "web", sep("10.1.0.3")))
     world.init()
-    time.now = 103.0
+    time.set(103.0)
     world.sync()
     status = world.proxier.status
     assert status.syncs == 1
@@ -509,7 +488,7 @@ def test_sync_status(world: World) -> None:
     assert world.synced == [status]
 
     # A sync with nothing queued clears the per-sync fields.
-    time.now = 110.0
+    time.set(110.0)
     world.sync()
     status = world.proxier.status
     assert status.syncs == 2
@@ -523,7 +502,7 @@ def test_sync_status(world: World) -> None:
 
 def test_programming_delay_never_negative(world: World) -> None:
     world.recorder.on_endpointslice_add(
-        eps("web-1", "web", sep("10.1.0.1"), trigger=world.wall.now + 5.0)
+        eps("web-1", "web", sep("10.1.0.1"), trigger=world.wall.now() + 5.0)
     )
     world.init()
     world.sync()
@@ -535,14 +514,14 @@ def test_trigger_times_from_before_the_start_are_not_measured(world: World) -> N
     proxy ran; upstream ignores trigger times not after the tracker's start time
     (``pkg/proxy/endpointschangetracker.go``, ``t.After(ect.trackerStartTime)``), else every
     restart would record hours-long network programming latencies."""
-    started = world.wall.now
+    started = world.wall.now()
     world.recorder.on_endpointslice_add(
         eps("old-1", "old", sep("10.1.0.1"), trigger=started - 86_400.0)
     )
-    world.wall.now = started + 1.0
+    world.wall.set(started + 1.0)
     world.recorder.on_endpointslice_add(eps("new-1", "new", sep("10.1.0.2"), trigger=started + 0.5))
     world.init()
-    world.wall.now = started + 2.0
+    world.wall.set(started + 2.0)
     world.sync()
     assert world.proxier.status.programming_delays == pytest.approx([1.5])
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.recorders import RecordingListeners
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.proxier import Proxier
 from userproxy.control.trackers import ChangeRecorder
@@ -33,20 +34,10 @@ NODE = "node-1"
 NODE_IPS = ("198.18.0.2", "127.0.0.1")
 
 
-class Applier:
-    def __init__(self) -> None:
-        self.current: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
-        self.applies = 0
-
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        self.applies += 1
-        self.current[service] = tuple(specs)
-
-
 class Setup:
     def __init__(self, node_ips: tuple[str, ...] = NODE_IPS) -> None:
         self.node_ips = node_ips
-        self.applier = Applier()
+        self.applier = RecordingListeners()
         self.health: list[tuple[ServiceKey, int | None, int]] = []
         self.recorder = ChangeRecorder(NODE, lambda: None)
         self.proxier = Proxier(
@@ -71,7 +62,7 @@ class Setup:
         return self.listeners()
 
     def listeners(self) -> dict[tuple[str, int], ListenerSpec]:
-        specs = self.applier.current.get(ServiceKey("default", "web"), ())
+        specs = self.applier.applied.get(ServiceKey("default", "web"), ())
         return {(s.ip, s.port): s for s in specs}
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import pytest
 
-from tests.control.test_runner import FakeClock, settle
+from tests.support.clock import FakeClock, settle
+from tests.support.recorders import RecordingListeners
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.proxier import Proxier
 from userproxy.control.runner import SyncRunner
@@ -124,22 +125,6 @@ async def test_retry_after_wakes_an_idle_runner(tasks: list[asyncio.Task[None]])
 # -- the proxier -----------------------------------------------------------------------------
 
 
-@dataclass
-class FlakyListeners:
-    """A listener set that raises for the Services in ``broken`` (after recording)."""
-
-    broken: dict[ServiceKey, Exception] = field(default_factory=dict)
-    applied: dict[ServiceKey, tuple[ListenerSpec, ...]] = field(default_factory=dict)
-    calls: list[ServiceKey] = field(default_factory=list)
-
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        self.calls.append(service)
-        error = self.broken.get(service)
-        if error is not None:
-            raise error
-        self.applied[service] = tuple(specs)
-
-
 def web(name: str, ip: str, port: int = 80) -> Service:
     return Service("default", name, cluster_ips=(ip,), ports=(ServicePort("", Protocol.TCP, port),))
 
@@ -148,9 +133,9 @@ def ports(specs: tuple[ListenerSpec, ...]) -> list[int]:
     return [spec.port for spec in specs]
 
 
-def build() -> tuple[ChangeRecorder, Proxier, FlakyListeners]:
+def build() -> tuple[ChangeRecorder, Proxier, RecordingListeners]:
     recorder = ChangeRecorder("node-a", lambda: None)
-    listeners = FlakyListeners()
+    listeners = RecordingListeners()
     proxier = Proxier(recorder, listeners, BalancerRegistry())
     recorder.on_services_synced()
     recorder.on_endpointslices_synced()
@@ -190,7 +175,7 @@ def test_a_failed_service_is_reapplied_at_every_sync_until_it_applies(
         listeners.calls.clear()
         # No change at all: the failed Service alone is applied again (same plan).
         assert proxier.sync() is False
-        assert listeners.calls == [A]
+        assert listeners.keys == [A]
         # It changes while failing: the new plan is what is applied.
         recorder.on_service_update(web("a", "10.0.0.1"), web("a", "10.0.0.1", port=81))
         del listeners.broken[A]
@@ -199,7 +184,7 @@ def test_a_failed_service_is_reapplied_at_every_sync_until_it_applies(
         assert not proxier.failed
         listeners.calls.clear()
         assert proxier.sync() is True
-        assert listeners.calls == [], "applied: nothing more to do"
+        assert listeners.keys == [], "applied: nothing more to do"
     lines = [r for r in caplog.records if r.name == "userproxy.control.proxier"]
     warnings = [r for r in lines if r.levelno == logging.WARNING]
     assert len(warnings) == 1, "the same failure is logged once"
@@ -217,13 +202,13 @@ def test_a_failed_removal_is_retried() -> None:
     del listeners.broken[A]
     listeners.calls.clear()
     assert proxier.sync() is True
-    assert listeners.calls == [A]
+    assert listeners.keys == [A]
     assert listeners.applied[A] == ()
 
 
 def test_node_addresses_failing_keep_the_changes() -> None:
     recorder = ChangeRecorder("node-a", lambda: None)
-    listeners = FlakyListeners()
+    listeners = RecordingListeners()
     reads: list[int] = []
 
     def addresses() -> tuple[str, ...]:
