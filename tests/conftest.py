@@ -6,9 +6,9 @@ Invariants:
   test whose loop reported anything (a callback that raised, a task destroyed while
   pending, an exception never retrieved) fails at teardown with the contexts printed, as
   uvloop's tests/_testbase does;
-- ``slow`` marks the load, outage and subprocess tests, chosen here by directory or file
-  (``SLOW``) so the test modules need no marker; ``pytest -m "not slow"`` is the quick
-  loop and ``.ci/run`` runs everything.
+- ``slow`` marks the load, outage and subprocess tests, chosen here by directory, file or
+  test function (``SLOW``) so the test modules need no marker; ``pytest -m "not slow"`` is
+  the quick loop and ``.ci/run`` runs everything.
 """
 
 from __future__ import annotations
@@ -29,10 +29,19 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 
 HERE = Path(__file__).parent
 
-#: Directories and files (relative to tests/) whose tests start subprocesses, hold load or
-#: outages for seconds, or build network namespaces. A test elsewhere that does so carries
-#: ``@pytest.mark.slow`` itself.
-SLOW = ("netns", "process", "soak", "stress", "udp/test_udp_load.py")
+#: Directories, files and ``file::function`` names (relative to tests/) of the tests that
+#: run the proxy as a subprocess, hold load or an outage for seconds, or build network
+#: namespaces.
+SLOW = (
+    "netns",
+    "process",
+    "soak",
+    "stress",
+    "udp/test_udp_load.py",
+    "udp/test_dns.py::test_2000_queries_through_a_uvloop_subprocess",
+    "sources/test_kubernetes.py::test_api_server_outage_of_10_seconds",
+    "sources/test_kubernetes_proxy.py::test_open_connection_survives_watch_trouble",
+)
 
 
 def pytest_asyncio_loop_factories(
@@ -45,10 +54,11 @@ def pytest_asyncio_loop_factories(
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test below a ``SLOW`` path as ``slow``."""
+    """Mark every test below or named by a ``SLOW`` entry as ``slow``."""
     for item in items:
-        where = item.path.relative_to(HERE).as_posix()
-        if any(where == slow or where.startswith(f"{slow}/") for slow in SLOW):
+        path = item.path.relative_to(HERE).as_posix()
+        names = {path, f"{path}::{getattr(item, 'originalname', item.name)}"}
+        if any(slow in names or path.startswith(f"{slow}/") for slow in SLOW):
             item.add_marker(pytest.mark.slow)
 
 

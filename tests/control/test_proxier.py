@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import pytest
 
 from tests.support.clock import FakeClock
+from tests.support.model import DNS, DNS_TARGET, HTTP, NS, eps, key, sep, spn, svc
 from tests.support.recorders import RecordingListeners
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.proxier import Proxier, ServicePlan, SyncStatus
@@ -16,25 +16,19 @@ from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import (
     AddressKind,
     Endpoint,
-    EndpointPort,
-    EndpointSlice,
     IPFamily,
     ListenerSpec,
     Node,
     PoolSpec,
     Protocol,
-    Service,
     ServiceKey,
     ServicePort,
-    ServicePortName,
     ServiceType,
     SliceEndpoint,
     TrafficPolicy,
 )
 
 NODE = "node-1"
-NS = "default"
-HTTP = ServicePort("http", Protocol.TCP, 80)
 
 
 @dataclass
@@ -80,67 +74,6 @@ def world(monkeypatch: pytest.MonkeyPatch) -> World:
 
     monkeypatch.setattr(proxier, "plan", recording_plan)
     return World(recorder, proxier, applier, time, wall, planned, synced)
-
-
-def svc(
-    name: str = "web",
-    ips: tuple[str, ...] = ("10.96.0.1",),
-    ports: tuple[ServicePort, ...] = (HTTP,),
-    *,
-    type: ServiceType = ServiceType.CLUSTER_IP,
-    external_ips: tuple[str, ...] = (),
-    internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER,
-    affinity_timeout: int | None = None,
-    balancer: str | None = None,
-) -> Service:
-    return Service(
-        NS,
-        name,
-        type=type,
-        cluster_ips=ips,
-        ports=ports,
-        external_ips=external_ips,
-        internal_traffic_policy=internal_traffic_policy,
-        affinity_timeout=affinity_timeout,
-        balancer=balancer,
-    )
-
-
-def sep(
-    ip: str,
-    *,
-    ready: bool = True,
-    node: str | None = None,
-    zones: Sequence[str] = (),
-) -> SliceEndpoint:
-    return SliceEndpoint(ip, ready=ready, node_name=node, zone_hints=frozenset(zones))
-
-
-def eps(
-    name: str,
-    service: str,
-    *endpoints: SliceEndpoint,
-    family: IPFamily = IPFamily.IPv4,
-    port: int = 8080,
-    trigger: float | None = None,
-) -> EndpointSlice:
-    return EndpointSlice(
-        NS,
-        name,
-        service,
-        family,
-        ports=(EndpointPort("http", Protocol.TCP, port),),
-        endpoints=endpoints,
-        trigger_time=trigger,
-    )
-
-
-def key(name: str) -> ServiceKey:
-    return ServiceKey(NS, name)
-
-
-def spn(name: str, port: str = "http") -> ServicePortName:
-    return ServicePortName(NS, name, port, Protocol.TCP)
 
 
 def endpoint(ip: str, port: int = 8080) -> Endpoint:
@@ -388,20 +321,9 @@ def test_dual_stack_service_gets_a_listener_per_cluster_ip(world: World) -> None
 
 
 def test_multiple_ports_each_get_listeners(world: World) -> None:
-    dns = ServicePort("dns", Protocol.UDP, 53)
-    world.recorder.on_service_add(svc("two", ports=(HTTP, dns)))
+    world.recorder.on_service_add(svc("two", ports=(HTTP, DNS)))
     world.recorder.on_endpointslice_add(
-        EndpointSlice(
-            NS,
-            "two-1",
-            "two",
-            IPFamily.IPv4,
-            ports=(
-                EndpointPort("http", Protocol.TCP, 8080),
-                EndpointPort("dns", Protocol.UDP, 5353),
-            ),
-            endpoints=(sep("10.1.0.1"),),
-        )
+        eps("two-1", "two", sep("10.1.0.1"), more_ports=(DNS_TARGET,))
     )
     world.init()
     specs = world.sync()[key("two")]
@@ -544,26 +466,13 @@ def test_local_endpoints_counts_distinct_ips_not_ip_port_pairs(
 ) -> None:
     """Upstream's EndpointsMap.LocalReadyEndpoints collects local ready IPs in a set per
     Service: one pod behind a two-port Service is one local endpoint, not two."""
-    dns = ServicePort("dns", Protocol.UDP, 53)
     service = replace(
-        svc("lb", ports=(HTTP, dns), type=ServiceType.LOAD_BALANCER),
+        svc("lb", ports=(HTTP, DNS), type=ServiceType.LOAD_BALANCER),
         external_traffic_policy=TrafficPolicy.LOCAL,
         health_check_node_port=30999,
     )
     world.recorder.on_service_add(service)
-    world.recorder.on_endpointslice_add(
-        EndpointSlice(
-            NS,
-            "lb-1",
-            "lb",
-            IPFamily.IPv4,
-            ports=(
-                EndpointPort("http", Protocol.TCP, 8080),
-                EndpointPort("dns", Protocol.UDP, 5353),
-            ),
-            endpoints=endpoints,
-        )
-    )
+    world.recorder.on_endpointslice_add(eps("lb-1", "lb", *endpoints, more_ports=(DNS_TARGET,)))
     world.init()
     world.sync()
     plan = world.proxier.plans[key("lb")]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.model import eps, key
 from tests.support.recorders import RecordingListeners
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.proxier import Proxier
@@ -16,9 +17,6 @@ from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import (
     AddressKind,
     Endpoint,
-    EndpointPort,
-    EndpointSlice,
-    IPFamily,
     ListenerSpec,
     LoadBalancerIngress,
     Protocol,
@@ -45,7 +43,7 @@ class Setup:
             self.applier,
             BalancerRegistry(),
             node_addresses=lambda: self.node_ips,
-            health_checks=lambda key, port, count: self.health.append((key, port, count)),
+            health_checks=lambda service, port, count: self.health.append((service, port, count)),
         )
         self.recorder.on_services_synced()
         self.recorder.on_endpointslices_synced()
@@ -54,15 +52,12 @@ class Setup:
         self, service: Service, *endpoints: SliceEndpoint
     ) -> dict[tuple[str, int], ListenerSpec]:
         self.recorder.on_service_add(service)
-        self.recorder.on_endpointslice_add(
-            EndpointSlice("default", "web-1", "web", IPFamily.IPv4,
-                          ports=(EndpointPort("http", Protocol.TCP, 8080),), endpoints=endpoints)
-        )  # fmt: skip
+        self.recorder.on_endpointslice_add(eps("web-1", "web", *endpoints))
         self.proxier.sync()
         return self.listeners()
 
     def listeners(self) -> dict[tuple[str, int], ListenerSpec]:
-        specs = self.applier.applied.get(ServiceKey("default", "web"), ())
+        specs = self.applier.applied.get(key("web"), ())
         return {(s.ip, s.port): s for s in specs}
 
 
@@ -213,24 +208,21 @@ def test_health_check_and_no_local_endpoint_counts() -> None:
         health_check_node_port=32000,
     )
     setup.serve(service, LOCAL, REMOTE)
-    key = ServiceKey("default", "web")
-    assert setup.health == [(key, 32000, 1)]
+    web_key = key("web")
+    assert setup.health == [(web_key, 32000, 1)]
     assert setup.proxier.status.no_local_external == 0
     # The local endpoint leaves: 0 local endpoints, counted as a Local policy without any.
     setup.recorder.on_endpointslice_update(
-        EndpointSlice("default", "web-1", "web", IPFamily.IPv4,
-                      ports=(EndpointPort("http", Protocol.TCP, 8080),), endpoints=(LOCAL, REMOTE)),
-        EndpointSlice("default", "web-1", "web", IPFamily.IPv4,
-                      ports=(EndpointPort("http", Protocol.TCP, 8080),), endpoints=(REMOTE,)),
-    )  # fmt: skip
+        eps("web-1", "web", LOCAL, REMOTE), eps("web-1", "web", REMOTE)
+    )
     setup.proxier.sync()
-    assert setup.health[-1] == (key, 32000, 0)
+    assert setup.health[-1] == (web_key, 32000, 0)
     assert setup.proxier.status.no_local_external == 1
     assert setup.proxier.status.no_local_internal == 0
     setup.recorder.on_service_delete(service)
     setup.proxier.sync()
     service_key, port, _ = setup.health[-1]
-    assert service_key == key
+    assert service_key == web_key
     assert port is None
 
 
