@@ -31,7 +31,13 @@ from tests.process.test_cli import output_of, run_cli
 from tests.sources.test_manifest_limits import BAD, write_bad
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import endpoint_slice, service, write
-from tests.support.proxyrun import eventually, proxy_process, running_proxy, wait_listening
+from tests.support.proxyrun import (
+    eventually,
+    proxy_process,
+    running_proxy,
+    wait_listening,
+    wait_logged,
+)
 from userproxy.sources.manifest_files import FileContents, ManifestError, parse_documents
 
 PORT = 8080
@@ -200,16 +206,18 @@ def test_named_manifest_replaced_by_a_fifo_keeps_the_state_and_sigterm_works(
         service("web", web[0], PORT),
         endpoint_slice("web-a", "web", backend.port, [backend.ip]),
     )
+    log = tmp_path / "proxy.log"
     try:
-        with proxy_process(["run", "--manifests", str(path)]) as proc:
+        with proxy_process(["run", "--manifests", str(path)], log=log) as proc:
             wait_listening(web)
             path.unlink()
             os.mkfifo(path)
-            time.sleep(1.0)  # several polls: each reports the FIFO, none blocks
+            # The poll that met the FIFO reported it and returned: it did not block.
+            wait_logged(log, "not a regular file (a FIFO)")
             assert ask(web) == "b1"  # the last good state
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
-            output = output_of(proc)
+        output = log.read_text()
     finally:
         backend.stop()
     assert f"{path}: not a regular file (a FIFO)" in output

@@ -22,6 +22,12 @@ def fresh_net() -> int:
     return next(_next_net)
 
 
+def fresh_ips() -> tuple[str, str]:
+    """A Service IP (127.100-149.x.1) and a backend IP (127.150-199.x.1) of a fresh net."""
+    net = fresh_net()
+    return f"127.{net // 200 + 100}.{net % 200}.1", f"127.{net // 200 + 150}.{net % 200}.1"
+
+
 def service(
     name: str,
     cluster_ip: str,

@@ -116,9 +116,16 @@ def proxy_process(
     *,
     env: Mapping[str, str] | None = None,
     prefix: Sequence[str] = (),
+    log: Path | None = None,
+    stop_within: float = 15.0,
 ) -> Iterator[subprocess.Popen[str]]:
     """``python -m userproxy ARGS`` as a child process (run under ``prefix``, e.g. prlimit,
-    with ``env`` if given; stdout and stderr merged); SIGTERM, then SIGKILL, at exit.
+    with ``env`` if given); SIGTERM at exit, SIGKILL if it has not ended ``stop_within``
+    seconds later.
+
+    Its stdout and stderr go, merged, to ``proc.stdout`` (a pipe: read it once the child
+    has exited, or it may fill up), or to the file ``log``, which can be read while the
+    child runs (``wait_logged``) and holds any amount.
 
     The health and metrics servers are off unless ``args`` names their flags, so tests
     never bind the well-known ports.
@@ -128,26 +135,41 @@ def proxy_process(
         for flag in ("--healthz-bind-address", "--metrics-bind-address")
         if not any(arg.startswith(flag) for arg in args)
     ]
-    proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "userproxy", *args, *extra],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with contextlib.ExitStack() as stack:
+        output = stack.enter_context(log.open("w")) if log is not None else subprocess.PIPE
+        proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "userproxy", *args, *extra],
+            cwd=cwd,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=stop_within)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def wait_logged(log: Path, text: str, *, count: int = 1, within: float = 10.0) -> str:
+    """Wait until ``text`` stands ``count`` times in the file ``log``; returns the file.
+
+    This is how a test waits for a child's next round (a reload handled, a poll done)
+    instead of sleeping and hoping it came."""
+    deadline = time.monotonic() + within
+    while (content := log.read_text()).count(text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged {count} times:\n{content[-3000:]}")
+        time.sleep(0.02)
+    return content
 
 
 async def eventually(
