@@ -32,8 +32,8 @@ from tests.netns.harness import (
     ip,
     network_namespaces,
     service,
-    stop_process,
 )
+from tests.support.proxyrun import stop_process
 
 CLUSTER_IP = "198.19.5.10"
 EXTERNAL_IP = "198.19.6.10"

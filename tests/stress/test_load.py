@@ -22,7 +22,13 @@ import pytest
 
 from tests.support.backends import Backend, recv_all, slow_reader
 from tests.support.manifests import endpoint_slice, fresh_ips, service, write
-from tests.support.proxyrun import open_fds, proxy_process, rss_bytes, wait_listening
+from tests.support.proxyrun import (
+    open_fds,
+    proxy_process,
+    rss_bytes,
+    stop_process,
+    wait_listening,
+)
 
 PORT = 8080
 
@@ -39,10 +45,7 @@ def echo_process(ip: str) -> Iterator[int]:
         assert proc.stdout is not None
         yield int(proc.stdout.readline())
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_process(proc)
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
