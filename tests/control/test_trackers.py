@@ -105,10 +105,12 @@ def test_change_tracker_take_starts_afresh() -> None:
 
 
 class Syncs:
+    """Counts the recorder's sync requests (the runner's ``request``)."""
+
     def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self) -> None:
+    def request(self) -> None:
         self.count += 1
 
 
@@ -142,7 +144,7 @@ def make_recorder(
     initialized: bool = True, time: FakeClock | None = None
 ) -> tuple[ChangeRecorder, Syncs]:
     syncs = Syncs()
-    recorder = ChangeRecorder(NODE, syncs, clock=(time or FakeClock(100.0)).now)
+    recorder = ChangeRecorder(NODE, syncs.request, clock=(time or FakeClock(100.0)).now)
     if initialized:
         recorder.on_services_synced()
         recorder.on_endpointslices_synced()
