@@ -141,6 +141,7 @@ def proxy_process(
             [*prefix, sys.executable, "-m", "userproxy", *args, *extra],
             cwd=cwd,
             env=env,
+            stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
             text=True,
