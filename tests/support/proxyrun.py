@@ -168,6 +168,17 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> int:
     return proc.returncode
 
 
+#: What a child proxy's log must never hold: a crash, or an error the loop only logged.
+CRASH_MARKERS = ("Traceback", "Exception in callback", "Fatal Python error")
+
+
+def assert_clean_log(log: Path) -> None:
+    """Fail if the child's ``log`` shows a traceback, a loop callback error or a crash."""
+    output = log.read_text()
+    for marker in CRASH_MARKERS:
+        assert marker not in output, output[-3000:]
+
+
 def wait_logged(log: Path, text: str, *, count: int = 1, within: float = 10.0) -> str:
     """Wait until ``text`` stands ``count`` times in the file ``log``; returns the file.
 
