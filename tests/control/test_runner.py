@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import pytest
 
 from tests.support.clock import FakeClock, settle
+from tests.support.runner import Harness, start_runner
 from userproxy.control.clock import Clock
 from userproxy.control.runner import SyncRunner
 
@@ -18,40 +18,6 @@ from userproxy.control.runner import SyncRunner
 def test_fake_clock_is_a_clock() -> None:
     clock: Clock = FakeClock()
     assert clock.now() == 0.0
-
-
-@dataclass
-class Harness:
-    clock: FakeClock
-    runner: SyncRunner
-    task: asyncio.Task[None]
-    syncs: list[float] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return len(self.syncs)
-
-    async def request(self) -> None:
-        """Ask for a sync and let the runner act on it."""
-        self.runner.request()
-        await settle()
-
-    async def step(self, seconds: float) -> None:
-        """Move the clock and let the runner act on it."""
-        self.clock.advance(seconds)
-        await settle()
-
-
-@pytest.fixture
-async def harnesses() -> AsyncIterator[list[Harness]]:
-    """Runner tasks started by a test, cancelled (and awaited) at teardown."""
-    started: list[Harness] = []
-    yield started
-    for h in started:
-        h.task.cancel()
-    for h in started:
-        with pytest.raises(asyncio.CancelledError):
-            await h.task
 
 
 async def start(
@@ -62,23 +28,14 @@ async def start(
     burst: int = 2,
     fail: Callable[[int], bool] = lambda n: False,
 ) -> Harness:
-    """Start ``SyncRunner.run`` on a fake clock; the sync records the clock's time."""
-    clock = FakeClock()
-    syncs: list[float] = []
-
-    def sync() -> None:
-        syncs.append(clock.now())
-        if fail(len(syncs)):
-            raise RuntimeError(f"sync {len(syncs)} broke")
-
-    runner = SyncRunner(
-        sync, min_interval=min_interval, max_interval=max_interval, burst=burst, clock=clock
+    """A runner whose n-th sync raises when ``fail(n)``."""
+    return await start_runner(
+        started,
+        min_interval=min_interval,
+        max_interval=max_interval,
+        burst=burst,
+        outcome=lambda n: RuntimeError(f"sync {n} broke") if fail(n) else True,
     )
-    task = asyncio.create_task(runner.run())
-    h = Harness(clock, runner, task, syncs)
-    started.append(h)
-    await settle()
-    return h
 
 
 async def test_no_sync_without_a_request_before_max_interval(harnesses: list[Harness]) -> None:
