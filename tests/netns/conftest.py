@@ -43,10 +43,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             # namespace can be made. Any other failure fails. CI runs as root.
             pytest.skip(str(exc))
         log = stack.enter_context((logs / "helpers.log").open("ab"))
+        proxy_log = stack.enter_context((logs / "userproxy.log").open("ab"))
         stack.enter_context(backends(node_ns, log))
-        flags = ["--min-sync-period", "0", "--log-level", "debug",
-                 "--metrics-bind-address={}:{}".format(*METRICS_ADDRESS)]  # fmt: skip
-        proxy = stack.enter_context(userproxy(node_ns, manifests, logs / "userproxy.log", *flags))
+        proxy = stack.enter_context(userproxy(node_ns, manifests, proxy_log))
         client = Agent(client_ns, log)
         stack.callback(client.close)
         node = Agent(node_ns, log)

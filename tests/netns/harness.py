@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from tests.support.proxyrun import proxy_process, stop_process
+# Re-exported: tests/netns/test_cleanup.py takes it from here.
+from tests.support.proxyrun import stop_process as stop_process  # noqa: PLC0414
 
 T = TypeVar("T")
 
@@ -422,14 +423,37 @@ def backends(netns: str, log: IO[bytes]) -> Iterator[subprocess.Popen[bytes]]:
         stop_process(proc)
 
 
-def userproxy(
-    netns: str, manifests: Path, log: Path, *flags: str
-) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
-    """``userproxy run --manage-addresses`` in ``netns`` serving ``manifests``, with
-    ``flags`` added, writing to ``log``."""
-    args = ["run", "--manifests", str(manifests), "--hostname-override", NODE_NAME,
-            "--manage-addresses", *flags]  # fmt: skip
-    return proxy_process(args, REPO, prefix=in_netns(netns), log=log, stop_within=15)
+@contextlib.contextmanager
+def userproxy(netns: str, manifests: Path, log: IO[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """``userproxy run --manage-addresses`` in ``netns`` serving ``manifests``."""
+    proc = subprocess.Popen(
+        in_netns(
+            netns,
+            sys.executable,
+            "-m",
+            "userproxy",
+            "run",
+            "--manifests",
+            str(manifests),
+            "--hostname-override",
+            NODE_NAME,
+            "--manage-addresses",
+            "--min-sync-period",
+            "0",
+            "--healthz-bind-address=",
+            "--metrics-bind-address={}:{}".format(*METRICS_ADDRESS),
+            "--log-level",
+            "debug",
+        ),
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield proc
+    finally:
+        stop_process(proc, grace=15)
 
 
 def eventually(
@@ -546,7 +570,7 @@ class Lab:
     node_ns: str
     manifests: Path
     logs: Path
-    proxy: subprocess.Popen[str]
+    proxy: subprocess.Popen[bytes]
     client: Agent
     node: Agent
 

@@ -20,6 +20,7 @@ import pytest
 
 from tests.netns.harness import (
     DEVICE,
+    NODE_NAME,
     REPO,
     LabError,
     ManifestFile,
@@ -31,7 +32,7 @@ from tests.netns.harness import (
     ip,
     network_namespaces,
     service,
-    userproxy,
+    stop_process,
 )
 
 CLUSTER_IP = "198.19.5.10"
@@ -84,15 +85,38 @@ def crash_a_proxy(netns: str, tmp_path: Path) -> None:
         service("web", CLUSTER_IP, external_ips=[EXTERNAL_IP]),
         endpoint_slice("web", ["local-1"]),
     )
-    with userproxy(netns, manifests, tmp_path / "userproxy.log") as proc:
-        eventually(
-            lambda: device_addresses(netns),
-            lambda held: {CLUSTER_IP, EXTERNAL_IP} <= held,
-            within=15,
-            what="the proxy to add its Service IPs",
+    with (tmp_path / "userproxy.log").open("wb") as log:
+        proc = subprocess.Popen(
+            in_netns(
+                netns,
+                sys.executable,
+                "-m",
+                "userproxy",
+                "run",
+                "--manifests",
+                str(manifests),
+                "--hostname-override",
+                NODE_NAME,
+                "--manage-addresses",
+                "--healthz-bind-address=",
+                "--metrics-bind-address=",
+            ),
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
-        proc.kill()  # as a crash or the OOM killer would: no cleanup
-        proc.wait(timeout=10)
+        try:
+            eventually(
+                lambda: device_addresses(netns),
+                lambda held: {CLUSTER_IP, EXTERNAL_IP} <= held,
+                within=15,
+                what="the proxy to add its Service IPs",
+            )
+            proc.kill()  # as a crash or the OOM killer would: no cleanup
+            proc.wait(timeout=10)
+        finally:
+            stop_process(proc)
 
 
 def test_cleanup_removes_the_addresses_and_device_a_killed_proxy_left(
