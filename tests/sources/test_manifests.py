@@ -7,13 +7,11 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.support import manifests as raw
 from userproxy.model import EndpointSlice, Node, Protocol, Service, ServiceKey, ServicePort
 from userproxy.sources.manifests import (
     ManifestError,
@@ -25,17 +23,53 @@ from userproxy.sources.manifests import (
 # --------------------------------------------------------------------------- fixtures
 
 
-# As a user writes them: no namespace, no protocol, no targetPort.
-service = partial(
-    raw.service,
-    cluster_ip="10.96.0.1",
-    namespace=None,
-    port_name="http",
-    target_port=None,
-    protocol=None,
-)
-endpoint_slice = partial(raw.endpoint_slice, namespace=None, port_name="http")
-node = raw.node
+def service(
+    name: str,
+    *,
+    namespace: str | None = None,
+    port: object = 80,
+    cluster_ip: str = "10.96.0.1",
+    labels: dict[str, str] | None = None,
+) -> dict[str, object]:
+    metadata: dict[str, object] = {"name": name}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    if labels is not None:
+        metadata["labels"] = labels
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": port}]},
+    }
+
+
+def endpoint_slice(
+    name: str,
+    service_name: str,
+    *,
+    addresses: tuple[str, ...] = ("10.1.0.1",),
+    address_type: str = "IPv4",
+    labels: dict[str, str] | None = None,
+) -> dict[str, object]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/service-name": service_name, **(labels or {})},
+        },
+        "addressType": address_type,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [address]} for address in addresses],
+    }
+
+
+def node(name: str, zone: str | None = None) -> dict[str, object]:
+    metadata: dict[str, object] = {"name": name}
+    if zone is not None:
+        metadata["labels"] = {"topology.kubernetes.io/zone": zone}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": metadata}
 
 
 def write_yaml(path: Path, *documents: object) -> Path:

@@ -1,7 +1,7 @@
 """Raw API objects (Service, EndpointSlice, Node) as the API server or a manifest file
 holds them, the one builder of the tests; writing them to files for the proxy; fresh
 127.x addresses. A test module with other defaults binds them once with
-``functools.partial`` (tests/sources/test_kubernetes.py, test_manifests.py)."""
+``functools.partial`` (tests/sources/test_kubernetes.py)."""
 
 from __future__ import annotations
 
