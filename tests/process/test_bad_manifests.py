@@ -21,7 +21,6 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,7 @@ from tests.support.proxyrun import (
     running_proxy,
     wait_listening,
     wait_logged,
+    wait_until,
 )
 from userproxy.sources.manifest_files import FileContents, ManifestError, parse_documents
 
@@ -143,19 +143,6 @@ def test_bounded_messages_at_start(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- FIFOs, running
 
 
-def until(predicate: Callable[[], bool], within: float = 10.0, what: str = "it") -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_fifo_in_the_watched_directory_is_skipped_and_sigterm_works(tmp_path: Path) -> None:
     b1 = Backend("127.0.95.1", name_server("b1"))
     b2 = Backend("127.0.95.1", name_server("b2"))
@@ -181,9 +168,9 @@ def test_fifo_in_the_watched_directory_is_skipped_and_sigterm_works(tmp_path: Pa
             (manifests / "web.json").unlink()
             os.mkfifo(manifests / "web.json")
             publish("api", api, b2)  # an edit of another file applies
-            until(lambda: ask(api, timeout=1) == "b2", what="the api edit")
+            wait_until(lambda: ask(api, timeout=1) == "b2", "the api edit")
             publish("web", web, b2)  # the FIFO replaced by a regular file applies
-            until(lambda: ask(web, timeout=1) == "b2", what="web back from the FIFO")
+            wait_until(lambda: ask(web, timeout=1) == "b2", "web back from the FIFO")
 
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0

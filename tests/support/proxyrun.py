@@ -179,17 +179,28 @@ def assert_clean_log(log: Path) -> None:
         assert marker not in output, output[-3000:]
 
 
+def wait_until(
+    predicate: Callable[[], bool], what: str = "the condition", within: float = 10.0
+) -> None:
+    """Block until ``predicate()`` holds, checking every 20 ms; an OSError (a server not
+    up yet) counts as "not yet". Fails after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.suppress(OSError):
+            if predicate():
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def wait_logged(log: Path, text: str, *, count: int = 1, within: float = 10.0) -> str:
     """Wait until ``text`` stands ``count`` times in the file ``log``; returns the file.
 
     This is how a test waits for a child's next round (a reload handled, a poll done)
     instead of sleeping and hoping it came."""
-    deadline = time.monotonic() + within
-    while (content := log.read_text()).count(text) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not logged {count} times:\n{content[-3000:]}")
-        time.sleep(0.02)
-    return content
+    wait_until(lambda: log.read_text().count(text) >= count, f"{text!r} in {log}", within)
+    return log.read_text()
 
 
 async def eventually(
