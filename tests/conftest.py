@@ -30,8 +30,8 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 HERE = Path(__file__).parent
 
 #: Directories, files and ``file::function`` names (relative to tests/) of the tests that
-#: run the proxy as a subprocess, hold load or an outage for seconds, or build network
-#: namespaces.
+#: run the proxy as a subprocess, hold load or an outage, build network namespaces, fuzz,
+#: or wait out a grace period or timeout of seconds (3 s and more each).
 SLOW = (
     "netns",
     "process",
@@ -41,6 +41,11 @@ SLOW = (
     "udp/test_dns.py::test_2000_queries_through_a_uvloop_subprocess",
     "sources/test_kubernetes.py::test_api_server_outage_of_10_seconds",
     "sources/test_kubernetes_proxy.py::test_open_connection_survives_watch_trouble",
+    "sources/test_manifest_fuzz.py",
+    "dataplane/test_integrity.py::test_concurrent_clients_under_repeated_stalls",
+    "dataplane/test_resets.py::test_deleted_service_keeps_its_connection_after_the_grace",
+    "dataplane/test_tcp_lifecycle.py::test_idle_connection_ends_after_idle_timeout",
+    "dataplane/test_tcp_proxy.py::test_deleted_service_stops_accepting_open_connections_finish",
 )
 
 
