@@ -3,32 +3,26 @@ answers of /healthz and /livez."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.support.clock import FakeClock
+from tests.support.recorders import RecordingListeners
 from userproxy.admin.health import health_app
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.health import HealthState, rfc3339
 from userproxy.control.proxier import Proxier
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.metrics import Metrics
-from userproxy.model import ListenerSpec, Node, Protocol, Service, ServiceKey, ServicePort
+from userproxy.model import Node, Protocol, Service, ServicePort
 
 SYNC_PERIOD = 30.0
-
-
-class NoListeners:
-    def apply(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        pass
 
 
 def build(clock: FakeClock) -> tuple[ChangeRecorder, Proxier, HealthState]:
     recorder = ChangeRecorder("node-a", lambda: None, clock=clock.now, wall_clock=lambda: 5e8)
     proxier = Proxier(
-        recorder, NoListeners(), BalancerRegistry(), clock=clock.now, wall_clock=lambda: 5e8
+        recorder, RecordingListeners(), BalancerRegistry(), clock=clock.now, wall_clock=lambda: 5e8
     )
     health = HealthState(recorder, proxier, SYNC_PERIOD, clock=clock.now, wall_clock=lambda: 5e8)
     recorder.on_services_synced()
