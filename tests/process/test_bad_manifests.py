@@ -168,9 +168,9 @@ def test_fifo_in_the_watched_directory_is_skipped_and_sigterm_works(tmp_path: Pa
             (manifests / "web.json").unlink()
             os.mkfifo(manifests / "web.json")
             publish("api", api, b2)  # an edit of another file applies
-            wait_until(lambda: ask(api, timeout=1) == "b2", "the api edit")
+            wait_until(lambda: ask(api, timeout=1) == "b2", what="the api edit")
             publish("web", web, b2)  # the FIFO replaced by a regular file applies
-            wait_until(lambda: ask(web, timeout=1) == "b2", "web back from the FIFO")
+            wait_until(lambda: ask(web, timeout=1) == "b2", what="web back from the FIFO")
 
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0

@@ -136,7 +136,7 @@ def _sighup_scene(
 ) -> None:
     """An echo connection open across two SIGHUPs: a good edit, then a broken one."""
     wait_listening(address)
-    wait_until(lambda: bool(configz(port)), "the metrics server")
+    wait_until(lambda: bool(configz(port)), what="the metrics server")
     assert own_settings(port)["sync_period"] == 30.0
     with socket.create_connection(address, timeout=10) as conn:
         assert exchange(conn, b"before") == b"before"
@@ -144,7 +144,7 @@ def _sighup_scene(
         # A changed period and timeout (applied) and a changed name (needs a restart).
         config.write_text(config_text(hostname="node-b", sync_period="45s", idle="2h0m0s"))
         proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: own_settings(port)["sync_period"] == 45.0, "the new syncPeriod")
+        wait_until(lambda: own_settings(port)["sync_period"] == 45.0, what="the new syncPeriod")
         settings = own_settings(port)
         assert settings["tcp_idle_timeout"] == 7200.0
         # Still the name it started with: a new one needs a restart.

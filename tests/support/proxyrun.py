@@ -1,4 +1,10 @@
-"""Running a proxy for a test: in-process on the test's loop, or as a subprocess."""
+"""Running a proxy for a test: in-process on the test's loop, or as a subprocess; waiting
+for what it does.
+
+Invariants: the health and metrics servers are off unless a test names them; every child
+is stopped (SIGTERM, then SIGKILL) and reaped when its ``with`` block ends; a wait polls a
+condition until a deadline and fails naming what it waited for.
+"""
 
 from __future__ import annotations
 
@@ -180,10 +186,10 @@ def assert_clean_log(log: Path) -> None:
 
 
 def wait_until(
-    predicate: Callable[[], bool], what: str = "the condition", within: float = 10.0
+    predicate: Callable[[], bool], within: float = 10.0, what: str = "the condition"
 ) -> None:
-    """Block until ``predicate()`` holds, checking every 20 ms; an OSError (a server not
-    up yet) counts as "not yet". Fails after ``within`` seconds."""
+    """``eventually`` for a blocking test: wait until ``predicate()`` holds, checking every
+    20 ms; an OSError (a server not up yet) counts as "not yet"; fail after ``within`` s."""
     deadline = time.monotonic() + within
     while True:
         with contextlib.suppress(OSError):
@@ -199,7 +205,7 @@ def wait_logged(log: Path, text: str, *, count: int = 1, within: float = 10.0) -
 
     This is how a test waits for a child's next round (a reload handled, a poll done)
     instead of sleeping and hoping it came."""
-    wait_until(lambda: log.read_text().count(text) >= count, f"{text!r} in {log}", within)
+    wait_until(lambda: log.read_text().count(text) >= count, within, f"{text!r} in {log}")
     return log.read_text()
 
 
