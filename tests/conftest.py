@@ -61,6 +61,8 @@ def pytest_asyncio_loop_factories(
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test below or named by a ``SLOW`` entry as ``slow``."""
     for item in items:
+        if not item.path.is_relative_to(HERE):
+            continue
         path = item.path.relative_to(HERE).as_posix()
         names = {path, f"{path}::{getattr(item, 'originalname', item.name)}"}
         if any(slow in names or path.startswith(f"{slow}/") for slow in SLOW):
