@@ -67,15 +67,13 @@ async def wait_for_sync(proxy: Proxy, syncs_after: int | None = None) -> None:
 
 
 def wait_listening(address: tuple[str, int], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(address, timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    """Wait (blocking) until ``address`` accepts a TCP connection."""
+    wait_until(lambda: _accepts(address), timeout, f"{address} to accept connections")
+
+
+def _accepts(address: tuple[str, int]) -> bool:
+    with socket.create_connection(address, timeout=1):
+        return True
 
 
 def open_fds(pid: int) -> int:
