@@ -1,9 +1,23 @@
-"""Suite-wide configuration: which event loops the async tests run on."""
+"""Suite-wide configuration: which event loops the async tests run on, which tests are
+slow, and a loop whose exception handler fires fails the test.
+
+Invariants:
+- every async test runs with an exception handler on its loop that records each call; a
+  test whose loop reported anything (a callback that raised, a task destroyed while
+  pending, an exception never retrieved) fails at teardown with the contexts printed, as
+  uvloop's tests/_testbase does;
+- ``slow`` marks the load, outage and subprocess tests, chosen here by directory, file or
+  test function (``SLOW``) so the test modules need no marker; ``pytest -m "not slow"`` is
+  the quick loop and ``.ci/run`` runs everything.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -19,6 +33,27 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "uvloop": uvloop.new_event_loop,
 }
 
+HERE = Path(__file__).parent
+
+#: Directories, files and ``file::function`` names (relative to tests/) of the tests that
+#: run the proxy as a subprocess, hold load or an outage, build network namespaces, fuzz,
+#: or wait out a grace period or timeout of seconds (3 s and more each).
+SLOW = (
+    "netns",
+    "process",
+    "soak",
+    "stress",
+    "udp/test_udp_load.py",
+    "udp/test_dns.py::test_2000_queries_through_a_uvloop_subprocess",
+    "sources/test_kubernetes.py::test_api_server_outage_of_10_seconds",
+    "sources/test_kubernetes_proxy.py::test_open_connection_survives_watch_trouble",
+    "sources/test_manifest_fuzz.py",
+    "dataplane/test_integrity.py::test_concurrent_clients_under_repeated_stalls",
+    "dataplane/test_resets.py::test_deleted_service_keeps_its_connection_after_the_grace",
+    "dataplane/test_tcp_lifecycle.py::test_idle_connection_ends_after_idle_timeout",
+    "dataplane/test_tcp_proxy.py::test_deleted_service_stops_accepting_open_connections_finish",
+)
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
@@ -27,3 +62,41 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("both_loops") is not None:
         return LOOPS
     return {"asyncio": asyncio.new_event_loop}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test below or named by a ``SLOW`` entry as ``slow``."""
+    for item in items:
+        if not item.path.is_relative_to(HERE):
+            continue
+        path = item.path.relative_to(HERE).as_posix()
+        names = {path, f"{path}::{getattr(item, 'originalname', item.name)}"}
+        if any(slow in names or path.startswith(f"{slow}/") for slow in SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_loop_errors(request: pytest.FixtureRequest) -> None:
+    """Async tests get ``loop_errors``; sync tests have no loop of the test to watch."""
+    if inspect.iscoroutinefunction(getattr(request, "function", None)):
+        request.getfixturevalue("loop_errors")
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Every context the test's loop hands its exception handler; the test fails at
+    teardown if there is one. A test that provokes such a report on purpose takes this
+    fixture, checks the list and empties it."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    # One more round of the loop: callbacks scheduled by the test's last await report now.
+    await asyncio.sleep(0)
+    loop.set_exception_handler(previous)
+    if errors:
+        pytest.fail(
+            "the loop's exception handler fired:\n" + "\n".join(map(repr, errors)),
+            pytrace=False,
+        )

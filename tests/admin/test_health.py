@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from tests.support.clock import FakeClock
+from tests.support.recorders import RecordingEffects
 from userproxy.admin.health import health_app
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.health import HealthState, rfc3339
-from userproxy.control.proxier import NoEffects, Proxier
+from userproxy.control.proxier import Proxier
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.metrics import Metrics
 from userproxy.model import Node, Protocol, Service, ServicePort
@@ -17,20 +19,12 @@ from userproxy.model import Node, Protocol, Service, ServicePort
 SYNC_PERIOD = 30.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def build(clock: Clock) -> tuple[ChangeRecorder, Proxier, HealthState]:
-    recorder = ChangeRecorder("node-a", lambda: None, clock=clock, wall_clock=lambda: 5e8)
+def build(clock: FakeClock) -> tuple[ChangeRecorder, Proxier, HealthState]:
+    recorder = ChangeRecorder("node-a", lambda: None, clock=clock.now, wall_clock=lambda: 5e8)
     proxier = Proxier(
-        recorder, NoEffects(), BalancerRegistry(), clock=clock, wall_clock=lambda: 5e8
+        recorder, RecordingEffects(), BalancerRegistry(), clock=clock.now, wall_clock=lambda: 5e8
     )
-    health = HealthState(recorder, proxier, SYNC_PERIOD, clock=clock, wall_clock=lambda: 5e8)
+    health = HealthState(recorder, proxier, SYNC_PERIOD, clock=clock.now, wall_clock=lambda: 5e8)
     recorder.on_services_synced()
     recorder.on_endpointslices_synced()
     return recorder, proxier, health
@@ -53,21 +47,21 @@ SERVICE = Service(
 def test_live_while_no_change_waits_longer_than_twice_the_sync_period(
     pending_for: float | None, live: bool
 ) -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     recorder, _, health = build(clock)
     if pending_for is not None:
         recorder.on_service_add(SERVICE)
-        clock.now += pending_for
+        clock.advance(pending_for)
     report = health.report()
     assert report.live is live
     assert report.healthy is live
 
 
 def test_a_sync_makes_it_live_again() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     recorder, proxier, health = build(clock)
     recorder.on_service_add(SERVICE)
-    clock.now += 100
+    clock.advance(100)
     assert not health.report().live
     proxier.sync()
     report = health.report()
@@ -85,7 +79,7 @@ def test_a_sync_makes_it_live_again() -> None:
     ],
 )
 def test_node_eligibility(node: Node | None, eligible: bool) -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     recorder, proxier, health = build(clock)
     if node is not None:
         recorder.on_node_add(node)
@@ -102,7 +96,7 @@ def test_rfc3339() -> None:
 
 
 async def test_http_answers_and_counters() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     recorder, proxier, health = build(clock)
     metrics = Metrics()
     recorder.on_node_add(Node("node-a", to_be_deleted_taint=True))
@@ -116,7 +110,7 @@ async def test_http_answers_and_counters() -> None:
         assert healthz.status == 503
         assert (await healthz.json())["nodeEligible"] is False
         recorder.on_service_add(SERVICE)
-        clock.now += 61
+        clock.advance(61)
         assert (await client.get("/livez")).status == 503
     sample = metrics.registry.get_sample_value
     assert sample("kubeproxy_proxy_livez_total", {"code": "200"}) == 1

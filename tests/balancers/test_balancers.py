@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from tests.support.clock import FakeClock
 from userproxy.balancers.affinity import ClientIPAffinity
 from userproxy.balancers.base import Balancer
 from userproxy.balancers.randomized import RandomChoice
@@ -28,16 +29,6 @@ def ep(n: int) -> Endpoint:
 
 A, B, C, D = ep(1), ep(2), ep(3), ep(4)
 POOL3 = (A, B, C)
-
-
-class FakeTime:
-    """A settable monotonic clock (``Callable[[], float]``)."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def round_robin(endpoints: Sequence[Endpoint]) -> Balancer:
@@ -146,10 +137,10 @@ def test_random_respects_exclude(exclude: set[Endpoint]) -> None:
 
 def sticky(
     endpoints: Sequence[Endpoint] = (A, B), timeout: float = 10.0
-) -> tuple[ClientIPAffinity, FakeTime]:
+) -> tuple[ClientIPAffinity, FakeClock]:
     """Affinity over round-robin: each fresh pick moves to the next endpoint."""
-    time = FakeTime()
-    return ClientIPAffinity(RoundRobin(endpoints, random.Random(0)), timeout, time), time
+    time = FakeClock()
+    return ClientIPAffinity(RoundRobin(endpoints, random.Random(0)), timeout, time.now), time
 
 
 def test_affinity_sticks_per_client_ip() -> None:
@@ -157,7 +148,7 @@ def test_affinity_sticks_per_client_ip() -> None:
     first = {ip: balancer.pick(ip) for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3")}
     assert set(first.values()) == set(POOL3), "different clients spread over the pool"
     for step in range(20):
-        time.now = step * 0.5
+        time.set(step * 0.5)
         for ip, pinned in first.items():
             assert balancer.pick(ip) == pinned
     assert len(balancer) == 3
@@ -166,13 +157,13 @@ def test_affinity_sticks_per_client_ip() -> None:
 def test_affinity_timeout_expiry_repicks() -> None:
     balancer, time = sticky((A, B), timeout=10.0)
     pinned = balancer.pick("192.0.2.1")
-    time.now = 9.999
+    time.set(9.999)
     assert balancer.pick("192.0.2.1") == pinned
-    time.now = 9.999 + 10.0  # exactly the deadline: expired
+    time.set(9.999 + 10.0)  # exactly the deadline: expired
     repicked = balancer.pick("192.0.2.1")
     assert repicked is not None
     assert repicked != pinned, "round-robin moved on: the client was re-picked"
-    time.now += 5.0
+    time.advance(5.0)
     assert balancer.pick("192.0.2.1") == repicked, "and pinned again"
 
 
@@ -180,7 +171,7 @@ def test_affinity_timer_restarts_on_every_pick() -> None:
     balancer, time = sticky((A, B), timeout=10.0)
     pinned = balancer.pick("192.0.2.1")
     for step in range(1, 21):
-        time.now = step * 5.0  # every timeout/2, 100 s in all
+        time.set(step * 5.0)  # every timeout/2, 100 s in all
         assert balancer.pick("192.0.2.1") == pinned
 
 
@@ -247,7 +238,7 @@ def test_affinity_sweep_bounds_the_table() -> None:
     for i in range(1000):
         balancer.pick(f"old-{i}")
     assert len(balancer) == 1000
-    time.now = 20.0  # every entry has expired
+    time.set(20.0)  # every entry has expired
     for i in range(23):
         balancer.pick(f"new-{i}")
     assert len(balancer) == 1023, "no sweep before the 1024th pick"
@@ -266,7 +257,7 @@ def test_affinity_table_bounded_across_pool_changes() -> None:
     balancer: Balancer
     balancer, time = sticky(POOL3, timeout=10.0)
     for round_ in range(10):
-        time.now += 20.0
+        time.advance(20.0)
         for i in range(500):
             balancer.pick(f"198.51.{round_}.{i}")
         balancer = balancer.renew((*POOL3, D) if round_ % 2 == 0 else POOL3)
@@ -495,11 +486,11 @@ async def test_connection_limit_wait_empty() -> None:
 def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("tests.ratelimited")
     caplog.set_level(logging.INFO, logger=logger.name)
-    time = FakeTime(1000.0)
-    limited = RateLimitedLog(logger, interval=1.0, clock=time)
+    time = FakeClock(1000.0)
+    limited = RateLimitedLog(logger, interval=1.0, clock=time.now)
 
     def say(at: float) -> None:
-        time.now = at
+        time.set(at)
         limited.log(logging.WARNING, "accept failed: %s", "EMFILE")
 
     for at in (1000.0, 1000.1, 1000.5, 1000.99):
@@ -519,14 +510,14 @@ def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_rate_limited_log_lets_a_new_key_through_at_once() -> None:
-    time = FakeTime()
-    limited = RateLimitedLog(logging.getLogger("tests.ratelimited"), interval=10.0, clock=time)
+    time = FakeClock()
+    limited = RateLimitedLog(logging.getLogger("tests.ratelimited"), interval=10.0, clock=time.now)
     # (time, key, what allow() answers: None = held back, else how many were held back)
     steps = [(0, "a", 0), (1, "a", None), (2, "a", None), (3, "b", 0), (4, "b", None),
              (5, "a", 0), (6, "a", None), (15, "a", 1), (16, "a", None)]  # fmt: skip
     answers = []
     for at, key, _ in steps:
-        time.now = at
+        time.set(at)
         answers.append((at, key, limited.allow(key)))
     assert answers == steps
     limited.reset()  # e.g. after a success: the same failure again is news

@@ -3,78 +3,42 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pytest
 
+from tests.support.clock import FakeClock
+from tests.support.model import DNS, DNS_TARGET, HTTP, NS, eps, key, sep, spn, svc
+from tests.support.recorders import RecordingEffects
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.plan import ServicePlan
-from userproxy.control.proxier import NoEffects, Proxier, SyncStatus
+from userproxy.control.proxier import Proxier, SyncStatus
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import (
     AddressKind,
     Endpoint,
-    EndpointPort,
-    EndpointSlice,
     IPFamily,
     ListenerSpec,
     Node,
     PoolSpec,
     Protocol,
-    Service,
     ServiceKey,
     ServicePort,
-    ServicePortName,
     ServiceType,
     SliceEndpoint,
     TrafficPolicy,
 )
 
 NODE = "node-1"
-NS = "default"
-HTTP = ServicePort("http", Protocol.TCP, 80)
-
-
-class FakeTime:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class RecordingApplier(NoEffects):
-    """``SyncEffects`` that remember every listener hand-over and every sync's status."""
-
-    calls: list[tuple[ServiceKey, tuple[ListenerSpec, ...]]] = field(default_factory=list)
-    statuses: list[SyncStatus] = field(default_factory=list)
-
-    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        self.calls.append((service, tuple(specs)))
-
-    def synced(self, status: SyncStatus) -> None:
-        self.statuses.append(status)
-
-    @property
-    def keys(self) -> list[ServiceKey]:
-        return [key for key, _ in self.calls]
-
-    def take(self) -> dict[ServiceKey, tuple[ListenerSpec, ...]]:
-        calls, self.calls = self.calls, []
-        result = dict(calls)
-        assert len(result) == len(calls), "one apply per Service per sync"
-        return result
 
 
 @dataclass
 class World:
     recorder: ChangeRecorder
     proxier: Proxier
-    applier: RecordingApplier
-    time: FakeTime
-    wall: FakeTime
+    applier: RecordingEffects
+    time: FakeClock
+    wall: FakeClock
     planned: list[ServiceKey]
     synced: list[SyncStatus]
 
@@ -90,11 +54,11 @@ class World:
 
 @pytest.fixture
 def world(monkeypatch: pytest.MonkeyPatch) -> World:
-    time, wall = FakeTime(100.0), FakeTime(1_700_000_000.0)
-    applier = RecordingApplier()
-    recorder = ChangeRecorder(NODE, lambda: None, clock=time)
+    time, wall = FakeClock(100.0), FakeClock(1_700_000_000.0)
+    applier = RecordingEffects()
+    recorder = ChangeRecorder(NODE, lambda: None, clock=time.now)
     synced = applier.statuses
-    proxier = Proxier(recorder, applier, BalancerRegistry(), clock=time, wall_clock=wall)
+    proxier = Proxier(recorder, applier, BalancerRegistry(), clock=time.now, wall_clock=wall.now)
     planned: list[ServiceKey] = []
     plan = proxier.plan
 
@@ -104,67 +68,6 @@ def world(monkeypatch: pytest.MonkeyPatch) -> World:
 
     monkeypatch.setattr(proxier, "plan", recording_plan)
     return World(recorder, proxier, applier, time, wall, planned, synced)
-
-
-def svc(
-    name: str = "web",
-    ips: tuple[str, ...] = ("10.96.0.1",),
-    ports: tuple[ServicePort, ...] = (HTTP,),
-    *,
-    type: ServiceType = ServiceType.CLUSTER_IP,
-    external_ips: tuple[str, ...] = (),
-    internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER,
-    affinity_timeout: int | None = None,
-    balancer: str | None = None,
-) -> Service:
-    return Service(
-        NS,
-        name,
-        type=type,
-        cluster_ips=ips,
-        ports=ports,
-        external_ips=external_ips,
-        internal_traffic_policy=internal_traffic_policy,
-        affinity_timeout=affinity_timeout,
-        balancer=balancer,
-    )
-
-
-def sep(
-    ip: str,
-    *,
-    ready: bool = True,
-    node: str | None = None,
-    zones: Sequence[str] = (),
-) -> SliceEndpoint:
-    return SliceEndpoint(ip, ready=ready, node_name=node, zone_hints=frozenset(zones))
-
-
-def eps(
-    name: str,
-    service: str,
-    *endpoints: SliceEndpoint,
-    family: IPFamily = IPFamily.IPv4,
-    port: int = 8080,
-    trigger: float | None = None,
-) -> EndpointSlice:
-    return EndpointSlice(
-        NS,
-        name,
-        service,
-        family,
-        ports=(EndpointPort("http", Protocol.TCP, port),),
-        endpoints=endpoints,
-        trigger_time=trigger,
-    )
-
-
-def key(name: str) -> ServiceKey:
-    return ServiceKey(NS, name)
-
-
-def spn(name: str, port: str = "http") -> ServicePortName:
-    return ServicePortName(NS, name, port, Protocol.TCP)
 
 
 def endpoint(ip: str, port: int = 8080) -> Endpoint:
@@ -412,20 +315,9 @@ def test_dual_stack_service_gets_a_listener_per_cluster_ip(world: World) -> None
 
 
 def test_multiple_ports_each_get_listeners(world: World) -> None:
-    dns = ServicePort("dns", Protocol.UDP, 53)
-    world.recorder.on_service_add(svc("two", ports=(HTTP, dns)))
+    world.recorder.on_service_add(svc("two", ports=(HTTP, DNS)))
     world.recorder.on_endpointslice_add(
-        EndpointSlice(
-            NS,
-            "two-1",
-            "two",
-            IPFamily.IPv4,
-            ports=(
-                EndpointPort("http", Protocol.TCP, 8080),
-                EndpointPort("dns", Protocol.UDP, 5353),
-            ),
-            endpoints=(sep("10.1.0.1"),),
-        )
+        eps("two-1", "two", sep("10.1.0.1"), more_ports=(DNS_TARGET,))
     )
     world.init()
     specs = world.sync()[key("two")]
@@ -491,15 +383,15 @@ def test_unknown_balancer_falls_back_to_round_robin_with_one_warning(
 
 def test_sync_status(world: World) -> None:
     rec, time, wall = world.recorder, world.time, world.wall
-    wall.now += 60.0  # the changes below happen after the proxier started
-    time.now = 100.0
+    wall.advance(60.0)  # the changes below happen after the proxier started
+    time.set(100.0)
     rec.on_service_add(svc("web"))
-    time.now = 101.0
-    rec.on_endpointslice_add(eps("web-1", "web", sep("10.1.0.1"), trigger=wall.now - 2.5))
-    rec.on_endpointslice_add(eps("web-2", "web", sep("10.1.0.2"), trigger=wall.now - 0.5))
+    time.set(101.0)
+    rec.on_endpointslice_add(eps("web-1", "web", sep("10.1.0.1"), trigger=wall.now() - 2.5))
+    rec.on_endpointslice_add(eps("web-2", "web", sep("10.1.0.2"), trigger=wall.now() - 0.5))
     rec.on_endpointslice_add(eps("web-3", "web", sep("10.1.0.3")))
     world.init()
-    time.now = 103.0
+    time.set(103.0)
     world.sync()
     status = world.proxier.status
     assert status.syncs == 1
@@ -512,7 +404,7 @@ def test_sync_status(world: World) -> None:
     assert world.synced == [status]
 
     # A sync with nothing queued clears the per-sync fields.
-    time.now = 110.0
+    time.set(110.0)
     world.sync()
     status = world.proxier.status
     assert status.syncs == 2
@@ -526,7 +418,7 @@ def test_sync_status(world: World) -> None:
 
 def test_programming_delay_never_negative(world: World) -> None:
     world.recorder.on_endpointslice_add(
-        eps("web-1", "web", sep("10.1.0.1"), trigger=world.wall.now + 5.0)
+        eps("web-1", "web", sep("10.1.0.1"), trigger=world.wall.now() + 5.0)
     )
     world.init()
     world.sync()
@@ -538,14 +430,14 @@ def test_trigger_times_from_before_the_start_are_not_measured(world: World) -> N
     proxy ran; upstream ignores trigger times not after the tracker's start time
     (``pkg/proxy/endpointschangetracker.go``, ``t.After(ect.trackerStartTime)``), else every
     restart would record hours-long network programming latencies."""
-    started = world.wall.now
+    started = world.wall.now()
     world.recorder.on_endpointslice_add(
         eps("old-1", "old", sep("10.1.0.1"), trigger=started - 86_400.0)
     )
-    world.wall.now = started + 1.0
+    world.wall.set(started + 1.0)
     world.recorder.on_endpointslice_add(eps("new-1", "new", sep("10.1.0.2"), trigger=started + 0.5))
     world.init()
-    world.wall.now = started + 2.0
+    world.wall.set(started + 2.0)
     world.sync()
     assert world.proxier.status.programming_delays == pytest.approx([1.5])
 
@@ -568,26 +460,13 @@ def test_local_endpoints_counts_distinct_ips_not_ip_port_pairs(
 ) -> None:
     """Upstream's EndpointsMap.LocalReadyEndpoints collects local ready IPs in a set per
     Service: one pod behind a two-port Service is one local endpoint, not two."""
-    dns = ServicePort("dns", Protocol.UDP, 53)
     service = replace(
-        svc("lb", ports=(HTTP, dns), type=ServiceType.LOAD_BALANCER),
+        svc("lb", ports=(HTTP, DNS), type=ServiceType.LOAD_BALANCER),
         external_traffic_policy=TrafficPolicy.LOCAL,
         health_check_node_port=30999,
     )
     world.recorder.on_service_add(service)
-    world.recorder.on_endpointslice_add(
-        EndpointSlice(
-            NS,
-            "lb-1",
-            "lb",
-            IPFamily.IPv4,
-            ports=(
-                EndpointPort("http", Protocol.TCP, 8080),
-                EndpointPort("dns", Protocol.UDP, 5353),
-            ),
-            endpoints=endpoints,
-        )
-    )
+    world.recorder.on_endpointslice_add(eps("lb-1", "lb", *endpoints, more_ports=(DNS_TARGET,)))
     world.init()
     world.sync()
     plan = world.proxier.plans[key("lb")]

@@ -4,25 +4,23 @@ class may use, plus health checks, no-local-endpoint counts and service addresse
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
+from tests.support.model import eps, key
+from tests.support.recorders import RecordingEffects
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.control.proxier import NoEffects, Proxier
+from userproxy.control.proxier import Proxier
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import (
     AddressKind,
     Endpoint,
-    EndpointPort,
-    EndpointSlice,
-    IPFamily,
     ListenerSpec,
     LoadBalancerIngress,
     Protocol,
     Service,
-    ServiceKey,
     ServicePort,
     ServiceType,
     SliceEndpoint,
@@ -33,28 +31,10 @@ NODE = "node-1"
 NODE_IPS = ("198.18.0.2", "127.0.0.1")
 
 
-class Applier(NoEffects):
-    def __init__(self) -> None:
-        self.current: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
-        self.applies = 0
-        #: Each health-check hand-over: (ports by Service, local endpoints by Service).
-        self.health: list[tuple[dict[ServiceKey, int], dict[ServiceKey, int]]] = []
-
-    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        self.applies += 1
-        self.current[service] = tuple(specs)
-
-    def sync_health_checks(
-        self, ports: Mapping[ServiceKey, int], local: Mapping[ServiceKey, int]
-    ) -> bool:
-        self.health.append((dict(ports), dict(local)))
-        return True
-
-
 class Setup:
     def __init__(self, node_ips: tuple[str, ...] = NODE_IPS) -> None:
         self.node_ips = node_ips
-        self.applier = Applier()
+        self.applier = RecordingEffects()
         self.health = self.applier.health
         self.recorder = ChangeRecorder(NODE, lambda: None)
         self.proxier = Proxier(
@@ -70,15 +50,12 @@ class Setup:
         self, service: Service, *endpoints: SliceEndpoint
     ) -> dict[tuple[str, int], ListenerSpec]:
         self.recorder.on_service_add(service)
-        self.recorder.on_endpointslice_add(
-            EndpointSlice("default", "web-1", "web", IPFamily.IPv4,
-                          ports=(EndpointPort("http", Protocol.TCP, 8080),), endpoints=endpoints)
-        )  # fmt: skip
+        self.recorder.on_endpointslice_add(eps("web-1", "web", *endpoints))
         self.proxier.sync()
         return self.listeners()
 
     def listeners(self) -> dict[tuple[str, int], ListenerSpec]:
-        specs = self.applier.current.get(ServiceKey("default", "web"), ())
+        specs = self.applier.applied.get(key("web"), ())
         return {(s.ip, s.port): s for s in specs}
 
 
@@ -229,24 +206,21 @@ def test_health_check_and_no_local_endpoint_counts() -> None:
         health_check_node_port=32000,
     )
     setup.serve(service, LOCAL, REMOTE)
-    key = ServiceKey("default", "web")
-    assert setup.health == [({key: 32000}, {key: 1})]
+    web_key = key("web")
+    assert setup.health == [({web_key: 32000}, {web_key: 1})]
     assert setup.proxier.status.no_local_external == 0
     # The local endpoint leaves: 0 local endpoints, counted as a Local policy without any.
     setup.recorder.on_endpointslice_update(
-        EndpointSlice("default", "web-1", "web", IPFamily.IPv4,
-                      ports=(EndpointPort("http", Protocol.TCP, 8080),), endpoints=(LOCAL, REMOTE)),
-        EndpointSlice("default", "web-1", "web", IPFamily.IPv4,
-                      ports=(EndpointPort("http", Protocol.TCP, 8080),), endpoints=(REMOTE,)),
-    )  # fmt: skip
+        eps("web-1", "web", LOCAL, REMOTE), eps("web-1", "web", REMOTE)
+    )
     setup.proxier.sync()
-    assert setup.health[-1] == ({key: 32000}, {})  # no local endpoint
+    assert setup.health[-1] == ({web_key: 32000}, {})  # no local endpoint
     assert setup.proxier.status.no_local_external == 1
     assert setup.proxier.status.no_local_internal == 0
     setup.recorder.on_service_delete(service)
     setup.proxier.sync()
     ports, _ = setup.health[-1]
-    assert key not in ports
+    assert web_key not in ports
 
 
 def test_service_addresses_cover_cluster_external_and_vip_ips() -> None:

@@ -5,84 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import pytest
 
+from tests.support.clock import FakeClock, settle
+from tests.support.runner import Harness, start_runner
 from userproxy.control.clock import Clock
 from userproxy.control.runner import SyncRunner
-
-
-class FakeClock:
-    """A ``Clock`` whose time only moves when the test calls ``advance``."""
-
-    def __init__(self, start: float = 0.0) -> None:
-        self._now = start
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def now(self) -> float:
-        return self._now
-
-    async def sleep(self, delay: float) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self._now + max(delay, 0.0), future))
-        if delay <= 0:
-            future.set_result(None)
-        await future
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward and wake every sleeper whose deadline has passed."""
-        self._now += seconds
-        waiting: list[tuple[float, asyncio.Future[None]]] = []
-        for deadline, future in self._sleepers:
-            if future.done():
-                continue
-            if deadline <= self._now:
-                future.set_result(None)
-            else:
-                waiting.append((deadline, future))
-        self._sleepers = waiting
-
-    @property
-    def pending(self) -> int:
-        """Sleepers still waiting (cancelled ones do not count)."""
-        return sum(1 for _, future in self._sleepers if not future.done())
 
 
 def test_fake_clock_is_a_clock() -> None:
     clock: Clock = FakeClock()
     assert clock.now() == 0.0
-
-
-async def settle(rounds: int = 10) -> None:
-    """Let every ready task run until the loop is idle again."""
-    for _ in range(rounds):
-        await asyncio.sleep(0)
-
-
-@dataclass
-class Harness:
-    clock: FakeClock
-    runner: SyncRunner
-    task: asyncio.Task[None]
-    syncs: list[float] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return len(self.syncs)
-
-
-@pytest.fixture
-async def harnesses() -> AsyncIterator[list[Harness]]:
-    """Runner tasks started by a test, cancelled (and awaited) at teardown."""
-    started: list[Harness] = []
-    yield started
-    for h in started:
-        h.task.cancel()
-    for h in started:
-        with pytest.raises(asyncio.CancelledError):
-            await h.task
 
 
 async def start(
@@ -93,30 +28,20 @@ async def start(
     burst: int = 2,
     fail: Callable[[int], bool] = lambda n: False,
 ) -> Harness:
-    """Start ``SyncRunner.run`` on a fake clock; the sync records the clock's time."""
-    clock = FakeClock()
-    syncs: list[float] = []
-
-    def sync() -> None:
-        syncs.append(clock.now())
-        if fail(len(syncs)):
-            raise RuntimeError(f"sync {len(syncs)} broke")
-
-    runner = SyncRunner(
-        sync, min_interval=min_interval, max_interval=max_interval, burst=burst, clock=clock
+    """A runner whose n-th sync raises when ``fail(n)``."""
+    return await start_runner(
+        started,
+        min_interval=min_interval,
+        max_interval=max_interval,
+        burst=burst,
+        outcome=lambda n: RuntimeError(f"sync {n} broke") if fail(n) else True,
     )
-    task = asyncio.create_task(runner.run())
-    h = Harness(clock, runner, task, syncs)
-    started.append(h)
-    await settle()
-    return h
 
 
 async def test_no_sync_without_a_request_before_max_interval(harnesses: list[Harness]) -> None:
     h = await start(harnesses)
     assert h.count == 0
-    h.clock.advance(29.0)
-    await settle()
+    await h.step(29.0)
     assert h.count == 0
 
 
@@ -136,93 +61,70 @@ async def test_requests_before_the_runner_wakes_coalesce(
 
 async def test_requests_while_waiting_for_a_token_coalesce(harnesses: list[Harness]) -> None:
     h = await start(harnesses, min_interval=1.0, burst=1)
-    h.runner.request()
-    await settle()
+    await h.request()
     assert h.syncs == [0.0]
     for _ in range(5):
-        h.runner.request()
-        await settle()
+        await h.request()
     assert h.count == 1, "rate limited: the token is not back yet"
-    h.clock.advance(1.0)
-    await settle()
+    await h.step(1.0)
     assert h.syncs == [0.0, 1.0], "the five requests made one sync"
-    h.clock.advance(5.0)
-    await settle()
+    await h.step(5.0)
     assert h.count == 2
 
 
 async def test_burst_of_two_then_min_interval(harnesses: list[Harness]) -> None:
     h = await start(harnesses, min_interval=1.0, burst=2)
-    h.runner.request()
-    await settle()
-    h.runner.request()
-    await settle()
+    await h.request()
+    await h.request()
     assert h.syncs == [0.0, 0.0], "a burst of two runs at once"
-    h.runner.request()
-    await settle()
+    await h.request()
     assert h.count == 2, "the third request waits for a token"
-    h.clock.advance(0.5)
-    await settle()
+    await h.step(0.5)
     assert h.count == 2
-    h.clock.advance(0.5)
-    await settle()
+    await h.step(0.5)
     assert h.syncs == [0.0, 0.0, 1.0]
     # Steady state: one sync per min_interval however often it is asked.
-    h.runner.request()
-    await settle()
+    await h.request()
     assert h.count == 3
-    h.clock.advance(0.75)
-    await settle()
+    await h.step(0.75)
     assert h.count == 3
-    h.clock.advance(0.25)
-    await settle()
+    await h.step(0.25)
     assert h.syncs == [0.0, 0.0, 1.0, 2.0]
 
 
 async def test_tokens_refill_up_to_burst_after_a_quiet_period(harnesses: list[Harness]) -> None:
     h = await start(harnesses, min_interval=1.0, max_interval=1000.0, burst=2)
     for _ in range(2):
-        h.runner.request()
-        await settle()
+        await h.request()
     assert h.count == 2
-    h.clock.advance(10.0)  # refills two tokens, not ten
-    await settle()
+    await h.step(10.0)  # refills two tokens, not ten
     for _ in range(3):
-        h.runner.request()
-        await settle()
+        await h.request()
     assert h.syncs == [0.0, 0.0, 10.0, 10.0], "third request after the quiet period waits"
-    h.clock.advance(1.0)
-    await settle()
+    await h.step(1.0)
     assert h.syncs == [0.0, 0.0, 10.0, 10.0, 11.0]
 
 
 async def test_max_interval_forces_a_periodic_sync(harnesses: list[Harness]) -> None:
     h = await start(harnesses, min_interval=1.0, max_interval=30.0)
-    h.clock.advance(29.0)
-    await settle()
+    await h.step(29.0)
     assert h.count == 0
-    h.clock.advance(1.0)
-    await settle()
+    await h.step(1.0)
     assert h.syncs == [30.0]
-    h.clock.advance(29.0)
-    await settle()
+    await h.step(29.0)
     assert h.count == 1
-    h.clock.advance(1.0)
-    await settle()
+    await h.step(1.0)
     assert h.syncs == [30.0, 60.0]
 
 
 async def test_periodic_timer_restarts_after_a_requested_sync(harnesses: list[Harness]) -> None:
     h = await start(harnesses, min_interval=1.0, max_interval=30.0)
     h.clock.advance(20.0)
-    h.runner.request()
-    await settle()
+    await h.request()
     assert h.syncs == [20.0]
-    h.clock.advance(29.0)
-    await settle()
+    await h.step(29.0)
     assert h.count == 1, "the period counts from the last sync"
-    h.clock.advance(1.0)
-    await settle()
+    await h.step(1.0)
     assert h.syncs == [20.0, 50.0]
 
 
@@ -232,19 +134,15 @@ async def test_set_intervals_takes_effect_in_the_wait_already_begun(
     """A reload (SIGHUP) shortening the period wakes the runner: the next periodic sync
     counts the new period from the last sync, not the old one."""
     h = await start(harnesses, min_interval=1.0, max_interval=30.0)
-    h.clock.advance(5.0)
-    await settle()
+    await h.step(5.0)
     h.runner.set_intervals(1.0, 10.0)
     await settle()
     assert h.count == 0
-    h.clock.advance(4.9)
-    await settle()
+    await h.step(4.9)
     assert h.count == 0
-    h.clock.advance(0.1)
-    await settle()
+    await h.step(0.1)
     assert h.syncs == [10.0], "10 s after the start, not 30"
-    h.clock.advance(10.0)
-    await settle()
+    await h.step(10.0)
     assert h.syncs == [10.0, 20.0]
 
 
@@ -254,11 +152,9 @@ async def test_set_intervals_min_interval_rate_limits_from_then_on(
     h = await start(harnesses, min_interval=0.0, max_interval=30.0)
     h.runner.set_intervals(2.0, 30.0)
     for _ in range(3):
-        h.runner.request()
-        await settle()
+        await h.request()
     assert h.syncs == [0.0, 0.0], "burst of two, then the new min interval"
-    h.clock.advance(2.0)
-    await settle()
+    await h.step(2.0)
     assert h.syncs == [0.0, 0.0, 2.0]
     with pytest.raises(ValueError, match="positive"):
         h.runner.set_intervals(1.0, 0.0)
@@ -267,8 +163,7 @@ async def test_set_intervals_min_interval_rate_limits_from_then_on(
 async def test_min_interval_zero_syncs_on_every_request(harnesses: list[Harness]) -> None:
     h = await start(harnesses, min_interval=0.0, max_interval=30.0)
     for expected in range(1, 6):
-        h.runner.request()
-        await settle()
+        await h.request()
         assert h.count == expected
     assert h.syncs == [0.0] * 5
     assert h.clock.pending == 1, "only the periodic timer is waiting"
@@ -279,8 +174,7 @@ async def test_a_failing_sync_is_logged_and_the_runner_goes_on(
 ) -> None:
     caplog.set_level(logging.ERROR, logger="userproxy.control.runner")
     h = await start(harnesses, min_interval=0.0, fail=lambda n: n == 1)
-    h.runner.request()
-    await settle()
+    await h.request()
     assert h.count == 1
     assert not h.task.done()
     errors = [r for r in caplog.records if r.name == "userproxy.control.runner"]
@@ -288,11 +182,9 @@ async def test_a_failing_sync_is_logged_and_the_runner_goes_on(
     assert errors[0].levelno == logging.ERROR
     assert errors[0].exc_info is not None
     assert isinstance(errors[0].exc_info[1], RuntimeError)
-    h.runner.request()
-    await settle()
+    await h.request()
     assert h.count == 2
-    h.clock.advance(30.0)
-    await settle()
+    await h.step(30.0)
     assert h.count == 3, "the periodic sync still runs after a failure"
 
 
@@ -308,18 +200,15 @@ async def test_cancel_while_idle_ends_run(harnesses: list[Harness]) -> None:
 
 async def test_cancel_while_waiting_for_a_token_ends_run(harnesses: list[Harness]) -> None:
     h = await start(harnesses, min_interval=1.0, burst=1)
-    h.runner.request()
-    await settle()
-    h.runner.request()
-    await settle()
+    await h.request()
+    await h.request()
     assert h.count == 1
     assert h.clock.pending == 1, "waiting for the token"
     h.task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await h.task
     assert h.clock.pending == 0
-    h.clock.advance(10.0)
-    await settle()
+    await h.step(10.0)
     assert h.count == 1, "no sync after cancellation"
     harnesses.remove(h)
 

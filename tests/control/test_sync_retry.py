@@ -3,67 +3,27 @@ per-Service isolation and memory of what failed (a fake listener set)."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import pytest
 
-from tests.control.test_runner import FakeClock, settle
+from tests.support.clock import settle
+from tests.support.recorders import RecordingEffects
+from tests.support.runner import Harness, start_runner
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.control.proxier import NoEffects, Proxier
-from userproxy.control.runner import SyncRunner
+from userproxy.control.proxier import Proxier
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import ListenerSpec, Protocol, Service, ServiceKey, ServicePort
 
 # -- the runner ------------------------------------------------------------------------------
 
 
-@dataclass
-class Runner:
-    clock: FakeClock
-    runner: SyncRunner
-    syncs: list[float]
-
-
-@pytest.fixture
-async def tasks() -> AsyncIterator[list[asyncio.Task[None]]]:
-    started: list[asyncio.Task[None]] = []
-    yield started
-    for task in started:
-        task.cancel()
-    for task in started:
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-
-async def start(
-    tasks: list[asyncio.Task[None]], outcome: Callable[[int], bool | Exception]
-) -> Runner:
+async def start(started: list[Harness], outcome: Callable[[int], bool | Exception]) -> Harness:
     """A runner (no rate limit, 30 s period) whose n-th sync (from 1) returns or raises
     ``outcome(n)``."""
-    clock = FakeClock()
-    syncs: list[float] = []
-
-    def sync() -> bool:
-        syncs.append(clock.now())
-        result = outcome(len(syncs))
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    runner = SyncRunner(sync, min_interval=0.0, max_interval=30.0, clock=clock)
-    tasks.append(asyncio.create_task(runner.run()))
-    await settle()
-    return Runner(clock, runner, syncs)
-
-
-async def step_until(r: Runner, end: float, step: float = 0.25) -> None:
-    while r.clock.now() < end:
-        r.clock.advance(step)
-        await settle()
+    return await start_runner(started, min_interval=0.0, outcome=outcome)
 
 
 @pytest.mark.parametrize(
@@ -76,68 +36,48 @@ async def step_until(r: Runner, end: float, step: float = 0.25) -> None:
     ],
 )
 async def test_a_failed_sync_is_retried_with_backoff(
-    tasks: list[asyncio.Task[None]], failures: int, expected: list[float]
+    harnesses: list[Harness], failures: int, expected: list[float]
 ) -> None:
-    r = await start(tasks, lambda n: n > failures)
-    r.runner.request()
-    await settle()
-    await step_until(r, 25.0)
+    r = await start(harnesses, lambda n: n > failures)
+    await r.request()
+    await r.step_until(25.0)
     assert r.syncs == expected
     assert r.runner.failures == 0
     assert r.runner.retry_at is None, "no retry pending after a sync that applied all"
 
 
 async def test_an_exception_is_retried_and_its_traceback_logged_once(
-    tasks: list[asyncio.Task[None]], caplog: pytest.LogCaptureFixture
+    harnesses: list[Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="userproxy.control.runner")
-    r = await start(tasks, lambda n: RuntimeError("broken") if n <= 3 else True)
-    r.runner.request()
-    await settle()
-    await step_until(r, 10.0)
+    r = await start(harnesses, lambda n: RuntimeError("broken") if n <= 3 else True)
+    await r.request()
+    await r.step_until(10.0)
     assert r.syncs == [0.0, 0.5, 1.5, 3.5]
     records = [rec for rec in caplog.records if rec.name == "userproxy.control.runner"]
     assert len(records) == 1, "the same error again within a minute is not logged again"
     assert records[0].exc_info is not None
 
 
-async def test_a_sync_that_runs_meanwhile_is_the_retry(tasks: list[asyncio.Task[None]]) -> None:
-    r = await start(tasks, lambda n: n > 1)
-    r.runner.request()
-    await settle()
+async def test_a_sync_that_runs_meanwhile_is_the_retry(harnesses: list[Harness]) -> None:
+    r = await start(harnesses, lambda n: n > 1)
+    await r.request()
     r.clock.advance(0.25)
-    r.runner.request()
-    await settle()
-    await step_until(r, 5.0)
+    await r.request()
+    await r.step_until(5.0)
     assert r.syncs == [0.0, 0.25], "the asked-for sync succeeded: no retry at 0.5"
 
 
-async def test_retry_after_wakes_an_idle_runner(tasks: list[asyncio.Task[None]]) -> None:
-    r = await start(tasks, lambda n: True)
+async def test_retry_after_wakes_an_idle_runner(harnesses: list[Harness]) -> None:
+    r = await start(harnesses, lambda n: True)
     r.runner.retry_after(2.0)
     r.runner.retry_after(3.0)  # the earliest ask wins
     await settle()
-    await step_until(r, 5.0)
+    await r.step_until(5.0)
     assert r.syncs == [2.0]
 
 
 # -- the proxier -----------------------------------------------------------------------------
-
-
-@dataclass
-class FlakyListeners(NoEffects):
-    """Effects whose listener set raises for the Services in ``broken`` (after recording)."""
-
-    broken: dict[ServiceKey, Exception] = field(default_factory=dict)
-    applied: dict[ServiceKey, tuple[ListenerSpec, ...]] = field(default_factory=dict)
-    calls: list[ServiceKey] = field(default_factory=list)
-
-    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        self.calls.append(service)
-        error = self.broken.get(service)
-        if error is not None:
-            raise error
-        self.applied[service] = tuple(specs)
 
 
 def web(name: str, ip: str, port: int = 80) -> Service:
@@ -148,9 +88,9 @@ def ports(specs: tuple[ListenerSpec, ...]) -> list[int]:
     return [spec.port for spec in specs]
 
 
-def build() -> tuple[ChangeRecorder, Proxier, FlakyListeners]:
+def build() -> tuple[ChangeRecorder, Proxier, RecordingEffects]:
     recorder = ChangeRecorder("node-a", lambda: None)
-    listeners = FlakyListeners()
+    listeners = RecordingEffects()
     proxier = Proxier(recorder, listeners, BalancerRegistry())
     recorder.on_services_synced()
     recorder.on_endpointslices_synced()
@@ -190,7 +130,7 @@ def test_a_failed_service_is_reapplied_at_every_sync_until_it_applies(
         listeners.calls.clear()
         # No change at all: the failed Service alone is applied again (same plan).
         assert proxier.sync() is False
-        assert listeners.calls == [A]
+        assert listeners.keys == [A]
         # It changes while failing: the new plan is what is applied.
         recorder.on_service_update(web("a", "10.0.0.1"), web("a", "10.0.0.1", port=81))
         del listeners.broken[A]
@@ -199,7 +139,7 @@ def test_a_failed_service_is_reapplied_at_every_sync_until_it_applies(
         assert not proxier.failed
         listeners.calls.clear()
         assert proxier.sync() is True
-        assert listeners.calls == [], "applied: nothing more to do"
+        assert listeners.keys == [], "applied: nothing more to do"
     lines = [r for r in caplog.records if r.name == "userproxy.control.proxier"]
     warnings = [r for r in lines if r.levelno == logging.WARNING]
     assert len(warnings) == 1, "the same failure is logged once"
@@ -217,13 +157,13 @@ def test_a_failed_removal_is_retried() -> None:
     del listeners.broken[A]
     listeners.calls.clear()
     assert proxier.sync() is True
-    assert listeners.calls == [A]
+    assert listeners.keys == [A]
     assert listeners.applied[A] == ()
 
 
 def test_node_addresses_failing_keep_the_changes() -> None:
     recorder = ChangeRecorder("node-a", lambda: None)
-    listeners = FlakyListeners()
+    listeners = RecordingEffects()
     reads: list[int] = []
 
     def addresses() -> tuple[str, ...]:

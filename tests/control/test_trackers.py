@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support.clock import FakeClock
 from userproxy.control.trackers import Change, ChangeRecorder, ChangeTracker
 from userproxy.model import (
     EndpointSlice,
@@ -103,21 +104,13 @@ def test_change_tracker_take_starts_afresh() -> None:
 # -- ChangeRecorder -----------------------------------------------------------------------
 
 
-class FakeTime:
-    """A settable monotonic clock for the recorder (a ``Callable[[], float]``)."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Syncs:
+    """Counts the recorder's sync requests (the runner's ``request``)."""
+
     def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self) -> None:
+    def request(self) -> None:
         self.count += 1
 
 
@@ -148,10 +141,10 @@ def queued_at(recorder: ChangeRecorder) -> float | None:
 
 
 def make_recorder(
-    initialized: bool = True, time: FakeTime | None = None
+    initialized: bool = True, time: FakeClock | None = None
 ) -> tuple[ChangeRecorder, Syncs]:
     syncs = Syncs()
-    recorder = ChangeRecorder(NODE, syncs, clock=time or FakeTime())
+    recorder = ChangeRecorder(NODE, syncs.request, clock=(time or FakeClock(100.0)).now)
     if initialized:
         recorder.on_services_synced()
         recorder.on_endpointslices_synced()
@@ -205,26 +198,26 @@ def test_sync_requested_after_each_pending_change() -> None:
 
 
 def test_queued_at_is_the_oldest_pending_change() -> None:
-    time = FakeTime(100.0)
+    time = FakeClock(100.0)
     recorder, _ = make_recorder(time=time)
     assert queued_at(recorder) is None
     recorder.on_service_add(svc())
-    time.now = 105.0
+    time.set(105.0)
     recorder.on_endpointslice_add(eps())
-    time.now = 107.0
+    time.set(107.0)
     recorder.on_service_update(svc(), svc(ip="10.96.0.9"))
     assert queued_at(recorder) == 100.0
     pending = recorder.take()
     assert pending.queued_at == 100.0
     assert queued_at(recorder) is None, "take() resets the queue time"
-    time.now = 120.0
+    time.set(120.0)
     recorder.on_service_delete(svc(ip="10.96.0.9"))
     assert queued_at(recorder) == 120.0
     assert recorder.take().queued_at == 120.0
 
 
 def test_queued_at_not_set_by_a_no_op() -> None:
-    time = FakeTime(50.0)
+    time = FakeClock(50.0)
     recorder, syncs = make_recorder(time=time)
     recorder.on_service_update(svc(), svc())
     assert queued_at(recorder) is None

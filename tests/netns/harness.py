@@ -35,7 +35,6 @@ import json
 import os
 import secrets
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +43,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
+
+# Re-exported: tests/netns/test_cleanup.py takes it from here.
+from tests.support.proxyrun import stop_process
 
 T = TypeVar("T")
 
@@ -325,21 +327,6 @@ def network_namespaces() -> Iterator[tuple[str, str]]:
 
 def in_netns(netns: str, *command: str) -> list[str]:
     return ["ip", "netns", "exec", netns, *command]
-
-
-def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> int:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; reaped; its exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=grace)
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-    return proc.returncode
 
 
 class Agent:

@@ -21,7 +21,6 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,14 @@ from tests.process.test_cli import output_of, run_cli
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifest_cases import BAD, write_bad
 from tests.support.manifests import endpoint_slice, service, write
-from tests.support.proxyrun import eventually, proxy_process, running_proxy, wait_listening
+from tests.support.proxyrun import (
+    eventually,
+    proxy_process,
+    running_proxy,
+    wait_listening,
+    wait_logged,
+    wait_until,
+)
 from userproxy.sources.manifest_files import FileContents
 from userproxy.sources.manifest_read import ManifestError, parse_documents
 
@@ -138,19 +144,6 @@ def test_bounded_messages_at_start(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- FIFOs, running
 
 
-def until(predicate: Callable[[], bool], within: float = 10.0, what: str = "it") -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_fifo_in_the_watched_directory_is_skipped_and_sigterm_works(tmp_path: Path) -> None:
     b1 = Backend("127.0.95.1", name_server("b1"))
     b2 = Backend("127.0.95.1", name_server("b2"))
@@ -176,9 +169,9 @@ def test_fifo_in_the_watched_directory_is_skipped_and_sigterm_works(tmp_path: Pa
             (manifests / "web.json").unlink()
             os.mkfifo(manifests / "web.json")
             publish("api", api, b2)  # an edit of another file applies
-            until(lambda: ask(api, timeout=1) == "b2", what="the api edit")
+            wait_until(lambda: ask(api, timeout=1) == "b2", what="the api edit")
             publish("web", web, b2)  # the FIFO replaced by a regular file applies
-            until(lambda: ask(web, timeout=1) == "b2", what="web back from the FIFO")
+            wait_until(lambda: ask(web, timeout=1) == "b2", what="web back from the FIFO")
 
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
@@ -201,16 +194,18 @@ def test_named_manifest_replaced_by_a_fifo_keeps_the_state_and_sigterm_works(
         service("web", web[0], PORT),
         endpoint_slice("web-a", "web", backend.port, [backend.ip]),
     )
+    log = tmp_path / "proxy.log"
     try:
-        with proxy_process(["run", "--manifests", str(path)]) as proc:
+        with proxy_process(["run", "--manifests", str(path)], log=log) as proc:
             wait_listening(web)
             path.unlink()
             os.mkfifo(path)
-            time.sleep(1.0)  # several polls: each reports the FIFO, none blocks
+            # The poll that met the FIFO reported it and returned: it did not block.
+            wait_logged(log, "not a regular file (a FIFO)")
             assert ask(web) == "b1"  # the last good state
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
-            output = output_of(proc)
+        output = log.read_text()
     finally:
         backend.stop()
     assert f"{path}: not a regular file (a FIFO)" in output

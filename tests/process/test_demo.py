@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.process.test_cli import wait_refused
-from tests.support.proxyrun import proxy_process, wait_listening
+from tests.support.proxyrun import proxy_process, wait_listening, wait_logged
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "demo"
@@ -80,14 +80,21 @@ def demo_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def demo(demo_dir: Path) -> Iterator[subprocess.Popen[str]]:
-    with proxy_process(["demo", "--manifests", str(demo_dir)], cwd=demo_dir) as proc:
+def demo_log(tmp_path: Path) -> Path:
+    """Where the demo's output goes (a file, read while it runs)."""
+    return tmp_path / "demo.log"
+
+
+@pytest.fixture
+def demo(demo_dir: Path, demo_log: Path) -> Iterator[subprocess.Popen[str]]:
+    args = ["demo", "--manifests", str(demo_dir)]
+    with proxy_process(args, cwd=demo_dir, log=demo_log) as proc:
         wait_listening((HOST, PORT), timeout=15)
         yield proc
 
 
 def test_demo_follows_manifest_edits_survives_sighup_and_stops_on_sigint(
-    demo_dir: Path, demo: subprocess.Popen[str]
+    demo_dir: Path, demo_log: Path, demo: subprocess.Popen[str]
 ) -> None:
     original = yaml.safe_load((demo_dir / SLICE_FILE).read_text())["endpoints"]
 
@@ -141,15 +148,14 @@ def test_demo_follows_manifest_edits_survives_sighup_and_stops_on_sigint(
 
     # SIGHUP re-reads the manifests and ends nothing: still answering, the process alive.
     demo.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
+    wait_logged(demo_log, "reloaded the settings")
     assert demo.poll() is None
     assert get_new() in {"web-1", "web-2", "web-3"}
 
     # Ctrl-C: a clean exit, after the instructions were printed.
     demo.send_signal(signal.SIGINT)
     assert demo.wait(timeout=15) == 0
-    assert demo.stdout is not None
-    output = demo.stdout.read()
+    output = demo_log.read_text()
     assert f"{HOST}:{PORT}" in output, output
     assert "Press Ctrl-C to stop." in output, output
     assert str(demo_dir / SLICE_FILE) in output, output

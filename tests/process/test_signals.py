@@ -17,7 +17,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -31,7 +30,13 @@ from tests.process.test_cli import (
     signalled_with_a_connection_open,
     wait_refused,
 )
-from tests.support.proxyrun import free_port, proxy_process, wait_listening
+from tests.support.proxyrun import (
+    free_port,
+    proxy_process,
+    wait_listening,
+    wait_logged,
+    wait_until,
+)
 
 METRICS_IP = "127.0.86.200"
 
@@ -101,24 +106,17 @@ tcpIdleTimeout: {idle}
 """
 
 
-def wait_for(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_sighup_applies_the_config_file_and_keeps_open_connections(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(config_text(hostname="node-a", sync_period="30s", idle="1h0m0s"))
     metrics = f"--metrics-bind-address={METRICS_IP}:{port}"
+    log = tmp_path / "proxy.log"
     with echo_service(tmp_path, 3) as (address, manifests):
         args = ["run", "--manifests", str(manifests), "--config", str(config), metrics]
-        with proxy_process(args) as proc:
-            _sighup_scene(proc, address, port, config)
-            output = output_of(proc)
+        with proxy_process(args, log=log) as proc:
+            _sighup_scene(proc, address, port, config, log)
+    output = log.read_text()
     applied = [line for line in output.splitlines() if "reloaded the settings" in line]
     assert len(applied) == 1, output
     assert "applied --sync-period=45.0, --tcp-idle-timeout=7200.0" in applied[0], applied[0]
@@ -130,11 +128,11 @@ def test_sighup_applies_the_config_file_and_keeps_open_connections(tmp_path: Pat
 
 
 def _sighup_scene(
-    proc: subprocess.Popen[str], address: tuple[str, int], port: int, config: Path
+    proc: subprocess.Popen[str], address: tuple[str, int], port: int, config: Path, log: Path
 ) -> None:
     """An echo connection open across two SIGHUPs: a good edit, then a broken one."""
     wait_listening(address)
-    wait_for(lambda: _answers(port), "the metrics server")
+    wait_until(lambda: bool(configz(port)), what="the metrics server")
     assert own_settings(port)["sync_period"] == 30.0
     with socket.create_connection(address, timeout=10) as conn:
         assert exchange(conn, b"before") == b"before"
@@ -142,7 +140,7 @@ def _sighup_scene(
         # A changed period and timeout (applied) and a changed name (needs a restart).
         config.write_text(config_text(hostname="node-b", sync_period="45s", idle="2h0m0s"))
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: own_settings(port)["sync_period"] == 45.0, "the new syncPeriod")
+        wait_until(lambda: own_settings(port)["sync_period"] == 45.0, what="the new syncPeriod")
         settings = own_settings(port)
         assert settings["tcp_idle_timeout"] == 7200.0
         # Still the name it started with: a new one needs a restart.
@@ -152,7 +150,7 @@ def _sighup_scene(
         # A file that became invalid: logged, the last good settings stay.
         config.write_text(config_text(hostname="node-a", sync_period="soon", idle="2h0m0s"))
         proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        wait_logged(log, "keeping the last good settings")
         assert proc.poll() is None
         assert own_settings(port)["sync_period"] == 45.0
         assert exchange(conn, b"after the bad edit") == b"after the bad edit"
@@ -164,30 +162,24 @@ def _sighup_scene(
         assert proc.wait(timeout=15) == 0
 
 
-def _answers(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{METRICS_IP}:{port}/healthz", timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 def test_sighup_never_ends_a_proxy_without_a_config_file(tmp_path: Path) -> None:
     """With flags only, SIGHUP re-reads the manifests and changes nothing else."""
+    log = tmp_path / "proxy.log"
     with (
         echo_service(tmp_path, 4) as (address, manifests),
-        proxy_process(["run", "--manifests", str(manifests)]) as proc,
+        proxy_process(["run", "--manifests", str(manifests)], log=log) as proc,
     ):
         wait_listening(address)
         with socket.create_connection(address, timeout=10) as conn:
             for _ in range(3):
                 proc.send_signal(signal.SIGHUP)
-            time.sleep(0.5)
+            # Signals sent at once may arrive as one: wait for the first reload's line.
+            wait_logged(log, "reloaded the settings")
             assert proc.poll() is None
             assert exchange(conn, b"echo") == b"echo"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
-        output = output_of(proc)
+        output = log.read_text()
     assert "applied none; nothing needs a restart" in output, output
 
 

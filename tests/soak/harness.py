@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from tests.soak.wire import (
     pattern,
     sha,
 )
+from tests.support.proxyrun import proxy_process
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "soak"
@@ -1378,29 +1378,16 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-@contextlib.contextmanager
 def _proxy(
     config: SoakConfig, manifests: Path, log_path: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "userproxy", "run", "--manifests", str(manifests),
-             "--loop", config.loop, "--hostname-override", "soak-node", "--log-level", "info",
-             "--min-sync-period", str(config.min_sync_period),
-             "--shutdown-grace", str(config.grace), "--udp-idle-timeout", "2",
-             "--healthz-bind-address=", "--metrics-bind-address="],
-            cwd=config.proxy_src or ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=config.grace + 15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    args = ["run", "--manifests", str(manifests), "--loop", config.loop,
+            "--hostname-override", "soak-node", "--log-level", "info",
+            "--min-sync-period", str(config.min_sync_period),
+            "--shutdown-grace", str(config.grace), "--udp-idle-timeout", "2"]  # fmt: skip
+    return proxy_process(
+        args, config.proxy_src or ROOT, log=log_path, stop_within=config.grace + 15
+    )
 
 
 LOG_ERROR_MARKERS = ("Traceback", " ERROR ", " CRITICAL ", "Exception in callback",

@@ -8,11 +8,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
+from tests.support import manifests as raw
 from tests.support.fake_apiserver import FakeApiServer
 from tests.support.proxyrun import eventually
 from userproxy.model import EndpointSlice, Node, Service
@@ -25,54 +27,9 @@ DEFAULT_SELECTOR = "!service.kubernetes.io/headless,!service.kubernetes.io/servi
 # --------------------------------------------------------------------------- objects
 
 
-def service(
-    name: str,
-    *,
-    port: object = 80,
-    cluster_ip: str = "10.96.0.10",
-    labels: dict[str, str] | None = None,
-    namespace: str = "default",
-) -> dict[str, object]:
-    metadata: dict[str, object] = {"name": name, "namespace": namespace}
-    if labels is not None:
-        metadata["labels"] = labels
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata,
-        "spec": {
-            "clusterIP": cluster_ip,
-            "ports": [{"name": "http", "protocol": "TCP", "port": port}],
-        },
-    }
-
-
-def endpoint_slice(
-    name: str,
-    service_name: str,
-    *,
-    port: object = 8080,
-    addresses: tuple[str, ...] = ("10.1.0.1",),
-    labels: dict[str, str] | None = None,
-    namespace: str = "default",
-) -> dict[str, object]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"kubernetes.io/service-name": service_name, **(labels or {})},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "protocol": "TCP", "port": port}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
-    }
-
-
-def node(name: str, zone: str | None = None) -> dict[str, object]:
-    labels = {"topology.kubernetes.io/zone": zone} if zone else {}
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+service = partial(raw.service, port_name="http", target_port=None)
+endpoint_slice = partial(raw.endpoint_slice, port_name="http")
+node = raw.node
 
 
 # --------------------------------------------------------------------------- recorder

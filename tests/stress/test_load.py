@@ -21,15 +21,17 @@ from pathlib import Path
 import pytest
 
 from tests.support.backends import Backend, recv_all, slow_reader
-from tests.support.manifests import endpoint_slice, fresh_net, service, write
-from tests.support.proxyrun import open_fds, proxy_process, rss_bytes, wait_listening
+from tests.support.manifests import endpoint_slice, fresh_ips, service, write
+from tests.support.proxyrun import (
+    assert_clean_log,
+    open_fds,
+    proxy_process,
+    rss_bytes,
+    stop_process,
+    wait_listening,
+)
 
 PORT = 8080
-
-
-def addresses() -> tuple[str, str]:
-    net = fresh_net()
-    return f"127.{net // 200 + 100}.{net % 200}.1", f"127.{net // 200 + 150}.{net % 200}.1"
 
 
 @contextlib.contextmanager
@@ -44,16 +46,13 @@ def echo_process(ip: str) -> Iterator[int]:
         assert proc.stdout is not None
         yield int(proc.stdout.readline())
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_process(proc)
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_backpressure_bounds_memory(tmp_path: Path, loop: str) -> None:
     """200 MB toward a backend reading at ~50 MB/s: the proxy's RSS grows < 64 MB."""
-    cluster_ip, backend_ip = addresses()
+    cluster_ip, backend_ip = fresh_ips()
     backend = Backend(backend_ip, slow_reader(delay=0.004, chunk=256 * 1024))
     write(
         tmp_path / "s.json",
@@ -150,24 +149,19 @@ def test_stress_mixed_connections_under_uvloop(tmp_path: Path) -> None:
     is right, the process survives, logs no callback error, and its open descriptors
     return to the baseline within 10 s.  This guards the two uvloop traps described in
     docs/architecture.md ("Half-close and uvloop")."""
-    cluster_ip, backend_ip = addresses()
+    cluster_ip, backend_ip = fresh_ips()
     total = 3000 * len(MODES)
     log_path = tmp_path / "proxy.log"
     manifests = tmp_path / "manifests"
     manifests.mkdir()
-    with echo_process(backend_ip) as backend_port, log_path.open("w") as log:
+    args = ["run", "--manifests", str(manifests), "--loop", "uvloop", "--log-level", "warning"]
+    with echo_process(backend_ip) as backend_port:
         write(
             manifests / "s.json",
             service("echo", cluster_ip, PORT),
             endpoint_slice("echo-1", "echo", backend_port, [backend_ip]),
         )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "userproxy", "run", "--manifests", str(manifests),
-             "--loop", "uvloop", "--log-level", "warning",
-             "--healthz-bind-address=", "--metrics-bind-address="],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
+        with proxy_process(args, log=log_path) as proc:
             address = (cluster_ip, PORT)
             wait_listening(address)
             for i in range(len(MODES)):  # warm up (libuv opens a reserve descriptor)
@@ -187,9 +181,4 @@ def test_stress_mixed_connections_under_uvloop(tmp_path: Path) -> None:
             assert fds <= baseline
             assert _one(address, 0) == "clean"
             assert proc.poll() is None
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
-    output = log_path.read_text()
-    for marker in ("Traceback", "Exception in callback", "Fatal Python error"):
-        assert marker not in output, output[-3000:]
+    assert_clean_log(log_path)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.support.backends import Backend, ask, name_server
-from tests.support.manifests import fresh_net, write
+from tests.support.manifests import endpoint_slice, fresh_net, service, write
 from tests.support.proxyrun import running_proxy
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.limits import ConnectionLimit
@@ -55,33 +55,13 @@ WIDE_BASE_PORT = 20000
 
 
 def service_obj(name: str, cluster_ip: str, ports: list[int]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "clusterIP": cluster_ip,
-            "ports": [
-                {"name": f"p{port}", "protocol": "TCP", "port": port, "targetPort": port}
-                for port in ports
-            ],
-        },
-    }
+    return service(name, cluster_ip, {f"p{port}": port for port in ports})
 
 
 def slice_obj(name: str, ports: list[int], backend: Backend) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": f"p{port}", "protocol": "TCP", "port": backend.port} for port in ports],
-        "endpoints": [{"addresses": [backend.ip], "conditions": {"ready": True}}],
-    }
+    return endpoint_slice(
+        f"{name}-1", name, {f"p{port}": backend.port for port in ports}, [backend.ip]
+    )
 
 
 def as_service(obj: dict[str, Any]) -> Service:

@@ -1,4 +1,10 @@
-"""Running a proxy for a test: in-process on the test's loop, or as a subprocess."""
+"""Running a proxy for a test: in-process on the test's loop, or as a subprocess; waiting
+for what it does.
+
+Invariants: the health and metrics servers are off unless a test names them; every child
+is stopped (SIGTERM, then SIGKILL) and reaped when its ``with`` block ends; a wait polls a
+condition until a deadline and fails naming what it waited for.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ async def running_proxy(
     """A Proxy serving ``manifests`` (or, with ``kubeconfig=``, an API server) on the
     running loop, synced once unless ``wait_synced`` is False, stopped at exit.
 
-    Fails the test if the loop's exception handler fires while the proxy runs.
+    A report to the loop's exception handler fails the test (tests/conftest.py).
     """
     options: dict[str, Any] = {
         "hostname": "test-node",
@@ -40,10 +46,6 @@ async def running_proxy(
     if manifests is not None:
         options["manifests"] = (manifests,)
     settings = Settings(**options)
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
     proxy = Proxy(settings)
     task = asyncio.create_task(proxy.run())
     try:
@@ -55,8 +57,6 @@ async def running_proxy(
         proxy.stop()
         async with asyncio.timeout(15):
             await task
-        loop.set_exception_handler(previous)
-    assert not errors, f"the loop's exception handler fired: {errors}"
 
 
 async def wait_for_sync(proxy: Proxy, syncs_after: int | None = None) -> None:
@@ -67,15 +67,13 @@ async def wait_for_sync(proxy: Proxy, syncs_after: int | None = None) -> None:
 
 
 def wait_listening(address: tuple[str, int], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(address, timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    """Wait (blocking) until ``address`` accepts a TCP connection."""
+    wait_until(lambda: _accepts(address), timeout, f"{address} to accept connections")
+
+
+def _accepts(address: tuple[str, int]) -> bool:
+    with socket.create_connection(address, timeout=1):
+        return True
 
 
 def open_fds(pid: int) -> int:
@@ -122,9 +120,16 @@ def proxy_process(
     *,
     env: Mapping[str, str] | None = None,
     prefix: Sequence[str] = (),
+    log: Path | None = None,
+    stop_within: float = 15.0,
 ) -> Iterator[subprocess.Popen[str]]:
     """``python -m userproxy ARGS`` as a child process (run under ``prefix``, e.g. prlimit,
-    with ``env`` if given; stdout and stderr merged); SIGTERM, then SIGKILL, at exit.
+    with ``env`` if given); SIGTERM at exit, SIGKILL if it has not ended ``stop_within``
+    seconds later.
+
+    Its stdout and stderr go, merged, to ``proc.stdout`` (a pipe: read it once the child
+    has exited, or it may fill up), or to the file ``log``, which can be read while the
+    child runs (``wait_logged``) and holds any amount.
 
     The health and metrics servers are off unless ``args`` names their flags, so tests
     never bind the well-known ports.
@@ -134,26 +139,72 @@ def proxy_process(
         for flag in ("--healthz-bind-address", "--metrics-bind-address")
         if not any(arg.startswith(flag) for arg in args)
     ]
-    proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "userproxy", *args, *extra],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with contextlib.ExitStack() as stack:
+        output = stack.enter_context(log.open("w")) if log is not None else subprocess.PIPE
+        proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "userproxy", *args, *extra],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            yield proc
+        finally:
+            stop_process(proc, stop_within)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; reaped; its pipes closed; its exit
+    status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return proc.returncode
+
+
+#: What a child proxy's log must never hold: a crash, or an error the loop only logged.
+CRASH_MARKERS = ("Traceback", "Exception in callback", "Fatal Python error")
+
+
+def assert_clean_log(log: Path) -> None:
+    """Fail if the child's ``log`` shows a traceback, a loop callback error or a crash."""
+    output = log.read_text()
+    for marker in CRASH_MARKERS:
+        assert marker not in output, output[-3000:]
+
+
+def wait_until(
+    predicate: Callable[[], bool], within: float = 10.0, what: str = "the condition"
+) -> None:
+    """``eventually`` for a blocking test: wait until ``predicate()`` holds, checking every
+    20 ms; an OSError (a server not up yet) counts as "not yet"; fail after ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.suppress(OSError):
+            if predicate():
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_logged(log: Path, text: str, *, count: int = 1, within: float = 10.0) -> str:
+    """Wait until ``text`` stands ``count`` times in the file ``log``; returns the file.
+
+    This is how a test waits for a child's next round (a reload handled, a poll done)
+    instead of sleeping and hoping it came."""
+    wait_until(lambda: log.read_text().count(text) >= count, within, f"{text!r} in {log}")
+    return log.read_text()
 
 
 async def eventually(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -30,6 +29,7 @@ from dnslib.server import DNSLogger, DNSServer  # type: ignore[import-untyped]
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.manifests import endpoint_slice, fresh_net, service
+from tests.support.proxyrun import assert_clean_log, proxy_process
 
 #: The Service port clients query (port 53: the tests run as root).
 DNS_PORT = 53
@@ -174,29 +174,13 @@ def ttl_of(reply: dns.message.Message) -> int:
 
 # -- a proxy subprocess -----------------------------------------------------------------------
 @contextlib.contextmanager
-def proxy_subprocess(args: Sequence[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def proxy_subprocess(args: Sequence[str], log_path: Path) -> Iterator[subprocess.Popen[str]]:
     """``python -m userproxy run ARGS`` with its output in ``log_path``; SIGTERM (then
     SIGKILL) and reaped at exit; fails if the log shows a traceback."""
     repo = Path(__file__).parents[2]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "userproxy", "run", "--log-level", "warning",
-             "--healthz-bind-address=", *args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=repo,
-        )  # fmt: skip
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-    output = log_path.read_text()
-    for marker in ("Traceback", "Exception in callback", "Fatal Python error"):
-        assert marker not in output, output[-3000:]
+    with proxy_process(["run", "--log-level", "warning", *args], repo, log=log_path) as proc:
+        yield proc
+    assert_clean_log(log_path)
 
 
 def wait_answering(
