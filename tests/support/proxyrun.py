@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -72,7 +73,11 @@ def wait_listening(address: tuple[str, int], timeout: float = 10.0) -> None:
 
 
 def _accepts(address: tuple[str, int]) -> bool:
-    with socket.create_connection(address, timeout=1):
+    with socket.create_connection(address, timeout=1) as probe:
+        # Closed with a reset, so a proxy drops the probe at once instead of relaying a
+        # half-close and waiting for the backend's FIN: tests that count the proxy's open
+        # connections right after (shutdown, limits) see only their own.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         return True
 
 
