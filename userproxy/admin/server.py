@@ -1,9 +1,7 @@
 """Running an aiohttp app on one address, retrying while the address cannot be bound.
 
 kube-proxy keeps retrying its health and metrics servers rather than exiting when the
-port is taken (another kube-proxy still shutting down, say); so does this.  Malformed
-requests are answered 400 by aiohttp and logged through ``http_logger`` (one line a second
-at most, no traceback).
+port is taken (another kube-proxy still shutting down, say); so does this.
 """
 
 from __future__ import annotations
