@@ -99,9 +99,7 @@ def located(exc: ConfigError, origins: Mapping[str, str]) -> ConfigError:
     came from the file."""
     if exc.setting is None or exc.setting not in origins:
         return exc
-    return ConfigError(
-        f"{origins[exc.setting]}: {exc.problem}", setting=exc.setting, problem=exc.problem
-    )
+    return ConfigError.of(exc.setting, exc.problem, origins[exc.setting])
 
 
 def loop_factory(choice: Loop) -> Callable[[], asyncio.AbstractEventLoop] | None:
