@@ -79,10 +79,7 @@ async def start_backends() -> list[web.AppRunner]:
             try:
                 await web.TCPSite(runner, ip, BACKEND_PORT).start()
             except OSError as exc:
-                raise ConfigError(
-                    f"demo: cannot listen on {ip}:{BACKEND_PORT}: {exc.strerror or exc}"
-                    + (" (is another userproxy demo running?)" if _in_use(exc) else "")
-                ) from None
+                raise ConfigError(_cannot_listen(ip, BACKEND_PORT, exc)) from None
     except BaseException:
         for runner in runners:
             await runner.cleanup()
@@ -90,8 +87,9 @@ async def start_backends() -> list[web.AppRunner]:
     return runners
 
 
-def _in_use(exc: OSError) -> bool:
-    return exc.errno == errno.EADDRINUSE
+def _cannot_listen(ip: str, port: int, exc: OSError) -> str:
+    hint = " (is another userproxy demo running?)" if exc.errno == errno.EADDRINUSE else ""
+    return f"demo: cannot listen on {ip}:{port}: {exc.strerror or exc}{hint}"
 
 
 def instructions(manifests: Path) -> str:
@@ -118,14 +116,10 @@ Press Ctrl-C to stop.
 
 def _service_not_listening(proxy: Proxy) -> str | None:
     """Why the demo Service's address does not listen after the first sync, if it does not."""
-    ip, port = SERVICE_ADDRESS
     for listener in proxy.listeners:
         if (listener.spec.ip, listener.spec.port) == SERVICE_ADDRESS:
             error = listener.bind_error
-            if error is None:
-                return None
-            hint = " (is another userproxy demo running?)" if _in_use(error) else ""
-            return f"demo: cannot listen on {ip}:{port}: {error.strerror or error}{hint}"
+            return None if error is None else _cannot_listen(*SERVICE_ADDRESS, error)
     return None  # other manifests (--manifests DIR): nothing to check
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from socket import gethostname
-from typing import Final, Literal, NoReturn
+from typing import Any, Final, Literal, NoReturn
 
 from userproxy import __version__
 from userproxy.check import add_check_parser
@@ -128,20 +128,17 @@ class Flag:
 
     def add_to(self, parser: argparse.ArgumentParser, defaults: Mapping[str, object]) -> None:
         """Add the flag; ``defaults`` are the command's own, shown in its ``--help``."""
-        name, help = flag_name(self.setting), self.help + _shown_default(self.setting, defaults)
-        if self.action == "store_true":
-            parser.add_argument(
-                name, dest=self.setting, default=argparse.SUPPRESS, help=help, action=self.action
-            )
-            return
+        valued: dict[str, Any] = {  # a switch takes neither
+            "type": self.convert if self.action == "store" else self._parse,
+            "metavar": self.metavar or ("DURATION" if self.setting in DURATIONS else None),
+        }
         parser.add_argument(
-            name,
+            flag_name(self.setting),
             dest=self.setting,
             default=argparse.SUPPRESS,
-            help=help,
+            help=self.help + _shown_default(self.setting, defaults),
             action=self.action,
-            type=self.convert if self.action == "store" else self._parse,
-            metavar=self.metavar or ("DURATION" if self.setting in DURATIONS else None),
+            **({} if self.action == "store_true" else valued),
         )
 
 

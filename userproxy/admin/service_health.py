@@ -24,10 +24,6 @@ Behaviour choices:
   ``::`` one skipped quietly without IPv6), the dual-stack wildcard of upstream's Go
   listener.  A port is all or nothing (upstream closes what it opened, too).  Specific
   addresses are bound with FREEBIND, so one not (yet) on an interface does not fail.
-* **Updates** follow upstream's two calls.  ``sync_services(ports)`` is the complete set
-  of ports wanted now: others close, new ones open, and ports that failed to bind before
-  are tried again (``SyncServices``).  ``sync_endpoints(local)`` stores the local
-  endpoint counts, read per request: no port, socket or keep-alive connection changes.
 * **Bind failures** (the port is taken): logged and reported to ``on_error`` on the first
   failure and whenever the errno changes, and listed by ``failed()`` until bound.
 * **Two Services on one port** (the apiserver allocates these ports uniquely: a
@@ -39,9 +35,9 @@ Behaviour choices:
 * **Closing** a port stops listening at once and closes idle keep-alive connections; a
   request in flight gets ``SHUTDOWN_TIMEOUT`` seconds.
 
-Each open port is an aiohttp ``ServerRunner`` with one ``SockSite`` per pre-bound socket,
-served by a task owned here (``close()`` awaits them all); the sockets are bound
-synchronously, so ``sync_services`` is a plain function that must run on the loop's thread.
+Updates follow upstream's two calls, ``sync_services`` and ``sync_endpoints``.  Each open
+port is an aiohttp ``ServerRunner`` with one ``SockSite`` per socket, bound synchronously:
+``sync_services`` is a plain function that must run on the event loop's thread.
 """
 
 from __future__ import annotations
