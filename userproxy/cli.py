@@ -5,8 +5,8 @@ the flags and the parser are in ``flags.py``.  Settings: ``Settings``' defaults 
 command's own (the demo's) < the ``--config`` file < the flags (``settings_from``).
 Signals of ``run``: SIGTERM/SIGINT shut down gracefully, a second one forces it; SIGHUP
 reloads the settings and the manifests (``reload_settings``), never ending the process.
-Exit status: 0 after a clean shutdown, 128 + the signal's number (130 SIGINT, 143 SIGTERM)
-after a forced one, 2 for invalid flags or manifests at start.
+Exit status: 0 after a clean shutdown, 128 + the signal after a forced one (``StopSignals``),
+2 for invalid flags or manifests at start.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from userproxy.check import check_command
 from userproxy.cleanup import cleanup_command
@@ -32,8 +32,6 @@ from userproxy.proxy import Proxy
 from userproxy.sources.manifests import ManifestError
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def settings_from(
@@ -181,21 +179,14 @@ def reload_settings(proxy: Proxy, args: argparse.Namespace) -> None:
     proxy.reload(settings)
 
 
-async def serve(settings: Settings, args: argparse.Namespace | None = None) -> int:
-    """Run a proxy until stopped; its exit status (see StopSignals).  With ``args``, SIGHUP
-    reloads the settings from them; without, SIGHUP keeps its default (exit)."""
+async def serve(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a proxy until stopped; its exit status (see StopSignals).  SIGHUP reloads the
+    settings from ``args``."""
     proxy = Proxy(settings)
     stopping = _handle_stop_signals(StopSignals(proxy.stop, proxy.force_stop))
-    if args is not None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, reload_settings, proxy, args)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_settings, proxy, args)
     await proxy.run()
     return stopping.exit_status
-
-
-def run_on_loop(main: Coroutine[Any, Any, T], loop_choice: Loop) -> T:
-    with asyncio.Runner(loop_factory=loop_factory(loop_choice)) as runner:
-        return runner.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(settings.log_level, settings.log_format)
             if described:
                 log.info("config file %s", described)
-            status = run_on_loop(main_coroutine, settings.loop)
+            with asyncio.Runner(loop_factory=loop_factory(settings.loop)) as runner:
+                status = runner.run(main_coroutine)
     except ConfigError as exc:
         print(f"userproxy: {located(exc, origins)}", file=sys.stderr)
         return 2

@@ -337,12 +337,11 @@ def _set_fields(
         if homes:
             message += f" (set in the {KUBE_PROXY_KIND} document: {', '.join(homes)})"
         raise ConfigError(message)
-    present: dict[str, object] = {}
-    for name, raw in leaves.items():
-        value = _check(table.fields[name][0], raw, f"{where}.{name}", table.zero_is_unset)
-        if value is not None:
-            present[name] = value
-    return present
+    checked = {
+        name: _check(table.fields[name][0], raw, f"{where}.{name}", table.zero_is_unset)
+        for name, raw in leaves.items()
+    }
+    return {name: value for name, value in checked.items() if value is not None}
 
 
 def _applies(name: str, present: Mapping[str, object]) -> bool:
