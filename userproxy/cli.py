@@ -55,25 +55,23 @@ def settings_from(
     origins: dict[str, str] = {}
     fields = Settings.__dataclass_fields__
     flags = {key: value for key, value in vars(args).items() if key in fields}
+    command_line = flags.keys() | fixed.keys()
     if args.config is not None:
         file_config = load_config_file(args.config)
         file_values = dict(file_config.values)
-        if {"manifests", "kubeconfig"} & (flags.keys() | fixed.keys()):
+        if {"manifests", "kubeconfig"} & command_line:
             # A source chosen on the command line replaces the file's, whichever it is.
             file_values.pop("manifests", None)
             file_values.pop("kubeconfig", None)
         values.update(file_values)
+        in_effect = file_values.keys() - command_line
         origins = {
             setting: f"{args.config}: {origin}"
             for setting, origin in file_config.origins.items()
-            if setting in file_values and setting not in flags and setting not in fixed
+            if setting in in_effect
         }
         described = f"{args.config}: {describe(file_config)}"
-        overridden = sorted(
-            (file_config.values.keys() & (flags.keys() | fixed.keys()))
-            | ({"kubeconfig", "manifests"} & file_config.values.keys() - file_values.keys())
-        )
-        if overridden:
+        if overridden := sorted(file_config.values.keys() - in_effect):
             described += f"; overridden by the command line: {', '.join(overridden)}"
     for key, value in flags.items():
         if value is not DEFAULT:

@@ -10,10 +10,9 @@ decoding of names and types, ignored fields included; ``null`` and ``""`` unset,
 ``KubeProxyConfiguration`` a Go zero value too (kube-proxy defaults it); Go durations; the
 sync periods of the top level, else of the section ``mode`` selects (``_applies``).
 
-Each document has one table (``DOCUMENTS``): dotted field name -> (its ``Kind``: how the YAML
-value is type-checked and converted, and what its Go zero value is; the ``Settings`` field
-it sets, or None).  The range checks are not here: an applied value goes through the
-setting's rule (``config.check_setting``), the one a flag's value goes through.
+Each document has one table (``DOCUMENTS``): dotted field name -> (its ``Kind``, the
+``Settings`` field it sets or None).  The range checks are not here: an applied value goes
+through the setting's rule (``config.check_setting``), as a flag's value does.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """The command line's flags: one table of the flags that set ``Settings``, and the parser.
 
-A flag row names its ``Settings`` field; the flag's name is that setting's (``config.
-flag_name``), its text is parsed (a Go duration, an integer, a comma list ...) and then goes
-through the setting's one rule (``config.check_setting``), the same the config file's value
-goes through, so a bad value fails while parsing, as argparse does, with the rule's words.
-An absent flag sets nothing (``argparse.SUPPRESS``): the file's or the default value stays;
-``''`` stands for the default (``DEFAULT``), as an empty field does in the file.  Modelled on
-kube-proxy's cmd/kube-proxy/app/options.go (one place that binds every flag to its field).
+A flag row names its ``Settings`` field (the flag's name is the setting's, ``config.
+flag_name``); its parsed text goes through the setting's one rule, as the config file's
+value does, so a bad value fails while parsing, as argparse does, with the rule's words.
+An absent flag sets nothing (``argparse.SUPPRESS``): the file's or the default value stays.
+Modelled on kube-proxy's cmd/kube-proxy/app/options.go (one place binds every flag).
 """
 
 from __future__ import annotations
