@@ -112,10 +112,8 @@ def _gates(value: object) -> object:
 
 def _is_zero(value: object) -> bool:
     """A Go zero value, looked for recursively (``logging.options`` as kubeadm writes it)."""
-    if value is None or value is False or value in ("", "0", "0s"):
+    if value in (None, False, 0, "", "0", "0s"):  # 0 == 0.0; True is not 0
         return True
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value == 0
     if isinstance(value, dict):
         return all(_is_zero(item) for item in value.values())
     if isinstance(value, list):

@@ -26,13 +26,7 @@ if TYPE_CHECKING:
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
 #: network_programming_duration_seconds: 0.25 s steps to 1 s, then 1 s to 60 s, 5 s to
 #: 120 s, 30 s to 300 s (as upstream merges its linear buckets).
-PROGRAMMING_BUCKETS = (
-    0.25,
-    0.5,
-    *(float(s) for s in range(1, 60)),
-    *(float(s) for s in range(60, 120, 5)),
-    *(float(s) for s in range(120, 301, 30)),
-)
+PROGRAMMING_BUCKETS = (0.25, 0.5, *range(1, 60), *range(60, 120, 5), *range(120, 301, 30))
 
 
 class Metrics:
