@@ -41,13 +41,9 @@ def settings_from(
     fixed: SettingsValues | None = None,
 ) -> tuple[Settings, str | None, dict[str, str]]:
     """``Settings``' defaults, then ``defaults`` (the command's own), then the ``--config``
-    file, then flags, then ``fixed``.
-
-    Returns the settings, a description of the config file's applied and ignored fields to
-    log once logging is set up, and for each setting that came from the file where it did
-    (``FILE: Kind.field``: a later error about it names that, not a flag the user never
-    typed).
-    """
+    file, then flags, then ``fixed``.  Returns the settings, what the file applied and
+    ignored (to log once logging is set up), and where in the file each setting it gave
+    came from (``FILE: Kind.field``: an error about it names that, not an untyped flag)."""
     own_defaults: dict[str, object] = dict(defaults or {})
     values = dict(own_defaults)
     fixed = fixed or {}

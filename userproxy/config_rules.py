@@ -113,11 +113,9 @@ def duration(*, positive: bool = False) -> Rule:
     range; with ``positive`` also not 0."""
 
     def rule(value: object) -> object:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{show(value)} is not a duration (like 30s or 1m0s)")
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise ValueError(f"{show(value)} is not a duration (like 30s or 1m0s)")  # NaN too
         seconds = float(value)
-        if math.isnan(seconds):
-            raise ValueError("NaN is not a duration (like 30s or 1m0s)")
         if seconds < 0:
             shown = format_duration(-seconds) if math.isfinite(seconds) else "infinity"
             raise ValueError(f"-{shown} is negative")

@@ -83,7 +83,6 @@ def _number(value: object) -> object:
 
 
 def _duration(value: object) -> float:
-    """A Go duration string (``30s``, ``1m0s``), not negative, in seconds."""
     if isinstance(value, str):
         try:
             seconds = parse_go_duration(value)

@@ -65,9 +65,7 @@ class ClientErrorFilter(logging.Filter):
         if record.levelno > logging.WARNING:
             record.levelno = logging.WARNING
             record.levelname = logging.getLevelName(logging.WARNING)
-        record.exc_info = None
-        record.exc_text = None
-        record.stack_info = None
+        record.exc_info = record.exc_text = record.stack_info = None
         return True
 
 
