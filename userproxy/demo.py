@@ -59,21 +59,19 @@ def demo_manifests(requested: Path | None) -> Iterator[Path]:
         yield target
 
 
-async def start_backends() -> list[web.AppRunner]:
+async def start_backends() -> list[web.ServerRunner]:
     """Start the three demo backends; each answers ``<name> (<ip>)``.
 
     Raises ConfigError when one cannot listen (typically: another demo is running), with
     the ones already started cleaned up."""
-    runners: list[web.AppRunner] = []
+    runners: list[web.ServerRunner] = []
     try:
         for name, ip in BACKENDS:
 
-            async def hello(request: web.Request, name: str = name, ip: str = ip) -> web.Response:
-                return web.Response(text=f"hello from {name} ({ip})\n")
+            async def hello(_: web.BaseRequest, name: str = name, ip: str = ip) -> web.Response:
+                return web.Response(text=f"hello from {name} ({ip})\n")  # any method, any path
 
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", hello)
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.ServerRunner(web.Server(hello, access_log=None))
             await runner.setup()
             runners.append(runner)
             try:
