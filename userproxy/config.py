@@ -25,9 +25,6 @@ LogFormat = Literal["text", "json"]
 LOOPS: Final[tuple[Loop, ...]] = get_args(Loop)
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = get_args(LogLevel)
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
-# kube-proxy appends these to a healthz/metrics address given without a port.
-DEFAULT_HEALTHZ_PORT: Final = 10256
-DEFAULT_METRICS_PORT: Final = 10249
 
 
 class ConfigError(ValueError):
@@ -75,8 +72,9 @@ RULES: Final[Mapping[str, tuple[str, Rule]]] = {
     "client_connection_share": ("--client-connection-share", rules.percent),
     "manifest_poll_interval": ("manifest poll interval", _POSITIVE_DURATION),
     "config_sync_period": ("--config-sync-period", _DURATION),
-    "healthz_bind_address": ("--healthz-bind-address", rules.bind_address(DEFAULT_HEALTHZ_PORT)),
-    "metrics_bind_address": ("--metrics-bind-address", rules.bind_address(DEFAULT_METRICS_PORT)),
+    # kube-proxy appends its default port to a healthz/metrics address given without one.
+    "healthz_bind_address": ("--healthz-bind-address", rules.bind_address(10256)),
+    "metrics_bind_address": ("--metrics-bind-address", rules.bind_address(10249)),
     "nodeport_addresses": ("--nodeport-addresses", rules.nodeport_addresses),
     "cluster_cidr": ("--cluster-cidr", rules.cluster_cidr),
     "udp_idle_timeout": ("--udp-idle-timeout", _POSITIVE_DURATION),
@@ -93,8 +91,7 @@ DURATIONS: Final = frozenset(
 
 
 def check_setting(setting: str, value: object, where: str | None = None) -> object:
-    """``value`` normalised by the setting's rule; ``ConfigError`` naming ``where`` (default:
-    the flag) and the setting otherwise."""
+    """``value`` normalised by the setting's rule, or ``ConfigError.of`` the rule's problem."""
     try:
         return RULES[setting][1](value)
     except ValueError as exc:

@@ -39,12 +39,9 @@ __all__ = ["KUBE_PROXY_FIELDS", "USERPROXY_FIELDS", "FileConfig", "describe", "l
 
 @dataclass(frozen=True, slots=True)
 class FileConfig:
-    """What a config file sets.
-
-    ``values`` maps ``Settings`` field names to converted, validated values (float seconds,
-    ``Path``, tuples, int, str); ``applied`` and ``ignored`` are the dotted file field names
-    (``iptables.minSyncPeriod``) that were honoured and that userproxy does not apply, sorted.
-    """
+    """What a config file sets: ``values`` maps ``Settings`` fields to converted, validated
+    values; ``applied`` and ``ignored`` are the dotted file field names (``iptables.
+    minSyncPeriod``) honoured and not applied by userproxy, sorted."""
 
     values: Mapping[str, object]
     applied: tuple[str, ...]

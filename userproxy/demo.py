@@ -25,14 +25,13 @@ from userproxy.proxy import Proxy
 
 log = logging.getLogger(__name__)
 
-DEMO_NODE = "demo-node"
 BACKENDS = (("web-1", "127.0.60.1"), ("web-2", "127.0.60.2"), ("web-3", "127.0.60.3"))
 BACKEND_PORT = 9376
 SERVICE_ADDRESS = ("127.0.50.1", 8080)
 #: The demo's own defaults (flags and the config file still override them): a node name
 #: that matches the demo manifests, and a health server on loopback (one machine).
 DEMO_DEFAULTS: Final[SettingsValues] = {
-    "hostname": DEMO_NODE,
+    "hostname": "demo-node",
     "healthz_bind_address": "127.0.0.1:10256",
 }
 
