@@ -206,9 +206,8 @@ class SettingsValues(TypedDict, total=False):
 
 
 def settings_values(values: Mapping[str, object]) -> SettingsValues:
-    """``values`` (names chosen at run time: a file's fields, the flags given) as typed
-    ``Settings`` keywords.  Their types are the rules' to check, in ``Settings``; a name
-    that is no field is a bug."""
+    """``values`` (names chosen at run time) as typed ``Settings`` keywords: ``Settings``
+    checks their types with the rules; a name that is no field is a bug."""
     unknown = values.keys() - Settings.__dataclass_fields__.keys()
     assert not unknown, f"not settings: {sorted(unknown)}"
     return cast("SettingsValues", dict(values))

@@ -19,9 +19,9 @@ RETRY_INTERVAL = 5.0
 
 
 async def serve_app(
-    app: web.Application, address: tuple[str, int], name: str, ready: asyncio.Event | None = None
+    app: web.Application, address: tuple[str, int], name: str, ready: asyncio.Event
 ) -> None:
-    """Serve ``app`` on ``address`` until cancelled; cleans up on the way out."""
+    """Serve ``app`` on ``address``, setting ``ready`` once listening, until cancelled."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=http_logger(name))
     await runner.setup()
     try:
@@ -39,8 +39,7 @@ async def serve_app(
                 )
                 await asyncio.sleep(RETRY_INTERVAL)
         log.info("%s server listening on %s:%d", name, *address)
-        if ready is not None:
-            ready.set()
+        ready.set()
         await asyncio.Event().wait()  # until cancelled
     finally:
         await runner.cleanup()
