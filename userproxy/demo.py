@@ -59,10 +59,8 @@ def demo_manifests(requested: Path | None) -> Iterator[Path]:
 
 
 async def start_backends() -> list[web.ServerRunner]:
-    """Start the three demo backends; each answers ``<name> (<ip>)``.
-
-    Raises ConfigError when one cannot listen (typically: another demo is running), with
-    the ones already started cleaned up."""
+    """Start the three demo backends, each answering ``hello from <name> (<ip>)``;
+    ConfigError when one cannot listen, with those already started cleaned up."""
     runners: list[web.ServerRunner] = []
     try:
         for name, ip in BACKENDS:
