@@ -5,8 +5,8 @@ the flags and the parser are in ``flags.py``.  Settings: ``Settings``' defaults 
 command's own (the demo's) < the ``--config`` file < the flags (``settings_from``).
 Signals of ``run``: SIGTERM/SIGINT shut down gracefully, a second one forces it; SIGHUP
 reloads the settings and the manifests (``reload_settings``), never ending the process.
-Exit status: 0 after a clean shutdown, 128 + the signal's number (130 SIGINT, 143 SIGTERM)
-after a forced one, 2 for invalid flags or manifests at start.
+Exit status: 0 after a clean shutdown, 128 + the signal after a forced one (``StopSignals``),
+2 for invalid flags or manifests at start.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from userproxy.check import check_command
 from userproxy.cleanup import cleanup_command
@@ -33,8 +33,6 @@ from userproxy.sources.manifests import ManifestError
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 
 def settings_from(
     args: argparse.Namespace,
@@ -43,13 +41,9 @@ def settings_from(
     fixed: SettingsValues | None = None,
 ) -> tuple[Settings, str | None, dict[str, str]]:
     """``Settings``' defaults, then ``defaults`` (the command's own), then the ``--config``
-    file, then flags, then ``fixed``.
-
-    Returns the settings, a description of the config file's applied and ignored fields to
-    log once logging is set up, and for each setting that came from the file where it did
-    (``FILE: Kind.field``: a later error about it names that, not a flag the user never
-    typed).
-    """
+    file, then flags, then ``fixed``.  Returns the settings, what the file applied and
+    ignored (to log once logging is set up), and where in the file each setting it gave
+    came from (``FILE: Kind.field``: an error about it names that, not an untyped flag)."""
     own_defaults: dict[str, object] = dict(defaults or {})
     values = dict(own_defaults)
     fixed = fixed or {}
@@ -57,25 +51,23 @@ def settings_from(
     origins: dict[str, str] = {}
     fields = Settings.__dataclass_fields__
     flags = {key: value for key, value in vars(args).items() if key in fields}
+    command_line = flags.keys() | fixed.keys()
     if args.config is not None:
         file_config = load_config_file(args.config)
         file_values = dict(file_config.values)
-        if {"manifests", "kubeconfig"} & (flags.keys() | fixed.keys()):
+        if {"manifests", "kubeconfig"} & command_line:
             # A source chosen on the command line replaces the file's, whichever it is.
             file_values.pop("manifests", None)
             file_values.pop("kubeconfig", None)
         values.update(file_values)
+        in_effect = file_values.keys() - command_line
         origins = {
             setting: f"{args.config}: {origin}"
             for setting, origin in file_config.origins.items()
-            if setting in file_values and setting not in flags and setting not in fixed
+            if setting in in_effect
         }
         described = f"{args.config}: {describe(file_config)}"
-        overridden = sorted(
-            (file_config.values.keys() & (flags.keys() | fixed.keys()))
-            | ({"kubeconfig", "manifests"} & file_config.values.keys() - file_values.keys())
-        )
-        if overridden:
+        if overridden := sorted(file_config.values.keys() - in_effect):
             described += f"; overridden by the command line: {', '.join(overridden)}"
     for key, value in flags.items():
         if value is not DEFAULT:
@@ -99,9 +91,7 @@ def located(exc: ConfigError, origins: Mapping[str, str]) -> ConfigError:
     came from the file."""
     if exc.setting is None or exc.setting not in origins:
         return exc
-    return ConfigError(
-        f"{origins[exc.setting]}: {exc.problem}", setting=exc.setting, problem=exc.problem
-    )
+    return ConfigError.of(exc.setting, exc.problem, origins[exc.setting])
 
 
 def loop_factory(choice: Loop) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -183,21 +173,14 @@ def reload_settings(proxy: Proxy, args: argparse.Namespace) -> None:
     proxy.reload(settings)
 
 
-async def serve(settings: Settings, args: argparse.Namespace | None = None) -> int:
-    """Run a proxy until stopped; its exit status (see StopSignals).  With ``args``, SIGHUP
-    reloads the settings from them; without, SIGHUP keeps its default (exit)."""
+async def serve(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a proxy until stopped; its exit status (see StopSignals).  SIGHUP reloads the
+    settings from ``args``."""
     proxy = Proxy(settings)
     stopping = _handle_stop_signals(StopSignals(proxy.stop, proxy.force_stop))
-    if args is not None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, reload_settings, proxy, args)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_settings, proxy, args)
     await proxy.run()
     return stopping.exit_status
-
-
-def run_on_loop(main: Coroutine[Any, Any, T], loop_choice: Loop) -> T:
-    with asyncio.Runner(loop_factory=loop_factory(loop_choice)) as runner:
-        return runner.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(settings.log_level, settings.log_format)
             if described:
                 log.info("config file %s", described)
-            status = run_on_loop(main_coroutine, settings.loop)
+            with asyncio.Runner(loop_factory=loop_factory(settings.loop)) as runner:
+                status = runner.run(main_coroutine)
     except ConfigError as exc:
         print(f"userproxy: {located(exc, origins)}", file=sys.stderr)
         return 2

@@ -1,13 +1,11 @@
 """Typed, validated settings of one userproxy process, and the one rule for each setting.
 
 ``Settings`` is built once by the CLI (defaults, then the ``--config`` file, then flags) and
-then only read.  Every setting has exactly one rule (``RULES``: a function of
-``config_rules`` that checks a value and returns it normalised, e.g. a host name trimmed and
-lowercased, a CIDR with its host bits cleared).  The flag parser and the config file loader
-call the same rule, so a value means the same, or fails with the same problem, whichever way
-it came; ``Settings`` applies every rule again (they are idempotent), so a ``Settings`` built
-directly holds the same invariants.  Range checks live only in the rules; the fixed choices
-are ``Literal`` types, checked once by their rule (as uvicorn's config.py types its loop).
+then only read.  Every setting has exactly one rule (``RULES``, from ``config_rules``).  The
+flag parser and the config file loader call the same rule, so a value means the same, or
+fails with the same problem, whichever way it came; ``Settings`` applies every rule again,
+so a ``Settings`` built directly holds the same invariants.  The fixed choices are
+``Literal`` types, checked by their rule (as uvicorn's config.py types its loop).
 """
 
 from __future__ import annotations
@@ -27,9 +25,6 @@ LogFormat = Literal["text", "json"]
 LOOPS: Final[tuple[Loop, ...]] = get_args(Loop)
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = get_args(LogLevel)
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
-# kube-proxy appends these to a healthz/metrics address given without a port.
-DEFAULT_HEALTHZ_PORT: Final = 10256
-DEFAULT_METRICS_PORT: Final = 10249
 
 
 class ConfigError(ValueError):
@@ -44,15 +39,10 @@ class ConfigError(ValueError):
         self.setting = setting
         self.problem = problem or message
 
-
-def parse_host_port(text: str, what: str) -> tuple[str, int] | None:
-    """``ip:port`` or ``[ip6]:port`` (port 0 or empty text: disabled -> None)."""
-    if not text:
-        return None
-    try:
-        return rules.host_port(text)
-    except ValueError as exc:
-        raise ConfigError(f"{what}: {exc}", problem=str(exc)) from None
+    @classmethod
+    def of(cls, setting: str, problem: str, where: str | None = None) -> ConfigError:
+        """``problem`` with ``setting``, named as ``where`` (default: its flag)."""
+        return cls(f"{where or flag_name(setting)}: {problem}", setting=setting, problem=problem)
 
 
 def flag_name(setting: str) -> str:
@@ -82,8 +72,9 @@ RULES: Final[Mapping[str, tuple[str, Rule]]] = {
     "client_connection_share": ("--client-connection-share", rules.percent),
     "manifest_poll_interval": ("manifest poll interval", _POSITIVE_DURATION),
     "config_sync_period": ("--config-sync-period", _DURATION),
-    "healthz_bind_address": ("--healthz-bind-address", rules.bind_address(DEFAULT_HEALTHZ_PORT)),
-    "metrics_bind_address": ("--metrics-bind-address", rules.bind_address(DEFAULT_METRICS_PORT)),
+    # kube-proxy appends its default port to a healthz/metrics address given without one.
+    "healthz_bind_address": ("--healthz-bind-address", rules.bind_address(10256)),
+    "metrics_bind_address": ("--metrics-bind-address", rules.bind_address(10249)),
     "nodeport_addresses": ("--nodeport-addresses", rules.nodeport_addresses),
     "cluster_cidr": ("--cluster-cidr", rules.cluster_cidr),
     "udp_idle_timeout": ("--udp-idle-timeout", _POSITIVE_DURATION),
@@ -100,13 +91,11 @@ DURATIONS: Final = frozenset(
 
 
 def check_setting(setting: str, value: object, where: str | None = None) -> object:
-    """``value`` normalised by the setting's rule; ``ConfigError`` naming ``where`` (default:
-    the flag) and the setting otherwise."""
-    flag, rule = RULES[setting]
+    """``value`` normalised by the setting's rule, or ``ConfigError.of`` the rule's problem."""
     try:
-        return rule(value)
+        return RULES[setting][1](value)
     except ValueError as exc:
-        raise ConfigError(f"{where or flag}: {exc}", setting=setting, problem=str(exc)) from None
+        raise ConfigError.of(setting, str(exc), where) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +136,14 @@ class Settings:
     manage_addresses: bool = False
     address_device: str = "userproxy0"
 
+    # (ip, port), or None when off; the rule has checked the text.
     @property
     def healthz_address(self) -> tuple[str, int] | None:
-        return parse_host_port(self.healthz_bind_address, "--healthz-bind-address")
+        return rules.host_port(self.healthz_bind_address) if self.healthz_bind_address else None
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
-        return parse_host_port(self.metrics_bind_address, "--metrics-bind-address")
+        return rules.host_port(self.metrics_bind_address) if self.metrics_bind_address else None
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -168,20 +158,16 @@ class Settings:
                 "(or run in a pod for the in-cluster configuration)"
             )
         if self.kubeconfig is not None and not self.kubeconfig.is_file():
-            problem = f"{self.kubeconfig} is not a file"
-            raise ConfigError(f"--kubeconfig: {problem}", setting="kubeconfig", problem=problem)
+            raise ConfigError.of("kubeconfig", f"{self.kubeconfig} is not a file")
         for path in self.manifests:
             if not path.exists():
-                problem = f"{path} does not exist"
-                raise ConfigError(f"--manifests: {problem}", setting="manifests", problem=problem)
+                raise ConfigError.of("manifests", f"{path} does not exist")
         if self.min_sync_period > self.sync_period:
             # kube-proxy's validation: minSyncPeriod must be <= syncPeriod.
-            problem = (
+            raise ConfigError.of(
+                "min_sync_period",
                 f"{format_duration(self.min_sync_period)} is greater than the sync period "
-                f"({format_duration(self.sync_period)})"
-            )
-            raise ConfigError(
-                f"--min-sync-period: {problem}", setting="min_sync_period", problem=problem
+                f"({format_duration(self.sync_period)})",
             )
 
 
@@ -220,9 +206,8 @@ class SettingsValues(TypedDict, total=False):
 
 
 def settings_values(values: Mapping[str, object]) -> SettingsValues:
-    """``values`` (names chosen at run time: a file's fields, the flags given) as typed
-    ``Settings`` keywords.  Their types are the rules' to check, in ``Settings``; a name
-    that is no field is a bug."""
+    """``values`` (names chosen at run time) as typed ``Settings`` keywords: ``Settings``
+    checks their types with the rules; a name that is no field is a bug."""
     unknown = values.keys() - Settings.__dataclass_fields__.keys()
     assert not unknown, f"not settings: {sorted(unknown)}"
     return cast("SettingsValues", dict(values))

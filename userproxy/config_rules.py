@@ -76,10 +76,8 @@ def parse_go_duration(text: str) -> float:
 
     Raises ``ValueError`` for anything Go rejects.  Negative values are returned as such.
     """
-    rest, sign = text, 1.0
-    if rest[:1] in ("+", "-"):
-        sign = -1.0 if rest[0] == "-" else 1.0
-        rest = rest[1:]
+    sign = -1.0 if text.startswith("-") else 1.0
+    rest = text[1:] if text[:1] in ("+", "-") else text
     if rest == "0":
         return 0.0
     if not rest:
@@ -115,11 +113,9 @@ def duration(*, positive: bool = False) -> Rule:
     range; with ``positive`` also not 0."""
 
     def rule(value: object) -> object:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{show(value)} is not a duration (like 30s or 1m0s)")
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise ValueError(f"{show(value)} is not a duration (like 30s or 1m0s)")  # NaN too
         seconds = float(value)
-        if math.isnan(seconds):
-            raise ValueError("NaN is not a duration (like 30s or 1m0s)")
         if seconds < 0:
             shown = format_duration(-seconds) if math.isfinite(seconds) else "infinity"
             raise ValueError(f"-{shown} is negative")
@@ -206,6 +202,7 @@ def bind_address(default_port: int) -> Rule:
 
 
 _NODEPORT_KEYWORDS: Final[Mapping[str, tuple[str, ...]]] = {
+    "primary": ("primary",),
     "localhost": ("127.0.0.0/8", "::1/128"),
     "all": ("0.0.0.0/0", "::/0"),
 }
@@ -226,9 +223,7 @@ def nodeport_addresses(value: object) -> object:
     result: list[str] = []
     for item in value:
         entry = string(item).strip()
-        if entry == "primary":
-            expanded: tuple[str, ...] = (entry,)
-        elif entry in _NODEPORT_KEYWORDS:
+        if entry in _NODEPORT_KEYWORDS:
             expanded = _NODEPORT_KEYWORDS[entry]
         else:
             try:

@@ -5,24 +5,14 @@ A file holds one or two YAML documents: a ``KubeProxyConfiguration``
 ``UserProxyConfiguration`` (``userproxy.io/v1alpha1``) with the settings kube-proxy has no field
 for.  ``load_config_file`` reads and validates it into ``Settings`` field values; it does not
 apply precedence (the CLI does: defaults < file < flags) and does not look at other files.
+Its rules are kube-proxy's where it has one (docs/configuration.md lists them): strict
+decoding of names and types, ignored fields included; ``null`` and ``""`` unset, and in a
+``KubeProxyConfiguration`` a Go zero value too (kube-proxy defaults it); Go durations; the
+sync periods of the top level, else of the section ``mode`` selects (``_applies``).
 
-Rules, matching kube-proxy where it has one (see docs/configuration.md):
-
-- Field names are decoded strictly: an unknown field, kind or apiVersion is an error, and so is
-  a value of the wrong type, in honoured and ignored fields alike.
-- ``null`` and ``""`` mean unset.  In a ``KubeProxyConfiguration`` a Go zero value (``0s``,
-  ``0``, ``false``, ``[]``) also means unset, because kube-proxy substitutes its default for it
-  (``kubeadm`` writes such files); such fields are neither applied nor listed as ignored.
-- Durations are Go durations (``30s``, ``1m0s``, ``1h2m3.5s``, ``250ms``).
-- ``syncPeriod``/``minSyncPeriod``: the top-level field if set (the layout of kube-proxy's
-  internal config and of the proposed v1alpha2), else the one of the section ``mode`` selects
-  (``ipvs``, ``nftables``; anything else: ``iptables``), as kube-proxy itself does.  Every other
-  non-zero one is listed as ignored.
-
-Each document has one table (``DOCUMENTS``): dotted field name -> (its ``Kind``: how the YAML
-value is type-checked and converted, and what its Go zero value is; the ``Settings`` field
-it sets, or None).  The range checks are not here: an applied value goes through the
-setting's rule (``config.check_setting``), the one a flag's value goes through.
+Each document has one table (``DOCUMENTS``): dotted field name -> (its ``Kind``, the
+``Settings`` field it sets or None).  The range checks are not here: an applied value goes
+through the setting's rule (``config.check_setting``), as a flag's value does.
 """
 
 from __future__ import annotations
@@ -49,12 +39,9 @@ __all__ = ["KUBE_PROXY_FIELDS", "USERPROXY_FIELDS", "FileConfig", "describe", "l
 
 @dataclass(frozen=True, slots=True)
 class FileConfig:
-    """What a config file sets.
-
-    ``values`` maps ``Settings`` field names to converted, validated values (float seconds,
-    ``Path``, tuples, int, str); ``applied`` and ``ignored`` are the dotted file field names
-    (``iptables.minSyncPeriod``) that were honoured and that userproxy does not apply, sorted.
-    """
+    """What a config file sets: ``values`` maps ``Settings`` fields to converted, validated
+    values; ``applied`` and ``ignored`` are the dotted file field names (``iptables.
+    minSyncPeriod``) honoured and not applied by userproxy, sorted."""
 
     values: Mapping[str, object]
     applied: tuple[str, ...]
@@ -93,7 +80,6 @@ def _number(value: object) -> object:
 
 
 def _duration(value: object) -> float:
-    """A Go duration string (``30s``, ``1m0s``), not negative, in seconds."""
     if isinstance(value, str):
         try:
             seconds = parse_go_duration(value)
@@ -122,10 +108,8 @@ def _gates(value: object) -> object:
 
 def _is_zero(value: object) -> bool:
     """A Go zero value, looked for recursively (``logging.options`` as kubeadm writes it)."""
-    if value is None or value is False or value in ("", "0", "0s"):
+    if value in (None, False, 0, "", "0", "0s"):  # 0 == 0.0; True is not 0
         return True
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value == 0
     if isinstance(value, dict):
         return all(_is_zero(item) for item in value.values())
     if isinstance(value, list):
@@ -142,10 +126,6 @@ _STR, _BOOL, _INT, _NUMBER = Kind(string), Kind(boolean), Kind(integer), Kind(_n
 _OPTBOOL, _OPTINT = Kind(boolean, _pointer), Kind(integer, _pointer)
 _DURATION, _OPTDURATION = Kind(_duration), Kind(_duration, _pointer)
 _STRINGS, _GATES, _ANY = Kind(_strings), Kind(_gates), Kind(lambda value: value, _is_zero)
-
-# One table per document: dotted field name -> (the value's kind, the Settings field it sets,
-# or None: read, type-checked and listed as ignored).  Each applied value goes through the
-# setting's one rule (``config.check_setting``), as the flag's value does.
 
 #: The fields of kube-proxy's v1alpha1 that a userspace proxy has no use for (current ones,
 #: plus removed ones still found in deployed files), by kind.
@@ -280,11 +260,9 @@ def _read_documents(path: Path) -> list[object]:
     try:
         while loader.check_node():
             node = loader.get_node()
-            if node is None:
-                continue
-            _reject_duplicate_keys(node, str(path), set())
-            document: object = loader.construct_document(node)
-            documents.append(document)
+            if node is not None:
+                _reject_duplicate_keys(node, str(path), set())
+                documents.append(loader.construct_document(node))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -352,12 +330,11 @@ def _set_fields(
         if homes:
             message += f" (set in the {KUBE_PROXY_KIND} document: {', '.join(homes)})"
         raise ConfigError(message)
-    present: dict[str, object] = {}
-    for name, raw in leaves.items():
-        value = _check(table.fields[name][0], raw, f"{where}.{name}", table.zero_is_unset)
-        if value is not None:
-            present[name] = value
-    return present
+    checked = {
+        name: _check(table.fields[name][0], raw, f"{where}.{name}", table.zero_is_unset)
+        for name, raw in leaves.items()
+    }
+    return {name: value for name, value in checked.items() if value is not None}
 
 
 def _applies(name: str, present: Mapping[str, object]) -> bool:

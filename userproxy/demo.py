@@ -25,14 +25,13 @@ from userproxy.proxy import Proxy
 
 log = logging.getLogger(__name__)
 
-DEMO_NODE = "demo-node"
 BACKENDS = (("web-1", "127.0.60.1"), ("web-2", "127.0.60.2"), ("web-3", "127.0.60.3"))
 BACKEND_PORT = 9376
 SERVICE_ADDRESS = ("127.0.50.1", 8080)
 #: The demo's own defaults (flags and the config file still override them): a node name
 #: that matches the demo manifests, and a health server on loopback (one machine).
 DEMO_DEFAULTS: Final[SettingsValues] = {
-    "hostname": DEMO_NODE,
+    "hostname": "demo-node",
     "healthz_bind_address": "127.0.0.1:10256",
 }
 
@@ -59,30 +58,23 @@ def demo_manifests(requested: Path | None) -> Iterator[Path]:
         yield target
 
 
-async def start_backends() -> list[web.AppRunner]:
-    """Start the three demo backends; each answers ``<name> (<ip>)``.
-
-    Raises ConfigError when one cannot listen (typically: another demo is running), with
-    the ones already started cleaned up."""
-    runners: list[web.AppRunner] = []
+async def start_backends() -> list[web.ServerRunner]:
+    """Start the three demo backends, each answering ``hello from <name> (<ip>)``;
+    ConfigError when one cannot listen, with those already started cleaned up."""
+    runners: list[web.ServerRunner] = []
     try:
         for name, ip in BACKENDS:
 
-            async def hello(request: web.Request, name: str = name, ip: str = ip) -> web.Response:
-                return web.Response(text=f"hello from {name} ({ip})\n")
+            async def hello(_: web.BaseRequest, name: str = name, ip: str = ip) -> web.Response:
+                return web.Response(text=f"hello from {name} ({ip})\n")  # any method, any path
 
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", hello)
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.ServerRunner(web.Server(hello, access_log=None))
             await runner.setup()
             runners.append(runner)
             try:
                 await web.TCPSite(runner, ip, BACKEND_PORT).start()
             except OSError as exc:
-                raise ConfigError(
-                    f"demo: cannot listen on {ip}:{BACKEND_PORT}: {exc.strerror or exc}"
-                    + (" (is another userproxy demo running?)" if _in_use(exc) else "")
-                ) from None
+                raise ConfigError(_cannot_listen(ip, BACKEND_PORT, exc)) from None
     except BaseException:
         for runner in runners:
             await runner.cleanup()
@@ -90,8 +82,9 @@ async def start_backends() -> list[web.AppRunner]:
     return runners
 
 
-def _in_use(exc: OSError) -> bool:
-    return exc.errno == errno.EADDRINUSE
+def _cannot_listen(ip: str, port: int, exc: OSError) -> str:
+    hint = " (is another userproxy demo running?)" if exc.errno == errno.EADDRINUSE else ""
+    return f"demo: cannot listen on {ip}:{port}: {exc.strerror or exc}{hint}"
 
 
 def instructions(manifests: Path) -> str:
@@ -118,14 +111,10 @@ Press Ctrl-C to stop.
 
 def _service_not_listening(proxy: Proxy) -> str | None:
     """Why the demo Service's address does not listen after the first sync, if it does not."""
-    ip, port = SERVICE_ADDRESS
     for listener in proxy.listeners:
         if (listener.spec.ip, listener.spec.port) == SERVICE_ADDRESS:
             error = listener.bind_error
-            if error is None:
-                return None
-            hint = " (is another userproxy demo running?)" if _in_use(error) else ""
-            return f"demo: cannot listen on {ip}:{port}: {error.strerror or error}{hint}"
+            return None if error is None else _cannot_listen(*SERVICE_ADDRESS, error)
     return None  # other manifests (--manifests DIR): nothing to check
 
 

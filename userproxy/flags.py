@@ -1,12 +1,10 @@
 """The command line's flags: one table of the flags that set ``Settings``, and the parser.
 
-A flag row names its ``Settings`` field; the flag's name is that setting's (``config.
-flag_name``), its text is parsed (a Go duration, an integer, a comma list ...) and then goes
-through the setting's one rule (``config.check_setting``), the same the config file's value
-goes through, so a bad value fails while parsing, as argparse does, with the rule's words.
-An absent flag sets nothing (``argparse.SUPPRESS``): the file's or the default value stays;
-``''`` stands for the default (``DEFAULT``), as an empty field does in the file.  Modelled on
-kube-proxy's cmd/kube-proxy/app/options.go (one place that binds every flag to its field).
+A flag row names its ``Settings`` field (the flag's name is the setting's, ``config.
+flag_name``); its parsed text goes through the setting's one rule, as the config file's
+value does, so a bad value fails while parsing, as argparse does, with the rule's words.
+An absent flag sets nothing (``argparse.SUPPRESS``): the file's or the default value stays.
+Modelled on kube-proxy's cmd/kube-proxy/app/options.go (one place binds every flag).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from socket import gethostname
-from typing import Final, Literal, NoReturn
+from typing import Any, Final, Literal, NoReturn
 
 from userproxy import __version__
 from userproxy.check import add_check_parser
@@ -128,20 +126,17 @@ class Flag:
 
     def add_to(self, parser: argparse.ArgumentParser, defaults: Mapping[str, object]) -> None:
         """Add the flag; ``defaults`` are the command's own, shown in its ``--help``."""
-        name, help = flag_name(self.setting), self.help + _shown_default(self.setting, defaults)
-        if self.action == "store_true":
-            parser.add_argument(
-                name, dest=self.setting, default=argparse.SUPPRESS, help=help, action=self.action
-            )
-            return
+        valued: dict[str, Any] = {  # a switch takes neither
+            "type": self.convert if self.action == "store" else self._parse,
+            "metavar": self.metavar or ("DURATION" if self.setting in DURATIONS else None),
+        }
         parser.add_argument(
-            name,
+            flag_name(self.setting),
             dest=self.setting,
             default=argparse.SUPPRESS,
-            help=help,
+            help=self.help + _shown_default(self.setting, defaults),
             action=self.action,
-            type=self.convert if self.action == "store" else self._parse,
-            metavar=self.metavar or ("DURATION" if self.setting in DURATIONS else None),
+            **({} if self.action == "store_true" else valued),
         )
 
 

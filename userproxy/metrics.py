@@ -1,14 +1,10 @@
 """Prometheus metrics: kube-proxy's core set under its own names, plus ``userproxy_*``.
 
-One ``Metrics`` object owns its ``CollectorRegistry`` (never the global one) and is
-injected where events happen; the metrics server serves its registry through
-prometheus-client's aiohttp handler.  Data-path numbers are not counted per packet in
-prometheus_client objects: the relay keeps plain integer counters and a collector reads
-them at scrape time, so the hot path pays an integer add, not a lock.  Which counter
-feeds which family is one table, ``PORT_FAMILIES``.
-
-Labels stay bounded: service port (``namespace/name:port``), protocol, resource, code,
-traffic policy, reason; never a client address.
+One ``Metrics`` object owns its ``CollectorRegistry`` (never the global one).  The data path
+keeps plain integer counters, read by a collector at scrape time, so the hot path pays an
+integer add, not a lock; ``PORT_FAMILIES`` says which counter feeds which family.  Labels
+stay bounded (service port ``namespace/name:port``, protocol, reason...): never a client
+address.
 """
 
 from __future__ import annotations
@@ -30,13 +26,7 @@ if TYPE_CHECKING:
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
 #: network_programming_duration_seconds: 0.25 s steps to 1 s, then 1 s to 60 s, 5 s to
 #: 120 s, 30 s to 300 s (as upstream merges its linear buckets).
-PROGRAMMING_BUCKETS = (
-    0.25,
-    0.5,
-    *(float(s) for s in range(1, 60)),
-    *(float(s) for s in range(60, 120, 5)),
-    *(float(s) for s in range(120, 301, 30)),
-)
+PROGRAMMING_BUCKETS = (0.25, 0.5, *range(1, 60), *range(60, 120, 5), *range(120, 301, 30))
 
 
 class Metrics:

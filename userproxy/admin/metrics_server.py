@@ -1,9 +1,8 @@
 """The metrics server (``--metrics-bind-address``, default 127.0.0.1:10249).
 
-``/metrics`` through prometheus-client's aiohttp handler (the text format, or OpenMetrics
-when the scraper's ``Accept`` asks for it; gzip when ``Accept-Encoding`` allows it),
-``/healthz`` (as on the health server), ``/proxyMode`` (``userspace``) and ``/configz``
-(the effective configuration as JSON).
+``/metrics`` through prometheus-client's aiohttp handler (text, or OpenMetrics and gzip as
+the scraper's ``Accept`` headers ask), ``/healthz`` (as on the health server),
+``/proxyMode`` and ``/configz`` (the effective configuration as JSON).
 """
 
 from __future__ import annotations

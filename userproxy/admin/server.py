@@ -1,9 +1,7 @@
 """Running an aiohttp app on one address, retrying while the address cannot be bound.
 
 kube-proxy keeps retrying its health and metrics servers rather than exiting when the
-port is taken (another kube-proxy still shutting down, say); so does this.  Malformed
-requests are answered 400 by aiohttp and logged through ``http_logger`` (one line a second
-at most, no traceback).
+port is taken (another kube-proxy still shutting down, say); so does this.
 """
 
 from __future__ import annotations
@@ -21,9 +19,9 @@ RETRY_INTERVAL = 5.0
 
 
 async def serve_app(
-    app: web.Application, address: tuple[str, int], name: str, ready: asyncio.Event | None = None
+    app: web.Application, address: tuple[str, int], name: str, ready: asyncio.Event
 ) -> None:
-    """Serve ``app`` on ``address`` until cancelled; cleans up on the way out."""
+    """Serve ``app`` on ``address``, setting ``ready`` once listening, until cancelled."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=http_logger(name))
     await runner.setup()
     try:
@@ -41,8 +39,7 @@ async def serve_app(
                 )
                 await asyncio.sleep(RETRY_INTERVAL)
         log.info("%s server listening on %s:%d", name, *address)
-        if ready is not None:
-            ready.set()
+        ready.set()
         await asyncio.Event().wait()  # until cancelled
     finally:
         await runner.cleanup()

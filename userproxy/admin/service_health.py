@@ -1,15 +1,12 @@
 """Per-Service health-check servers (``spec.healthCheckNodePort``).
 
-A Service with ``externalTrafficPolicy: Local`` and type LoadBalancer gets a health-check
-NodePort; the cloud load balancer probes it on every node to learn which nodes have a
-local endpoint.  As upstream kube-proxy (``pkg/proxy/healthcheck/service_health.go``)
-answers it, any method and any path on that port gets
-
-* 200 when the Service has at least one local endpoint and the proxy is healthy (the
-  ``/healthz`` judgement: live and the Node eligible), 503 otherwise;
-* ``Content-Type: application/json``, ``X-Content-Type-Options: nosniff`` and the body
-  upstream prints, byte for byte (one tab per level, shown here as four spaces; no
-  trailing newline)::
+A LoadBalancer Service with ``externalTrafficPolicy: Local`` gets a health-check NodePort
+that the cloud load balancer probes on every node to learn which nodes have a local
+endpoint.  As upstream kube-proxy (``pkg/proxy/healthcheck/service_health.go``) answers
+it, any method and any path on that port gets 200 when the Service has a local endpoint
+and the proxy is healthy (the ``/healthz`` judgement), 503 otherwise, with
+``Content-Type: application/json``, ``X-Content-Type-Options: nosniff`` and upstream's
+body byte for byte (one tab per level, shown here as four spaces; no trailing newline)::
 
       {
           "service": {
@@ -22,38 +19,25 @@ answers it, any method and any path on that port gets
 
 Behaviour choices:
 
-* **Addresses.**  Each port is bound on every address ``addresses()`` gives at the time
-  the port is opened (the node's NodePort addresses).  An empty sequence means all
-  addresses: ``0.0.0.0`` and ``::`` (``IPV6_V6ONLY``), which is the dual-stack wildcard
-  upstream's Go listener gets; the ``::`` socket is skipped quietly where the host has no
-  IPv6.  A port is all or nothing: if one address cannot be bound, none stays bound
-  (upstream closes what it opened, too).  Specific addresses are bound with FREEBIND, so
-  an address not (yet) on an interface does not fail the port; ``SO_REUSEADDR`` always.
-* **Updates** follow upstream's two calls.  ``sync_services(ports)`` is the complete set
-  of health-check ports wanted now: ports no longer wanted close, new ones open, and ports
-  that failed to bind before are tried again (upstream's ``SyncServices`` at every sync).
-  ``sync_endpoints(local)`` stores the local endpoint counts, read per request: a port, its
-  sockets and open keep-alive connections stay as they are when only a count changes.
-* **Bind failures** (the port is taken by another process): logged, reported to
-  ``on_error`` and listed by ``failed()`` until a later ``sync_services`` binds the port.
-  The log and ``on_error`` fire on the first failure and whenever the errno changes, not
-  on every identical retry.
-* **Two Services on one port** (the apiserver allocates these ports uniquely, so this is
-  a misconfiguration or a transient during a reallocation): the Service holding the port
-  keeps it, and among new claims the one the map lists first wins; each other claim is
-  logged as an error naming both Services, reported to ``on_error`` as EADDRINUSE once
-  and listed by ``refused()``.  When the owner lets go of the port, the earliest waiting
-  claimant takes it over without a rebind (upstream gets the same result from its retry
-  at the next sync).
-* **Malformed requests** get aiohttp's 400 and a closed connection; they are logged
-  through ``http_logger`` (one line a second at most for all admin servers, no traceback).
-* **Closing** a port stops listening at once (new clients are refused) and closes idle
-  keep-alive connections; a request in flight gets ``SHUTDOWN_TIMEOUT`` seconds.
+* **Addresses.**  A port is bound on every address ``addresses()`` gives when it opens
+  (the NodePort addresses); none means ``0.0.0.0`` and ``::`` (``IPV6_V6ONLY``, the
+  ``::`` one skipped quietly without IPv6), the dual-stack wildcard of upstream's Go
+  listener.  A port is all or nothing (upstream closes what it opened, too).  Specific
+  addresses are bound with FREEBIND, so one not (yet) on an interface does not fail.
+* **Bind failures** (the port is taken): logged and reported to ``on_error`` on the first
+  failure and whenever the errno changes, and listed by ``failed()`` until bound.
+* **Two Services on one port** (the apiserver allocates these ports uniquely: a
+  misconfiguration or a transient): the holder keeps it, else the claim the map lists
+  first wins; each other claim is logged naming both Services, reported to ``on_error``
+  as EADDRINUSE once and listed by ``refused()``.  When the owner lets go, the earliest
+  waiting claimant takes the port over without a rebind (upstream gets there by its
+  retry at the next sync).
+* **Closing** a port stops listening at once and closes idle keep-alive connections; a
+  request in flight gets ``SHUTDOWN_TIMEOUT`` seconds.
 
-Each open port is an aiohttp ``ServerRunner`` with one ``SockSite`` per pre-bound socket,
-served by a task owned here (``close()`` ends and awaits them all); the sockets are bound
-synchronously, so ``sync_services`` is a plain function for the synchronous sync path and
-must run on the event loop's thread.
+Updates follow upstream's two calls, ``sync_services`` and ``sync_endpoints``.  Each open
+port is an aiohttp ``ServerRunner`` with one ``SockSite`` per socket, bound synchronously:
+``sync_services`` is a plain function that must run on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -114,9 +98,8 @@ class FailedBind:
 def render(check: HealthCheck, proxy_healthy: bool) -> bytes:
     """The body upstream prints: its Go template's layout is JSON indented by tabs (and
     Go's %q quotes Kubernetes names as JSON does)."""
-    service = {"namespace": check.service.namespace, "name": check.service.name}
     body = {
-        "service": service,
+        "service": {"namespace": check.service.namespace, "name": check.service.name},
         "localEndpoints": check.local_endpoints,
         "serviceProxyHealthy": proxy_healthy,
     }
