@@ -16,29 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
 
+from userproxy.admin.service_health import ServiceHealthServers
 from userproxy.control.proxier import SyncStatus
+from userproxy.dataplane.listener_set import ListenerSet
+from userproxy.hostnet.address_device import AddressManager
 from userproxy.model import ListenerSpec, ServiceKey
 
 log = logging.getLogger(__name__)
 
 #: Retry delays of a failed address sync: doubling from the first to the last.
 ADDRESS_RETRY = (0.5, 5.0)
-
-
-class Listeners(Protocol):
-    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None: ...
-
-
-class HealthCheckServers(Protocol):
-    def sync_services(self, ports: Mapping[ServiceKey, int]) -> None: ...
-    def sync_endpoints(self, local: Mapping[ServiceKey, int]) -> None: ...
-    def failed(self) -> Mapping[int, object]: ...
-
-
-class AddressManager(Protocol):
-    async def sync(self, wanted: frozenset[str]) -> None: ...
 
 
 class ServiceAddressSync:
@@ -89,8 +77,8 @@ class HostEffects:
 
     def __init__(
         self,
-        listeners: Listeners,
-        health_checks: HealthCheckServers,
+        listeners: ListenerSet,
+        health_checks: ServiceHealthServers,
         addresses: ServiceAddressSync | None,
         on_synced: Callable[[SyncStatus], None],
     ) -> None:

@@ -38,6 +38,7 @@ from typing import Protocol
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.plan import NodeView, ServicePlan, plan_service
 from userproxy.control.trackers import AppliedState, ChangeRecorder, PendingChanges
+from userproxy.logs import RateLimitedLog
 from userproxy.model import ListenerSpec, ServiceKey
 from userproxy.slices import Slicer
 
@@ -180,7 +181,8 @@ class Proxier:
         #: (they changed, or the last hand-over reported a failure).
         self._health_pending = True
         self._addresses_pending = True
-        self._failure_logged: tuple[str, float] | None = None
+        #: The failures line: again only when it changes, or after FAILURE_LOG_INTERVAL.
+        self._failures_log = RateLimitedLog(log, FAILURE_LOG_INTERVAL, clock)
         self.status = SyncStatus()
         # Trigger times older than the proxy describe changes some earlier process applied
         # (kube-proxy ignores those too); they would report hours of "latency" per restart.
@@ -367,7 +369,7 @@ class Proxier:
                     status.failed_syncs,
                 )
             status.failed_syncs = 0
-            self._failure_logged = None
+            self._failures_log.reset()
             return
         status.failed_syncs += 1
         keys = sorted(failed, key=str)
@@ -376,19 +378,14 @@ class Proxier:
             parts.append(f"and {len(keys) - FAILURES_NAMED} more")
         if self.addresses_error is not None:
             parts.insert(0, f"reading the node's addresses: {self.addresses_error}")
-        line = "; ".join(parts)
-        now = self._clock()
-        logged = self._failure_logged
-        if logged is not None and logged[0] == line and now - logged[1] < FAILURE_LOG_INTERVAL:
-            log.debug("sync %d: still not applied: %s", status.syncs, line)
-            return
-        self._failure_logged = (line, now)
-        log.warning(
+        self._failures_log.log(
+            logging.WARNING,
             "sync %d incomplete, %d Service%s not fully applied, will retry: %s",
             status.syncs,
             len(keys),
             "" if len(keys) == 1 else "s",
-            line,
+            "; ".join(parts),
+            key=tuple(parts),
         )
         for key in keys[:FAILURES_NAMED]:
             exc = errors.get(key)
