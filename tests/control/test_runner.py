@@ -9,15 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support.clock import FakeClock, settle
+from tests.support.clock import settle
 from tests.support.runner import Harness, start_runner
-from userproxy.control.clock import Clock
 from userproxy.control.runner import SyncRunner
-
-
-def test_fake_clock_is_a_clock() -> None:
-    clock: Clock = FakeClock()
-    assert clock.now() == 0.0
 
 
 async def start(

@@ -1,9 +1,10 @@
 """The one fake clock of the tests: time moves only when the test moves it.
 
-It is a ``userproxy.control.clock.Clock`` (``now()`` and ``sleep()``); code that takes a
-plain ``Callable[[], float]`` (the trackers, the proxier, health, balancers, rate-limited
-logs) is given the bound method ``clock.now``. Like kube-proxy's runner tests with
-``k8s.io/utils/clock/testing``'s FakeClock, no test sleeps to let time pass.
+Code that reads a clock takes a plain ``Callable[[], float]`` (the runner, the trackers,
+the proxier, health, balancers, rate-limited logs) and is given the bound method
+``clock.now``; the runner also takes ``sleep``, given ``clock.sleep``.  Like kube-proxy's
+runner tests with ``k8s.io/utils/clock/testing``'s FakeClock, no test sleeps to let time
+pass.
 
 ``settle()`` lets every task that a step of the clock woke run before the test looks.
 
@@ -17,7 +18,7 @@ import asyncio
 
 
 class FakeClock:
-    """A ``Clock`` whose time moves only with ``advance`` or ``set``."""
+    """A clock whose time moves only with ``advance`` or ``set``."""
 
     def __init__(self, start: float = 0.0) -> None:
         self._now = start

@@ -63,7 +63,12 @@ async def start_runner(
         return result
 
     runner = SyncRunner(
-        sync, min_interval=min_interval, max_interval=max_interval, burst=burst, clock=clock
+        sync,
+        min_interval=min_interval,
+        max_interval=max_interval,
+        burst=burst,
+        clock=clock.now,
+        sleep=clock.sleep,
     )
     harness = Harness(clock, runner, asyncio.create_task(runner.run()), syncs)
     started.append(harness)

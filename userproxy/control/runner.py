@@ -19,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
-
-from userproxy.control.clock import Clock, MonotonicClock
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +39,23 @@ class SyncRunner:
         min_interval: float,
         max_interval: float,
         burst: int = 2,
-        clock: Clock | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         retry_min: float = RETRY_MIN,
         retry_max: float = RETRY_MAX,
     ) -> None:
-        """``sync`` returns False (or raises) when it could not apply everything."""
+        """``sync`` returns False (or raises) when it could not apply everything.
+        ``clock`` and ``sleep`` are injected so tests step time without sleeping."""
         if min_interval < 0 or max_interval <= 0:
             raise ValueError("sync intervals must be positive (min_interval may be 0)")
         self._sync = sync
         self._min_interval = min_interval
         self._max_interval = max_interval
         self._burst = burst
-        self._clock = clock or MonotonicClock()
+        self._clock = clock
+        self._sleep = sleep
         self._tokens = float(burst)
-        self._refilled_at = self._clock.now()
+        self._refilled_at = self._clock()
         self._requested = False
         self._wakeup: asyncio.Future[None] | None = None
         self._retry_min = retry_min
@@ -92,7 +94,7 @@ class SyncRunner:
     def retry_after(self, delay: float) -> None:
         """Make sure a sync runs within ``delay`` seconds (upstream's ``RetryAfter``);
         the earliest of several asks wins."""
-        at = self._clock.now() + max(delay, 0.0)
+        at = self._clock() + max(delay, 0.0)
         if self.retry_at is not None and self.retry_at <= at:
             return
         self.retry_at = at
@@ -102,20 +104,20 @@ class SyncRunner:
 
     async def run(self) -> None:
         """Run syncs forever (until cancelled)."""
-        last_run = self._clock.now()
+        last_run = self._clock()
         while True:
             if not self._requested:
                 deadline = last_run + self._max_interval
                 if self.retry_at is not None:
                     deadline = min(deadline, self.retry_at)
                 self._rescheduled = False
-                await self._wait(deadline - self._clock.now())
+                await self._wait(deadline - self._clock())
                 if self._rescheduled and not self._requested:
                     continue  # woken by retry_after: wait for the new deadline
             await self._take_token()
             self._requested = False
             self.retry_at = None  # this sync is the retry
-            last_run = self._clock.now()
+            last_run = self._clock()
             self.runs += 1
             try:
                 result = self._sync()
@@ -138,7 +140,7 @@ class SyncRunner:
 
     def _log_error(self, exc: Exception) -> None:
         what = f"{type(exc).__name__}: {exc}"
-        now = self._clock.now()
+        now = self._clock()
         if what != self._last_error:
             self._last_error = what
             self._last_error_logged = now
@@ -152,7 +154,7 @@ class SyncRunner:
             return
         loop = asyncio.get_running_loop()
         self._wakeup = loop.create_future()
-        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        sleeper = asyncio.ensure_future(self._sleep(delay))
         try:
             await asyncio.wait({sleeper, self._wakeup}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -162,13 +164,13 @@ class SyncRunner:
     async def _take_token(self) -> None:
         if self._min_interval == 0:
             return
-        now = self._clock.now()
+        now = self._clock()
         rate = 1.0 / self._min_interval
         self._tokens = min(float(self._burst), self._tokens + (now - self._refilled_at) * rate)
         self._refilled_at = now
         if self._tokens < 1.0:
-            await self._clock.sleep((1.0 - self._tokens) / rate)
-            now = self._clock.now()
+            await self._sleep((1.0 - self._tokens) / rate)
+            now = self._clock()
             self._tokens = min(float(self._burst), self._tokens + (now - self._refilled_at) * rate)
             self._refilled_at = now
         self._tokens -= 1.0
