@@ -2,29 +2,23 @@
 
 This is the part of kube-proxy's old userspace proxier (pkg/proxy/userspace/proxier.go)
 that opened and stopped one proxy socket per service port; here the unit is a
-``ListenerSpec`` (one protocol, address and port of one ServicePort).
+``ListenerSpec``.
 
-``set_listeners(service, specs)`` is the only entry point the control plane uses.  It
-touches only the listeners of that Service: a listener whose spec is unchanged is left
-alone (or, if its socket could not be opened, tried again), one whose pool changed gets its
-pool swapped, new ones are opened and the rest are closed.  A closed TCP listener's open
-connections are left open until they end by themselves (or hit ``--tcp-idle-timeout``/
-``--tcp-fin-timeout``), as kube-proxy's conntrack entries keep a deleted Service's
-established flows: deleting a Service stops new connections, not the ones it has.  Only
-process shutdown resets them, after ``--shutdown-grace`` (``drain``).  A closed UDP
-listener's sessions end with it (their replies would have no socket).
+``set_listeners(service, specs)``, the control plane's only entry point, touches only that
+Service's listeners: unchanged ones are left alone (or their failed open retried), changed
+ones get their pools swapped, new ones are opened and the rest closed.  A closed TCP
+listener's connections go on until they end by themselves (or hit the idle or FIN
+timeout), as kube-proxy's conntrack keeps a deleted Service's established flows; only
+shutdown resets them, after ``--shutdown-grace`` (``drain``).  A closed UDP listener's
+sessions end with it (their replies would have no socket).
 
-``set_listeners`` always goes through the whole plan: a listener that cannot be opened (out
-of descriptors, address taken) is kept, without a socket, and retried; an exception for one
-listener does not stop the others.  Only then, if some listener the plan wants is not
-open, it raises ``ListenersNotOpen`` naming them, so the caller can retry the Service (the
-proxier does, through the sync runner).  Between syncs the sweeper retries failed opens
-every ``BIND_RETRY_INTERVAL`` seconds.  An address wanted by two Services is served for
-the first; the other gets it when the first lets go.
-
-One sweeper task (not a timer per connection) enforces the TCP idle and half-close
-timeouts and the UDP idle timeout once a second, and retires closed listeners whose last
-connection has ended.
+It always goes through the whole plan: a listener that cannot be opened is kept without a
+socket and retried, and an exception for one listener does not stop the others; then it
+raises ``ListenersNotOpen`` naming those not open, so the proxier retries the Service.  An
+address wanted by two Services is served for the first; the other gets it when the first
+lets go.  One sweeper task (not a timer per connection) enforces the TCP and UDP timeouts
+once a second, retries failed opens every ``BIND_RETRY_INTERVAL`` seconds and retires
+closed listeners whose last connection has ended.
 """
 
 from __future__ import annotations
@@ -64,7 +58,6 @@ class PortTotals(ListenerStats):
     bind_errors: int = 0
 
     def add(self, listener: AnyListener) -> None:
-        """Add a listener's own counters."""
         stats = listener.stats
         for name in _STATS_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(stats, name))
@@ -290,7 +283,7 @@ class ListenerSet:
             totals = result.setdefault(_totals_key(listener), PortTotals())
             totals.add(listener)
             if isinstance(listener, UdpListener):
-                totals.sessions_active += listener.session_count
+                totals.sessions_active += len(listener.sessions)
             else:
                 totals.active += len(listener.connections)
                 for conn in listener.connections:
@@ -302,8 +295,7 @@ class ListenerSet:
 
     # -- timeouts --------------------------------------------------------------------------
     async def run_sweeper(self) -> None:
-        """Enforce idle/half-close timeouts and retire drained listeners, once a second,
-        forever."""
+        """Forever: ``sweep`` once a second."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.sweep(asyncio.get_running_loop().time())

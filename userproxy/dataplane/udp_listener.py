@@ -3,10 +3,9 @@
 Where kube-proxy's old userspace mode failed its users, this module does otherwise:
 
 * Datagrams of any size up to 65 507 bytes pass intact: every receive uses a 64 KiB buffer.
-* Each client gets a session (``udp_session``) with its own connected socket to the
-  endpoint it picked, so replies go back from the listening socket, i.e. from the exact
-  address and port the client used.  After a pool update (``version``) a session's next
-  datagram checks that its endpoint is still in the pool and picks again if not.
+* Each client gets a session (``udp_session``): replies go back from the exact address
+  and port the client used.  After a pool update (``version``) a session's next datagram
+  checks that its endpoint is still in the pool and picks again if not.
 * Optional fairness (``--udp-session-rate``, off by default): each session gets a token
   bucket of ``session_rate`` datagrams per second (burst a tenth of that, at least 64); a
   client beyond it has its datagrams dropped at the cost of one ``recvfrom``, so one
@@ -16,8 +15,8 @@ Where kube-proxy's old userspace mode failed its users, this module does otherwi
   drop nothing on purpose either.  Every drop is counted and logged (one line at most
   every ``DROP_LOG_INTERVAL`` seconds for the process, with how many were held back).
 
-The data path uses ``loop.add_reader`` on plain non-blocking sockets: a readiness callback
-drains up to ``BATCH`` datagrams and returns, so one busy socket cannot starve the others.
+Like the sessions' sockets, the listening socket is read with ``loop.add_reader``, up to
+``BATCH`` datagrams per readiness event.
 """
 
 from __future__ import annotations
@@ -85,10 +84,6 @@ class UdpListener(Listener):
     @property
     def sock(self) -> socket.socket | None:
         return self._sock
-
-    @property
-    def session_count(self) -> int:
-        return len(self.sessions)
 
     def update(self, spec: ListenerSpec) -> None:
         self.version += 1
@@ -163,8 +158,7 @@ class UdpListener(Listener):
                 )
                 continue
             except OSError:
-                # An ICMP error from an earlier datagram surfaces here: end the session;
-                # the client's next datagram picks again.
+                # An ICMP error from an earlier datagram surfaces here: the session ends.
                 stats.sessions_closed_by_icmp += 1
                 table.remove(session)
                 continue
