@@ -1,18 +1,14 @@
 """Connecting to an endpoint: a non-blocking ``connect()`` with a deadline that a busy loop
 cannot turn into a false timeout.
 
-Why not ``asyncio.timeout()`` around ``loop.create_connection(host, port)``: the timeout
-cancels the whole call, and the call does more than connect.  Once the connect has
-finished, the loop calls the protocol's ``connection_made`` and only a loop iteration
-later resumes the waiting task; a cancellation landing in between closes a transport the
-protocol has already been given.  On uvloop that close is silent (``connection_lost`` is
-never called, and the transport's ``is_closing()`` stays False), so the relay kept writing
-into a dead handle ("the handler is closed") and then dialed again, joining a *second*
-upstream connection to the same client: the client read two backends' bytes.  On the
-stock loop the same race closed the client with a FIN.  The window is wide open whenever
-the loop stalls for longer than a dial timeout (a loaded machine, a large manifest): after
-a stall uvloop runs expired timers before it polls for I/O, so every dial pending across
-the stall timed out, although the kernel had long finished it.
+Why not ``asyncio.timeout()`` around ``loop.create_connection(host, port)``: the loop calls
+the protocol's ``connection_made`` one iteration before it resumes the waiting task, and a
+cancellation landing in between closes a transport the protocol already holds.  On uvloop
+that close is silent (no ``connection_lost``), so the relay wrote into a dead handle and
+dialed again, joining a *second* upstream to the same client.  The window is wide open
+whenever the loop stalls for longer than a dial timeout: uvloop then runs expired timers
+before it polls for I/O, so every dial pending across the stall timed out, although the
+kernel had long finished it (docs/architecture.md, "The dial and a stalled loop").
 
 So the dial here only connects a socket, and its deadline asks the kernel before giving up:
 when the timer fires, a zero-timeout ``poll()`` tells whether the connect has in fact

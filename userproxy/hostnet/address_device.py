@@ -1,24 +1,17 @@
 """The service IPs userproxy makes local itself, on a device it owns (``--manage-addresses``).
 
-Why this exists: kube-proxy's iptables/IPVS/nftables modes catch packets to a ClusterIP,
-externalIP or load-balancer IP with netfilter (DNAT) before the routing decision, so those
-IPs never need to exist on the node.  userproxy uses no netfilter: it accepts connections
-on ordinary sockets bound to the service IP.  A packet routed to the node is only delivered
-to a local socket when the kernel considers its destination address *local* (an entry in the
-``local`` routing table); otherwise the node forwards it or drops it.  So every service IP
-userproxy serves must be local to the node, one way or another (see docs/addressing.md).
-kube-proxy's IPVS mode does the same with its ``kube-ipvs0`` device.
+Why this exists: userproxy uses no netfilter (no DNAT), so the kernel delivers a packet to
+a listener bound to a service IP only if that address is *local* to the node (an entry in
+the ``local`` routing table); docs/addressing.md explains this and the other ways to do it.
+By default userproxy leaves the host alone: listeners bind with ``IP_FREEBIND`` and the
+operator makes the addresses local.  With ``--manage-addresses`` an ``AddressManager``
+keeps them on a device it owns (``userproxy0``), as kube-proxy's IPVS mode does with its
+``kube-ipvs0`` device.
 
-The default is to do nothing to the host: listeners are bound with ``IP_FREEBIND`` so they
-can be created before the address exists locally, and the operator makes the addresses local
-(``ip route add local <service CIDR> dev lo``, or a dummy interface holding them).  With
-``--manage-addresses`` an ``AddressManager`` does it: it adds each served IP as a /32 or
-/128 to a device it owns (``userproxy0``), removes it when it stops being served, never
-touches an address it did not add, and cleans up on exit.  What it owns is marked in the
-kernel, so that ownership outlives the process (SIGKILL, crash): each address it adds
-carries ``IFA_PROTO`` :data:`ADDRESS_PROTO`, and a device it creates carries the alias
-:data:`DEVICE_ALIAS`.  ``cleanup()`` (``userproxy cleanup``) removes exactly what carries
-those marks, from another process, after a crash.
+What it owns is marked in the kernel, so that ownership outlives the process (SIGKILL,
+crash): each address it adds carries ``IFA_PROTO`` :data:`ADDRESS_PROTO`, and a device it
+creates carries the alias :data:`DEVICE_ALIAS`.  ``cleanup()`` (``userproxy cleanup``)
+removes exactly what carries those marks, from another process, after a crash.
 
 Every netlink call is awaited on the running loop (``host_addresses.netlink``), so a sync
 that adds thousands of addresses never holds the data plane up.

@@ -1,18 +1,14 @@
 """Reading the host's addresses over netlink, without blocking the event loop.
 
-Everything here is read through pyroute2's ``AsyncIPRoute`` on the running loop: a read
-awaits the kernel's answers, and the loop serves connections between them.  Decoding a
-netlink message in pyroute2 is pure Python (~50 us an address), so what bounds the pause
-of one step is the size of one datagram: the socket is read ``RECV_SIZE`` bytes at a time
-(the kernel fills a dump's next datagram only when the last one is read), about 50
-addresses per loop turn, a few milliseconds, however many addresses the host has.  What
-is left are the cyclic garbage collector's passes: pyroute2's decoded messages are cyclic
-garbage (about 36 objects an address), and a full pass stops every thread alike, so a read
-of thousands of addresses can still pause the loop for tens of milliseconds, against the
-whole read's hundreds when it blocked (bench/node_addresses.py measures both).
-``read_host`` reads once; what counts as local or
-primary is decided from that one read by pure methods (``HostAddresses.local``,
-``primary``), and ``select_nodeport_addresses`` is pure as well.
+Everything here is read through pyroute2's ``AsyncIPRoute`` on the running loop, the
+socket ``RECV_SIZE`` bytes at a time (the kernel fills a dump's next datagram only when the
+last one is read).  Decoding is pure Python (~50 us an address), so one loop turn decodes
+about 50 addresses, a few milliseconds, however many the host has.  What is left are the
+cyclic garbage collector's passes (pyroute2's messages are cyclic garbage, about 36
+objects an address): a read of thousands of addresses can still pause the loop for tens of
+milliseconds, against hundreds when it blocked (bench/node_addresses.py measures both).
+``read_host`` reads once; ``HostAddresses.local`` and ``primary`` decide from that one read,
+and ``select_nodeport_addresses`` is pure as well.
 
 uvloop cannot carry pyroute2's default transport (``create_datagram_endpoint`` on an
 ``AF_NETLINK`` socket: "ValueError: cannot open a UDP handle, invalid family 16"), so
