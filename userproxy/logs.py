@@ -9,9 +9,7 @@ where they are made (e.g. ``ManifestError`` lists at most 20 problems), but a va
 from an input somewhere must not turn into a 10 MB log line.
 
 A condition that can repeat per connection, datagram or retry is logged through a
-:class:`RateLimitedLog`: at most one line per interval, saying how many it held back.  It
-is the one place that decides this, so "at most every N seconds" is not written again at
-each call site.
+:class:`RateLimitedLog`, the one place that decides "at most one line every N seconds".
 """
 
 from __future__ import annotations
@@ -24,13 +22,10 @@ import time
 import types
 from collections.abc import Callable, Hashable
 
-#: Longest message of one record (characters), before the note on what was cut.
 MAX_MESSAGE_CHARS = 8192
-#: Most lines in the message of one record.
 MAX_MESSAGE_LINES = 64
-#: Longest traceback (or stack) text of one record (characters).
+#: Of a traceback, or of a stack.
 MAX_TRACEBACK_CHARS = 16384
-#: Most lines in the traceback (or stack) text of one record.
 MAX_TRACEBACK_LINES = 200
 
 _ExcInfo = tuple[type[BaseException], BaseException, types.TracebackType | None]

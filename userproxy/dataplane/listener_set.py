@@ -77,8 +77,7 @@ def _totals_key(listener: AnyListener) -> TotalsKey:
 
 
 class ListenersNotOpen(Exception):
-    """Some listeners ``set_listeners`` was asked for are not open (everything else is
-    done)."""
+    """Some listeners ``set_listeners`` was asked for are not open (all else is done)."""
 
     def __init__(self, service: ServiceKey, failures: dict[ListenerKey, BaseException]):
         self.service = service

@@ -7,15 +7,11 @@ stops reading until it drains (``resume_writing``).  Memory per connection is th
 by the two write-buffer limits plus one read chunk, and by ``PRECONNECT_LIMIT`` before the
 upstream connection exists.
 
-Half-close: an EOF from one side is forwarded to the other as a FIN (see
-``_shutdown_write``), and the connection is closed once both directions have finished or
-``fin_timeout`` passes.  See docs/architecture.md ("Half-close and uvloop") for why the
-sequence is exactly as it is.
-
-Resets pass through: a side that ends with an error (a peer's RST, a failed write) is
-answered with a RST on the other side (``reset``: SO_LINGER 0, then ``abort()``; a plain
-``abort()`` closes the descriptor and the kernel sends a FIN, which would make a truncated
-stream look complete).  A clean end stays a clean end.
+Half-close: an EOF from one side is forwarded to the other as a FIN, and the connection is
+closed once both directions have finished or ``fin_timeout`` passes (docs/architecture.md,
+"Half-close and uvloop", says why exactly so).  Resets pass through: a side that ends with
+an error (a peer's RST, a failed write) is answered with a RST on the other side
+(``reset``); a clean end stays a clean end.
 
 Invariants: a client is joined to at most one upstream transport in its life
 (``upstream_made`` refuses and resets any other); once a transport is lost, the relay holds
@@ -62,7 +58,8 @@ def set_linger_zero(sock: socket.socket) -> None:
 
 
 def reset(transport: asyncio.Transport) -> None:
-    """End ``transport`` with a RST, dropping what its buffer still holds."""
+    """End ``transport`` with a RST, dropping what its buffer still holds (a plain
+    ``abort()`` sends a FIN, which would make a truncated stream look complete)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         # asyncio's TransportSocket and uvloop's PseudoSocket both pass setsockopt on to

@@ -35,15 +35,13 @@ __all__ = ["ADDRESS_PROTO", "DEVICE_ALIAS", "AddressManager", "Cleanup", "cleanu
 
 log = logging.getLogger(__name__)
 
-#: IFA_PROTO value stamped on every address an ``AddressManager`` adds (iproute2 shows it as
-#: ``proto 0x75``).  Addresses carrying it on the manager's device are leftovers of an earlier
-#: userproxy run that could not clean up (SIGKILL, crash); ``open()`` adopts them as its own so
+#: IFA_PROTO stamped on every address an ``AddressManager`` adds (``ip addr``: ``proto
+#: 0x75``).  ``open()`` adopts those an earlier run left on its device (SIGKILL, crash), so
 #: the next ``sync`` removes the ones no longer served.
 ADDRESS_PROTO = 0x75
 
-#: Alias (``IFLA_IFALIAS``, ``ip link`` shows it) given to a device an ``AddressManager``
-#: creates: after a crash, the device can still be told apart from one made by hand.  A
-#: later ``open()`` adopts a device carrying it (and deletes it on close); ``cleanup()``
+#: Alias (``IFLA_IFALIAS``) of a device an ``AddressManager`` creates, telling it apart from
+#: one made by hand: a later ``open()`` adopts it (and deletes it on close); ``cleanup()``
 #: deletes it.  A device without it is never deleted.
 DEVICE_ALIAS = "userproxy: created by --manage-addresses"
 
