@@ -44,12 +44,8 @@ def bound_text(text: str, max_chars: int, max_lines: int) -> str:
     if len(lines) > max_lines:
         more_lines = lines[-1].count("\n") + 1
         lines = lines[:max_lines]
-    kept = "\n".join(lines)
-    more_chars = len(text) - len(kept)
-    if len(kept) > max_chars:
-        kept = kept[:max_chars]
-        more_chars = len(text) - max_chars
-    notes = [f"{more_chars} more characters"]
+    kept = "\n".join(lines)[:max_chars]
+    notes = [f"{len(text) - len(kept)} more characters"]
     if more_lines:
         notes.append(f"{more_lines} more lines")
     return f"{kept} [... {', '.join(notes)}]"

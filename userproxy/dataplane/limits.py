@@ -92,11 +92,7 @@ class ConnectionLimit:
     )
 
     def __init__(
-        self,
-        maximum: int,
-        *,
-        service_share: float = 100,
-        client_share: float = 100,
+        self, maximum: int, *, service_share: float = 100, client_share: float = 100
     ) -> None:
         self.maximum = maximum
         self.per_service = share_of(maximum, service_share)

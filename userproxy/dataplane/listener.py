@@ -129,7 +129,6 @@ class Listener(abc.ABC):
         self._open_or_close()
 
     def _open_or_close(self) -> None:
-        """Open the socket if it is wanted and not open; close it if it is not wanted."""
         want = not self.closed and self.spec.serves_anyone
         if want and self._sock is None:
             self._open()

@@ -43,7 +43,6 @@ _dial_error_log = RateLimitedLog(log)
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close an accepted socket with an RST (SO_LINGER 0), never a clean FIN."""
     set_linger_zero(sock)
     sock.close()
 

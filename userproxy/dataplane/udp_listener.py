@@ -28,13 +28,7 @@ import socket
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.listener import Listener
-from userproxy.dataplane.udp_session import (
-    BATCH,
-    MAX_DATAGRAM,
-    Address,
-    SessionTable,
-    UdpSession,
-)
+from userproxy.dataplane.udp_session import BATCH, MAX_DATAGRAM, Address, SessionTable, UdpSession
 from userproxy.logs import RateLimitedLog
 from userproxy.model import ListenerSpec
 

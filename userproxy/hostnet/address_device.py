@@ -55,7 +55,6 @@ def _refused(exc: NetlinkError) -> str:
 
 
 async def _lookup(ipr: Any, device: str) -> int | None:
-    """The device's ifindex, or None when there is no such device."""
     found = await ipr.link_lookup(ifname=device)
     return int(found[0]) if found else None
 
@@ -188,7 +187,6 @@ class AddressManager:
         )
 
     async def _mark_device(self, ipr: Any) -> None:
-        """Give the device just created the alias that says it is ours (DEVICE_ALIAS)."""
         index = await _lookup(ipr, self._device)
         if index is None:
             return  # deleted meanwhile; _ensure_device notices
@@ -282,12 +280,8 @@ class AddressManager:
 
 @dataclass(frozen=True, slots=True)
 class Cleanup:
-    """What ``cleanup()`` found and did on one device.
-
-    ``removed``: the addresses carrying ADDRESS_PROTO that were removed.  ``others``: the
-    addresses on the device that userproxy did not add (IPv6 link-local left out), kept.
-    ``deleted``: whether the device was deleted (only when it carries DEVICE_ALIAS and
-    holds no ``others``)."""
+    """What ``cleanup()`` found and did on one device: ``removed`` the addresses carrying
+    ADDRESS_PROTO, kept ``others`` (not added by userproxy; IPv6 link-local left out)."""
 
     device: str
     found: bool
@@ -329,11 +323,9 @@ def _unless_gone(exc: NetlinkError, what: str) -> None:
 async def cleanup(device: str = "userproxy0") -> Cleanup:
     """Remove what ``AddressManager``s left on ``device`` (kube-proxy's ``--cleanup``).
 
-    Meant for after a crash or SIGKILL, when no userproxy runs with this device: every
-    address on ``device`` marked with ADDRESS_PROTO is removed, and the device is deleted if
-    it carries DEVICE_ALIAS and no address that userproxy did not add remains.  Nothing
-    without the marks is touched.  Idempotent: a second call finds nothing.  Raises
-    OSError (with the errno, e.g. EPERM without CAP_NET_ADMIN) when netlink refuses."""
+    Every address marked with ADDRESS_PROTO is removed, and the device is deleted if it
+    carries DEVICE_ALIAS and no other address remains; nothing without the marks is touched.
+    Idempotent.  Raises OSError (e.g. EPERM without CAP_NET_ADMIN) when netlink refuses."""
     try:
         async with netlink() as ipr:
             index = await _lookup(ipr, device)

@@ -185,26 +185,24 @@ class HostAddresses:
     default_oifs: Mapping[int, frozenset[int]]
 
     def _counted(self, exclude_devices: Iterable[str]) -> list[Address]:
+        """The addresses that count: not IPv6 link-local (fe80::/10 or scope link), not on
+        ``exclude_devices`` (e.g. an ``AddressManager``'s: service IPs are not NodePort
+        addresses)."""
         names = set(exclude_devices)
         skip = {index for index, (name, _) in self.links.items() if name in names}
         return [a for a in self.addresses if not a.link_local and a.index not in skip]
 
     def local(self, exclude_devices: Iterable[str] = ()) -> frozenset[str]:
-        """Every address on every interface, loopback included, in canonical text; IPv6
-        link-local (fe80::/10 or scope link) left out.
-
-        ``exclude_devices``: interface names whose addresses do not count, e.g. the device
-        of an ``AddressManager`` (its service IPs must not become NodePort addresses)."""
+        """Every address that counts, loopback included, in canonical text."""
         return frozenset(a.text for a in self._counted(exclude_devices))
 
     def primary(self, exclude_devices: Iterable[str] = ()) -> frozenset[str]:
         """The node's primary IPs, which kube-proxy's ``nodePortAddresses: [primary]`` means.
 
         Upstream takes them from the Node object; userproxy reads the host instead.  Per
-        family: the addresses of the interface(s) that hold a default route in the main
-        routing table (several with ECMP or several default routes); with no default route
-        in a family, the first non-loopback address of that family in ifindex order.  IPv6
-        link-local addresses never count, nor addresses on ``exclude_devices``."""
+        family: the addresses that count on the interface(s) holding a default route in the
+        main routing table (several with ECMP or several default routes); with no default
+        route in a family, the first non-loopback address of that family in ifindex order."""
         addrs = sorted(self._counted(exclude_devices), key=lambda a: a.index)
         result: set[str] = set()
         for family in _FAMILIES:
