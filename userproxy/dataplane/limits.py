@@ -106,6 +106,10 @@ class ConnectionLimit:
         self._service_of: dict[object, Hashable] = {}
         self._by_service: dict[Hashable, dict[object, _Callbacks]] = {}
 
+    @property
+    def full(self) -> bool:
+        return self.active >= self.maximum
+
     def blocked(self, service: Hashable = None) -> bool:
         """Whether a listener of ``service`` must not accept now (total or its share)."""
         return self.active >= self.maximum or self._services.get(service, 0) >= self.per_service

@@ -204,7 +204,6 @@ class TcpListener(Listener):
                 if conn.finished:
                     return
                 continue
-            conn.endpoint = endpoint
             await self._join(conn, sock)
             return
         # No endpoint could be reached: reset the client rather than leave it hanging.

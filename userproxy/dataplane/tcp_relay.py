@@ -22,15 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import struct
-from typing import TYPE_CHECKING, Protocol, cast
-
-if TYPE_CHECKING:
-    from userproxy.model import Endpoint
-
-log = logging.getLogger(__name__)
+from typing import Protocol, cast
 
 #: Bytes a client may send before its upstream connection is up; beyond this the
 #: downstream transport stops reading (the first read chunk may overshoot it: uvloop
@@ -139,7 +133,6 @@ class DownstreamProtocol(asyncio.Protocol):
         "dial_task",
         "dialing",
         "downstream",
-        "endpoint",
         "finished",
         "half_closed_at",
         "idle_since",
@@ -159,7 +152,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self.loop = loop
         self.downstream: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
-        self.endpoint: Endpoint | None = None
         self.pending: bytearray | None = bytearray()
         self.preconnect_paused = False
         self.client_eof = False
