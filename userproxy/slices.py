@@ -1,16 +1,13 @@
 """Bulk work on the event loop in slices, so the data plane is never held up for long.
 
-A node's service proxy must keep relaying while it takes in 40 000 Services: the manifest
-source delivers a large reload, and the proxier re-plans, in slices of a few milliseconds
-with a yield to the loop in between.
-
-The slices alone are not enough.  While a bulk change grows the heap, Python's cyclic
-garbage collector runs a full collection each time the long-lived objects grow by a
-quarter, walking the whole heap: 100-300 ms apiece with 40 000 Services, several times per
-load.  So a bulk slicer moves everything alive into the collector's permanent generation
-(``gc.freeze()``) at each yield: the Services, plans and listeners are long-lived,
-reference counting still frees them, and the collector walks only what was created since.
-The cost: cyclic garbage that happens to be unreachable but not yet collected at one of
+A node's service proxy must keep relaying while it takes in 40 000 Services, so manifest
+reloads and syncs work in slices of a few milliseconds with a yield to the loop between.
+The slices alone are not enough: while a bulk change grows the heap, Python's cyclic
+garbage collector walks all of it each time the long-lived objects grow by a quarter
+(100-300 ms apiece with 40 000 Services).  So a bulk slicer moves everything alive into
+the collector's permanent generation (``gc.freeze()``) at each yield: the long-lived
+Services, plans and listeners are skipped, and reference counting still frees them.  The
+cost: cyclic garbage that happens to be unreachable but not yet collected at one of
 those instants is never collected; such cycles come from the few connections in flight at
 that moment, and bulk changes are rare, so it is bounded and small.
 """

@@ -2,23 +2,16 @@
 
 This is the part of kube-proxy's old userspace proxier (pkg/proxy/userspace/proxier.go)
 that opened and stopped one proxy socket per service port; here the unit is a
-``ListenerSpec``.
+``ListenerSpec``, and ``set_listeners(service, specs)``, the control plane's only entry
+point, touches only that Service's listeners.  A closed TCP listener's connections go on
+until they end by themselves (or time out), as kube-proxy's conntrack keeps a deleted
+Service's established flows; only shutdown resets them, after ``--shutdown-grace``
+(``drain``).  A closed UDP listener's sessions end with it (their replies would have no
+socket).
 
-``set_listeners(service, specs)``, the control plane's only entry point, touches only that
-Service's listeners: unchanged ones are left alone (or their failed open retried), changed
-ones get their pools swapped, new ones are opened and the rest closed.  A closed TCP
-listener's connections go on until they end by themselves (or hit the idle or FIN
-timeout), as kube-proxy's conntrack keeps a deleted Service's established flows; only
-shutdown resets them, after ``--shutdown-grace`` (``drain``).  A closed UDP listener's
-sessions end with it (their replies would have no socket).
-
-It always goes through the whole plan: a listener that cannot be opened is kept without a
-socket and retried, and an exception for one listener does not stop the others; then it
-raises ``ListenersNotOpen`` naming those not open, so the proxier retries the Service.  An
-address wanted by two Services is served for the first; the other gets it when the first
-lets go.  One sweeper task (not a timer per connection) enforces the TCP and UDP timeouts
-once a second, retries failed opens every ``BIND_RETRY_INTERVAL`` seconds and retires
-closed listeners whose last connection has ended.
+One sweeper task (not a timer per connection) enforces the TCP and UDP timeouts once a
+second, retries failed opens every ``BIND_RETRY_INTERVAL`` seconds and retires closed
+listeners whose last connection has ended.
 """
 
 from __future__ import annotations
@@ -119,8 +112,7 @@ class ListenerSet:
         self.limit = limit
         self.timeouts = timeouts
         self.udp_sessions = SessionTable(udp or UdpSettings())
-        #: Classifies clients of NodePort/external/LB listeners (its node addresses are
-        #: kept up to date by hostnet).
+        #: Classifies clients of NodePort/external/LB listeners (kept fresh by hostnet).
         self.node_local = NodeLocal()
         self._last_bind_retry = 0.0
         self.listeners: dict[ListenerKey, AnyListener] = {}
@@ -141,6 +133,10 @@ class ListenerSet:
     def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         """Make the listeners of ``service`` exactly ``specs`` (empty: remove them all).
 
+        Unchanged listeners are left alone (or their failed open retried), changed ones get
+        their pools swapped, new ones are opened and the rest closed; one that cannot be
+        opened is kept without a socket, and an exception for one does not stop the others.
+        An address another Service holds is refused until that Service lets go of it.
         Raises ``ListenersNotOpen`` after doing all it could when some wanted listener is
         not open; calling ``set_listeners`` again with the same specs retries exactly those.
         """

@@ -246,10 +246,8 @@ class DownstreamProtocol(asyncio.Protocol):
         return True
 
     def drop_upstream(self) -> None:
-        """The upstream transport's wrapping was cancelled: forget it, with a reset.
-
-        (uvloop closes such a transport without calling ``connection_lost``.)
-        """
+        """The upstream transport's wrapping was cancelled: forget it, with a reset (uvloop
+        closes such a transport without calling ``connection_lost``)."""
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             reset(upstream)

@@ -6,14 +6,12 @@ Where kube-proxy's old userspace mode failed its users, this module does otherwi
 * Each client gets a session (``udp_session``): replies go back from the exact address
   and port the client used.  After a pool update (``version``) a session's next datagram
   checks that its endpoint is still in the pool and picks again if not.
-* Optional fairness (``--udp-session-rate``, off by default): each session gets a token
-  bucket of ``session_rate`` datagrams per second (burst a tenth of that, at least 64); a
-  client beyond it has its datagrams dropped at the cost of one ``recvfrom``, so one
-  flooding client cannot take the proxy's forwarding capacity (or the endpoints') from
-  the others.  Off by default because a legitimate busy client (a DNS forwarder sends all
-  its queries from one socket) looks exactly like a flood, and nginx stream and HAProxy
-  drop nothing on purpose either.  Every drop is counted and logged (one line at most
-  every ``DROP_LOG_INTERVAL`` seconds for the process, with how many were held back).
+* Optional fairness (``--udp-session-rate``): a token bucket per session; a client beyond
+  it has its datagrams dropped at the cost of one ``recvfrom``, so one flooding client
+  cannot take the forwarding capacity (or the endpoints') from the others.  Off by default
+  because a legitimate busy client (a DNS forwarder sends all its queries from one socket)
+  looks exactly like a flood; nginx stream and HAProxy drop nothing on purpose either.
+  Every drop is counted and logged (at most once every ``DROP_LOG_INTERVAL`` seconds).
 
 Like the sessions' sockets, the listening socket is read with ``loop.add_reader``, up to
 ``BATCH`` datagrams per readiness event.

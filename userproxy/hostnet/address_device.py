@@ -62,14 +62,12 @@ async def _lookup(ipr: Any, device: str) -> int | None:
 class AddressManager:
     """Keeps the service IPs userproxy serves on a device it owns (``--manage-addresses``).
 
-    ``open()`` finds or creates the device (kind ``dummy``; where the kernel lacks the dummy
-    driver, an empty ``bridge``, which holds addresses the same way) and brings it up.
-    ``sync(wanted)`` adds each missing wanted address as a /32 or /128 (IPv6 with
-    ``IFA_F_NODAD``, usable at once) and removes the ones it added that are no longer wanted.
-    An address already present on any interface is left alone and never becomes "ours";
-    addresses it did not add are never removed.  ``close()`` removes what it added and deletes
-    the device if it created it.  Needs CAP_NET_ADMIN; one caller at a time (the sync path).
-    Errors per address are logged and do not stop the others."""
+    The device is a ``dummy`` (where the kernel lacks that driver, an empty ``bridge``, which
+    holds addresses the same way); each address a /32 or /128 (IPv6 with ``IFA_F_NODAD``,
+    usable at once).  An address already present on any interface is left alone and never
+    becomes "ours"; addresses it did not add are never removed.  Needs CAP_NET_ADMIN; one
+    caller at a time (the sync path).  Errors per address are logged and do not stop the
+    others."""
 
     def __init__(self, device: str = "userproxy0") -> None:
         self._device = device

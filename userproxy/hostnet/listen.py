@@ -36,10 +36,7 @@ def listening_socket(
     freebind: bool = True,
     backlog: int | None = None,
 ) -> socket.socket:
-    """A non-blocking socket of ``kind`` bound to ``ip:port`` (see the module's options).
-
-    ``backlog``: also ``listen(backlog)`` (TCP); None leaves that to the caller.
-    """
+    """A socket of ``kind`` bound to ``ip:port``; with ``backlog``, also listening (TCP)."""
     v6 = ":" in ip
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
     try:
