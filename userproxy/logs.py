@@ -7,9 +7,6 @@ an exception's traceback to :data:`MAX_TRACEBACK_CHARS` and :data:`MAX_TRACEBACK
 saying how much was left out.  This is a safety net: messages are meant to be bounded
 where they are made (e.g. ``ManifestError`` lists at most 20 problems), but a value quoted
 from an input somewhere must not turn into a 10 MB log line.
-
-A condition that can repeat per connection, datagram or retry is logged through a
-:class:`RateLimitedLog`, the one place that decides "at most one line every N seconds".
 """
 
 from __future__ import annotations
@@ -94,7 +91,8 @@ class JsonFormatter(BoundedFormatter):
 
 
 class RateLimitedLog:
-    """Lets one line through per ``interval`` seconds to ``logger``, counting what it held back.
+    """Lets one line through per ``interval`` seconds to ``logger``, counting what it held back:
+    the one place that decides this for conditions that repeat per connection or retry.
 
     ``log`` is the common use; ``allow`` is the decision alone, for a caller that writes
     the line itself (e.g. a ``logging.Filter``).  With a ``key``, a line whose key differs

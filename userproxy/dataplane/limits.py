@@ -35,8 +35,7 @@ def default_udp_sessions(nofile: int) -> int:
 
 
 def default_max_connections(nofile: int, udp_sessions: int = 0) -> int:
-    """Each proxied TCP connection holds two descriptors (downstream and upstream); what
-    the reserve and the UDP sessions leave is shared out."""
+    """What the reserve and the UDP sessions leave, at two descriptors a TCP connection."""
     return max(16, min(100_000, (nofile - FD_RESERVE - udp_sessions) // 2))
 
 

@@ -58,8 +58,6 @@ class PortTotals(ListenerStats):
 
 _STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ListenerStats))
 AnyListener = TcpListener | UdpListener
-
-
 TotalsKey = tuple[str, str]  # ("namespace/name:port", protocol)
 
 
@@ -98,8 +96,7 @@ class TcpTimeouts:
 
 
 class ListenerSet:
-    """Every listener of the process, by (protocol, address, port), and the Service owning
-    each (see the module)."""
+    """Every listener of the process by (protocol, address, port), and the Service owning each."""
 
     def __init__(
         self,

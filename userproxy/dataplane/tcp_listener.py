@@ -10,9 +10,8 @@ The accept loop is a reader callback on a non-blocking listening socket, not
 * EMFILE/ENFILE in ``accept()`` -> accepting backs off, logged at most once a second,
   instead of libuv's accept-and-drop trick or a per-attempt traceback.
 
-Each accepted socket gets one short-lived task that wraps it in a transport and dials the
-endpoint; it ends once the upstream connection is up (the relay itself needs no task), so
-dialing never blocks accepting.
+Each accepted socket gets one short-lived task that wraps it and dials, ending once the
+upstream is up (the relay needs no task), so dialing never blocks accepting.
 """
 
 from __future__ import annotations

@@ -157,8 +157,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.client_eof = False
         self.server_eof = False
         self.finished = False
-        #: The task wrapping the socket and dialing; cancelled if the client goes away
-        #: while ``dialing``.
+        #: The task wrapping the socket and dialing (cancelled if the client leaves while dialing).
         self.dial_task: asyncio.Task[None] | None = None
         self.dialing = False
         # Timeout bookkeeping, read by the listener set's sweeper (no timer per connection).

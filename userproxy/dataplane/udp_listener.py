@@ -12,9 +12,6 @@ Where kube-proxy's old userspace mode failed its users, this module does otherwi
   because a legitimate busy client (a DNS forwarder sends all its queries from one socket)
   looks exactly like a flood; nginx stream and HAProxy drop nothing on purpose either.
   Every drop is counted and logged (at most once every ``DROP_LOG_INTERVAL`` seconds).
-
-Like the sessions' sockets, the listening socket is read with ``loop.add_reader``, up to
-``BATCH`` datagrams per readiness event.
 """
 
 from __future__ import annotations

@@ -3,12 +3,11 @@
 kube-proxy's old userspace mode (pkg/proxy/userspace, udpProxySocket) kept a map of
 client address -> connection, with a goroutine and a read deadline each; here:
 
-* A session is keyed by the client's (ip, port).  Its first datagram picks an endpoint
-  through the Service's balancer (and affinity); the session then owns a *connected*
-  socket to that endpoint, so replies are matched by the kernel, and they go back to the
-  client from the listening socket, i.e. from the exact address and port the client used
-  (resolvers check this).  An ICMP error from the endpoint (ECONNREFUSED on that socket)
-  ends the session, so the next datagram picks again.
+* A session is keyed by the client's (ip, port) and owns a *connected* socket to the
+  endpoint its first datagram picked, so the kernel matches the replies; they go back from
+  the listening socket, i.e. from the exact address and port the client used (resolvers
+  check this).  An ICMP error (ECONNREFUSED on that socket) ends the session, so the next
+  datagram picks again.
 * Sessions live in one LRU table for the whole process, bounded by ``max_sessions`` (and
   so are their descriptors): a new session beyond it evicts the least recently used one.
   Idle sessions (``idle_timeout``, default 30 s like the kernel's UDP conntrack) are expired

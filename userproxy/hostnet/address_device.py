@@ -1,12 +1,10 @@
 """The service IPs userproxy makes local itself, on a device it owns (``--manage-addresses``).
 
-Why this exists: userproxy uses no netfilter (no DNAT), so the kernel delivers a packet to
-a listener bound to a service IP only if that address is *local* to the node (an entry in
-the ``local`` routing table); docs/addressing.md explains this and the other ways to do it.
-By default userproxy leaves the host alone: listeners bind with ``IP_FREEBIND`` and the
-operator makes the addresses local.  With ``--manage-addresses`` an ``AddressManager``
-keeps them on a device it owns (``userproxy0``), as kube-proxy's IPVS mode does with its
-``kube-ipvs0`` device.
+Without netfilter (no DNAT), the kernel delivers a packet to a listener bound to a service
+IP only if that address is *local* to the node; docs/addressing.md explains this and the
+ways to do it.  By default userproxy leaves that to the operator (listeners bind with
+``IP_FREEBIND``); with ``--manage-addresses`` an ``AddressManager`` keeps the addresses on
+a device it owns, as kube-proxy's IPVS mode does with its ``kube-ipvs0`` device.
 
 What it owns is marked in the kernel, so that ownership outlives the process (SIGKILL,
 crash): each address it adds carries ``IFA_PROTO`` :data:`ADDRESS_PROTO`, and a device it

@@ -3,12 +3,11 @@
 Everything here is read through pyroute2's ``AsyncIPRoute`` on the running loop, the
 socket ``RECV_SIZE`` bytes at a time (the kernel fills a dump's next datagram only when the
 last one is read).  Decoding is pure Python (~50 us an address), so one loop turn decodes
-about 50 addresses, a few milliseconds, however many the host has.  What is left are the
-cyclic garbage collector's passes (pyroute2's messages are cyclic garbage, about 36
-objects an address): a read of thousands of addresses can still pause the loop for tens of
-milliseconds, against hundreds when it blocked (bench/node_addresses.py measures both).
-``read_host`` reads once; ``HostAddresses.local`` and ``primary`` decide from that one read,
-and ``select_nodeport_addresses`` is pure as well.
+about 50 addresses, a few milliseconds, however many the host has.  The cyclic garbage
+collector's passes remain (pyroute2's messages are cyclic garbage, ~36 objects an address):
+a read of thousands of addresses can still pause the loop for tens of milliseconds, against
+hundreds when it blocked (bench/node_addresses.py measures both).  ``read_host`` reads
+once; what the proxy needs is decided from that read by pure functions.
 
 uvloop cannot carry pyroute2's default transport (``create_datagram_endpoint`` on an
 ``AF_NETLINK`` socket: "ValueError: cannot open a UDP handle, invalid family 16"), so
