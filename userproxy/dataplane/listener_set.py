@@ -259,10 +259,6 @@ class ListenerSet:
                 yield from listener.connections
 
     @property
-    def active_connections(self) -> int:
-        return self.limit.active
-
-    @property
     def conflicts(self) -> int:
         """(address, Service) pairs refused now because another Service holds the address
         (``userproxy_listener_conflicts``): each is also logged once, when it begins."""
