@@ -4,12 +4,8 @@ kube-proxy has ``--cleanup`` for the same need.  A clean shutdown removes every 
 userproxy added and deletes the device it created; a SIGKILL or a crash leaves them, and
 the service IPs stay local on the node (answered with RSTs by nothing) until the next run
 adopts them.  This command removes them without starting a proxy, by the marks they carry
-in the kernel (``hostnet.address_device.cleanup``): only addresses with ``IFA_PROTO`` 0x75, and
-the device only if it carries userproxy's alias and nothing else holds addresses on it.
-
-Exit status: 0 when it cleaned up or there was nothing to clean; 2 with one line on stderr
-otherwise (an invalid device name or config file, no CAP_NET_ADMIN, a netlink error).
-Run it when no userproxy runs with this device: it would pull the addresses from under it.
+in the kernel (``hostnet.address_device.cleanup``).  Exit status: 0 when it cleaned up or
+there was nothing to clean; 2 with one line on stderr otherwise.
 """
 
 from __future__ import annotations

@@ -7,11 +7,6 @@ an exception's traceback to :data:`MAX_TRACEBACK_CHARS` and :data:`MAX_TRACEBACK
 saying how much was left out.  This is a safety net: messages are meant to be bounded
 where they are made (e.g. ``ManifestError`` lists at most 20 problems), but a value quoted
 from an input somewhere must not turn into a 10 MB log line.
-
-A condition that can repeat per connection, datagram or retry is logged through a
-:class:`RateLimitedLog`: at most one line per interval, saying how many it held back.  It
-is the one place that decides this, so "at most every N seconds" is not written again at
-each call site.
 """
 
 from __future__ import annotations
@@ -24,13 +19,10 @@ import time
 import types
 from collections.abc import Callable, Hashable
 
-#: Longest message of one record (characters), before the note on what was cut.
 MAX_MESSAGE_CHARS = 8192
-#: Most lines in the message of one record.
 MAX_MESSAGE_LINES = 64
-#: Longest traceback (or stack) text of one record (characters).
+#: Of a traceback, or of a stack.
 MAX_TRACEBACK_CHARS = 16384
-#: Most lines in the traceback (or stack) text of one record.
 MAX_TRACEBACK_LINES = 200
 
 _ExcInfo = tuple[type[BaseException], BaseException, types.TracebackType | None]
@@ -49,12 +41,8 @@ def bound_text(text: str, max_chars: int, max_lines: int) -> str:
     if len(lines) > max_lines:
         more_lines = lines[-1].count("\n") + 1
         lines = lines[:max_lines]
-    kept = "\n".join(lines)
-    more_chars = len(text) - len(kept)
-    if len(kept) > max_chars:
-        kept = kept[:max_chars]
-        more_chars = len(text) - max_chars
-    notes = [f"{more_chars} more characters"]
+    kept = "\n".join(lines)[:max_chars]
+    notes = [f"{len(text) - len(kept)} more characters"]
     if more_lines:
         notes.append(f"{more_lines} more lines")
     return f"{kept} [... {', '.join(notes)}]"
@@ -103,7 +91,8 @@ class JsonFormatter(BoundedFormatter):
 
 
 class RateLimitedLog:
-    """Lets one line through per ``interval`` seconds to ``logger``, counting what it held back.
+    """Lets one line through per ``interval`` seconds to ``logger``, counting what it held back:
+    the one place that decides this for conditions that repeat per connection or retry.
 
     ``log`` is the common use; ``allow`` is the decision alone, for a caller that writes
     the line itself (e.g. a ``logging.Filter``).  With a ``key``, a line whose key differs

@@ -301,7 +301,7 @@ class Proxy:
                 await self._stop.wait()
                 log.info("shutting down: no longer accepting connections")
                 self.listeners.stop_accepting()
-                open_now = self.listeners.active_connections
+                open_now = self.listeners.limit.active
                 if open_now and self.settings.shutdown_grace and not self._force.is_set():
                     # Logged here, with the listeners closed, so the line comes before
                     # anything a client can see of the shutdown.

@@ -1,19 +1,15 @@
 """Bulk work on the event loop in slices, so the data plane is never held up for long.
 
-A node's service proxy must keep relaying while it takes in 40 000 Services: the manifest
-source delivers a large reload, and the proxier re-plans the Services it touches, in
-slices of a few milliseconds, yielding to the loop in between (``Slicer``).
-
-The slices alone are not enough.  While a bulk change grows the heap, Python's cyclic
-garbage collector runs a full collection each time the long-lived objects grow by a
-quarter, and each walks the whole heap: 100-300 ms apiece with 40 000 Services, several
-times per load, wherever the loop happens to be.  So a slicer doing bulk work moves
-everything alive into the collector's permanent generation (``gc.freeze()``) at each
-yield: the Services, slices, plans and listeners are long-lived, reference counting still
-frees them when they go, and the collector then walks only what was created since.  The
-cost: cyclic garbage that happens to be alive-but-unreachable at one of those instants is
-never collected; such cycles come from the few connections in flight at that moment, and
-bulk changes are rare, so it is bounded and small.
+A node's service proxy must keep relaying while it takes in 40 000 Services, so manifest
+reloads and syncs work in slices of a few milliseconds with a yield to the loop between.
+The slices alone are not enough: while a bulk change grows the heap, Python's cyclic
+garbage collector walks all of it each time the long-lived objects grow by a quarter
+(100-300 ms apiece with 40 000 Services).  So a bulk slicer moves everything alive into
+the collector's permanent generation (``gc.freeze()``) at each yield: the long-lived
+Services, plans and listeners are skipped, and reference counting still frees them.  The
+cost: cyclic garbage that happens to be unreachable but not yet collected at one of
+those instants is never collected; such cycles come from the few connections in flight at
+that moment, and bulk changes are rare, so it is bounded and small.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ class Slicer:
     """``await tick()`` after each unit of work; it yields once a slice is used up.
 
     The clock is read every ``every`` ticks, so a tick costs next to nothing.  With
-    ``bulk=True`` each yield also freezes the heap (see the module docstring).
+    ``bulk=True`` each yield also freezes the heap.
     """
 
     __slots__ = ("_bulk", "_every", "_started", "_ticks")

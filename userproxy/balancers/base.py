@@ -1,8 +1,7 @@
 """The Balancer protocol every load-balancing policy implements.
 
 A balancer is built for one pool of endpoints and lives as long as that pool: when the
-endpoints change, the data plane builds a new balancer (``Balancer.renew``) and swaps it in
-with one attribute assignment, so a pick never sees a half-updated pool.
+endpoints change, ``dataplane.pool`` swaps in a new one (``Balancer.renew``).
 """
 
 from __future__ import annotations

@@ -19,10 +19,7 @@ BalancerFactory = Callable[[Sequence[Endpoint]], Balancer]
 
 DEFAULT_BALANCER = "round-robin"
 
-_BUILTIN: dict[str, BalancerFactory] = {
-    "round-robin": RoundRobin,
-    "random": RandomChoice,
-}
+_BUILTIN: dict[str, BalancerFactory] = {"round-robin": RoundRobin, "random": RandomChoice}
 
 
 class BalancerRegistry:

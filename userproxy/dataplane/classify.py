@@ -32,7 +32,7 @@ class NodeLocal:
     LocalTrafficDetector (pkg/proxy/util/localdetector.go) with its ``IsLocal``.
 
     Invariant: loopback clients are always local; ``update`` replaces the set of the
-    node's addresses (refreshed at every sync) and the cluster CIDRs.
+    node's addresses (kept fresh by ``hostnet.node``) and the cluster CIDRs.
     """
 
     __slots__ = ("_cidrs", "_local")

@@ -1,25 +1,15 @@
 """Connecting to an endpoint: a non-blocking ``connect()`` with a deadline that a busy loop
-cannot turn into a false timeout.
+cannot turn into a false timeout (docs/architecture.md, "The dial and a stalled loop").
 
-Why not ``asyncio.timeout()`` around ``loop.create_connection(host, port)``: the timeout
-cancels the whole call, and the call does more than connect.  Once the connect has
-finished, the loop calls the protocol's ``connection_made`` and only a loop iteration
-later resumes the waiting task; a cancellation landing in between closes a transport the
-protocol has already been given.  On uvloop that close is silent (``connection_lost`` is
-never called, and the transport's ``is_closing()`` stays False), so the relay kept writing
-into a dead handle ("the handler is closed") and then dialed again, joining a *second*
-upstream connection to the same client: the client read two backends' bytes.  On the
-stock loop the same race closed the client with a FIN.  The window is wide open whenever
-the loop stalls for longer than a dial timeout (a loaded machine, a large manifest): after
-a stall uvloop runs expired timers before it polls for I/O, so every dial pending across
-the stall timed out, although the kernel had long finished it.
-
-So the dial here only connects a socket, and its deadline asks the kernel before giving up:
-when the timer fires, a zero-timeout ``poll()`` tells whether the connect has in fact
-completed while the loop was busy.  The timeout thus measures how long the endpoint took,
-not how long the loop was away.  The connected socket is then handed to
-``create_connection(sock=...)`` with no deadline at all, so nothing ever cancels a
-transport that a protocol already holds, except the client going away.
+``asyncio.timeout()`` around ``loop.create_connection(ip, port)`` cancels a transport the
+protocol already holds when the timer fires between ``connection_made`` and the task's
+resumption, as it does for every dial pending across a loop stall (uvloop runs expired
+timers before it polls for I/O); on uvloop silently, so the relay wrote into a dead handle
+and joined a *second* upstream to the client.  So the dial here only connects a socket,
+and its deadline asks the kernel (a zero-timeout ``poll()``) before giving up: the timeout
+measures how long the endpoint took, not how long the loop was away.  The connected socket
+is then wrapped (``create_connection(sock=...)``) with no deadline at all, so nothing ever
+cancels a transport that a protocol already holds, except the client going away.
 """
 
 from __future__ import annotations

@@ -35,16 +35,9 @@ def default_udp_sessions(nofile: int) -> int:
 
 
 def default_max_connections(nofile: int, udp_sessions: int = 0) -> int:
-    """Each proxied TCP connection holds two descriptors (downstream and upstream); what
-    the reserve and the UDP sessions leave is shared out."""
+    """What the reserve and the UDP sessions leave, at two descriptors a TCP connection."""
     return max(16, min(100_000, (nofile - FD_RESERVE - udp_sessions) // 2))
 
-
-#: Defaults of --service-connection-share and --client-connection-share (percent of
-#: --max-connections).  A Service may hold half the budget and a client IP a quarter, so
-#: neither one busy Service nor one client (nor, at the default, two) can take it all.
-DEFAULT_SERVICE_SHARE = 50
-DEFAULT_CLIENT_SHARE = 25
 
 _client_refused_log = RateLimitedLog(log, interval=5.0)
 _service_full_log = RateLimitedLog(log, interval=5.0)
@@ -67,10 +60,10 @@ class ConnectionLimit:
 
     * ``maximum`` (``--max-connections``): reached, every listener stops accepting and
       clients wait in the kernel's backlog (HAProxy's global ``maxconn``);
-    * ``per_service`` (``--service-connection-share`` percent of it): a Service at it has
-      its listeners stop accepting, so *its* new clients wait in the backlog while every
-      other Service goes on accepting (HAProxy's per-frontend ``maxconn``);
-    * ``per_client`` (``--client-connection-share`` percent): a client IP at it has each
+    * ``per_service`` (``--service-connection-share`` percent of it, default 50): a Service
+      at it has its listeners stop accepting, so *its* new clients wait in the backlog while
+      every other Service goes on accepting (HAProxy's per-frontend ``maxconn``);
+    * ``per_client`` (``--client-connection-share``, default 25): a client IP at it has each
       further connection reset at once (HAProxy's ``tcp-request connection reject if {
       src_conn_cur ge N }``, Envoy's connection_limit filter).  Such a client cannot be
       left in the backlog: the accept queue is one FIFO for all clients, so holding one
@@ -98,11 +91,7 @@ class ConnectionLimit:
     )
 
     def __init__(
-        self,
-        maximum: int,
-        *,
-        service_share: float = 100,
-        client_share: float = 100,
+        self, maximum: int, *, service_share: float = 100, client_share: float = 100
     ) -> None:
         self.maximum = maximum
         self.per_service = share_of(maximum, service_share)

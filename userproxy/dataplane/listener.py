@@ -3,16 +3,13 @@
 A listener serves one ``ListenerSpec`` (one protocol, address and port of one
 ServicePort).  Its socket is open exactly while the listener is not closed and some traffic
 class has endpoints: with none at all the socket is closed, so the kernel refuses (TCP RST
-on SYN, ICMP port unreachable for UDP), which is what kube-proxy answers.  Sockets bind with
-``IP_FREEBIND``: a service IP need not be on an interface yet.
+on SYN, ICMP port unreachable for UDP), which is what kube-proxy answers.
 
-Opening never raises: any ``OSError`` on the way (``socket()`` failing with EMFILE/ENFILE
-when descriptors run out, a bind to an address another process holds, ``listen()``) leaves
-the listener in place, without a socket, with the error in ``bind_error``, and
-``retry_bind`` tries again (the listener set at every sync that touches the Service, its
-sweeper every few seconds), so a listener the plan wants is open as soon as it can be.
-An address problem is logged once per listener and errno; running out of descriptors or
-memory is logged for all listeners together, at most once a second.
+Opening never raises: any ``OSError`` (EMFILE/ENFILE from ``socket()``, an address another
+process holds, ``listen()``) leaves the listener without a socket and the error in
+``bind_error``; ``retry_bind`` tries again (the listener set calls it at every sync of the
+Service and every few seconds).  An address problem is logged once per listener and errno;
+running out of descriptors or memory once a second for all listeners together.
 """
 
 from __future__ import annotations
@@ -122,8 +119,7 @@ class Listener(abc.ABC):
         self._open_or_close()
 
     def retry_bind(self) -> None:
-        """Try a failed open again (the listener set calls this at syncs and every few
-        seconds)."""
+        """Try a failed open again."""
         if self.bind_error is not None:
             self._open_or_close()
 
@@ -133,7 +129,6 @@ class Listener(abc.ABC):
         self._open_or_close()
 
     def _open_or_close(self) -> None:
-        """Open the socket if it is wanted and not open; close it if it is not wanted."""
         want = not self.closed and self.spec.serves_anyone
         if want and self._sock is None:
             self._open()

@@ -2,29 +2,16 @@
 
 This is the part of kube-proxy's old userspace proxier (pkg/proxy/userspace/proxier.go)
 that opened and stopped one proxy socket per service port; here the unit is a
-``ListenerSpec`` (one protocol, address and port of one ServicePort).
+``ListenerSpec``, and ``set_listeners(service, specs)``, the control plane's only entry
+point, touches only that Service's listeners.  A closed TCP listener's connections go on
+until they end by themselves (or time out), as kube-proxy's conntrack keeps a deleted
+Service's established flows; only shutdown resets them, after ``--shutdown-grace``
+(``drain``).  A closed UDP listener's sessions end with it (their replies would have no
+socket).
 
-``set_listeners(service, specs)`` is the only entry point the control plane uses.  It
-touches only the listeners of that Service: a listener whose spec is unchanged is left
-alone (or, if its socket could not be opened, tried again), one whose pool changed gets its
-pool swapped, new ones are opened and the rest are closed.  A closed TCP listener's open
-connections are left open until they end by themselves (or hit ``--tcp-idle-timeout``/
-``--tcp-fin-timeout``), as kube-proxy's conntrack entries keep a deleted Service's
-established flows: deleting a Service stops new connections, not the ones it has.  Only
-process shutdown resets them, after ``--shutdown-grace`` (``drain``).  A closed UDP
-listener's sessions end with it (their replies would have no socket).
-
-``set_listeners`` always goes through the whole plan: a listener that cannot be opened (out
-of descriptors, address taken) is kept, without a socket, and retried; an exception for one
-listener does not stop the others.  Only then, if some listener the plan wants is not
-open, it raises ``ListenersNotOpen`` naming them, so the caller can retry the Service (the
-proxier does, through the sync runner).  Between syncs the sweeper retries failed opens
-every ``BIND_RETRY_INTERVAL`` seconds.  An address wanted by two Services is served for
-the first; the other gets it when the first lets go.
-
-One sweeper task (not a timer per connection) enforces the TCP idle and half-close
-timeouts and the UDP idle timeout once a second, and retires closed listeners whose last
-connection has ended.
+One sweeper task (not a timer per connection) enforces the TCP and UDP timeouts once a
+second, retries failed opens every ``BIND_RETRY_INTERVAL`` seconds and retires closed
+listeners whose last connection has ended.
 """
 
 from __future__ import annotations
@@ -64,7 +51,6 @@ class PortTotals(ListenerStats):
     bind_errors: int = 0
 
     def add(self, listener: AnyListener) -> None:
-        """Add a listener's own counters."""
         stats = listener.stats
         for name in _STATS_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(stats, name))
@@ -72,8 +58,6 @@ class PortTotals(ListenerStats):
 
 _STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ListenerStats))
 AnyListener = TcpListener | UdpListener
-
-
 TotalsKey = tuple[str, str]  # ("namespace/name:port", protocol)
 
 
@@ -84,8 +68,7 @@ def _totals_key(listener: AnyListener) -> TotalsKey:
 
 
 class ListenersNotOpen(Exception):
-    """Some listeners ``set_listeners`` was asked for are not open (everything else is
-    done)."""
+    """Some listeners ``set_listeners`` was asked for are not open (all else is done)."""
 
     def __init__(self, service: ServiceKey, failures: dict[ListenerKey, BaseException]):
         self.service = service
@@ -113,8 +96,7 @@ class TcpTimeouts:
 
 
 class ListenerSet:
-    """Every listener of the process, by (protocol, address, port), and the Service owning
-    each (see the module)."""
+    """Every listener of the process by (protocol, address, port), and the Service owning each."""
 
     def __init__(
         self,
@@ -127,8 +109,7 @@ class ListenerSet:
         self.limit = limit
         self.timeouts = timeouts
         self.udp_sessions = SessionTable(udp or UdpSettings())
-        #: Classifies clients of NodePort/external/LB listeners (its node addresses are
-        #: kept up to date by hostnet).
+        #: Classifies clients of NodePort/external/LB listeners (kept fresh by hostnet).
         self.node_local = NodeLocal()
         self._last_bind_retry = 0.0
         self.listeners: dict[ListenerKey, AnyListener] = {}
@@ -149,6 +130,10 @@ class ListenerSet:
     def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
         """Make the listeners of ``service`` exactly ``specs`` (empty: remove them all).
 
+        Unchanged listeners are left alone (or their failed open retried), changed ones get
+        their pools swapped, new ones are opened and the rest closed; one that cannot be
+        opened is kept without a socket, and an exception for one does not stop the others.
+        An address another Service holds is refused until that Service lets go of it.
         Raises ``ListenersNotOpen`` after doing all it could when some wanted listener is
         not open; calling ``set_listeners`` again with the same specs retries exactly those.
         """
@@ -274,10 +259,6 @@ class ListenerSet:
                 yield from listener.connections
 
     @property
-    def active_connections(self) -> int:
-        return self.limit.active
-
-    @property
     def conflicts(self) -> int:
         """(address, Service) pairs refused now because another Service holds the address
         (``userproxy_listener_conflicts``): each is also logged once, when it begins."""
@@ -290,7 +271,7 @@ class ListenerSet:
             totals = result.setdefault(_totals_key(listener), PortTotals())
             totals.add(listener)
             if isinstance(listener, UdpListener):
-                totals.sessions_active += listener.session_count
+                totals.sessions_active += len(listener.sessions)
             else:
                 totals.active += len(listener.connections)
                 for conn in listener.connections:
@@ -302,8 +283,7 @@ class ListenerSet:
 
     # -- timeouts --------------------------------------------------------------------------
     async def run_sweeper(self) -> None:
-        """Enforce idle/half-close timeouts and retire drained listeners, once a second,
-        forever."""
+        """Forever: ``sweep`` once a second."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.sweep(asyncio.get_running_loop().time())

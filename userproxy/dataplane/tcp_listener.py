@@ -1,21 +1,17 @@
 """A TCP listener for one (ServicePort, address): its own accept loop and the dialer.
 
-The accept loop is a reader callback on a non-blocking listening socket rather than
-``loop.create_server``, because the proxy must control three things the stock servers do
-not expose the same way on both loops:
+The accept loop is a reader callback on a non-blocking listening socket, not
+``loop.create_server``, to control three things the same way on both loops:
 
 * no usable endpoints -> the socket is closed, so new clients get ECONNREFUSED at once
   (never accept-then-close, never a hang); it is opened again when endpoints return;
-* ``--max-connections`` reached -> accepting pauses (clients wait in the backlog); the same
-  for one Service's listeners when that Service holds its share of it, while other
-  Services go on accepting; a client IP holding its share has further connections reset
-  (see ``ConnectionLimit``);
-* EMFILE/ENFILE in ``accept()`` -> accepting backs off and retries, logged at most once a
-  second, instead of libuv's accept-and-drop trick or a per-attempt traceback.
+* ``--max-connections``, or this Service's share of it, reached -> accepting pauses
+  (clients wait in the backlog); a client IP over its share is reset (``ConnectionLimit``);
+* EMFILE/ENFILE in ``accept()`` -> accepting backs off, logged at most once a second,
+  instead of libuv's accept-and-drop trick or a per-attempt traceback.
 
-Each accepted socket gets one short-lived task that wraps it in a transport and dials the
-endpoint; the task ends as soon as the upstream connection is up (the relay itself needs
-no task).  Dialing therefore never blocks accepting.
+Each accepted socket gets one short-lived task that wraps it and dials, ending once the
+upstream is up (the relay needs no task), so dialing never blocks accepting.
 """
 
 from __future__ import annotations
@@ -46,7 +42,6 @@ _dial_error_log = RateLimitedLog(log)
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close an accepted socket with an RST (SO_LINGER 0), never a clean FIN."""
     set_linger_zero(sock)
     sock.close()
 
@@ -84,7 +79,6 @@ class TcpListener(Listener):
         self._open_or_close()
 
     def close(self) -> None:
-        """Stop accepting for good; open connections go on until they end or are drained."""
         self.limit.unregister(self)
         super().close()
 
@@ -209,7 +203,6 @@ class TcpListener(Listener):
                 if conn.finished:
                     return
                 continue
-            conn.endpoint = endpoint
             await self._join(conn, sock)
             return
         # No endpoint could be reached: reset the client rather than leave it hanging.

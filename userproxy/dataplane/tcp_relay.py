@@ -7,15 +7,11 @@ stops reading until it drains (``resume_writing``).  Memory per connection is th
 by the two write-buffer limits plus one read chunk, and by ``PRECONNECT_LIMIT`` before the
 upstream connection exists.
 
-Half-close: an EOF from one side is forwarded to the other as a FIN (see
-``_shutdown_write``), and the connection is closed once both directions have finished or
-``fin_timeout`` passes.  See docs/architecture.md ("Half-close and uvloop") for why the
-sequence is exactly as it is.
-
-Resets pass through: a side that ends with an error (a peer's RST, a failed write) is
-answered with a RST on the other side (``reset``: SO_LINGER 0, then ``abort()``; a plain
-``abort()`` closes the descriptor and the kernel sends a FIN, which would make a truncated
-stream look complete).  A clean end stays a clean end.
+Half-close: an EOF from one side is forwarded to the other as a FIN, and the connection is
+closed once both directions have finished or ``fin_timeout`` passes (docs/architecture.md,
+"Half-close and uvloop", says why exactly so).  Resets pass through: a side that ends with
+an error (a peer's RST, a failed write) is answered with a RST on the other side
+(``reset``); a clean end stays a clean end.
 
 Invariants: a client is joined to at most one upstream transport in its life
 (``upstream_made`` refuses and resets any other); once a transport is lost, the relay holds
@@ -26,15 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import struct
-from typing import TYPE_CHECKING, Protocol, cast
-
-if TYPE_CHECKING:
-    from userproxy.model import Endpoint
-
-log = logging.getLogger(__name__)
+from typing import Protocol, cast
 
 #: Bytes a client may send before its upstream connection is up; beyond this the
 #: downstream transport stops reading (the first read chunk may overshoot it: uvloop
@@ -62,7 +52,8 @@ def set_linger_zero(sock: socket.socket) -> None:
 
 
 def reset(transport: asyncio.Transport) -> None:
-    """End ``transport`` with a RST, dropping what its buffer still holds."""
+    """End ``transport`` with a RST, dropping what its buffer still holds (a plain
+    ``abort()`` sends a FIN, which would make a truncated stream look complete)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         # asyncio's TransportSocket and uvloop's PseudoSocket both pass setsockopt on to
@@ -142,7 +133,6 @@ class DownstreamProtocol(asyncio.Protocol):
         "dial_task",
         "dialing",
         "downstream",
-        "endpoint",
         "finished",
         "half_closed_at",
         "idle_since",
@@ -162,14 +152,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self.loop = loop
         self.downstream: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
-        self.endpoint: Endpoint | None = None
         self.pending: bytearray | None = bytearray()
         self.preconnect_paused = False
         self.client_eof = False
         self.server_eof = False
         self.finished = False
-        #: The task wrapping the socket and dialing; cancelled if the client goes away
-        #: while ``dialing``.
+        #: The task wrapping the socket and dialing (cancelled if the client leaves while dialing).
         self.dial_task: asyncio.Task[None] | None = None
         self.dialing = False
         # Timeout bookkeeping, read by the listener set's sweeper (no timer per connection).
@@ -257,10 +245,8 @@ class DownstreamProtocol(asyncio.Protocol):
         return True
 
     def drop_upstream(self) -> None:
-        """The upstream transport's wrapping was cancelled: forget it, with a reset.
-
-        (uvloop closes such a transport without calling ``connection_lost``.)
-        """
+        """The upstream transport's wrapping was cancelled: forget it, with a reset (uvloop
+        closes such a transport without calling ``connection_lost``)."""
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             reset(upstream)

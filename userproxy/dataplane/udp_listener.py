@@ -3,21 +3,15 @@
 Where kube-proxy's old userspace mode failed its users, this module does otherwise:
 
 * Datagrams of any size up to 65 507 bytes pass intact: every receive uses a 64 KiB buffer.
-* Each client gets a session (``udp_session``) with its own connected socket to the
-  endpoint it picked, so replies go back from the listening socket, i.e. from the exact
-  address and port the client used.  After a pool update (``version``) a session's next
-  datagram checks that its endpoint is still in the pool and picks again if not.
-* Optional fairness (``--udp-session-rate``, off by default): each session gets a token
-  bucket of ``session_rate`` datagrams per second (burst a tenth of that, at least 64); a
-  client beyond it has its datagrams dropped at the cost of one ``recvfrom``, so one
-  flooding client cannot take the proxy's forwarding capacity (or the endpoints') from
-  the others.  Off by default because a legitimate busy client (a DNS forwarder sends all
-  its queries from one socket) looks exactly like a flood, and nginx stream and HAProxy
-  drop nothing on purpose either.  Every drop is counted and logged (one line at most
-  every ``DROP_LOG_INTERVAL`` seconds for the process, with how many were held back).
-
-The data path uses ``loop.add_reader`` on plain non-blocking sockets: a readiness callback
-drains up to ``BATCH`` datagrams and returns, so one busy socket cannot starve the others.
+* Each client gets a session (``udp_session``): replies go back from the exact address
+  and port the client used.  After a pool update (``version``) a session's next datagram
+  checks that its endpoint is still in the pool and picks again if not.
+* Optional fairness (``--udp-session-rate``): a token bucket per session; a client beyond
+  it has its datagrams dropped at the cost of one ``recvfrom``, so one flooding client
+  cannot take the forwarding capacity (or the endpoints') from the others.  Off by default
+  because a legitimate busy client (a DNS forwarder sends all its queries from one socket)
+  looks exactly like a flood; nginx stream and HAProxy drop nothing on purpose either.
+  Every drop is counted and logged (at most once every ``DROP_LOG_INTERVAL`` seconds).
 """
 
 from __future__ import annotations
@@ -29,13 +23,7 @@ import socket
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.listener import Listener
-from userproxy.dataplane.udp_session import (
-    BATCH,
-    MAX_DATAGRAM,
-    Address,
-    SessionTable,
-    UdpSession,
-)
+from userproxy.dataplane.udp_session import BATCH, MAX_DATAGRAM, Address, SessionTable, UdpSession
 from userproxy.logs import RateLimitedLog
 from userproxy.model import ListenerSpec
 
@@ -85,10 +73,6 @@ class UdpListener(Listener):
     @property
     def sock(self) -> socket.socket | None:
         return self._sock
-
-    @property
-    def session_count(self) -> int:
-        return len(self.sessions)
 
     def update(self, spec: ListenerSpec) -> None:
         self.version += 1
@@ -163,8 +147,7 @@ class UdpListener(Listener):
                 )
                 continue
             except OSError:
-                # An ICMP error from an earlier datagram surfaces here: end the session;
-                # the client's next datagram picks again.
+                # An ICMP error from an earlier datagram surfaces here: the session ends.
                 stats.sessions_closed_by_icmp += 1
                 table.remove(session)
                 continue

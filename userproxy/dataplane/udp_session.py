@@ -3,20 +3,16 @@
 kube-proxy's old userspace mode (pkg/proxy/userspace, udpProxySocket) kept a map of
 client address -> connection, with a goroutine and a read deadline each; here:
 
-* A session is keyed by the client's (ip, port).  Its first datagram picks an endpoint
-  through the Service's balancer (and affinity); the session then owns a *connected*
-  socket to that endpoint, so replies are matched by the kernel, and they go back to the
-  client from the listening socket, i.e. from the exact address and port the client used
-  (resolvers check this).
+* A session is keyed by the client's (ip, port) and owns a *connected* socket to the
+  endpoint its first datagram picked, so the kernel matches the replies; they go back from
+  the listening socket, i.e. from the exact address and port the client used (resolvers
+  check this).  An ICMP error (ECONNREFUSED on that socket) ends the session, so the next
+  datagram picks again.
 * Sessions live in one LRU table for the whole process, bounded by ``max_sessions`` (and
   so are their descriptors): a new session beyond it evicts the least recently used one.
   Idle sessions (``idle_timeout``, default 30 s like the kernel's UDP conntrack) are expired
   by the listener set's once-a-second sweep from the old end of the table: no timer and no
   task per session or datagram.
-* When a session's endpoint leaves the pool, the session's next datagram finds out (a
-  pool version check, in the listener) and picks a current endpoint: nothing more is sent
-  to the old one.  An ICMP error from the endpoint (ECONNREFUSED on the connected socket)
-  closes the session, so the next datagram picks again.
 
 Replies are read with ``loop.add_reader`` on the session's non-blocking socket, up to
 ``BATCH`` datagrams per readiness event, so one busy session cannot starve the others.
@@ -87,8 +83,7 @@ class UdpSession:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                # ECONNREFUSED: the endpoint answered ICMP port unreachable. The session
-                # ends; the client's next datagram picks again.
+                # ECONNREFUSED: the endpoint answered ICMP port unreachable; the session ends.
                 listener.stats.sessions_closed_by_icmp += 1
                 log.debug("%s: session %s -> %s ended: %s", listener.spec.spn, self.client,
                           self.endpoint, exc)  # fmt: skip

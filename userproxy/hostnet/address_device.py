@@ -1,24 +1,15 @@
 """The service IPs userproxy makes local itself, on a device it owns (``--manage-addresses``).
 
-Why this exists: kube-proxy's iptables/IPVS/nftables modes catch packets to a ClusterIP,
-externalIP or load-balancer IP with netfilter (DNAT) before the routing decision, so those
-IPs never need to exist on the node.  userproxy uses no netfilter: it accepts connections
-on ordinary sockets bound to the service IP.  A packet routed to the node is only delivered
-to a local socket when the kernel considers its destination address *local* (an entry in the
-``local`` routing table); otherwise the node forwards it or drops it.  So every service IP
-userproxy serves must be local to the node, one way or another (see docs/addressing.md).
-kube-proxy's IPVS mode does the same with its ``kube-ipvs0`` device.
+Without netfilter (no DNAT), the kernel delivers a packet to a listener bound to a service
+IP only if that address is *local* to the node; docs/addressing.md explains this and the
+ways to do it.  By default userproxy leaves that to the operator (listeners bind with
+``IP_FREEBIND``); with ``--manage-addresses`` an ``AddressManager`` keeps the addresses on
+a device it owns, as kube-proxy's IPVS mode does with its ``kube-ipvs0`` device.
 
-The default is to do nothing to the host: listeners are bound with ``IP_FREEBIND`` so they
-can be created before the address exists locally, and the operator makes the addresses local
-(``ip route add local <service CIDR> dev lo``, or a dummy interface holding them).  With
-``--manage-addresses`` an ``AddressManager`` does it: it adds each served IP as a /32 or
-/128 to a device it owns (``userproxy0``), removes it when it stops being served, never
-touches an address it did not add, and cleans up on exit.  What it owns is marked in the
-kernel, so that ownership outlives the process (SIGKILL, crash): each address it adds
-carries ``IFA_PROTO`` :data:`ADDRESS_PROTO`, and a device it creates carries the alias
-:data:`DEVICE_ALIAS`.  ``cleanup()`` (``userproxy cleanup``) removes exactly what carries
-those marks, from another process, after a crash.
+What it owns is marked in the kernel, so that ownership outlives the process (SIGKILL,
+crash): each address it adds carries ``IFA_PROTO`` :data:`ADDRESS_PROTO`, and a device it
+creates carries the alias :data:`DEVICE_ALIAS`.  ``cleanup()`` (``userproxy cleanup``)
+removes exactly what carries those marks, from another process, after a crash.
 
 Every netlink call is awaited on the running loop (``host_addresses.netlink``), so a sync
 that adds thousands of addresses never holds the data plane up.
@@ -42,15 +33,13 @@ __all__ = ["ADDRESS_PROTO", "DEVICE_ALIAS", "AddressManager", "Cleanup", "cleanu
 
 log = logging.getLogger(__name__)
 
-#: IFA_PROTO value stamped on every address an ``AddressManager`` adds (iproute2 shows it as
-#: ``proto 0x75``).  Addresses carrying it on the manager's device are leftovers of an earlier
-#: userproxy run that could not clean up (SIGKILL, crash); ``open()`` adopts them as its own so
+#: IFA_PROTO stamped on every address an ``AddressManager`` adds (``ip addr``: ``proto
+#: 0x75``).  ``open()`` adopts those an earlier run left on its device (SIGKILL, crash), so
 #: the next ``sync`` removes the ones no longer served.
 ADDRESS_PROTO = 0x75
 
-#: Alias (``IFLA_IFALIAS``, ``ip link`` shows it) given to a device an ``AddressManager``
-#: creates: after a crash, the device can still be told apart from one made by hand.  A
-#: later ``open()`` adopts a device carrying it (and deletes it on close); ``cleanup()``
+#: Alias (``IFLA_IFALIAS``) of a device an ``AddressManager`` creates, telling it apart from
+#: one made by hand: a later ``open()`` adopts it (and deletes it on close); ``cleanup()``
 #: deletes it.  A device without it is never deleted.
 DEVICE_ALIAS = "userproxy: created by --manage-addresses"
 
@@ -64,7 +53,6 @@ def _refused(exc: NetlinkError) -> str:
 
 
 async def _lookup(ipr: Any, device: str) -> int | None:
-    """The device's ifindex, or None when there is no such device."""
     found = await ipr.link_lookup(ifname=device)
     return int(found[0]) if found else None
 
@@ -72,14 +60,12 @@ async def _lookup(ipr: Any, device: str) -> int | None:
 class AddressManager:
     """Keeps the service IPs userproxy serves on a device it owns (``--manage-addresses``).
 
-    ``open()`` finds or creates the device (kind ``dummy``; where the kernel lacks the dummy
-    driver, an empty ``bridge``, which holds addresses the same way) and brings it up.
-    ``sync(wanted)`` adds each missing wanted address as a /32 or /128 (IPv6 with
-    ``IFA_F_NODAD``, usable at once) and removes the ones it added that are no longer wanted.
-    An address already present on any interface is left alone and never becomes "ours";
-    addresses it did not add are never removed.  ``close()`` removes what it added and deletes
-    the device if it created it.  Needs CAP_NET_ADMIN; one caller at a time (the sync path).
-    Errors per address are logged and do not stop the others."""
+    The device is a ``dummy`` (where the kernel lacks that driver, an empty ``bridge``, which
+    holds addresses the same way); each address a /32 or /128 (IPv6 with ``IFA_F_NODAD``,
+    usable at once).  An address already present on any interface is left alone and never
+    becomes "ours"; addresses it did not add are never removed.  Needs CAP_NET_ADMIN; one
+    caller at a time (the sync path).  Errors per address are logged and do not stop the
+    others."""
 
     def __init__(self, device: str = "userproxy0") -> None:
         self._device = device
@@ -197,7 +183,6 @@ class AddressManager:
         )
 
     async def _mark_device(self, ipr: Any) -> None:
-        """Give the device just created the alias that says it is ours (DEVICE_ALIAS)."""
         index = await _lookup(ipr, self._device)
         if index is None:
             return  # deleted meanwhile; _ensure_device notices
@@ -291,12 +276,8 @@ class AddressManager:
 
 @dataclass(frozen=True, slots=True)
 class Cleanup:
-    """What ``cleanup()`` found and did on one device.
-
-    ``removed``: the addresses carrying ADDRESS_PROTO that were removed.  ``others``: the
-    addresses on the device that userproxy did not add (IPv6 link-local left out), kept.
-    ``deleted``: whether the device was deleted (only when it carries DEVICE_ALIAS and
-    holds no ``others``)."""
+    """What ``cleanup()`` found and did on one device: ``removed`` the addresses carrying
+    ADDRESS_PROTO, kept ``others`` (not added by userproxy; IPv6 link-local left out)."""
 
     device: str
     found: bool
@@ -338,11 +319,9 @@ def _unless_gone(exc: NetlinkError, what: str) -> None:
 async def cleanup(device: str = "userproxy0") -> Cleanup:
     """Remove what ``AddressManager``s left on ``device`` (kube-proxy's ``--cleanup``).
 
-    Meant for after a crash or SIGKILL, when no userproxy runs with this device: every
-    address on ``device`` marked with ADDRESS_PROTO is removed, and the device is deleted if
-    it carries DEVICE_ALIAS and no address that userproxy did not add remains.  Nothing
-    without the marks is touched.  Idempotent: a second call finds nothing.  Raises
-    OSError (with the errno, e.g. EPERM without CAP_NET_ADMIN) when netlink refuses."""
+    Every address marked with ADDRESS_PROTO is removed, and the device is deleted if it
+    carries DEVICE_ALIAS and no other address remains; nothing without the marks is touched.
+    Idempotent.  Raises OSError (e.g. EPERM without CAP_NET_ADMIN) when netlink refuses."""
     try:
         async with netlink() as ipr:
             index = await _lookup(ipr, device)

@@ -1,18 +1,13 @@
 """Reading the host's addresses over netlink, without blocking the event loop.
 
-Everything here is read through pyroute2's ``AsyncIPRoute`` on the running loop: a read
-awaits the kernel's answers, and the loop serves connections between them.  Decoding a
-netlink message in pyroute2 is pure Python (~50 us an address), so what bounds the pause
-of one step is the size of one datagram: the socket is read ``RECV_SIZE`` bytes at a time
-(the kernel fills a dump's next datagram only when the last one is read), about 50
-addresses per loop turn, a few milliseconds, however many addresses the host has.  What
-is left are the cyclic garbage collector's passes: pyroute2's decoded messages are cyclic
-garbage (about 36 objects an address), and a full pass stops every thread alike, so a read
-of thousands of addresses can still pause the loop for tens of milliseconds, against the
-whole read's hundreds when it blocked (bench/node_addresses.py measures both).
-``read_host`` reads once; what counts as local or
-primary is decided from that one read by pure methods (``HostAddresses.local``,
-``primary``), and ``select_nodeport_addresses`` is pure as well.
+Everything here is read through pyroute2's ``AsyncIPRoute`` on the running loop, the
+socket ``RECV_SIZE`` bytes at a time (the kernel fills a dump's next datagram only when the
+last one is read).  Decoding is pure Python (~50 us an address), so one loop turn decodes
+about 50 addresses, a few milliseconds, however many the host has.  The cyclic garbage
+collector's passes remain (pyroute2's messages are cyclic garbage, ~36 objects an address):
+a read of thousands of addresses can still pause the loop for tens of milliseconds, against
+hundreds when it blocked (bench/node_addresses.py measures both).  ``read_host`` reads
+once; what the proxy needs is decided from that read by pure functions.
 
 uvloop cannot carry pyroute2's default transport (``create_datagram_endpoint`` on an
 ``AF_NETLINK`` socket: "ValueError: cannot open a UDP handle, invalid family 16"), so
@@ -189,26 +184,24 @@ class HostAddresses:
     default_oifs: Mapping[int, frozenset[int]]
 
     def _counted(self, exclude_devices: Iterable[str]) -> list[Address]:
+        """The addresses that count: not IPv6 link-local (fe80::/10 or scope link), not on
+        ``exclude_devices`` (e.g. an ``AddressManager``'s: service IPs are not NodePort
+        addresses)."""
         names = set(exclude_devices)
         skip = {index for index, (name, _) in self.links.items() if name in names}
         return [a for a in self.addresses if not a.link_local and a.index not in skip]
 
     def local(self, exclude_devices: Iterable[str] = ()) -> frozenset[str]:
-        """Every address on every interface, loopback included, in canonical text; IPv6
-        link-local (fe80::/10 or scope link) left out.
-
-        ``exclude_devices``: interface names whose addresses do not count, e.g. the device
-        of an ``AddressManager`` (its service IPs must not become NodePort addresses)."""
+        """Every address that counts, loopback included, in canonical text."""
         return frozenset(a.text for a in self._counted(exclude_devices))
 
     def primary(self, exclude_devices: Iterable[str] = ()) -> frozenset[str]:
         """The node's primary IPs, which kube-proxy's ``nodePortAddresses: [primary]`` means.
 
         Upstream takes them from the Node object; userproxy reads the host instead.  Per
-        family: the addresses of the interface(s) that hold a default route in the main
-        routing table (several with ECMP or several default routes); with no default route
-        in a family, the first non-loopback address of that family in ifindex order.  IPv6
-        link-local addresses never count, nor addresses on ``exclude_devices``."""
+        family: the addresses that count on the interface(s) holding a default route in the
+        main routing table (several with ECMP or several default routes); with no default
+        route in a family, the first non-loopback address of that family in ifindex order."""
         addrs = sorted(self._counted(exclude_devices), key=lambda a: a.index)
         result: set[str] = set()
         for family in _FAMILIES:

@@ -2,17 +2,15 @@
 
 Every listening socket userproxy opens (the Service listeners, the health-check ports) is
 made here, as every socket uvicorn serves on goes through its ``Config.bind_socket``.  So
-they all get:
+they are all non-blocking and get:
 
 * ``SO_REUSEADDR``, so a port held by connections in TIME_WAIT can be bound again at once;
 * ``IPV6_V6ONLY`` on IPv6 sockets, so ``::`` and ``0.0.0.0`` on one port are two sockets
-  that never take each other's traffic (the IPv4 and IPv6 listeners of a dual-stack
-  Service are separate);
+  that never take each other's traffic;
 * with ``freebind``, ``IP_FREEBIND``/``IPV6_FREEBIND``: an address that is not (yet) on any
   interface binds all the same and is served as soon as it is local (docs/addressing.md).
-  Setting it is best effort: without it a non-local address fails at ``bind()`` with
-  EADDRNOTAVAIL, which the caller reports like any other bind error;
-* non-blocking, for a loop's reader or an asyncio server.
+  Best effort: without it a non-local address fails at ``bind()`` with EADDRNOTAVAIL,
+  which the caller reports like any other bind error.
 
 Invariant: the caller owns a socket only once ``listening_socket`` returns; on any error
 (EMFILE from ``socket()``, EADDRINUSE from ``bind()``...) the socket is already closed.
@@ -38,10 +36,7 @@ def listening_socket(
     freebind: bool = True,
     backlog: int | None = None,
 ) -> socket.socket:
-    """A non-blocking socket of ``kind`` bound to ``ip:port`` (see the module's options).
-
-    ``backlog``: also ``listen(backlog)`` (TCP); None leaves that to the caller.
-    """
+    """A socket of ``kind`` bound to ``ip:port``; with ``backlog``, also listening (TCP)."""
     v6 = ":" in ip
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
     try:

@@ -5,20 +5,13 @@ never the service IPs on the proxy's own device) and the listeners' traffic clas
 (which clients are on this node: every local address, plus ``--cluster-cidr``; kube-proxy's
 LocalTrafficDetector answers the same question).
 
-``refresh()`` reads the host once (``host_addresses.read_host``, awaited on the loop: no
-step waits for the kernel), updates the classifier and keeps the NodePort addresses for
-``nodeport_addresses()``.  The proxy awaits one ``refresh()`` before it serves, then runs
-``watch()`` as a task: it subscribes to the kernel's address events (``RTMGRP_IPV4_IFADDR``
-and ``RTMGRP_IPV6_IFADDR`` on a raw ``NETLINK_ROUTE`` socket the loop reads with
-``add_reader``), reads once more (so a change before the subscription is not lost), and
-after each burst of events reads again and asks for a sync only when the NodePort
-addresses changed.  The events are not decoded, they only wake the watcher: pyroute2's own
-subscription would decode each one on the loop and must reopen its socket after an
-overflow, where this one drains it and reads again.  So a new node address gets its
-NodePort listeners within a sync's time, not at the next periodic sync (kube-proxy's
-iptables mode matches NodePorts with ``--dst-type LOCAL``, so there a new address works at
-once), and the sync itself reads no netlink.  Where the netlink socket cannot be opened it
-polls every ``POLL_INTERVAL`` seconds instead.
+The proxy awaits one ``refresh()`` before it serves, then runs ``watch()``: it subscribes to
+the kernel's address events (a raw ``NETLINK_ROUTE`` socket read with ``add_reader``), reads
+once more (so no change before the subscription is lost) and again after each burst of
+events.  The events are not decoded, they only wake the watcher (pyroute2's subscription
+would decode each on the loop and reopen its socket after an overflow).  So a new node
+address gets its NodePort listeners within a sync's time (kube-proxy's iptables mode
+matches ``--dst-type LOCAL``, so there it works at once), and syncs read no netlink.
 
 Invariants: ``nodeport_addresses()`` never touches netlink: it returns what the last read
 found, or raises what the last read raised (before any read: LookupError); the proxier
