@@ -7,8 +7,10 @@ where the control plane meets them, so control/ imports none of them.
 
 Every call returns quickly.  Making the Service IPs local talks netlink, which can take
 milliseconds per address; :class:`ServiceAddressSync` does it in a task of its own, always
-working towards the newest wanted set, and retries a failed attempt with a backoff (the
-proxier also asks again at every sync while it reports the failure).
+working towards the newest wanted set, and retries an attempt that failed as a whole (no
+netlink, no device) with a backoff; the proxier asks again at every sync meanwhile.  One
+address the kernel refuses is logged by the address manager and tried again only when the
+wanted set changes (a refusal such as EEXIST would repeat on every retry).
 """
 
 from __future__ import annotations
