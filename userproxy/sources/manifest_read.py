@@ -107,9 +107,6 @@ class ManifestError(Exception):
             lines.append(f"  ... and {hidden} more")
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self._text()
-
     def __reduce__(self) -> tuple[type[ManifestError], tuple[tuple[str, ...]]]:
         return (ManifestError, (self.problems,))
 

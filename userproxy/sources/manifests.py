@@ -36,7 +36,7 @@ from typing import TypeVar
 from userproxy.control.handlers import Handlers
 from userproxy.model import Node
 from userproxy.slices import Slicer
-from userproxy.sources.diff import deliver_diff
+from userproxy.sources.diff import deliver_diff, diff_steps
 from userproxy.sources.inotify import Inotify, watch_directories
 from userproxy.sources.manifest_files import (
     ManifestCache,
@@ -92,19 +92,8 @@ async def _deliver_sliced(
     ``old`` and ``new`` must not change meanwhile (they are a state's frozen maps).
     """
     calls = 0
-    for key, value in old.items():
-        if key not in new:
-            delete(value)
-            calls += 1
-        await slicer.tick()
-    for key, value in new.items():
-        previous = old.get(key)
-        if previous is None:
-            add(value)
-            calls += 1
-        elif previous is not value and previous != value:
-            update(previous, value)
-            calls += 1
+    for called in diff_steps(old, new, add, update, delete):
+        calls += called
         await slicer.tick()
     return calls
 

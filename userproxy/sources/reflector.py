@@ -34,13 +34,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 import aiohttp
 
+from userproxy.logs import RateLimitedLog
 from userproxy.model import EndpointSlice, Node, Service
 from userproxy.sources.decode import DecodeError
 from userproxy.sources.diff import deliver_diff
@@ -135,27 +135,17 @@ class _Backoff:
 class _Throttle:
     """Logs a warning per cause at most every ``_WARN_INTERVAL`` seconds, the rest at debug.
 
-    Unlike a logger that drops what it holds back, the held-back messages still go to
-    debug: an operator chasing an API problem can see every attempt.
+    Unlike a bare ``RateLimitedLog``, which drops what it holds back, the held-back
+    messages still go to debug: an operator chasing an API problem can see every attempt.
     """
 
     def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._logs: dict[str, RateLimitedLog] = {}
 
     def warning(self, cause: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(cause)
-        if last is not None and now - last < _WARN_INTERVAL:
-            self._suppressed[cause] = self._suppressed.get(cause, 0) + 1
+        log = self._logs.setdefault(cause, RateLimitedLog(logger, _WARN_INTERVAL))
+        if not log.log(logging.WARNING, message, *args):
             logger.debug(message, *args)
-            return
-        self._last[cause] = now
-        suppressed = self._suppressed.pop(cause, 0)
-        if suppressed:
-            logger.warning(message + " (%d similar messages suppressed)", *args, suppressed)
-        else:
-            logger.warning(message, *args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,18 +406,16 @@ class Reflector(Generic[_T]):
         """Deliver one ADDED, MODIFIED or DELETED event and update the view."""
         decoded = self._decode(obj)
         key = decoded.key
-        old = self.view.get(key) if key is not None else None
         logger.debug("%s: %s %s", self.name, kind, decoded.label)
         if decoded.error is not None:
             self._invalid(decoded, f"watch event {kind}")
-            if kind == "DELETED" and key is not None and old is not None:
-                del self.view[key]  # gone, whatever its last state looked like
-                self._handlers.delete(old)
-            return
+            if kind != "DELETED":
+                return  # its last good version, if any, stays
         if key is None:
             return
+        old = self.view.get(key)
         new = decoded.value
-        if kind == "DELETED" or new is None:
+        if kind == "DELETED" or new is None:  # deleted (whatever it was), or no longer ours
             if old is not None:
                 del self.view[key]
                 self._handlers.delete(old)
