@@ -21,7 +21,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar, get_args
+from typing import TypeVar
 
 import yaml
 from kubernetes_asyncio import client as k8s_client
@@ -42,7 +42,6 @@ from userproxy.sources.decode import (
 )
 from userproxy.sources.list_watch import LIST_PAGE_SIZE, ListWatch
 from userproxy.sources.reflector import (
-    EventKind,
     OnEvent,
     Reflector,
     ReflectorOptions,
@@ -50,18 +49,11 @@ from userproxy.sources.reflector import (
 )
 
 __all__ = [
-    "EVENT_KINDS",
-    "RESOURCES",
     "KubernetesSource",
     "label_selector",
     "load_client_configuration",
     "make_api_client",
 ]
-
-#: The ``kind`` values ``on_event(kind, resource)`` is called with.
-EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
-#: The ``resource`` values ``on_event(kind, resource)`` is called with.
-RESOURCES = ("services", "endpointslices", "nodes")
 
 _M = TypeVar("_M", Service, EndpointSlice)
 
@@ -170,9 +162,9 @@ class KubernetesSource:
     """Feeds ``handlers`` from the Kubernetes API; :meth:`run` until cancelled.
 
     ``api`` is owned by the source from here on: :meth:`close` closes it.
-    ``on_event(kind, resource)`` is called with ``kind`` one of :data:`EVENT_KINDS` (see
-    :data:`userproxy.sources.reflector.EventKind`) and ``resource`` one of
-    :data:`RESOURCES`.  The timing arguments are those of
+    ``on_event(kind, resource)`` is called with ``kind`` a
+    :data:`~userproxy.sources.reflector.EventKind` and ``resource`` "services",
+    "endpointslices" or "nodes".  The timing arguments are those of
     :class:`~userproxy.sources.reflector.ReflectorOptions` (ValueError when out of range).
     """
 

@@ -10,8 +10,10 @@ the API server answers is sorted into three errors a reflector acts on:
 * :class:`WatchBroken`: an established watch stream broke (connection lost, read timeout,
   a line that is not a JSON object).
 
-Bodies are read as raw JSON (``_preload_content=False``) and parsed within
-:mod:`userproxy.sources.json_limits`; nothing here decodes the objects themselves.
+Bodies are read as raw JSON (``_preload_content=False``) and parsed by
+:mod:`userproxy.sources.json_limits`, never through kubernetes-asyncio's typed models, which
+reject a whole list or stream when one object has a field of the wrong type, nor through
+its ``Watch``, which gives up after one 410.  Nothing here decodes the objects themselves.
 """
 
 from __future__ import annotations

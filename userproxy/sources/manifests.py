@@ -45,7 +45,6 @@ from userproxy.sources.manifest_files import (
     load_manifests,
 )
 from userproxy.sources.manifest_read import (
-    MANIFEST_SUFFIXES,
     FileList,
     ManifestError,
     list_manifest_files,
@@ -54,7 +53,6 @@ from userproxy.sources.manifest_warnings import WarningLog, cross_check
 from userproxy.sources.manifest_worker import read_in_worker
 
 __all__ = [
-    "MANIFEST_SUFFIXES",
     "ManifestCache",
     "ManifestError",
     "ManifestSource",

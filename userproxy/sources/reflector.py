@@ -9,23 +9,17 @@ handlers in the place of client-go's store.  :meth:`Reflector.run` is its state 
 * WATCH from the list's ``resourceVersion`` with bookmarks and a server-side timeout,
   tracking the resourceVersion of every event (bookmarks included), so that a watch that
   ends or breaks is resumed where it stopped, without a re-list.
-* On ``410 Gone`` (an ERROR event with code 410, or an HTTP 410), re-list and reconcile:
-  unchanged objects cause no handler call, objects missing from the new list are deleted.
-  The first 410 re-lists at once; another before a watch has run to its end waits a
-  backoff.
-* Every ``resync_period`` seconds re-list and reconcile the same way (no churn when
-  nothing changed).
+* On ``410 Gone`` (an ERROR event with code 410, or an HTTP 410) and every
+  ``resync_period`` seconds, re-list and reconcile: unchanged objects cause no handler
+  call, objects missing from the new list are deleted.  The first 410 re-lists at once;
+  another before a watch has run to its end waits a backoff.
 * Any other failure is logged (rate-limited), reported through ``on_event`` and retried
   after a capped exponential backoff with full jitter, which starts afresh as soon as a
   watch delivers something.  :meth:`Reflector.run` never ends but by cancellation.
 
 Invariants: ``view`` is exactly what the handlers were given (key -> last delivered
 object); an object that fails validation is skipped with a warning naming it and the field,
-and its last good version, if any, stays in the view.
-
-Responses are read as raw JSON (``_preload_content=False``), never through
-kubernetes-asyncio's typed models, which reject a whole list or stream when one object
-has a field of the wrong type; nor through its ``Watch``, which gives up after one 410.
+and its last good version, if any, stays in the view.  The requests are ``list_watch.py``'s.
 """
 
 from __future__ import annotations
