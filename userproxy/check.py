@@ -30,7 +30,6 @@ from userproxy.model import (
     Endpoint,
     IPFamily,
     ListenerSpec,
-    PoolSpec,
     ServiceKey,
     ServiceType,
 )
@@ -215,7 +214,7 @@ def _endpoints(endpoints: Sequence[Endpoint]) -> str:
 def _pools(spec: ListenerSpec) -> str:
     """The endpoints each kind of client gets (the node's own only when they differ)."""
     text = _endpoints(spec.pool.endpoints)
-    node_pool: PoolSpec | None = spec.node_pool
+    node_pool = spec.node_pool
     if node_pool is not None and node_pool.endpoints != spec.pool.endpoints:
         text += f"; from this node and the cluster: {_endpoints(node_pool.endpoints)}"
     if spec.source_ranges:

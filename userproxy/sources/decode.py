@@ -94,9 +94,6 @@ _ADDRESS_TYPE_FQDN = "FQDN"
 _IP_MODES = ("VIP", "Proxy")
 
 
-# --------------------------------------------------------------------------- public API
-
-
 def is_selected(labels: Mapping[str, str], proxy_name: str | None) -> bool:
     """Whether an object with these labels is this proxy's, as the watch selector says.
 
@@ -261,9 +258,7 @@ def _target_port(entry: Mapping[str, object], path: str) -> int | str | None:
     if value is None:
         return None
     field = f"{path}.targetPort"
-    if isinstance(value, bool):
-        raise DecodeError(field, f"expected an integer or a port name, got {describe(value)}")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         if not 1 <= value <= 65535:
             raise DecodeError(field, f"{quote(value)} is out of range 1..65535")
         return value
@@ -332,29 +327,24 @@ def decode_endpoint_slice(obj: Mapping[str, object]) -> EndpointSlice | None:
     except ValueError:
         raise unknown_value("addressType", address_type, "IPv4, IPv6 or FQDN") from None
 
-    ports: list[EndpointPort] = []
-    for path, entry in opt_entries(obj, "ports", ""):
-        ports.append(
-            EndpointPort(
-                name=opt_str(entry, "name", path) or "",
-                protocol=_protocol(entry, path),
-                port=opt_port(entry, "port", path),
-            )
+    ports = tuple(
+        EndpointPort(
+            name=opt_str(entry, "name", path) or "",
+            protocol=_protocol(entry, path),
+            port=opt_port(entry, "port", path),
         )
-
-    endpoints: list[SliceEndpoint] = []
-    for path, entry in opt_entries(obj, "endpoints", ""):
-        endpoint = _slice_endpoint(entry, path, family)
-        if endpoint is not None:
-            endpoints.append(endpoint)
-
+        for path, entry in opt_entries(obj, "ports", "")
+    )
+    endpoints = [
+        _slice_endpoint(entry, path, family) for path, entry in opt_entries(obj, "endpoints", "")
+    ]
     return EndpointSlice(
         namespace=namespace,
         name=name,
         service_name=service_name,
         address_type=family,
-        ports=tuple(ports),
-        endpoints=tuple(endpoints),
+        ports=ports,
+        endpoints=tuple(endpoint for endpoint in endpoints if endpoint is not None),
         trigger_time=_parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
     )
 

@@ -11,8 +11,7 @@ Each object received is checked against the label selector again (the server fil
 already; this guards against one that ignores a selector): one that does not match is
 not this proxy's, and one that stops matching is deleted.
 
-Besides: the API client configuration (a kubeconfig or the in-cluster one), checked before
-anything starts so that an unusable one stops the process with one line.
+Besides: the API client configuration (:func:`load_client_configuration`).
 """
 
 from __future__ import annotations
@@ -64,11 +63,11 @@ SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/toke
 async def load_client_configuration(kubeconfig: Path | None) -> k8s_client.Configuration:
     """The API client configuration of ``kubeconfig``, or the in-cluster one when None.
 
-    Called before anything starts, so that a kubeconfig that cannot be used, or a pod
-    without a ServiceAccount token, stops the process with one line (``ConfigError``, whose
-    ``setting`` is ``kubeconfig``) instead of failing inside the running source.  The
-    checks made here first (readable, YAML, a mapping, a current-context that exists) give
-    the cause in userproxy's words; whatever else kubernetes-asyncio rejects keeps its text.
+    Called before anything starts, so that an unusable kubeconfig, or a pod without a
+    ServiceAccount token, stops the process with one line (``ConfigError``, ``setting``
+    ``kubeconfig``) instead of failing inside the running source.  :func:`_check_kubeconfig`
+    gives the common causes in userproxy's words; whatever else kubernetes-asyncio rejects
+    keeps its text.
     """
     configuration = k8s_client.Configuration()
     if kubeconfig is None:
@@ -128,11 +127,7 @@ def _check_kubeconfig(path: Path) -> None:
 
 
 async def make_api_client(kubeconfig: Path | None) -> ApiClient:
-    """An ApiClient for ``kubeconfig``, or for the in-cluster configuration when None.
-
-    The caller owns the client (``await client.close()``; :meth:`KubernetesSource.close`
-    does it for the client given to the source).
-    """
+    """An ApiClient for ``kubeconfig`` (None: in-cluster); the caller closes it."""
     return ApiClient(configuration=await load_client_configuration(kubeconfig))
 
 
@@ -141,9 +136,6 @@ def label_selector(proxy_name: str | None) -> str:
     if proxy_name is None:
         return f"!{HEADLESS_LABEL},!{SERVICE_PROXY_NAME_LABEL}"
     return f"!{HEADLESS_LABEL},{SERVICE_PROXY_NAME_LABEL}={proxy_name}"
-
-
-# --------------------------------------------------------------------------- the source
 
 
 def _if_selected(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from userproxy.sources import json_limits
+from userproxy.sources.decode_fields import DecodeError, as_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +60,10 @@ class WatchBroken(Exception):
 
 def str_mapping(value: object) -> dict[str, object] | None:
     """``value`` as a mapping with string keys, or None if it is not one."""
-    if not isinstance(value, Mapping):
+    try:
+        return as_mapping(value, "")
+    except DecodeError:
         return None
-    result: dict[str, object] = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            return None
-        result[key] = item
-    return result
 
 
 def metadata_str(obj: Mapping[str, object], key: str) -> str | None:

@@ -8,21 +8,15 @@ at once by inotify where it works), delivering only the differences of each relo
 
 Invariants of a reload (the event loop keeps serving connections while it runs):
 
-- A poll lists the files with their stamps; only when the listing differs from the last
-  one (or a file is too fresh to trust its stamp, or a reload was requested) does it
-  reload, and then only the stale files are read (``manifest_read.is_stale``).
-- The loop is never held for long.  Files to re-read totalling at most
-  :data:`INLINE_BYTES` are parsed on the loop (a few milliseconds); larger ones by a
-  child process (``manifest_worker.read_in_worker``).  The differences are delivered in
-  slices (``userproxy.slices``), yielding to the loop in between, so, as with a
-  Kubernetes watch, the proxier may sync between two slices of one large reload.
-- A failed reload (any problem, or the child failing) keeps the last good state; the
-  bounded error is logged once per distinct failure.  Directory entries that are not
-  regular files (a FIFO ...) are skipped and logged as errors once; the other files work.
-- Valid objects that would be dropped without a word (``manifest_warnings.py``) are
-  logged as warnings naming file, document and object: each distinct one once, at most
-  ``LOGGED_PER_CATEGORY`` lines per category and reload.  The checks across objects run
-  in slices too.
+- It happens only when the listing (names and stamps) changed, a file is too fresh to
+  trust its stamp, or a reload was requested; then only the stale files are read.
+- The loop is never held for long: up to :data:`INLINE_BYTES` of files are parsed on it,
+  more by a child process (``manifest_worker.py``); the differences and the checks across
+  objects run in slices (``userproxy.slices``), so, as with a Kubernetes watch, the
+  proxier may sync between two slices of one large reload.
+- A failed reload keeps the last good state and is logged once per distinct failure;
+  directory entries that are not regular files are skipped and logged once each.
+- Warnings (``manifest_warnings.py``) are logged once each, bounded per category.
 """
 
 from __future__ import annotations
@@ -127,9 +121,8 @@ class ManifestSource:
 
     Call :meth:`initial_load` once (it raises :class:`ManifestError` if the files are bad),
     then run :meth:`run` as a task.  Only the Node named ``node_name`` is delivered.
-    ``on_reload_error`` is called for every reload of changed files that fails (the last
-    good state stays; the error is logged once per distinct failure), ``on_reload`` after
-    every successful reload of changed files.
+    ``on_reload_error`` is called for every reload of changed files that fails,
+    ``on_reload`` after every successful one.
     """
 
     def __init__(

@@ -106,9 +106,6 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 class _Backoff:
     """Capped exponential backoff with full jitter (delay uniform in [0, cap])."""
 
@@ -155,9 +152,6 @@ class _Decoded(Generic[_T]):
     label: str
     value: _T | None = None
     error: str | None = None
-
-
-# --------------------------------------------------------------------------- the reflector
 
 
 class Reflector(Generic[_T]):
