@@ -25,14 +25,7 @@ from userproxy.balancers.registry import BalancerRegistry
 from userproxy.config import ConfigError, Settings
 from userproxy.control.proxier import NoEffects, Proxier
 from userproxy.control.trackers import ChangeRecorder
-from userproxy.model import (
-    AddressKind,
-    Endpoint,
-    IPFamily,
-    ListenerSpec,
-    ServiceKey,
-    ServiceType,
-)
+from userproxy.model import AddressKind, Endpoint, IPFamily, ListenerSpec, ServiceKey, ServiceType
 from userproxy.sources.manifest_files import ManifestState, load_manifests
 from userproxy.sources.manifest_read import MAX_SHOWN_PROBLEMS, ManifestError
 from userproxy.sources.manifest_warnings import summarize

@@ -1,9 +1,8 @@
 """Validation and conversion of one raw API object into ``userproxy.model`` objects.
 
-The input is a JSON- or YAML-decoded mapping (from a manifest file or the API server's raw
-JSON).  Every value is checked for its type and range before it reaches a dataclass, so
-nothing typed ``Any`` crosses this boundary.  A problem raises :class:`DecodeError`, which
-names the offending field as a path such as ``spec.ports[1].port``.
+The input is a JSON- or YAML-decoded mapping (a manifest's or the API server's).  Every
+value is checked for its type and range before it reaches a dataclass, so nothing typed
+``Any`` crosses this boundary; a problem raises :class:`DecodeError` naming the field.
 
 This module holds the rules of each kind (Service, EndpointSlice, Node), written out
 because they cross fields (a headless Service has no second cluster IP, a nodePort needs

@@ -40,19 +40,9 @@ from userproxy.sources.decode import (
     is_selected,
 )
 from userproxy.sources.list_watch import LIST_PAGE_SIZE, ListWatch
-from userproxy.sources.reflector import (
-    OnEvent,
-    Reflector,
-    ReflectorOptions,
-    ResourceHandlers,
-)
+from userproxy.sources.reflector import OnEvent, Reflector, ReflectorOptions, ResourceHandlers
 
-__all__ = [
-    "KubernetesSource",
-    "label_selector",
-    "load_client_configuration",
-    "make_api_client",
-]
+__all__ = ["KubernetesSource", "label_selector", "load_client_configuration", "make_api_client"]
 
 _M = TypeVar("_M", Service, EndpointSlice)
 
@@ -141,7 +131,6 @@ def label_selector(proxy_name: str | None) -> str:
 def _if_selected(
     decode: Callable[[dict[str, object]], _M | None], proxy_name: str | None, obj: dict[str, object]
 ) -> _M | None:
-    """``decode(obj)`` when the proxy's label selector selects ``obj``, else None."""
     return decode(obj) if is_selected(decode_labels(obj), proxy_name) else None
 
 

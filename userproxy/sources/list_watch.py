@@ -2,13 +2,8 @@
 
 After client-go's tools/cache/listwatch.go (ListWatch: a resource's list call and
 selectors) and tools/pager (continue tokens, starting over when a token expired).  What
-the API server answers is sorted into three errors a reflector acts on:
-
-* :class:`Gone`: 410, the resourceVersion to resume from is too old: re-list.
-* :class:`ApiError`: any other error answer (an HTTP status, an ERROR event, a list
-  that is not a list).
-* :class:`WatchBroken`: an established watch stream broke (connection lost, read timeout,
-  a line that is not a JSON object).
+the API server answers is sorted into the three errors a reflector acts on: :class:`Gone`,
+:class:`ApiError` and :class:`WatchBroken`.
 
 Bodies are read as raw JSON (``_preload_content=False``) and parsed by
 :mod:`userproxy.sources.json_limits`, never through kubernetes-asyncio's typed models, which
@@ -47,7 +42,8 @@ class Gone(Exception):
 
 
 class ApiError(Exception):
-    """The API server answered with an error (an HTTP status or an ERROR event)."""
+    """The API server answered with an error (an HTTP status, an ERROR event, a list that is
+    not a list)."""
 
     def __init__(self, status: int | None, message: str) -> None:
         super().__init__(f"{status}: {message}" if status is not None else message)
@@ -55,7 +51,8 @@ class ApiError(Exception):
 
 
 class WatchBroken(Exception):
-    """An established watch stream broke (connection lost, read timeout, garbage)."""
+    """An established watch stream broke (connection lost, read timeout, a line that is not
+    a JSON object)."""
 
 
 def str_mapping(value: object) -> dict[str, object] | None:

@@ -37,7 +37,7 @@ from userproxy.sources.manifest_files import FileContents, collect_file
 from userproxy.sources.manifest_read import ManifestError
 from userproxy.sources.yaml_limits import exception_text
 
-__all__ = ["FRAME_LENGTH", "FrameReader", "Request", "read_in_worker", "worker_main", "write_frame"]
+__all__ = ["read_in_worker", "worker_main"]
 
 #: How much the child lowers its scheduling priority (``nice``).
 WORKER_NICENESS = 10

@@ -38,11 +38,7 @@ from userproxy.sources.manifest_files import (
     collect_file,
     load_manifests,
 )
-from userproxy.sources.manifest_read import (
-    FileList,
-    ManifestError,
-    list_manifest_files,
-)
+from userproxy.sources.manifest_read import FileList, ManifestError, list_manifest_files
 from userproxy.sources.manifest_warnings import WarningLog, cross_check
 from userproxy.sources.manifest_worker import read_in_worker
 

@@ -248,7 +248,6 @@ class Reflector(Generic[_T]):
             self._on_event(kind, self.name)
 
     def _failed(self, exc: Exception) -> None:
-        """Report one failed LIST or WATCH attempt."""
         if isinstance(exc, WatchBroken):
             self._event("watch_restart")
             cause = exc.__cause__ if exc.__cause__ is not None else exc
@@ -323,7 +322,6 @@ class Reflector(Generic[_T]):
     # ------------------------------------------------------------------ decoding
 
     def _decode(self, raw: object) -> _Decoded[_T]:
-        """Key, label and model object of one raw item or event object."""
         kind = self.list_watch.kind
         obj = str_mapping(raw)
         if obj is None:
