@@ -86,11 +86,7 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 #: Taint key the cluster autoscaler puts on a node it is about to remove.
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
-_SESSION_AFFINITY_NONE = "None"
-_SESSION_AFFINITY_CLIENT_IP = "ClientIP"
 _HEADLESS_CLUSTER_IPS = ("", "None")
-_ADDRESS_TYPE_FQDN = "FQDN"
-_IP_MODES = ("VIP", "Proxy")
 
 
 def is_selected(labels: Mapping[str, str], proxy_name: str | None) -> bool:
@@ -270,9 +266,9 @@ def _target_port(entry: Mapping[str, object], path: str) -> int | str | None:
 
 def _affinity_timeout(spec: Mapping[str, object]) -> int | None:
     affinity = opt_str(spec, "sessionAffinity", "spec")
-    if affinity is None or affinity in ("", _SESSION_AFFINITY_NONE):
+    if affinity is None or affinity in ("", "None"):
         return None
-    if affinity != _SESSION_AFFINITY_CLIENT_IP:
+    if affinity != "ClientIP":
         raise unknown_value("spec.sessionAffinity", affinity, "None or ClientIP")
     config = opt_mapping(spec, "sessionAffinityConfig", "spec")
     client_ip = opt_mapping(config, "clientIP", "spec.sessionAffinityConfig")
@@ -293,7 +289,7 @@ def _load_balancer_ingress(status: Mapping[str, object]) -> tuple[LoadBalancerIn
     for path, entry in opt_entries(load_balancer, "ingress", "status.loadBalancer"):
         ip = entry.get("ip")
         ip_mode = opt_str(entry, "ipMode", path)
-        if ip_mode is not None and ip_mode not in _IP_MODES:
+        if ip_mode is not None and ip_mode not in ("VIP", "Proxy"):
             raise unknown_value(f"{path}.ipMode", ip_mode, "VIP or Proxy")
         if ip is None or ip == "":
             continue  # a hostname-only entry: nothing for a service proxy to capture
@@ -319,7 +315,7 @@ def decode_endpoint_slice(obj: Mapping[str, object]) -> EndpointSlice | None:
     address_type = opt_str(obj, "addressType", "")
     if address_type is None:
         raise DecodeError("addressType", "is required (IPv4, IPv6 or FQDN)")
-    if address_type == _ADDRESS_TYPE_FQDN:
+    if address_type == "FQDN":
         return None
     try:
         family = IPFamily(address_type)

@@ -291,7 +291,6 @@ class ManifestCache:
         ]
 
     def store(self, path: Path, stamp: Stamp | None, contents: FileContents) -> None:
-        """Remember what ``path`` contributed when its stamp was ``stamp``."""
         self.reads += 1
         self._files[path] = (stamp, contents)
 

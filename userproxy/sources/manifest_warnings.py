@@ -27,14 +27,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from userproxy.model import (
-    EndpointSlice,
-    IPFamily,
-    Protocol,
-    Service,
-    ServiceKey,
-    ServiceType,
-)
+from userproxy.model import EndpointSlice, IPFamily, Protocol, Service, ServiceKey, ServiceType
 from userproxy.sources.decode import shorten
 
 __all__ = [

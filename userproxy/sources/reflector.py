@@ -123,22 +123,6 @@ class _Backoff:
         return random.uniform(0, cap)
 
 
-class _Throttle:
-    """Logs a warning per cause at most every ``_WARN_INTERVAL`` seconds, the rest at debug.
-
-    Unlike a bare ``RateLimitedLog``, which drops what it holds back, the held-back
-    messages still go to debug: an operator chasing an API problem can see every attempt.
-    """
-
-    def __init__(self) -> None:
-        self._logs: dict[str, RateLimitedLog] = {}
-
-    def warning(self, cause: str, message: str, *args: object) -> None:
-        log = self._logs.setdefault(cause, RateLimitedLog(logger, _WARN_INTERVAL))
-        if not log.log(logging.WARNING, message, *args):
-            logger.debug(message, *args)
-
-
 @dataclass(frozen=True, slots=True)
 class _Decoded(Generic[_T]):
     """One raw object after decoding.
@@ -181,7 +165,8 @@ class Reflector(Generic[_T]):
         self.resource_version: str | None = None
         #: Whether the first list has been delivered (and ``synced`` called).
         self.synced = False
-        self._throttle = _Throttle()
+        #: One rate limiter per cause of warnings (see :meth:`_warn`).
+        self._limits: dict[str, RateLimitedLog] = {}
         #: (key, error) of invalid objects already warned about, so resyncs do not repeat it.
         self._warned: set[tuple[_Key | None, str]] = set()
         self._backoff = _Backoff(options.backoff_initial, options.backoff_max)
@@ -218,12 +203,10 @@ class Reflector(Generic[_T]):
                     continue
                 # The server ended the stream long before its timeout: resume after a delay.
                 self._event("watch_restart")
-                self._throttle.warning(
-                    "watch", "%s: watch closed early by the server; resuming", self.name
-                )
+                self._warn("watch", "%s: watch closed early by the server; resuming", self.name)
             except Gone as exc:
                 self._event("relist")
-                self._throttle.warning(
+                self._warn(
                     "gone",
                     "%s: cannot resume the watch at resourceVersion %s (%s); re-listing",
                     self.name,
@@ -243,6 +226,13 @@ class Reflector(Generic[_T]):
             logger.debug("%s: retrying in %.2f s", self.name, delay)
             await asyncio.sleep(delay)
 
+    def _warn(self, cause: str, message: str, *args: object) -> None:
+        """A warning, at most one per cause every ``_WARN_INTERVAL`` seconds.  The held-back
+        ones still go to debug: an operator chasing an API problem can see every attempt."""
+        limit = self._limits.setdefault(cause, RateLimitedLog(logger, _WARN_INTERVAL))
+        if not limit.log(logging.WARNING, message, *args):
+            logger.debug(message, *args)
+
     def _event(self, kind: EventKind) -> None:
         if self._on_event is not None:
             self._on_event(kind, self.name)
@@ -251,15 +241,11 @@ class Reflector(Generic[_T]):
         if isinstance(exc, WatchBroken):
             self._event("watch_restart")
             cause = exc.__cause__ if exc.__cause__ is not None else exc
-            self._throttle.warning(
-                "watch", "%s: watch broke (%s); resuming", self.name, _describe_error(cause)
-            )
+            self._warn("watch", "%s: watch broke (%s); resuming", self.name, _describe_error(cause))
             return
         self._event("api_error")
         if isinstance(exc, ApiError | aiohttp.ClientError | OSError | TimeoutError):
-            self._throttle.warning(
-                "api", "%s: API request failed: %s", self.name, _describe_error(exc)
-            )
+            self._warn("api", "%s: API request failed: %s", self.name, _describe_error(exc))
         else:
             logger.error("%s: unexpected error, retrying", self.name, exc_info=exc)
 
@@ -310,7 +296,7 @@ class Reflector(Generic[_T]):
                 calls,
             )
         else:
-            self._throttle.warning(
+            self._warn(
                 "relist",
                 "%s: re-listed (%s): %d objects, %d changes delivered",
                 self.name,
@@ -382,7 +368,7 @@ class Reflector(Generic[_T]):
                 logger.debug("%s: bookmark at resourceVersion %s", self.name, rv)
             return
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
-            self._throttle.warning("type", "%s: ignoring watch event of type %r", self.name, kind)
+            self._warn("type", "%s: ignoring watch event of type %r", self.name, kind)
             return
         self._apply(str(kind), obj)
         if rv is not None:

@@ -67,7 +67,6 @@ class _LimitError(Exception):
 
     def __init__(self, message: str, mark: object = None) -> None:
         super().__init__(message)
-        self.message = message
         self.mark = mark
 
 
@@ -281,7 +280,7 @@ def _load_all(loader: _BoundedLoader, path: Path) -> list[object]:
         raise _SyntaxError(f"{path}: {_mark(mark)}YAML syntax error: {problem}") from None
     except _LimitError as exc:
         raise YamlProblem(
-            f"{path}: document {len(documents) + 1}: {_mark(exc.mark)}{exc.message}"
+            f"{path}: document {len(documents) + 1}: {_mark(exc.mark)}{exc}"
         ) from None
     except yaml.YAMLError as exc:
         raise _SyntaxError(f"{path}: YAML syntax error: {exc}") from None
