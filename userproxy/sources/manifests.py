@@ -22,15 +22,15 @@ Invariants of a reload (the event loop keeps serving connections while it runs):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from userproxy.control.handlers import Handlers
 from userproxy.model import Node
 from userproxy.slices import Slicer
-from userproxy.sources.diff import deliver_diff, diff_steps
+from userproxy.sources.diff import diff_steps
 from userproxy.sources.inotify import Inotify, watch_directories
 from userproxy.sources.manifest_files import (
     ManifestCache,
@@ -61,29 +61,6 @@ FALLBACK_POLL_INTERVAL = 2.0
 INLINE_BYTES = 32 * 1024
 #: A reload with this many Services is bulk work (see userproxy.slices).
 BULK_OBJECTS = 1000
-
-_K = TypeVar("_K")
-_V = TypeVar("_V")
-
-
-async def _deliver_sliced(
-    old: Mapping[_K, _V],
-    new: Mapping[_K, _V],
-    add: Callable[[_V], None],
-    update: Callable[[_V, _V], None],
-    delete: Callable[[_V], None],
-    *,
-    slicer: Slicer,
-) -> int:
-    """``diff.deliver_diff`` in slices: the same calls in the same order, yielding between.
-
-    ``old`` and ``new`` must not change meanwhile (they are a state's frozen maps).
-    """
-    calls = 0
-    for called in diff_steps(old, new, add, update, delete):
-        calls += called
-        await slicer.tick()
-    return calls
 
 
 def deliver_all(state: ManifestState, handlers: Handlers, node_name: str) -> None:
@@ -318,31 +295,35 @@ class ManifestSource:
         returns the number of handler calls made (0 when nothing changed).
         """
         old = self._state if self._state is not None else ManifestState()
-        handlers = self._handlers
+        h = self._handlers
         slicer = Slicer(bulk=max(len(old.services), len(state.services)) >= BULK_OBJECTS)
-        calls = await _deliver_sliced(
-            old.services,
-            state.services,
-            handlers.on_service_add,
-            handlers.on_service_update,
-            handlers.on_service_delete,
-            slicer=slicer,
-        )
-        calls += await _deliver_sliced(
-            old.slices,
-            state.slices,
-            handlers.on_endpointslice_add,
-            handlers.on_endpointslice_update,
-            handlers.on_endpointslice_delete,
-            slicer=slicer,
-        )
-        calls += deliver_diff(  # one Node at most: no slices needed
-            _own_node(old, self._node_name),
-            _own_node(state, self._node_name),
-            handlers.on_node_add,
-            handlers.on_node_update,
-            handlers.on_node_delete,
-        )
+        calls = 0
+        # diff.deliver_diff's calls, one key at a time (a state's maps never change).
+        for called in itertools.chain(
+            diff_steps(
+                old.services,
+                state.services,
+                h.on_service_add,
+                h.on_service_update,
+                h.on_service_delete,
+            ),
+            diff_steps(
+                old.slices,
+                state.slices,
+                h.on_endpointslice_add,
+                h.on_endpointslice_update,
+                h.on_endpointslice_delete,
+            ),
+            diff_steps(
+                _own_node(old, self._node_name),
+                _own_node(state, self._node_name),
+                h.on_node_add,
+                h.on_node_update,
+                h.on_node_delete,
+            ),
+        ):
+            calls += called
+            await slicer.tick()
         self._state = state
         logger.log(
             logging.INFO if calls else logging.DEBUG,
