@@ -8,11 +8,9 @@ listener specs it is handed.  What is printed is therefore what ``run`` would as
 data plane, not a second interpretation of the semantics.
 
 Invariants: no socket is opened or bound, no address or device is touched, no event loop
-runs, and the node's addresses are not read (NodePorts are shown on "<node addresses>",
-restricted by ``nodePortAddresses`` when set).  Exit status 0 when the manifests are valid
-(warnings allowed), 2 when they are not or the settings are invalid; the problems go to
-stderr, the report to stdout.  Output is bounded per Service port (endpoint lists are cut
-with a count) and per warning category.
+runs, and the node's addresses are not read (NodePorts are shown on "<node addresses>").
+Exit status 0 when valid (warnings allowed), 2 when not or the settings are invalid; the
+problems go to stderr, the report to stdout, bounded per Service port and warning category.
 """
 
 from __future__ import annotations
@@ -27,16 +25,7 @@ from userproxy.balancers.registry import BalancerRegistry
 from userproxy.config import ConfigError, Settings
 from userproxy.control.proxier import NoEffects, Proxier
 from userproxy.control.trackers import ChangeRecorder
-from userproxy.model import (
-    AddressKind,
-    Endpoint,
-    IPFamily,
-    ListenerSpec,
-    PoolSpec,
-    Service,
-    ServiceKey,
-    ServiceType,
-)
+from userproxy.model import AddressKind, Endpoint, IPFamily, ListenerSpec, ServiceKey, ServiceType
 from userproxy.sources.manifest_files import ManifestState, load_manifests
 from userproxy.sources.manifest_read import MAX_SHOWN_PROBLEMS, ManifestError
 from userproxy.sources.manifest_warnings import summarize
@@ -157,7 +146,9 @@ def _report(
         service = state.services[key]
         if not service.is_proxied:
             unproxied += 1
-            yield f"Service {key}: not proxied ({_why_not(service)})"
+            external = service.type is ServiceType.EXTERNAL_NAME
+            why = "ExternalName" if external else "headless or no clusterIP"
+            yield f"Service {key}: not proxied ({why})"
             continue
         served += 1
         yield f"Service {key} ({service.type})"
@@ -175,9 +166,8 @@ def _report(
         f"own node {settings.hostname}: "
         + ("found" if node is not None else "not in the manifests (no endpoint is local)")
     )
-    if state.skipped:
-        for entry in state.skipped:
-            yield f"skipped: {entry}"
+    for entry in state.skipped:
+        yield f"skipped: {entry}"
     warnings = len(state.warnings)
     if warnings:
         yield f"{_count(warnings, 'warning')}:"
@@ -193,12 +183,6 @@ def _report(
 def _count(n: int, noun: str, plural: str = "") -> str:
     """ "1 warning", "2 warnings" ("2 addresses" with ``plural``)."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
-
-
-def _why_not(service: Service) -> str:
-    if service.type is ServiceType.EXTERNAL_NAME:
-        return "ExternalName"
-    return "headless or no clusterIP"
 
 
 def _address(spec: ListenerSpec, settings: Settings) -> str:
@@ -223,7 +207,7 @@ def _endpoints(endpoints: Sequence[Endpoint]) -> str:
 def _pools(spec: ListenerSpec) -> str:
     """The endpoints each kind of client gets (the node's own only when they differ)."""
     text = _endpoints(spec.pool.endpoints)
-    node_pool: PoolSpec | None = spec.node_pool
+    node_pool = spec.node_pool
     if node_pool is not None and node_pool.endpoints != spec.pool.endpoints:
         text += f"; from this node and the cluster: {_endpoints(node_pool.endpoints)}"
     if spec.source_ranges:

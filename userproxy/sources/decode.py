@@ -1,9 +1,8 @@
 """Validation and conversion of one raw API object into ``userproxy.model`` objects.
 
-The input is a JSON- or YAML-decoded mapping (from a manifest file or the API server's raw
-JSON).  Every value is checked for its type and range before it reaches a dataclass, so
-nothing typed ``Any`` crosses this boundary.  A problem raises :class:`DecodeError`, which
-names the offending field as a path such as ``spec.ports[1].port``.
+The input is a JSON- or YAML-decoded mapping (a manifest's or the API server's).  Every
+value is checked for its type and range before it reaches a dataclass, so nothing typed
+``Any`` crosses this boundary; a problem raises :class:`DecodeError` naming the field.
 
 This module holds the rules of each kind (Service, EndpointSlice, Node), written out
 because they cross fields (a headless Service has no second cluster IP, a nodePort needs
@@ -64,13 +63,8 @@ __all__ = [
     "HEADLESS_LABEL",
     "MAX_FIELD_CHARS",
     "MAX_MESSAGE_CHARS",
-    "SERVICE_NAME_LABEL",
     "SERVICE_PROXY_NAME_LABEL",
-    "TO_BE_DELETED_TAINT",
-    "TRIGGER_TIME_ANNOTATION",
-    "ZONE_LABEL",
     "DecodeError",
-    "decode_annotations",
     "decode_endpoint_slice",
     "decode_labels",
     "decode_node",
@@ -92,14 +86,7 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 #: Taint key the cluster autoscaler puts on a node it is about to remove.
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
-_SESSION_AFFINITY_NONE = "None"
-_SESSION_AFFINITY_CLIENT_IP = "ClientIP"
 _HEADLESS_CLUSTER_IPS = ("", "None")
-_ADDRESS_TYPE_FQDN = "FQDN"
-_IP_MODES = ("VIP", "Proxy")
-
-
-# --------------------------------------------------------------------------- public API
 
 
 def is_selected(labels: Mapping[str, str], proxy_name: str | None) -> bool:
@@ -266,9 +253,7 @@ def _target_port(entry: Mapping[str, object], path: str) -> int | str | None:
     if value is None:
         return None
     field = f"{path}.targetPort"
-    if isinstance(value, bool):
-        raise DecodeError(field, f"expected an integer or a port name, got {describe(value)}")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         if not 1 <= value <= 65535:
             raise DecodeError(field, f"{quote(value)} is out of range 1..65535")
         return value
@@ -281,9 +266,9 @@ def _target_port(entry: Mapping[str, object], path: str) -> int | str | None:
 
 def _affinity_timeout(spec: Mapping[str, object]) -> int | None:
     affinity = opt_str(spec, "sessionAffinity", "spec")
-    if affinity is None or affinity in ("", _SESSION_AFFINITY_NONE):
+    if affinity is None or affinity in ("", "None"):
         return None
-    if affinity != _SESSION_AFFINITY_CLIENT_IP:
+    if affinity != "ClientIP":
         raise unknown_value("spec.sessionAffinity", affinity, "None or ClientIP")
     config = opt_mapping(spec, "sessionAffinityConfig", "spec")
     client_ip = opt_mapping(config, "clientIP", "spec.sessionAffinityConfig")
@@ -304,7 +289,7 @@ def _load_balancer_ingress(status: Mapping[str, object]) -> tuple[LoadBalancerIn
     for path, entry in opt_entries(load_balancer, "ingress", "status.loadBalancer"):
         ip = entry.get("ip")
         ip_mode = opt_str(entry, "ipMode", path)
-        if ip_mode is not None and ip_mode not in _IP_MODES:
+        if ip_mode is not None and ip_mode not in ("VIP", "Proxy"):
             raise unknown_value(f"{path}.ipMode", ip_mode, "VIP or Proxy")
         if ip is None or ip == "":
             continue  # a hostname-only entry: nothing for a service proxy to capture
@@ -330,36 +315,31 @@ def decode_endpoint_slice(obj: Mapping[str, object]) -> EndpointSlice | None:
     address_type = opt_str(obj, "addressType", "")
     if address_type is None:
         raise DecodeError("addressType", "is required (IPv4, IPv6 or FQDN)")
-    if address_type == _ADDRESS_TYPE_FQDN:
+    if address_type == "FQDN":
         return None
     try:
         family = IPFamily(address_type)
     except ValueError:
         raise unknown_value("addressType", address_type, "IPv4, IPv6 or FQDN") from None
 
-    ports: list[EndpointPort] = []
-    for path, entry in opt_entries(obj, "ports", ""):
-        ports.append(
-            EndpointPort(
-                name=opt_str(entry, "name", path) or "",
-                protocol=_protocol(entry, path),
-                port=opt_port(entry, "port", path),
-            )
+    ports = tuple(
+        EndpointPort(
+            name=opt_str(entry, "name", path) or "",
+            protocol=_protocol(entry, path),
+            port=opt_port(entry, "port", path),
         )
-
-    endpoints: list[SliceEndpoint] = []
-    for path, entry in opt_entries(obj, "endpoints", ""):
-        endpoint = _slice_endpoint(entry, path, family)
-        if endpoint is not None:
-            endpoints.append(endpoint)
-
+        for path, entry in opt_entries(obj, "ports", "")
+    )
+    endpoints = [
+        _slice_endpoint(entry, path, family) for path, entry in opt_entries(obj, "endpoints", "")
+    ]
     return EndpointSlice(
         namespace=namespace,
         name=name,
         service_name=service_name,
         address_type=family,
-        ports=tuple(ports),
-        endpoints=tuple(endpoints),
+        ports=ports,
+        endpoints=tuple(endpoint for endpoint in endpoints if endpoint is not None),
         trigger_time=_parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
     )
 

@@ -114,7 +114,6 @@ def as_mapping(value: object, path: str) -> dict[str, object]:
 
 
 def opt_mapping(m: Mapping[str, object], key: str, path: str) -> dict[str, object]:
-    """``m[key]`` as a mapping; absent or null gives an empty mapping."""
     value = m.get(key)
     if value is None:
         return {}
@@ -122,7 +121,6 @@ def opt_mapping(m: Mapping[str, object], key: str, path: str) -> dict[str, objec
 
 
 def opt_list(m: Mapping[str, object], key: str, path: str) -> list[object]:
-    """``m[key]`` as a list; absent or null gives an empty list."""
     value = m.get(key)
     if value is None:
         return []

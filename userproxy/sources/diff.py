@@ -6,11 +6,37 @@ call the handlers only for what changed: equal objects cause no call at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
+
+
+def diff_steps(
+    old: Mapping[_K, _V],
+    new: Mapping[_K, _V],
+    add: Callable[[_V], None],
+    update: Callable[[_V, _V], None],
+    delete: Callable[[_V], None],
+) -> Iterator[bool]:
+    """Call the handlers for what changed between two maps, yielding after each key
+    whether it made a call (so a caller can yield to the event loop in between)."""
+    for key, value in old.items():
+        gone = key not in new
+        if gone:
+            delete(value)
+        yield gone
+    for key, value in new.items():
+        previous = old.get(key)
+        if previous is None:
+            add(value)
+            yield True
+        elif previous is not value and previous != value:
+            update(previous, value)
+            yield True
+        else:
+            yield False
 
 
 def deliver_diff(
@@ -21,17 +47,4 @@ def deliver_diff(
     delete: Callable[[_V], None],
 ) -> int:
     """Call the handlers for what changed between two maps; returns how many calls."""
-    calls = 0
-    for key, value in old.items():
-        if key not in new:
-            delete(value)
-            calls += 1
-    for key, value in new.items():
-        previous = old.get(key)
-        if previous is None:
-            add(value)
-            calls += 1
-        elif previous != value:
-            update(previous, value)
-            calls += 1
-    return calls
+    return sum(diff_steps(old, new, add, update, delete))

@@ -17,13 +17,9 @@ import re
 
 __all__ = ["MAX_DEPTH", "MAX_INT_CHARS", "JsonLimitError", "has_long_int", "json_depth", "loads"]
 
-#: Deepest nesting of collections in a document.  Kubernetes objects are about 10 deep and
-#: even CRD schemas stay far below; the bound keeps JSON's recursive C parser well inside
-#: Python's recursion limit.
+#: Deepest nesting of collections in a document: well inside Python's recursion limit.
 MAX_DEPTH = 200
-#: Longest integer literal (characters).  Kubernetes integers are 64-bit (at most 20
-#: characters); the bound is checked before ``int()``, whose cost grows with the square of
-#: the length (and which refuses more than 4300 digits).
+#: Longest integer literal (characters); a 64-bit integer has at most 20.
 MAX_INT_CHARS = 64
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')

@@ -11,8 +11,7 @@ Each object received is checked against the label selector again (the server fil
 already; this guards against one that ignores a selector): one that does not match is
 not this proxy's, and one that stops matching is deleted.
 
-Besides: the API client configuration (a kubeconfig or the in-cluster one), checked before
-anything starts so that an unusable one stops the process with one line.
+Besides: the API client configuration (:func:`load_client_configuration`).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar, get_args
+from typing import TypeVar
 
 import yaml
 from kubernetes_asyncio import client as k8s_client
@@ -41,27 +40,9 @@ from userproxy.sources.decode import (
     is_selected,
 )
 from userproxy.sources.list_watch import LIST_PAGE_SIZE, ListWatch
-from userproxy.sources.reflector import (
-    EventKind,
-    OnEvent,
-    Reflector,
-    ReflectorOptions,
-    ResourceHandlers,
-)
+from userproxy.sources.reflector import OnEvent, Reflector, ReflectorOptions, ResourceHandlers
 
-__all__ = [
-    "EVENT_KINDS",
-    "RESOURCES",
-    "KubernetesSource",
-    "label_selector",
-    "load_client_configuration",
-    "make_api_client",
-]
-
-#: The ``kind`` values ``on_event(kind, resource)`` is called with.
-EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
-#: The ``resource`` values ``on_event(kind, resource)`` is called with.
-RESOURCES = ("services", "endpointslices", "nodes")
+__all__ = ["KubernetesSource", "label_selector", "load_client_configuration", "make_api_client"]
 
 _M = TypeVar("_M", Service, EndpointSlice)
 
@@ -72,11 +53,11 @@ SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/toke
 async def load_client_configuration(kubeconfig: Path | None) -> k8s_client.Configuration:
     """The API client configuration of ``kubeconfig``, or the in-cluster one when None.
 
-    Called before anything starts, so that a kubeconfig that cannot be used, or a pod
-    without a ServiceAccount token, stops the process with one line (``ConfigError``, whose
-    ``setting`` is ``kubeconfig``) instead of failing inside the running source.  The
-    checks made here first (readable, YAML, a mapping, a current-context that exists) give
-    the cause in userproxy's words; whatever else kubernetes-asyncio rejects keeps its text.
+    Called before anything starts, so that an unusable kubeconfig, or a pod without a
+    ServiceAccount token, stops the process with one line (``ConfigError``, ``setting``
+    ``kubeconfig``) instead of failing inside the running source.  :func:`_check_kubeconfig`
+    gives the common causes in userproxy's words; whatever else kubernetes-asyncio rejects
+    keeps its text.
     """
     configuration = k8s_client.Configuration()
     if kubeconfig is None:
@@ -136,11 +117,7 @@ def _check_kubeconfig(path: Path) -> None:
 
 
 async def make_api_client(kubeconfig: Path | None) -> ApiClient:
-    """An ApiClient for ``kubeconfig``, or for the in-cluster configuration when None.
-
-    The caller owns the client (``await client.close()``; :meth:`KubernetesSource.close`
-    does it for the client given to the source).
-    """
+    """An ApiClient for ``kubeconfig`` (None: in-cluster); the caller closes it."""
     return ApiClient(configuration=await load_client_configuration(kubeconfig))
 
 
@@ -151,13 +128,9 @@ def label_selector(proxy_name: str | None) -> str:
     return f"!{HEADLESS_LABEL},{SERVICE_PROXY_NAME_LABEL}={proxy_name}"
 
 
-# --------------------------------------------------------------------------- the source
-
-
 def _if_selected(
     decode: Callable[[dict[str, object]], _M | None], proxy_name: str | None, obj: dict[str, object]
 ) -> _M | None:
-    """``decode(obj)`` when the proxy's label selector selects ``obj``, else None."""
     return decode(obj) if is_selected(decode_labels(obj), proxy_name) else None
 
 
@@ -170,9 +143,9 @@ class KubernetesSource:
     """Feeds ``handlers`` from the Kubernetes API; :meth:`run` until cancelled.
 
     ``api`` is owned by the source from here on: :meth:`close` closes it.
-    ``on_event(kind, resource)`` is called with ``kind`` one of :data:`EVENT_KINDS` (see
-    :data:`userproxy.sources.reflector.EventKind`) and ``resource`` one of
-    :data:`RESOURCES`.  The timing arguments are those of
+    ``on_event(kind, resource)`` is called with ``kind`` a
+    :data:`~userproxy.sources.reflector.EventKind` and ``resource`` "services",
+    "endpointslices" or "nodes".  The timing arguments are those of
     :class:`~userproxy.sources.reflector.ReflectorOptions` (ValueError when out of range).
     """
 

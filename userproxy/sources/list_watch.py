@@ -2,16 +2,13 @@
 
 After client-go's tools/cache/listwatch.go (ListWatch: a resource's list call and
 selectors) and tools/pager (continue tokens, starting over when a token expired).  What
-the API server answers is sorted into three errors a reflector acts on:
+the API server answers is sorted into the three errors a reflector acts on: :class:`Gone`,
+:class:`ApiError` and :class:`WatchBroken`.
 
-* :class:`Gone`: 410, the resourceVersion to resume from is too old: re-list.
-* :class:`ApiError`: any other error answer (an HTTP status, an ERROR event, a list
-  that is not a list).
-* :class:`WatchBroken`: an established watch stream broke (connection lost, read timeout,
-  a line that is not a JSON object).
-
-Bodies are read as raw JSON (``_preload_content=False``) and parsed within
-:mod:`userproxy.sources.json_limits`; nothing here decodes the objects themselves.
+Bodies are read as raw JSON (``_preload_content=False``) and parsed by
+:mod:`userproxy.sources.json_limits`, never through kubernetes-asyncio's typed models, which
+reject a whole list or stream when one object has a field of the wrong type, nor through
+its ``Watch``, which gives up after one 410.  Nothing here decodes the objects themselves.
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from userproxy.sources import json_limits
+from userproxy.sources.decode_fields import DecodeError, as_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +42,8 @@ class Gone(Exception):
 
 
 class ApiError(Exception):
-    """The API server answered with an error (an HTTP status or an ERROR event)."""
+    """The API server answered with an error (an HTTP status, an ERROR event, a list that is
+    not a list)."""
 
     def __init__(self, status: int | None, message: str) -> None:
         super().__init__(f"{status}: {message}" if status is not None else message)
@@ -52,19 +51,16 @@ class ApiError(Exception):
 
 
 class WatchBroken(Exception):
-    """An established watch stream broke (connection lost, read timeout, garbage)."""
+    """An established watch stream broke (connection lost, read timeout, a line that is not
+    a JSON object)."""
 
 
 def str_mapping(value: object) -> dict[str, object] | None:
     """``value`` as a mapping with string keys, or None if it is not one."""
-    if not isinstance(value, Mapping):
+    try:
+        return as_mapping(value, "")
+    except DecodeError:
         return None
-    result: dict[str, object] = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            return None
-        result[key] = item
-    return result
 
 
 def metadata_str(obj: Mapping[str, object], key: str) -> str | None:

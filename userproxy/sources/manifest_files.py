@@ -1,12 +1,10 @@
 """Loading manifests: what a set of paths holds, as userproxy's model objects.
 
 ``load_manifests`` reads YAML (multi-document, ``kind: List``) and JSON files
-(``manifest_read.py``) and returns a validated :class:`ManifestState`, or raises
-:class:`ManifestError` listing the problems, each naming file, document, object and field.
-Objects that are valid but would be dropped without a word (a misspelt kind, a Service
-without a cluster IP ...) are not problems: they are ``ManifestState.warnings`` (see
-``manifest_warnings.py``).  :class:`ManifestSource` (``manifests.py``) builds on this to
-follow changes.
+(``manifest_read.py``) and returns a validated :class:`ManifestState` (whose ``warnings``
+are the valid objects that would be dropped without a word), or raises
+:class:`ManifestError` listing the problems.  ``manifests.py`` builds on this to follow
+changes.
 
 Invariants: validation raises nothing but :class:`ManifestError` (a bug inside it becomes
 a problem line, never a crash); a file's contribution is a :class:`FileContents`, kept by
@@ -293,7 +291,6 @@ class ManifestCache:
         ]
 
     def store(self, path: Path, stamp: Stamp | None, contents: FileContents) -> None:
-        """Remember what ``path`` contributed when its stamp was ``stamp``."""
         self.reads += 1
         self._files[path] = (stamp, contents)
 
@@ -353,13 +350,11 @@ def with_cross_checks(state: ManifestState) -> ManifestState:
 def load_manifests(
     paths: Sequence[Path], proxy_name: str | None = None, cache: ManifestCache | None = None
 ) -> ManifestState:
-    """Read and validate manifest files and directories, in this thread.
+    """Read and validate manifest files and directories (``manifest_read.py``), in this thread.
 
-    Directories contribute their ``*.yaml``, ``*.yml`` and ``*.json`` regular files (not
-    recursively, in sorted order).  Services and EndpointSlices are filtered with the
-    proxy's label selector (:func:`userproxy.sources.decode.is_selected`).  Raises
-    :class:`ManifestError` listing the problems found (and nothing else).  With a
-    ``cache``, files that are not stale are not read again.
+    Services and EndpointSlices are filtered with the proxy's label selector
+    (:func:`userproxy.sources.decode.is_selected`).  Raises :class:`ManifestError` listing
+    the problems found (and nothing else).  With a ``cache``, only stale files are read.
     """
     listing = list_manifest_files(paths)
     cache = cache if cache is not None else ManifestCache()

@@ -5,24 +5,15 @@ userproxy's model objects).  A directory is read as ``kubectl apply -f DIR`` rea
 (cli-runtime's ExpandPathsToFileVisitors): its ``*.yaml``, ``*.yml`` and ``*.json`` files,
 not recursively, in name order.  Invariants, whatever is on disk:
 
-- Only regular files are opened, and only with ``O_NONBLOCK``: a FIFO, socket or device
-  (named explicitly, or replacing a file between the listing and the read) is reported as
-  a problem naming it, never opened in a way that could block.  In a directory, entries
-  that are not regular files are skipped and listed in ``FileList.skipped``.
+- Only regular files are opened, never in a way that could block
+  (:func:`read_manifest_file`); directory entries that are not regular files are skipped
+  and listed in ``FileList.skipped``.
 - Reading and parsing raise nothing but :class:`ManifestError`: a syntax error, a limit
-  exceeded (:data:`MAX_FILE_BYTES`, :data:`MAX_TOTAL_BYTES`, :data:`MAX_DEPTH`,
-  :data:`MAX_INT_CHARS`, :data:`MAX_NODES`) or any exception inside a parser (RecursionError,
-  ValueError from a malformed scalar, MemoryError, UnicodeDecodeError ...) becomes one
-  problem line naming the file (and the document when known).
-- Nothing recurses with the input's nesting: YAML documents are composed from libyaml's
-  event stream by an explicit stack with a depth limit (``yaml_limits.py``); JSON is
-  checked for depth before the (recursive) C parser sees it (``json_limits.py``).
-  Integers are bounded in length before ``int()``.
-- Messages are bounded: each problem line is at most :data:`MAX_PROBLEM_CHARS` characters
-  and a :class:`ManifestError`'s text lists at most :data:`MAX_SHOWN_PROBLEMS` problems.
-- One rule says whether a file read earlier must be read again, :func:`is_stale`: its
-  :class:`Stamp` (what ``stat`` says) changed, or it was modified so recently that a
-  second write could hide behind an unchanged stamp (git's "racy" check).
+  exceeded or any exception inside a parser becomes one problem line naming the file (and
+  the document when known).  Nothing recurses with the input's nesting (YAML:
+  ``yaml_limits.py``, JSON: ``json_limits.py``); integers are bounded before ``int()``.
+- Messages are bounded (:class:`ManifestError`).
+- One rule says whether a file read earlier must be read again: :func:`is_stale`.
 """
 
 from __future__ import annotations
@@ -43,18 +34,14 @@ from userproxy.sources.json_limits import (
     has_long_int,
     json_depth,
 )
-from userproxy.sources.yaml_limits import MAX_NODES, YamlProblem, exception_text, parse_yaml
+from userproxy.sources.yaml_limits import YamlProblem, exception_text, parse_yaml
 
 __all__ = [
     "MANIFEST_SUFFIXES",
-    "MAX_DEPTH",
     "MAX_FILE_BYTES",
-    "MAX_INT_CHARS",
-    "MAX_NODES",
     "MAX_PROBLEM_CHARS",
     "MAX_SHOWN_PROBLEMS",
     "MAX_TOTAL_BYTES",
-    "RACY_NS",
     "FileList",
     "ManifestError",
     "Stamp",
@@ -106,9 +93,6 @@ class ManifestError(Exception):
         if hidden > 0:
             lines.append(f"  ... and {hidden} more")
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self._text()
 
     def __reduce__(self) -> tuple[type[ManifestError], tuple[tuple[str, ...]]]:
         return (ManifestError, (self.problems,))

@@ -1,12 +1,10 @@
 """Warnings about manifests that are valid but would otherwise be dropped without a word.
 
-A manifest can pass validation and still not do what its author meant: an object of a
-type userproxy does not read (a misspelt kind, an old apiVersion, ``kind: Endpoints``), a
-Service that is not proxied because nothing assigns it a cluster IP, a slice port that no
-Service port names, two Services wanting one address.  Kubernetes' own controllers would
-have caught most of these before kube-proxy saw them; read from files, nothing does.  Each
-becomes a :class:`ManifestWarning` naming the file, the document (from 1), the object and
-what happens to it.  Warnings never fail a load.
+A manifest can pass validation and still not do what its author meant (a misspelt kind, a
+Service without a cluster IP ...: see :class:`Category`).  Kubernetes' own controllers
+would have caught most of these before kube-proxy saw them; read from files, nothing does.
+Each becomes a :class:`ManifestWarning` naming the file, the document (from 1), the object
+and what happens to it.  Warnings never fail a load.
 
 Two kinds of check:
 
@@ -17,9 +15,7 @@ Two kinds of check:
   (40 000 Services take about 100 ms in all) and ``load_manifests`` can run it through.
 
 Invariants: the checks never raise for any decoded input, and what is logged is bounded
-(:class:`WarningLog`): each distinct warning is logged once, not at every reload, and at
-most :data:`LOGGED_PER_CATEGORY` lines per category and reload are written, the rest
-counted in one line.
+(:class:`WarningLog`).
 """
 
 from __future__ import annotations
@@ -31,14 +27,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from userproxy.model import (
-    EndpointSlice,
-    IPFamily,
-    Protocol,
-    Service,
-    ServiceKey,
-    ServiceType,
-)
+from userproxy.model import EndpointSlice, IPFamily, Protocol, Service, ServiceKey, ServiceType
 from userproxy.sources.decode import shorten
 
 __all__ = [
@@ -154,15 +143,10 @@ def _declares_headless(obj: Mapping[str, object]) -> bool:
     spec = obj.get("spec")
     if not isinstance(spec, Mapping):
         return False
-    cluster_ip = spec.get("clusterIP")
-    if isinstance(cluster_ip, str) and cluster_ip.strip() == "None":
-        return True
     cluster_ips = spec.get("clusterIPs")
-    return (
-        isinstance(cluster_ips, list)
-        and bool(cluster_ips)
-        and isinstance(cluster_ips[0], str)
-        and cluster_ips[0].strip() == "None"
+    first = cluster_ips[0] if isinstance(cluster_ips, list) and cluster_ips else None
+    return any(
+        isinstance(ip, str) and ip.strip() == "None" for ip in (spec.get("clusterIP"), first)
     )
 
 
@@ -173,9 +157,7 @@ def cluster_ip_warning(service: Service, obj: Mapping[str, object]) -> str | Non
     cluster the API server assigns one, from a file nothing does.  Headless (``None``)
     and ExternalName Services are meant that way and get no warning.
     """
-    if service.cluster_ips or service.type is ServiceType.EXTERNAL_NAME:
-        return None
-    if _declares_headless(obj):
+    if service.cluster_ips or service.type is ServiceType.EXTERNAL_NAME or _declares_headless(obj):
         return None
     return (
         "has no spec.clusterIP and is not headless (clusterIP: None): in a manifest nothing "

@@ -37,7 +37,7 @@ from userproxy.sources.manifest_files import FileContents, collect_file
 from userproxy.sources.manifest_read import ManifestError
 from userproxy.sources.yaml_limits import exception_text
 
-__all__ = ["FRAME_LENGTH", "FrameReader", "Request", "read_in_worker", "worker_main", "write_frame"]
+__all__ = ["read_in_worker", "worker_main"]
 
 #: How much the child lowers its scheduling priority (``nice``).
 WORKER_NICENESS = 10
@@ -82,12 +82,10 @@ def write_frame(out: BinaryIO, frame: tuple[object, ...]) -> None:
 
 
 def worker_main() -> None:
-    """The child process: read a pickled :data:`Request` on stdin, write result frames.
+    """The child process: a pickled :data:`Request` on stdin, result frames on stdout (each
+    file's, then ("done",); ("failed", text) when the worker itself fails).
 
-    Frames go to stdout: per file ("file", path, problems, warnings) and ("objects", objects,
-    seen-items) chunks, then ("done",); a failure of the worker itself is ("failed", text).
-    Only this trusted parent-child pipe carries pickles.  The child lowers its own CPU
-    priority: on a busy node the proxy's event loop, not the parser, must get the CPU.
+    It lowers its own CPU priority: on a busy node the proxy's event loop must get the CPU.
     """
     out = sys.stdout.buffer
     with contextlib.suppress(OSError):
@@ -142,10 +140,7 @@ class FrameReader:
 
 
 async def read_in_worker(files: Sequence[Path], proxy_name: str | None) -> dict[str, FileContents]:
-    """Read, parse and validate ``files`` in a child process; per path, what it holds.
-
-    Raises ManifestError when the child fails; kills it when cancelled or too slow.
-    """
+    """Read, parse and validate ``files`` in a child process; per path, what it holds."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
     what = str(files[0]) if len(files) == 1 else f"{files[0]} and {len(files) - 1} more files"

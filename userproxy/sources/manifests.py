@@ -8,35 +8,29 @@ at once by inotify where it works), delivering only the differences of each relo
 
 Invariants of a reload (the event loop keeps serving connections while it runs):
 
-- A poll lists the files with their stamps; only when the listing differs from the last
-  one (or a file is too fresh to trust its stamp, or a reload was requested) does it
-  reload, and then only the stale files are read (``manifest_read.is_stale``).
-- The loop is never held for long.  Files to re-read totalling at most
-  :data:`INLINE_BYTES` are parsed on the loop (a few milliseconds); larger ones by a
-  child process (``manifest_worker.read_in_worker``).  The differences are delivered in
-  slices (``userproxy.slices``), yielding to the loop in between, so, as with a
-  Kubernetes watch, the proxier may sync between two slices of one large reload.
-- A failed reload (any problem, or the child failing) keeps the last good state; the
-  bounded error is logged once per distinct failure.  Directory entries that are not
-  regular files (a FIFO ...) are skipped and logged as errors once; the other files work.
-- Valid objects that would be dropped without a word (``manifest_warnings.py``) are
-  logged as warnings naming file, document and object: each distinct one once, at most
-  ``LOGGED_PER_CATEGORY`` lines per category and reload.  The checks across objects run
-  in slices too.
+- It happens only when the listing (names and stamps) changed, a file is too fresh to
+  trust its stamp, or a reload was requested; then only the stale files are read.
+- The loop is never held for long: up to :data:`INLINE_BYTES` of files are parsed on it,
+  more by a child process (``manifest_worker.py``); the differences and the checks across
+  objects run in slices (``userproxy.slices``), so, as with a Kubernetes watch, the
+  proxier may sync between two slices of one large reload.
+- A failed reload keeps the last good state and is logged once per distinct failure;
+  directory entries that are not regular files are skipped and logged once each.
+- Warnings (``manifest_warnings.py``) are logged once each, bounded per category.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from userproxy.control.handlers import Handlers
 from userproxy.model import Node
 from userproxy.slices import Slicer
-from userproxy.sources.diff import deliver_diff
+from userproxy.sources.diff import diff_steps
 from userproxy.sources.inotify import Inotify, watch_directories
 from userproxy.sources.manifest_files import (
     ManifestCache,
@@ -44,17 +38,11 @@ from userproxy.sources.manifest_files import (
     collect_file,
     load_manifests,
 )
-from userproxy.sources.manifest_read import (
-    MANIFEST_SUFFIXES,
-    FileList,
-    ManifestError,
-    list_manifest_files,
-)
+from userproxy.sources.manifest_read import FileList, ManifestError, list_manifest_files
 from userproxy.sources.manifest_warnings import WarningLog, cross_check
 from userproxy.sources.manifest_worker import read_in_worker
 
 __all__ = [
-    "MANIFEST_SUFFIXES",
     "ManifestCache",
     "ManifestError",
     "ManifestSource",
@@ -73,40 +61,6 @@ FALLBACK_POLL_INTERVAL = 2.0
 INLINE_BYTES = 32 * 1024
 #: A reload with this many Services is bulk work (see userproxy.slices).
 BULK_OBJECTS = 1000
-
-_K = TypeVar("_K")
-_V = TypeVar("_V")
-
-
-async def _deliver_sliced(
-    old: Mapping[_K, _V],
-    new: Mapping[_K, _V],
-    add: Callable[[_V], None],
-    update: Callable[[_V, _V], None],
-    delete: Callable[[_V], None],
-    *,
-    slicer: Slicer,
-) -> int:
-    """``diff.deliver_diff`` in slices: the same calls in the same order, yielding between.
-
-    ``old`` and ``new`` must not change meanwhile (they are a state's frozen maps).
-    """
-    calls = 0
-    for key, value in old.items():
-        if key not in new:
-            delete(value)
-            calls += 1
-        await slicer.tick()
-    for key, value in new.items():
-        previous = old.get(key)
-        if previous is None:
-            add(value)
-            calls += 1
-        elif previous is not value and previous != value:
-            update(previous, value)
-            calls += 1
-        await slicer.tick()
-    return calls
 
 
 def deliver_all(state: ManifestState, handlers: Handlers, node_name: str) -> None:
@@ -140,9 +94,8 @@ class ManifestSource:
 
     Call :meth:`initial_load` once (it raises :class:`ManifestError` if the files are bad),
     then run :meth:`run` as a task.  Only the Node named ``node_name`` is delivered.
-    ``on_reload_error`` is called for every reload of changed files that fails (the last
-    good state stays; the error is logged once per distinct failure), ``on_reload`` after
-    every successful reload of changed files.
+    ``on_reload_error`` is called for every reload of changed files that fails,
+    ``on_reload`` after every successful one.
     """
 
     def __init__(
@@ -342,31 +295,35 @@ class ManifestSource:
         returns the number of handler calls made (0 when nothing changed).
         """
         old = self._state if self._state is not None else ManifestState()
-        handlers = self._handlers
+        h = self._handlers
         slicer = Slicer(bulk=max(len(old.services), len(state.services)) >= BULK_OBJECTS)
-        calls = await _deliver_sliced(
-            old.services,
-            state.services,
-            handlers.on_service_add,
-            handlers.on_service_update,
-            handlers.on_service_delete,
-            slicer=slicer,
-        )
-        calls += await _deliver_sliced(
-            old.slices,
-            state.slices,
-            handlers.on_endpointslice_add,
-            handlers.on_endpointslice_update,
-            handlers.on_endpointslice_delete,
-            slicer=slicer,
-        )
-        calls += deliver_diff(  # one Node at most: no slices needed
-            _own_node(old, self._node_name),
-            _own_node(state, self._node_name),
-            handlers.on_node_add,
-            handlers.on_node_update,
-            handlers.on_node_delete,
-        )
+        calls = 0
+        # diff.deliver_diff's calls, one key at a time (a state's maps never change).
+        for called in itertools.chain(
+            diff_steps(
+                old.services,
+                state.services,
+                h.on_service_add,
+                h.on_service_update,
+                h.on_service_delete,
+            ),
+            diff_steps(
+                old.slices,
+                state.slices,
+                h.on_endpointslice_add,
+                h.on_endpointslice_update,
+                h.on_endpointslice_delete,
+            ),
+            diff_steps(
+                _own_node(old, self._node_name),
+                _own_node(state, self._node_name),
+                h.on_node_add,
+                h.on_node_update,
+                h.on_node_delete,
+            ),
+        ):
+            calls += called
+            await slicer.tick()
         self._state = state
         logger.log(
             logging.INFO if calls else logging.DEBUG,

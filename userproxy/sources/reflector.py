@@ -9,23 +9,17 @@ handlers in the place of client-go's store.  :meth:`Reflector.run` is its state 
 * WATCH from the list's ``resourceVersion`` with bookmarks and a server-side timeout,
   tracking the resourceVersion of every event (bookmarks included), so that a watch that
   ends or breaks is resumed where it stopped, without a re-list.
-* On ``410 Gone`` (an ERROR event with code 410, or an HTTP 410), re-list and reconcile:
-  unchanged objects cause no handler call, objects missing from the new list are deleted.
-  The first 410 re-lists at once; another before a watch has run to its end waits a
-  backoff.
-* Every ``resync_period`` seconds re-list and reconcile the same way (no churn when
-  nothing changed).
+* On ``410 Gone`` (an ERROR event with code 410, or an HTTP 410) and every
+  ``resync_period`` seconds, re-list and reconcile: unchanged objects cause no handler
+  call, objects missing from the new list are deleted.  The first 410 re-lists at once;
+  another before a watch has run to its end waits a backoff.
 * Any other failure is logged (rate-limited), reported through ``on_event`` and retried
   after a capped exponential backoff with full jitter, which starts afresh as soon as a
   watch delivers something.  :meth:`Reflector.run` never ends but by cancellation.
 
 Invariants: ``view`` is exactly what the handlers were given (key -> last delivered
 object); an object that fails validation is skipped with a warning naming it and the field,
-and its last good version, if any, stays in the view.
-
-Responses are read as raw JSON (``_preload_content=False``), never through
-kubernetes-asyncio's typed models, which reject a whole list or stream when one object
-has a field of the wrong type; nor through its ``Watch``, which gives up after one 410.
+and its last good version, if any, stays in the view.  The requests are ``list_watch.py``'s.
 """
 
 from __future__ import annotations
@@ -34,13 +28,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 import aiohttp
 
+from userproxy.logs import RateLimitedLog
 from userproxy.model import EndpointSlice, Node, Service
 from userproxy.sources.decode import DecodeError
 from userproxy.sources.diff import deliver_diff
@@ -112,9 +106,6 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 class _Backoff:
     """Capped exponential backoff with full jitter (delay uniform in [0, cap])."""
 
@@ -132,32 +123,6 @@ class _Backoff:
         return random.uniform(0, cap)
 
 
-class _Throttle:
-    """Logs a warning per cause at most every ``_WARN_INTERVAL`` seconds, the rest at debug.
-
-    Unlike a logger that drops what it holds back, the held-back messages still go to
-    debug: an operator chasing an API problem can see every attempt.
-    """
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, cause: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(cause)
-        if last is not None and now - last < _WARN_INTERVAL:
-            self._suppressed[cause] = self._suppressed.get(cause, 0) + 1
-            logger.debug(message, *args)
-            return
-        self._last[cause] = now
-        suppressed = self._suppressed.pop(cause, 0)
-        if suppressed:
-            logger.warning(message + " (%d similar messages suppressed)", *args, suppressed)
-        else:
-            logger.warning(message, *args)
-
-
 @dataclass(frozen=True, slots=True)
 class _Decoded(Generic[_T]):
     """One raw object after decoding.
@@ -171,9 +136,6 @@ class _Decoded(Generic[_T]):
     label: str
     value: _T | None = None
     error: str | None = None
-
-
-# --------------------------------------------------------------------------- the reflector
 
 
 class Reflector(Generic[_T]):
@@ -203,7 +165,8 @@ class Reflector(Generic[_T]):
         self.resource_version: str | None = None
         #: Whether the first list has been delivered (and ``synced`` called).
         self.synced = False
-        self._throttle = _Throttle()
+        #: One rate limiter per cause of warnings (see :meth:`_warn`).
+        self._limits: dict[str, RateLimitedLog] = {}
         #: (key, error) of invalid objects already warned about, so resyncs do not repeat it.
         self._warned: set[tuple[_Key | None, str]] = set()
         self._backoff = _Backoff(options.backoff_initial, options.backoff_max)
@@ -240,12 +203,10 @@ class Reflector(Generic[_T]):
                     continue
                 # The server ended the stream long before its timeout: resume after a delay.
                 self._event("watch_restart")
-                self._throttle.warning(
-                    "watch", "%s: watch closed early by the server; resuming", self.name
-                )
+                self._warn("watch", "%s: watch closed early by the server; resuming", self.name)
             except Gone as exc:
                 self._event("relist")
-                self._throttle.warning(
+                self._warn(
                     "gone",
                     "%s: cannot resume the watch at resourceVersion %s (%s); re-listing",
                     self.name,
@@ -265,24 +226,26 @@ class Reflector(Generic[_T]):
             logger.debug("%s: retrying in %.2f s", self.name, delay)
             await asyncio.sleep(delay)
 
+    def _warn(self, cause: str, message: str, *args: object) -> None:
+        """A warning, at most one per cause every ``_WARN_INTERVAL`` seconds.  The held-back
+        ones still go to debug: an operator chasing an API problem can see every attempt."""
+        limit = self._limits.setdefault(cause, RateLimitedLog(logger, _WARN_INTERVAL))
+        if not limit.log(logging.WARNING, message, *args):
+            logger.debug(message, *args)
+
     def _event(self, kind: EventKind) -> None:
         if self._on_event is not None:
             self._on_event(kind, self.name)
 
     def _failed(self, exc: Exception) -> None:
-        """Report one failed LIST or WATCH attempt."""
         if isinstance(exc, WatchBroken):
             self._event("watch_restart")
             cause = exc.__cause__ if exc.__cause__ is not None else exc
-            self._throttle.warning(
-                "watch", "%s: watch broke (%s); resuming", self.name, _describe_error(cause)
-            )
+            self._warn("watch", "%s: watch broke (%s); resuming", self.name, _describe_error(cause))
             return
         self._event("api_error")
         if isinstance(exc, ApiError | aiohttp.ClientError | OSError | TimeoutError):
-            self._throttle.warning(
-                "api", "%s: API request failed: %s", self.name, _describe_error(exc)
-            )
+            self._warn("api", "%s: API request failed: %s", self.name, _describe_error(exc))
         else:
             logger.error("%s: unexpected error, retrying", self.name, exc_info=exc)
 
@@ -333,7 +296,7 @@ class Reflector(Generic[_T]):
                 calls,
             )
         else:
-            self._throttle.warning(
+            self._warn(
                 "relist",
                 "%s: re-listed (%s): %d objects, %d changes delivered",
                 self.name,
@@ -345,7 +308,6 @@ class Reflector(Generic[_T]):
     # ------------------------------------------------------------------ decoding
 
     def _decode(self, raw: object) -> _Decoded[_T]:
-        """Key, label and model object of one raw item or event object."""
         kind = self.list_watch.kind
         obj = str_mapping(raw)
         if obj is None:
@@ -406,7 +368,7 @@ class Reflector(Generic[_T]):
                 logger.debug("%s: bookmark at resourceVersion %s", self.name, rv)
             return
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
-            self._throttle.warning("type", "%s: ignoring watch event of type %r", self.name, kind)
+            self._warn("type", "%s: ignoring watch event of type %r", self.name, kind)
             return
         self._apply(str(kind), obj)
         if rv is not None:
@@ -416,18 +378,16 @@ class Reflector(Generic[_T]):
         """Deliver one ADDED, MODIFIED or DELETED event and update the view."""
         decoded = self._decode(obj)
         key = decoded.key
-        old = self.view.get(key) if key is not None else None
         logger.debug("%s: %s %s", self.name, kind, decoded.label)
         if decoded.error is not None:
             self._invalid(decoded, f"watch event {kind}")
-            if kind == "DELETED" and key is not None and old is not None:
-                del self.view[key]  # gone, whatever its last state looked like
-                self._handlers.delete(old)
-            return
+            if kind != "DELETED":
+                return  # its last good version, if any, stays
         if key is None:
             return
+        old = self.view.get(key)
         new = decoded.value
-        if kind == "DELETED" or new is None:
+        if kind == "DELETED" or new is None:  # deleted (whatever it was), or no longer ours
             if old is not None:
                 del self.view[key]
                 self._handlers.delete(old)

@@ -13,7 +13,7 @@ failure, a limit, a syntax error or an exception inside a constructor, is one
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import yaml
 from yaml._yaml import CParser
@@ -67,21 +67,15 @@ class _LimitError(Exception):
 
     def __init__(self, message: str, mark: object = None) -> None:
         super().__init__(message)
-        self.message = message
         self.mark = mark
 
 
 class _BoundedLoader(SafeConstructor, Resolver):
-    """A safe YAML loader with bounded composition, over any event parser.
+    """A safe YAML loader with bounded composition (see the module), over any event parser.
 
-    PyYAML's composers (its Python one and libyaml's Cython one) recurse once per nesting
-    level, so deep input exhausts the stack (RecursionError, or a C stack overflow).  This
-    loader takes only the parser's event stream (both parsers keep an explicit stack) and
-    composes nodes with a list as the stack, enforcing :data:`MAX_DEPTH` and
-    :data:`MAX_NODES` and refusing recursive aliases.  SafeConstructor then builds the
-    objects without recursion (its generators run from a work list).  Timestamps stay
-    strings, as Kubernetes' YAML decoding keeps them; integers are bounded by
-    :data:`MAX_INT_CHARS` before conversion.
+    Both parsers keep an explicit stack, and SafeConstructor builds the objects without
+    recursion (its generators run from a work list).  Timestamps stay strings, as
+    Kubernetes' YAML decoding keeps them.
     """
 
     if TYPE_CHECKING:  # provided by the parser class mixed in first
@@ -105,9 +99,6 @@ class _BoundedLoader(SafeConstructor, Resolver):
             return None
         return self._compose_document()
 
-    def get_single_node(self) -> YamlNode | None:  # pragma: no cover - load_all only
-        raise NotImplementedError
-
     def _compose_document(self) -> YamlNode:
         start = self.get_event()
         assert isinstance(start, DocumentStartEvent)
@@ -128,9 +119,7 @@ class _BoundedLoader(SafeConstructor, Resolver):
                 size, height = 1, 0
                 if event.anchor is not None:
                     anchors[event.anchor] = (node, size, height)
-                self.nodes += 1
-                if self.nodes > MAX_NODES:
-                    self._too_many(event.start_mark)
+                self._count(1, event.start_mark)
             elif isinstance(event, CollectionStartEvent):
                 if len(stack) >= MAX_DEPTH:
                     raise _LimitError(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
@@ -140,9 +129,7 @@ class _BoundedLoader(SafeConstructor, Resolver):
                     tag = self.resolve(kind, None, event.implicit)  # type: ignore[no-untyped-call]
                 collection = kind(tag, [], None, None, event.flow_style)
                 collection.start_mark = event.start_mark
-                self.nodes += 1
-                if self.nodes > MAX_NODES:
-                    self._too_many(event.start_mark)
+                self._count(1, event.start_mark)
                 stack.append(_Open(collection, event.anchor))
                 continue
             elif isinstance(event, CollectionEndEvent):
@@ -167,9 +154,7 @@ class _BoundedLoader(SafeConstructor, Resolver):
                         f"nested more than {MAX_DEPTH} levels deep (through an alias)",
                         event.start_mark,
                     )
-                self.nodes += size
-                if self.nodes > MAX_NODES:
-                    self._too_many(event.start_mark)
+                self._count(size, event.start_mark)
             elif isinstance(event, DocumentEndEvent):
                 assert root is not None
                 return root
@@ -189,10 +174,12 @@ class _BoundedLoader(SafeConstructor, Resolver):
             else:
                 top.node.value.append(node)
 
-    def _too_many(self, where: object) -> NoReturn:
-        raise _LimitError(
-            f"more than {MAX_NODES} nodes (counting each alias as what it repeats)", where
-        )
+    def _count(self, nodes: int, where: object) -> None:
+        self.nodes += nodes
+        if self.nodes > MAX_NODES:
+            raise _LimitError(
+                f"more than {MAX_NODES} nodes (counting each alias as what it repeats)", where
+            )
 
     def construct_bounded_int(self, node: ScalarNode) -> int:
         text = str(self.construct_scalar(node))
@@ -277,12 +264,8 @@ def parse_yaml(path: Path, text: str) -> list[object]:
         raise YamlProblem(fast_error.problem) from None
 
 
-class _SyntaxError(Exception):
-    """A YAML syntax error, already described as a problem line."""
-
-    def __init__(self, problem: str) -> None:
-        super().__init__(problem)
-        self.problem = problem
+class _SyntaxError(YamlProblem):
+    """A YAML syntax error: :func:`parse_yaml` asks PyYAML's parser for its message."""
 
 
 def _load_all(loader: _BoundedLoader, path: Path) -> list[object]:
@@ -297,7 +280,7 @@ def _load_all(loader: _BoundedLoader, path: Path) -> list[object]:
         raise _SyntaxError(f"{path}: {_mark(mark)}YAML syntax error: {problem}") from None
     except _LimitError as exc:
         raise YamlProblem(
-            f"{path}: document {len(documents) + 1}: {_mark(exc.mark)}{exc.message}"
+            f"{path}: document {len(documents) + 1}: {_mark(exc.mark)}{exc}"
         ) from None
     except yaml.YAMLError as exc:
         raise _SyntaxError(f"{path}: YAML syntax error: {exc}") from None
