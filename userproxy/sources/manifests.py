@@ -3,7 +3,7 @@
 Loading is ``manifest_read.py`` (which files, their bytes, their documents) and
 ``manifest_files.py`` (model objects, the per-file cache).  This module delivers a
 :class:`ManifestState` through the handler interface, adds and then ``*_synced`` as an
-informer does (client-go's reflector, ``kubernetes.py``), and then polls the files (woken
+informer does (client-go's reflector; ours is ``reflector.py``), and then polls the files (woken
 at once by inotify where it works), delivering only the differences of each reload.
 
 Invariants of a reload (the event loop keeps serving connections while it runs):
