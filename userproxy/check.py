@@ -4,8 +4,8 @@ Like ``nginx -t`` and ``haproxy -c``: the manifests are read and validated exact
 ``userproxy run --manifests`` reads them (``sources.manifest_files.load_manifests``, the
 same label selector and warnings), then planned by the real control plane: the objects go
 through a ``ChangeRecorder`` into a ``Proxier`` given ``NoEffects`` (it changes
-nothing), and the listeners printed are its plans.  What is printed is therefore what ``run`` would ask of its
-data plane, not a second interpretation of the semantics.
+nothing), and the listeners printed are its plans.  What is printed is therefore what
+``run`` would ask of its data plane, not a second interpretation of the semantics.
 
 Invariants: no socket is opened or bound, no address or device is touched, no event loop
 runs, and the node's addresses are not read (NodePorts are shown on "<node addresses>").
