@@ -305,7 +305,7 @@ def test_registry_unknown_name_warns_once_per_owner_and_name(
 
 
 def test_registry_extra_factories() -> None:
-    registry = BalancerRegistry({"first": lambda eps: RoundRobin(eps[:1])})
+    registry = BalancerRegistry({"first": lambda eps, _context: RoundRobin(eps[:1])})
     assert "first" in registry.names
     assert registry.resolve("first") == "first"
     assert registry.build("first", POOL3, None).endpoints == (A,)

@@ -1,31 +1,51 @@
 """Balancer names to implementations, plus plug-ins from the ``userproxy.balancers`` entry
-point group (each entry point names a callable taking the endpoint sequence)."""
+point group.
+
+Every factory, built-in or plug-in, is called as ``factory(endpoints, context)`` and returns
+a ``Balancer`` over ``endpoints``; ``context`` is the :class:`BalancerContext` shared by
+every pool of the proxy (today: the active connections per endpoint).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
 from userproxy.balancers.affinity import ClientIPAffinity
 from userproxy.balancers.base import Balancer
+from userproxy.balancers.load import EndpointLoad
 from userproxy.balancers.randomized import RandomChoice
 from userproxy.balancers.roundrobin import RoundRobin
 from userproxy.model import Endpoint
 
 log = logging.getLogger(__name__)
 
-BalancerFactory = Callable[[Sequence[Endpoint]], Balancer]
+
+@dataclass(frozen=True, slots=True)
+class BalancerContext:
+    """What the proxy shares with every balancer it builds."""
+
+    #: Active connections per endpoint through this proxy (least-connections reads it).
+    load: EndpointLoad = field(default_factory=EndpointLoad)
+
+
+BalancerFactory = Callable[[Sequence[Endpoint], BalancerContext], Balancer]
 
 DEFAULT_BALANCER = "round-robin"
 
-_BUILTIN: dict[str, BalancerFactory] = {"round-robin": RoundRobin, "random": RandomChoice}
+_BUILTIN: dict[str, BalancerFactory] = {
+    "round-robin": lambda endpoints, _context: RoundRobin(endpoints),
+    "random": lambda endpoints, _context: RandomChoice(endpoints),
+}
 
 
 class BalancerRegistry:
     """Resolves a Service's balancer name; unknown names fall back to the default once-warned."""
 
     def __init__(self, extra: dict[str, BalancerFactory] | None = None) -> None:
+        self.context = BalancerContext()
         self._factories = dict(_BUILTIN)
         for entry in entry_points(group="userproxy.balancers"):
             try:
@@ -58,7 +78,7 @@ class BalancerRegistry:
         self, name: str, endpoints: Sequence[Endpoint], affinity_timeout: float | None
     ) -> Balancer:
         """A balancer of kind ``name`` over ``endpoints``, wrapped for ClientIP affinity."""
-        balancer = self._factories[name](endpoints)
+        balancer = self._factories[name](endpoints, self.context)
         if affinity_timeout is not None:
             return ClientIPAffinity(balancer, affinity_timeout)
         return balancer

@@ -203,13 +203,15 @@ class TcpListener(Listener):
                 if conn.finished:
                     return
                 continue
-            await self._join(conn, sock)
+            await self._join(conn, sock, endpoint)
             return
         # No endpoint could be reached: reset the client rather than leave it hanging.
         self.stats.dial_exhausted += 1
         conn.abort()
 
-    async def _join(self, conn: DownstreamProtocol, sock: socket.socket) -> None:
+    async def _join(
+        self, conn: DownstreamProtocol, sock: socket.socket, endpoint: Endpoint
+    ) -> None:
         """Wrap the connected ``sock`` as ``conn``'s one upstream transport.
 
         No deadline here: this await only waits for ``connection_made``, and cancelling it
@@ -223,10 +225,14 @@ class TcpListener(Listener):
             sock.close()
             log.debug("%s: cannot wrap upstream socket: %s", self.spec.spn, exc)
             conn.abort()
+            return
         except asyncio.CancelledError:
             sock.close()
             conn.drop_upstream()
             raise
+        if conn in self.connections:  # not finished meanwhile: it counts until it ends
+            conn.endpoint = endpoint
+            self._registry.context.load.start(endpoint)
 
     def connection_finished(self, conn: DownstreamProtocol) -> None:
         if conn in self.connections:
@@ -234,6 +240,8 @@ class TcpListener(Listener):
             self.stats.bytes_up += conn.bytes_up
             self.stats.bytes_down += conn.bytes_down
             self.limit.release(self.service, conn.client_ip)
+            if conn.endpoint is not None:
+                self._registry.context.load.end(conn.endpoint)
 
     def abort_all(self) -> None:
         for task in list(self._tasks):

@@ -26,6 +26,8 @@ import socket
 import struct
 from typing import Protocol, cast
 
+from userproxy.model import Endpoint
+
 #: Bytes a client may send before its upstream connection is up; beyond this the
 #: downstream transport stops reading (the first read chunk may overshoot it: uvloop
 #: delivers data that arrived before ``pause_reading`` took effect).
@@ -133,6 +135,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "dial_task",
         "dialing",
         "downstream",
+        "endpoint",
         "finished",
         "half_closed_at",
         "idle_since",
@@ -160,6 +163,8 @@ class DownstreamProtocol(asyncio.Protocol):
         #: The task wrapping the socket and dialing (cancelled if the client leaves while dialing).
         self.dial_task: asyncio.Task[None] | None = None
         self.dialing = False
+        #: The endpoint of the joined upstream, counted in the balancers' load while set.
+        self.endpoint: Endpoint | None = None
         # Timeout bookkeeping, read by the listener set's sweeper (no timer per connection).
         self.active = True
         self.idle_since = 0.0

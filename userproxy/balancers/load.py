@@ -1,0 +1,37 @@
+"""Active connections per endpoint through this proxy: what load-aware balancers read.
+
+One ``EndpointLoad`` is shared by every pool (it lives in the ``BalancerRegistry``), keyed
+by the endpoint's (ip, port), so an endpoint serving a Service through several listeners
+(ClusterIP, NodePort, ...) is counted once, across all of them.  The data plane calls
+``start`` when a connection to the endpoint is up (a TCP upstream joined, a UDP session
+opened) and ``end`` when it is gone.
+
+Invariant: ``active`` holds only endpoints with at least one connection (no unbounded
+growth as pods come and go); ``of`` is O(1) and allocates nothing.
+"""
+
+from __future__ import annotations
+
+from userproxy.model import Endpoint
+
+
+class EndpointLoad:
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active: dict[tuple[str, int], int] = {}
+
+    def start(self, endpoint: Endpoint) -> None:
+        key = (endpoint.ip, endpoint.port)
+        self.active[key] = self.active.get(key, 0) + 1
+
+    def end(self, endpoint: Endpoint) -> None:
+        key = (endpoint.ip, endpoint.port)
+        count = self.active.get(key, 0) - 1
+        if count > 0:
+            self.active[key] = count
+        else:
+            self.active.pop(key, None)
+
+    def of(self, endpoint: Endpoint) -> int:
+        return self.active.get((endpoint.ip, endpoint.port), 0)
