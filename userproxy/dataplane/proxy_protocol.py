@@ -72,10 +72,10 @@ def _family(ip: str) -> tuple[int, bytes] | None:
 def _plain(address: Address) -> Address:
     """``address`` with an IPv6 zone dropped and an IPv4-mapped IPv6 address unmapped."""
     ip, port = address
-    if "%" in ip:
+    if ":" in ip:  # only IPv6 text carries a zone or maps an IPv4 address
         ip = ip.partition("%")[0]
-    if ip[:7].lower() == _MAPPED_PREFIX and "." in ip:
-        ip = ip[7:]
+        if "." in ip and ip[:7].lower() == _MAPPED_PREFIX:
+            ip = ip[7:]
     return ip, port
 
 
@@ -98,12 +98,16 @@ def encode_v1(source: Address, destination: Address) -> bytes:
     if resolved is None:
         return _V1_UNKNOWN
     family, src, dst = resolved
-    # Written from the packed form, so the text is canonical (as the spec asks: no zone, no
-    # leading zeros) whatever spelling the socket layer returned.
-    proto = "TCP4" if family == socket.AF_INET else "TCP6"
-    src_ip = socket.inet_ntop(family, src)
-    dst_ip = socket.inet_ntop(family, dst)
-    line = f"PROXY {proto} {src_ip} {dst_ip} {source[1]} {destination[1]}\r\n"
+    if family == socket.AF_INET:
+        # inet_pton accepts only the canonical dotted quad (no leading zeros, four parts),
+        # so the text that passed it is written as it is.
+        line = f"PROXY TCP4 {source[0]} {destination[0]} {source[1]} {destination[1]}\r\n"
+    else:
+        # IPv6 has many spellings: written from the packed form, so the text is the
+        # canonical one (lower case, longest zero run compressed).
+        src_ip = socket.inet_ntop(family, src)
+        dst_ip = socket.inet_ntop(family, dst)
+        line = f"PROXY TCP6 {src_ip} {dst_ip} {source[1]} {destination[1]}\r\n"
     return line.encode("ascii")
 
 
