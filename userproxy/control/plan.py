@@ -122,7 +122,9 @@ def plan_service(
             ranges = service.load_balancer_source_ranges if ip in lb_ips else ()
             # TCP only: a UDP session gets no header (docs/configuration.md says why).
             version = header if port.protocol is Protocol.TCP else None
-            spec = ListenerSpec(spn, kind, ip, number, pool, node_pool, ranges, version)
+            spec = ListenerSpec(
+                spn, kind, ip, number, pool, node_pool, ranges, proxy_protocol=version
+            )
             listeners.setdefault(spec.key, spec)
     return ServicePlan(
         listeners=tuple(listeners.values()),
