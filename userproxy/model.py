@@ -12,6 +12,7 @@ import enum
 import functools
 import ipaddress
 from dataclasses import dataclass
+from typing import Literal
 
 
 class Protocol(enum.StrEnum):
@@ -89,6 +90,12 @@ MAX_AFFINITY_TIMEOUT = 86400
 
 #: Annotation on a Service that names its balancer (see ``userproxy.balancers``).
 BALANCER_ANNOTATION = "userproxy.io/balancer"
+#: Annotation on a Service asking for a PROXY protocol header (HAProxy's
+#: doc/proxy-protocol.txt) on every TCP connection to its endpoints: "v1" or "v2".
+PROXY_PROTOCOL_ANNOTATION = "userproxy.io/proxy-protocol"
+#: The PROXY protocol versions a listener can send (see dataplane/proxy_protocol.py).
+ProxyProtocolVersion = Literal["v1", "v2"]
+PROXY_PROTOCOL_VERSIONS: tuple[ProxyProtocolVersion, ...] = ("v1", "v2")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -152,7 +159,10 @@ class Service:
 
     Invariants: ``cluster_ips`` holds literal IPs (the primary first), or is empty for a
     headless Service; ``ports`` names are unique per protocol; ``affinity_timeout`` is None
-    without ClientIP affinity and otherwise in 1..86400 seconds.
+    without ClientIP affinity and otherwise in 1..86400 seconds.  ``balancer`` and
+    ``proxy_protocol`` are their annotations' values as written (stripped), or None when
+    absent: they are checked when planning, where a bad value is reported once and its
+    default used (the default balancer; no PROXY header).
     """
 
     namespace: str
@@ -168,6 +178,7 @@ class Service:
     health_check_node_port: int | None = None
     affinity_timeout: int | None = None
     balancer: str | None = None
+    proxy_protocol: str | None = None
 
     @property
     def key(self) -> ServiceKey:
@@ -305,7 +316,9 @@ class ListenerSpec:
     ``node_pool``, on NodePort, externalIP and load-balancer listeners, serves clients on
     the node itself or in the cluster CIDR, which kube-proxy sends to the cluster-wide set
     even with ``externalTrafficPolicy: Local``.  ``source_ranges`` (load-balancer listeners
-    only; empty: everyone) are the CIDRs clients must come from.
+    only; empty: everyone) are the CIDRs clients must come from.  ``proxy_protocol`` (TCP
+    listeners only, else None) is the PROXY protocol version whose header every upstream
+    connection starts with; it applies to connections accepted after the spec is applied.
     """
 
     spn: ServicePortName
@@ -315,6 +328,7 @@ class ListenerSpec:
     pool: PoolSpec
     node_pool: PoolSpec | None = None
     source_ranges: tuple[str, ...] = ()
+    proxy_protocol: ProxyProtocolVersion | None = None
 
     @property
     def serves_anyone(self) -> bool:

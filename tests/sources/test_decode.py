@@ -225,6 +225,40 @@ def test_session_affinity(affinity: dict[str, object], expected: int | None) -> 
     assert decode_service(obj).affinity_timeout == expected
 
 
+@pytest.mark.parametrize(
+    ("annotations", "expected"),
+    [
+        ({}, None),
+        ({"userproxy.io/proxy-protocol": "v1"}, "v1"),
+        ({"userproxy.io/proxy-protocol": "v2"}, "v2"),
+        ({"userproxy.io/proxy-protocol": " v2\n"}, "v2"),
+        # Kept as written, never a DecodeError: planning warns (naming the Service and the
+        # value) and sends no header; a typo must not drop the Service (tests/dataplane/
+        # test_proxy_protocol.py, test_bad_annotation_value_warns_once_and_sends_none).
+        ({"userproxy.io/proxy-protocol": "v3"}, "v3"),
+        ({"userproxy.io/proxy-protocol": "V1"}, "V1"),
+        ({"userproxy.io/proxy-protocol": ""}, ""),
+        ({"userproxy.io/proxy-protocol": "true"}, "true"),
+        ({"userproxy.io/proxy-protocols": "v1"}, None),
+    ],
+    ids=["absent", "v1", "v2", "stripped", "v3", "upper-case", "empty", "true", "other-key"],
+)
+def test_proxy_protocol_annotation(annotations: dict[str, str], expected: str | None) -> None:
+    obj = minimal_service()
+    meta = obj["metadata"]
+    assert isinstance(meta, dict)
+    meta["annotations"] = annotations
+    assert decode_service(obj).proxy_protocol == expected
+
+
+def test_proxy_protocol_annotation_must_be_a_string() -> None:
+    obj = minimal_service()
+    obj["metadata"] = {"name": "api", "annotations": {"userproxy.io/proxy-protocol": 2}}
+    with pytest.raises(DecodeError) as caught:
+        decode_service(obj)
+    assert "userproxy.io/proxy-protocol" in str(caught.value)
+
+
 SERVICE_ERRORS: list[tuple[str, tuple[Segment, ...], object, str, str]] = [
     ("missing-name", ("metadata", "name"), DELETE, "metadata.name", "is required"),
     ("empty-name", ("metadata", "name"), "", "metadata.name", "is required"),

@@ -12,7 +12,8 @@ one decision, in the order kube-proxy makes them (``pkg/proxy/iptables/proxier.g
 3. the addresses to listen on, per address kind: :func:`listen_addresses`;
 4. the pools each address kind serves: :func:`pools` (the table below);
 5. the health check and the "no local endpoints" counts: :func:`health_check_port`,
-   :func:`no_local_endpoints`.
+   :func:`no_local_endpoints`;
+6. (userproxy's own) the PROXY protocol header its TCP listeners send: :func:`proxy_protocol`.
 
 Which pool serves whom (a client is "on the node" when it comes from an address of this
 node or of ``--cluster-cidr``; see dataplane/classify.py)::
@@ -33,22 +34,30 @@ has an endpoint is not opened at all (``ListenerSpec.serves_anyone``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from userproxy.control.endpoints import build_endpoints
 from userproxy.control.selection import EndpointSets, categorize
 from userproxy.model import (
+    PROXY_PROTOCOL_ANNOTATION,
+    PROXY_PROTOCOL_VERSIONS,
     AddressKind,
     EndpointSlice,
     IPFamily,
     ListenerSpec,
     PoolSpec,
+    Protocol,
+    ProxyProtocolVersion,
     Service,
+    ServiceKey,
     ServicePort,
     ServiceType,
     TrafficPolicy,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,7 @@ def plan_service(
     endpoints = build_endpoints(service, slices, node.name)
     families = {IPFamily.of(ip) for ip in service.cluster_ips}
     lb_ips = vip_ingress_ips(service)
+    header = proxy_protocol(service)
     listeners: dict[tuple[object, ...], ListenerSpec] = {}
     # Distinct IPs, as upstream's EndpointsMap.LocalReadyEndpoints counts them: one pod
     # behind a two-port Service is one local endpoint, not one per (ip, port).
@@ -110,7 +120,11 @@ def plan_service(
                 continue  # an address of a family the Service does not have
             pool, node_pool = pools(kind, chosen, balancer, service.affinity_timeout)
             ranges = service.load_balancer_source_ranges if ip in lb_ips else ()
-            spec = ListenerSpec(spn, kind, ip, number, pool, node_pool, ranges)
+            # TCP only: a UDP session gets no header (docs/configuration.md says why).
+            version = header if port.protocol is Protocol.TCP else None
+            spec = ListenerSpec(
+                spn, kind, ip, number, pool, node_pool, ranges, proxy_protocol=version
+            )
             listeners.setdefault(spec.key, spec)
     return ServicePlan(
         listeners=tuple(listeners.values()),
@@ -179,4 +193,39 @@ def health_check_port(service: Service) -> int | None:
         and service.external_traffic_policy is TrafficPolicy.LOCAL
     ):
         return service.health_check_node_port
+    return None
+
+
+#: (Service, value) pairs already reported by :func:`proxy_protocol`; cleared when it grows
+#: past this many, so a stream of distinct bad values costs bounded memory (and a value
+#: may then be reported again: a repeat, never a silence).
+MAX_WARNED = 4096
+_warned: set[tuple[ServiceKey, str]] = set()
+
+
+def proxy_protocol(service: Service) -> ProxyProtocolVersion | None:
+    """The PROXY protocol version ``service``'s annotation asks for, None for none.
+
+    A value other than "v1" or "v2" sends none, and is reported with a warning naming the
+    Service and the value, once per Service and value (planning runs at every sync that
+    touches the Service).  The annotation is userproxy's; kube-proxy has no equivalent.
+    """
+    value = service.proxy_protocol
+    if value is None:
+        return None
+    for version in PROXY_PROTOCOL_VERSIONS:
+        if value == version:
+            return version
+    key = (service.key, value)
+    if key not in _warned:
+        if len(_warned) >= MAX_WARNED:
+            _warned.clear()
+        _warned.add(key)
+        log.warning(
+            "%s: annotation %s has value %r; expected %s; no PROXY protocol header is sent",
+            service.key,
+            PROXY_PROTOCOL_ANNOTATION,
+            value[:64],
+            " or ".join(repr(v) for v in PROXY_PROTOCOL_VERSIONS),
+        )
     return None

@@ -26,6 +26,7 @@ from userproxy.dataplane.dial import dial
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import RESOURCE_ERRNOS, Listener
 from userproxy.dataplane.pool import BackendPool
+from userproxy.dataplane.proxy_protocol import header_for
 from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
 from userproxy.logs import RateLimitedLog
 from userproxy.model import Endpoint, ListenerSpec, ServiceKey
@@ -129,6 +130,9 @@ class TcpListener(Listener):
                 _reset(client)
                 continue
             conn = DownstreamProtocol(self, client_ip, self.loop)
+            version = self.spec.proxy_protocol
+            if version is not None:  # the Service asked for the client's address upstream
+                conn.preamble = header_for(version, client, address)
             task = self.loop.create_task(self._serve(conn, client, pool))
             # Kept, not looked up with current_task() later: every get_running_loop() costs
             # a getpid() system call, and this runs once per connection.

@@ -15,7 +15,8 @@ an error (a peer's RST, a failed write) is answered with a RST on the other side
 
 Invariants: a client is joined to at most one upstream transport in its life
 (``upstream_made`` refuses and resets any other); once a transport is lost, the relay holds
-no reference to it, so nothing writes into a closed handle; neither side outlives the other.
+no reference to it, so nothing writes into a closed handle; neither side outlives the other;
+a ``preamble`` (the PROXY protocol header) is the first thing written to the upstream, once.
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "loop",
         "owner",
         "pending",
+        "preamble",
         "preconnect_paused",
         "server_eof",
         "upstream",
@@ -156,6 +158,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.downstream: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self.pending: bytearray | None = bytearray()
+        #: Bytes the upstream gets before anything relayed (a PROXY protocol header, see
+        #: proxy_protocol.py), written once in ``upstream_made``; empty for most Services.
+        self.preamble = b""
         self.preconnect_paused = False
         self.client_eof = False
         self.server_eof = False
@@ -243,7 +248,14 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.preconnect_paused:
             self.preconnect_paused = False
             downstream.resume_reading()
-        if pending:
+        preamble = self.preamble
+        if preamble:
+            # Written here, in the upstream's connection_made, so it is the endpoint's first
+            # byte from us even for server-first protocols; with what the client already
+            # sent, in one write (one segment: some receivers want the header whole).
+            self.preamble = b""
+            transport.write(preamble + pending if pending else preamble)
+        elif pending:
             transport.write(pending)
         if self.client_eof:
             _shutdown_write(transport)

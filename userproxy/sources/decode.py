@@ -20,6 +20,7 @@ from userproxy.model import (
     BALANCER_ANNOTATION,
     DEFAULT_AFFINITY_TIMEOUT,
     MAX_AFFINITY_TIMEOUT,
+    PROXY_PROTOCOL_ANNOTATION,
     EndpointPort,
     EndpointSlice,
     IPFamily,
@@ -146,6 +147,12 @@ def decode_service(obj: Mapping[str, object]) -> Service:
         if not balancer:
             raise DecodeError(f"metadata.annotations[{BALANCER_ANNOTATION!r}]", "must not be empty")
 
+    # Kept as written (stripped): planning checks it and warns once for a bad value, which
+    # then sends no header; a typo here must not drop the whole Service.
+    proxy_protocol = annotations.get(PROXY_PROTOCOL_ANNOTATION)
+    if proxy_protocol is not None:
+        proxy_protocol = proxy_protocol.strip()
+
     return Service(
         namespace=namespace,
         name=name,
@@ -160,6 +167,7 @@ def decode_service(obj: Mapping[str, object]) -> Service:
         health_check_node_port=health_check_node_port,
         affinity_timeout=affinity_timeout,
         balancer=balancer,
+        proxy_protocol=proxy_protocol,
     )
 
 
