@@ -100,7 +100,7 @@ def test_a_pool_without_the_pinned_endpoint_picks_anew_and_moves_the_pin() -> No
     for client in CLIENTS:
         picked = cluster.pick(client)
         while picked == L:  # pin every client to a remote endpoint first
-            table.forget(client, (L.ip, L.port))
+            table.forget(client, str(L))
             picked = cluster.pick(client, (L,))
         remote[client] = picked
     assert set(remote.values()) <= {A, B}
@@ -205,7 +205,7 @@ def pinned_tables(clock: FakeClock) -> tuple[AffinityTables, AffinityTable, Affi
     for table in (web, dns):
         for i, client in enumerate(CLIENTS):
             endpoint = ALL[i % 3]
-            table.pin(client, (endpoint.ip, endpoint.port), clock.now())
+            table.pin(client, str(endpoint), clock.now())
     return tables, web, dns
 
 

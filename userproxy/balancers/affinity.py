@@ -22,7 +22,7 @@ Here kube-proxy remembers the client in both endpoints' lists, and a later Clust
 connection goes to whichever of the two comes first in the KUBE-SVC chain; userproxy keeps
 one pin per client, the endpoint it used last, as the legacy userspace proxier did (one
 affinity entry per client in a service port's ``LoadBalancerRR`` state).  Pins are keyed
-by the endpoint's (ip, port), as KUBE-SEP chains are, so a change of an endpoint's
+by the endpoint's address ("ip:port"), as KUBE-SEP chains are, so a change of an endpoint's
 conditions (ready -> serving and terminating) does not unpin its clients.
 """
 
@@ -38,7 +38,8 @@ from userproxy.model import Endpoint, ListenerSpec, ServiceKey, ServicePortName
 #: between pool changes even when clients never come back (iptables' ``--reap``).
 _SWEEP_EVERY = 1024
 
-Address = tuple[str, int]
+#: An endpoint's address as a pin names it: "ip:port" (a str caches its hash).
+Address = str
 
 
 class AffinityTable:
@@ -53,39 +54,42 @@ class AffinityTable:
     are judged by the new timeout.
     """
 
-    __slots__ = ("_lookups", "_pins", "clock", "timeout")
+    __slots__ = ("clock", "lookups", "pins", "timeout")
 
     def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout = timeout
         self.clock = clock
-        self._lookups = 0
-        self._pins: dict[str, tuple[Address, float]] = {}
+        #: Lookups since the start, for the sweep (``ClientIPAffinity.pick`` counts too).
+        self.lookups = 0
+        #: Client IP -> (endpoint address, last connection); ``ClientIPAffinity.pick``
+        #: reads and writes it directly (the per-connection path).
+        self.pins: dict[str, tuple[Address, float]] = {}
 
     def __len__(self) -> int:
-        return len(self._pins)
+        return len(self.pins)
 
     def get(self, client_ip: str, now: float) -> Address | None:
         """The address ``client_ip`` is pinned to, or None (no pin, or an expired one)."""
-        self._lookups += 1
-        if self._lookups % _SWEEP_EVERY == 0:
+        self.lookups += 1
+        if self.lookups % _SWEEP_EVERY == 0:
             self.sweep(now)
-        pin = self._pins.get(client_ip)
+        pin = self.pins.get(client_ip)
         if pin is None:
             return None
         if now - pin[1] < self.timeout:
             return pin[0]
-        del self._pins[client_ip]
+        del self.pins[client_ip]
         return None
 
     def pin(self, client_ip: str, address: Address, now: float) -> None:
         """Pin (or re-pin) ``client_ip`` to ``address``; its timer restarts at ``now``."""
-        self._pins[client_ip] = (address, now)
+        self.pins[client_ip] = (address, now)
 
     def forget(self, client_ip: str, address: Address) -> None:
         """Drop the pin of ``client_ip`` if it points at ``address`` (a failed dial)."""
-        pin = self._pins.get(client_ip)
+        pin = self.pins.get(client_ip)
         if pin is not None and pin[0] == address:
-            del self._pins[client_ip]
+            del self.pins[client_ip]
 
     def retain(self, addresses: Container[Address]) -> None:
         """Keep only live pins to ``addresses`` (the endpoints of every pool of the port)."""
@@ -93,17 +97,17 @@ class AffinityTable:
         timeout = self.timeout
         dropped = [
             ip
-            for ip, (address, last) in self._pins.items()
+            for ip, (address, last) in self.pins.items()
             if address not in addresses or now - last >= timeout
         ]
         for ip in dropped:
-            del self._pins[ip]
+            del self.pins[ip]
 
     def sweep(self, now: float) -> None:
         timeout = self.timeout
-        expired = [ip for ip, (_, last) in self._pins.items() if now - last >= timeout]
+        expired = [ip for ip, (_, last) in self.pins.items() if now - last >= timeout]
         for ip in expired:
-            del self._pins[ip]
+            del self.pins[ip]
 
 
 class AffinityTables:
@@ -151,7 +155,7 @@ class AffinityTables:
             addresses = wanted.setdefault(spec.spn, set())
             for pool in (spec.pool, spec.node_pool):
                 if pool is not None:
-                    addresses.update((e.ip, e.port) for e in pool.endpoints)
+                    addresses.update(str(e) for e in pool.endpoints)
         for spn in list(ports):
             keep = wanted.get(spn)
             if keep is None:
@@ -186,7 +190,7 @@ class ClientIPAffinity:
         self._private = not isinstance(table, AffinityTable)
         self._table = table if isinstance(table, AffinityTable) else AffinityTable(table, clock)
         #: This pool's endpoints by address: pins name addresses (see the module).
-        self._members: dict[Address, Endpoint] = {(e.ip, e.port): e for e in inner.endpoints}
+        self._members: dict[Address, Endpoint] = {str(e): e for e in inner.endpoints}
 
     @property
     def endpoints(self) -> Sequence[Endpoint]:
@@ -208,22 +212,28 @@ class ClientIPAffinity:
         return len(self._table)
 
     def pick(self, client_ip: str, exclude: Container[Endpoint] = ()) -> Endpoint | None:
+        # ``AffinityTable.get`` and ``pin`` inlined: this runs for every new connection.
         table = self._table
         now = table.clock()
-        pinned = table.get(client_ip, now)
-        if pinned is not None:
-            endpoint = self._members.get(pinned)
+        table.lookups += 1
+        if table.lookups % _SWEEP_EVERY == 0:
+            table.sweep(now)
+        pins = table.pins
+        pin = pins.get(client_ip)
+        if pin is not None and now - pin[1] < table.timeout:
+            endpoint = self._members.get(pin[0])
             if endpoint is not None and endpoint not in exclude:
-                table.pin(client_ip, pinned, now)
+                pins[client_ip] = (pin[0], now)
                 return endpoint
         picked = self._inner.pick(client_ip, exclude)
         if picked is not None:
-            # A pool without the pinned endpoint (a Local pool, or a retry) moves the pin.
-            table.pin(client_ip, (picked.ip, picked.port), now)
+            # A pool without the pinned endpoint (a Local pool, or a retry) moves the pin;
+            # an expired pin is replaced here (or swept).
+            pins[client_ip] = (str(picked), now)
         return picked
 
     def failed(self, client_ip: str, endpoint: Endpoint) -> None:
-        self._table.forget(client_ip, (endpoint.ip, endpoint.port))
+        self._table.forget(client_ip, str(endpoint))
         self._inner.failed(client_ip, endpoint)
 
     def renew(self, endpoints: Sequence[Endpoint]) -> Balancer:

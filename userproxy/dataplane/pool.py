@@ -69,5 +69,5 @@ class BackendPool:
         else:
             table = self._private
             table.timeout = timeout
-            table.retain({(e.ip, e.port) for e in spec.endpoints})
+            table.retain({str(e) for e in spec.endpoints})
         return ClientIPAffinity(inner, table)
