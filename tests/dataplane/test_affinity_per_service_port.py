@@ -16,6 +16,7 @@ clients 127.117.N.100+; NodePorts on 127.0.0.1 at a free port.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import socket
@@ -28,7 +29,19 @@ import pytest
 from tests.support.backends import Backend, UdpBackend, ask, name_server
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy
-from userproxy.model import Protocol, ServicePortName
+from userproxy.balancers.affinity import ClientIPAffinity
+from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.limits import ConnectionLimit
+from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.model import (
+    AddressKind,
+    Endpoint,
+    ListenerSpec,
+    PoolSpec,
+    Protocol,
+    ServiceKey,
+    ServicePortName,
+)
 from userproxy.proxy import Proxy
 
 pytestmark = pytest.mark.both_loops
@@ -236,3 +249,80 @@ async def test_pins_to_a_departed_endpoint_drop_and_the_table_goes_with_the_port
         )
         assert table_size(proxy, tcp) is None
         assert len(proxy.registry.context.affinity) == 0
+
+
+async def test_listener_set_shares_one_table_per_port_and_trims_it() -> None:
+    """The listener set's pools of one port (every address kind, both traffic classes)
+    share a table; a Local pool without the pinned endpoint picks its own and moves the
+    pin; a renamed port gets a fresh table and the old one is forgotten."""
+    net = next(_nets)
+    a, b = Endpoint(f"127.117.{net}.10", 1), Endpoint(f"127.117.{net}.11", 1)
+    local = Endpoint(f"127.117.{net}.12", 1, is_local=True)
+    web = ServicePortName("default", "web", "p", Protocol.TCP)
+    key = ServiceKey("default", "web")
+
+    def specs(spn: ServicePortName) -> list[ListenerSpec]:
+        cluster = PoolSpec((a, b, local), "random", 600)
+        return [
+            ListenerSpec(spn, AddressKind.CLUSTER_IP, f"127.117.{net}.1", PORT, cluster),
+            ListenerSpec(
+                spn,
+                AddressKind.EXTERNAL_IP,
+                f"127.117.{net}.2",
+                PORT,
+                PoolSpec((local,), "random", 600),  # externalTrafficPolicy: Local
+                cluster,
+            ),
+        ]
+
+    listeners = ListenerSet(BalancerRegistry(), ConnectionLimit(100), TcpTimeouts())
+    tables = listeners.registry.context.affinity
+    try:
+        listeners.set_listeners(key, specs(web))
+        cluster_ip, external = sorted(listeners, key=lambda listener: listener.spec.ip)
+        assert external.node_pool is not None
+        pools = [cluster_ip.pool, external.pool, external.node_pool]
+        balancers = [pool.balancer for pool in pools]
+        assert all(isinstance(b, ClientIPAffinity) for b in balancers)
+        table = tables.get(web)
+        assert table is not None
+        assert all(isinstance(b, ClientIPAffinity) and b.table is table for b in balancers)
+
+        client = f"127.117.{net}.100"
+        pinned = cluster_ip.pool.balancer.pick(client, (local,))
+        assert pinned in (a, b)
+        assert external.node_pool.balancer.pick(client) == pinned
+        assert external.pool.balancer.pick(client) == local, "a Local pool never goes remote"
+        assert cluster_ip.pool.balancer.pick(client) == local, "the pin moved"
+
+        # ``local`` leaves every pool: its pins go, other pins stay.
+        other = f"127.117.{net}.101"
+        cluster_ip.pool.balancer.pick(other, (local,))
+        trimmed = [
+            dataclasses.replace(
+                s,
+                pool=dataclasses.replace(s.pool, endpoints=(a, b)),
+                node_pool=None if s.node_pool is None else PoolSpec((a, b), "random", 600),
+            )
+            for s in specs(web)
+        ]
+        listeners.set_listeners(key, trimmed)
+        assert tables.get(web) is table
+        assert table.get(client, table.clock()) is None
+        assert table.get(other, table.clock()) is not None
+
+        renamed = ServicePortName("default", "web", "q", Protocol.TCP)
+        listeners.set_listeners(key, specs(renamed))
+        assert tables.get(web) is None, "the old port's table is forgotten"
+        fresh = tables.get(renamed)
+        assert fresh is not None
+        assert len(fresh) == 0
+        for listener in listeners:
+            for pool in (listener.pool, listener.node_pool):
+                if pool is not None:
+                    assert isinstance(pool.balancer, ClientIPAffinity)
+                    assert pool.balancer.table is fresh
+        listeners.set_listeners(key, [])
+        assert len(tables) == 0
+    finally:
+        listeners.stop_accepting()
