@@ -305,3 +305,17 @@ def test_pool_update_keeps_the_shared_table() -> None:
     assert isinstance(affinity_of(pool).inner, RoundRobin)
     pool.update(PoolSpec((A, B), "round-robin", None))
     assert not isinstance(pool.balancer, ClientIPAffinity)
+
+
+def test_pool_of_a_renamed_port_moves_to_that_ports_table() -> None:
+    registry = BalancerRegistry()
+    spec = PoolSpec(ALL, "random", 60)
+    pool = BackendPool(spec, registry, WEB)
+    pool.balancer.pick(CLIENTS[0])
+    pool.update(spec, WEB)
+    assert affinity_of(pool).table is registry.context.affinity.get(WEB), "same port: kept"
+    pool.update(spec, OTHER)
+    table = registry.context.affinity.get(OTHER)
+    assert table is not None
+    assert affinity_of(pool).table is table
+    assert len(table) == 0, "the old name's pins are not this port's"

@@ -111,18 +111,14 @@ class Listener(abc.ABC):
         to the new one again is not mistaken for "unchanged"."""
         if spec.source_ranges != self.spec.source_ranges:
             self._source_ranges = parse_networks(spec.source_ranges)
-        if spec.spn != self.spec.spn:
-            # A renamed port: its pools belong to another affinity table, so start anew.
-            self.pool = BackendPool(spec.pool, self._registry, spec.spn)
-            self.node_pool = None
-        else:
-            self.pool.update(spec.pool)
+        # ``spec.spn``: a renamed port moves the pools to its own affinity table.
+        self.pool.update(spec.pool, spec.spn)
         if spec.node_pool is None:
             self.node_pool = None
         elif self.node_pool is None:
             self.node_pool = BackendPool(spec.node_pool, self._registry, spec.spn)
         else:
-            self.node_pool.update(spec.node_pool)
+            self.node_pool.update(spec.node_pool, spec.spn)
         self.spec = spec
         self._open_or_close()
 

@@ -43,10 +43,16 @@ class BackendPool:
     def empty(self) -> bool:
         return not self.spec.endpoints
 
-    def update(self, spec: PoolSpec) -> None:
-        """Swap in ``spec``; affinity pins to endpoints that stay are kept."""
-        if spec == self.spec:
+    def update(self, spec: PoolSpec, spn: ServicePortName | None = None) -> None:
+        """Swap in ``spec``; affinity pins to endpoints that stay are kept.
+
+        ``spn`` (None: unchanged) moves the pool to another Service port's affinity table:
+        the listener's port was renamed, and the old name's pins are not this port's."""
+        rebind = spn is not None and spn != self._spn
+        if spec == self.spec and not rebind:
             return
+        if rebind:
+            self._spn = spn
         current = self.balancer
         inner = current.inner if isinstance(current, ClientIPAffinity) else current
         if spec.balancer == self.spec.balancer:
