@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
-from userproxy.balancers.affinity import ClientIPAffinity
+from userproxy.balancers.affinity import AffinityTables, ClientIPAffinity
 from userproxy.balancers.base import Balancer
 from userproxy.balancers.load import EndpointLoad
 from userproxy.balancers.randomized import RandomChoice
@@ -29,6 +29,8 @@ class BalancerContext:
 
     #: Active connections per endpoint through this proxy (least-connections reads it).
     load: EndpointLoad = field(default_factory=EndpointLoad)
+    #: The ClientIP affinity table of each Service port, shared by all the port's pools.
+    affinity: AffinityTables = field(default_factory=AffinityTables)
 
 
 BalancerFactory = Callable[[Sequence[Endpoint], BalancerContext], Balancer]

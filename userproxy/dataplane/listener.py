@@ -81,8 +81,11 @@ class Listener(abc.ABC):
     def __init__(self, spec: ListenerSpec, registry: BalancerRegistry, node_local: NodeLocal):
         self.spec = spec
         self._registry = registry
-        self.pool = BackendPool(spec.pool, registry)
-        self.node_pool = None if spec.node_pool is None else BackendPool(spec.node_pool, registry)
+        # Both pools share the Service port's affinity table (through ``spec.spn``).
+        self.pool = BackendPool(spec.pool, registry, spec.spn)
+        self.node_pool = (
+            None if spec.node_pool is None else BackendPool(spec.node_pool, registry, spec.spn)
+        )
         self._node_local = node_local
         self._source_ranges = parse_networks(spec.source_ranges)
         self.stats = ListenerStats()
@@ -108,13 +111,14 @@ class Listener(abc.ABC):
         to the new one again is not mistaken for "unchanged"."""
         if spec.source_ranges != self.spec.source_ranges:
             self._source_ranges = parse_networks(spec.source_ranges)
-        self.pool.update(spec.pool)
+        # ``spec.spn``: a renamed port moves the pools to its own affinity table.
+        self.pool.update(spec.pool, spec.spn)
         if spec.node_pool is None:
             self.node_pool = None
         elif self.node_pool is None:
-            self.node_pool = BackendPool(spec.node_pool, self._registry)
+            self.node_pool = BackendPool(spec.node_pool, self._registry, spec.spn)
         else:
-            self.node_pool.update(spec.node_pool)
+            self.node_pool.update(spec.node_pool, spec.spn)
         self.spec = spec
         self._open_or_close()
 

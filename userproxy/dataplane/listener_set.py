@@ -141,6 +141,9 @@ class ListenerSet:
             self._wanted[service] = tuple(specs)
         else:
             self._wanted.pop(service, None)
+        # Affinity is per Service port, across its listeners: forget the tables of ports
+        # that went away and pins to endpoints that left every pool of the port.
+        self.registry.context.affinity.sync(service, specs)
         released: list[ListenerKey] = []
         failures = self._converge(service, released)
         # Addresses this Service let go of may be wanted by one that was refused them.
