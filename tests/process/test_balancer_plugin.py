@@ -12,6 +12,7 @@ Addresses: Services on 127.212.0.x, backends on 127.213.0.x (no other test uses 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -41,11 +42,14 @@ BACKEND_IPS = ("127.213.0.3", "127.213.0.1", "127.213.0.2")  # not in address or
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """examples/balancer-plugin installed into a directory of its own (once per module)."""
+    """examples/balancer-plugin installed into a directory of its own (once per module),
+    built from a copy: setuptools writes build/ and *.egg-info beside the sources."""
+    source = tmp_path_factory.mktemp("plugin-source") / "balancer-plugin"
+    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     target = tmp_path_factory.mktemp("plugin-site")
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
     subprocess.run(
-        [*pip, "--target", str(target), str(PLUGIN)],
+        [*pip, "--target", str(target), str(source)],
         check=True,
         capture_output=True,
         timeout=300,
