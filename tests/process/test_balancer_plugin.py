@@ -11,6 +11,7 @@ Addresses: Services on 127.212.0.x, backends on 127.213.0.x (no other test uses 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,6 +34,8 @@ from tests.support.proxyrun import (
     wait_listening,
     wait_logged,
 )
+from userproxy.balancers.registry import BalancerContext
+from userproxy.model import Endpoint
 
 PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "balancer-plugin"
 PORT = 8080
@@ -199,3 +203,42 @@ def test_unknown_default_balancer_exits_2_listing_plugins_too(
     assert f"{where}: unknown balancer 'fastest' (known: " in message
     known = message.rpartition("(known: ")[2].rstrip(")").split(", ")
     assert {"failover", "random", "round-robin"} <= set(known)
+
+
+# --- the plug-in's own rules, in process (loaded from its file, not installed) ---------------
+
+
+def load_plugin_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "userproxy_failover_under_test", PLUGIN / "userproxy_failover" / "__init__.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_failover_keeps_the_balancer_contract() -> None:
+    """Address order (not list order, IPv4 by value not text), ``exclude`` preferred but
+    not absolute, ``failed`` passes over an endpoint for RETRY_AFTER, ``renew`` keeps the
+    marks of endpoints that stay and drops the others, an empty pool gives None."""
+    plugin = load_plugin_module()
+    now = [100.0]
+    a, b, c = (Endpoint("10.0.0.10", 80), Endpoint("10.0.0.9", 80), Endpoint("10.0.0.9", 81))
+    balancer = plugin.Failover([a, c, b], clock=lambda: now[0])
+    assert list(balancer.endpoints) == [b, c, a]
+    assert [balancer.pick("1.1.1.1") for _ in range(3)] == [b, b, b]
+    assert balancer.pick("1.1.1.1", [b]) == c
+    assert balancer.pick("1.1.1.1", [a, b, c]) == b  # all excluded: round again
+    balancer.failed("1.1.1.1", b)
+    assert balancer.pick("2.2.2.2") == c
+    assert balancer.pick("2.2.2.2", [c]) == a
+    assert balancer.pick("2.2.2.2", [c, a]) == b  # down, but the only one not excluded
+    renewed = balancer.renew([a, b])
+    assert renewed.pick("3.3.3.3") == a  # b is still down after the pool change
+    now[0] += plugin.RETRY_AFTER
+    assert renewed.pick("3.3.3.3") == b  # tried again when the time is up
+    assert balancer.renew([a, c]).renew([a, b, c]).pick("4.4.4.4") == b  # mark dropped
+    assert plugin.Failover([]).pick("5.5.5.5") is None
+    assert isinstance(plugin.factory([a], BalancerContext()), plugin.Failover)
