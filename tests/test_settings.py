@@ -531,8 +531,8 @@ def test_explicit_balancer_wins_over_the_ipvs_scheduler(
         name, note = default_balancer(settings.balancer, settings.ipvs_scheduler, DEFAULT_BALANCER)
         assert name == "random"
         assert note == (
-            "default balancer 'random' (--balancer) wins over the IPVS scheduler 'sh' "
-            "(which would select 'maglev')"
+            "the default balancer 'random' (--balancer or balancer:) wins over the IPVS "
+            "scheduler 'sh' (which would select 'maglev')"
         )
         assert registry_for(settings).resolve(None, "default/web:http") == "random"
 

@@ -145,18 +145,26 @@ def test_plugin_as_the_default_balancer(
     tmp_path: Path, plugin_path: Path, backends: Backends
 ) -> None:
     """``balancer: failover`` in the UserProxyConfiguration: the un-annotated ``web`` uses
-    the plug-in too."""
+    the plug-in too; it wins over the file's IPVS scheduler, and the log says so once."""
     manifests = write_manifests(tmp_path / "manifests", backends)
     config = tmp_path / "config.yaml"
-    config.write_text("apiVersion: userproxy.io/v1alpha1\nkind: UserProxyConfiguration\n")
-    with config.open("a") as file:
-        file.write("balancer: failover\n")
+    config.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+        "mode: ipvs\nipvs: {scheduler: dh}\n---\n"
+        "apiVersion: userproxy.io/v1alpha1\nkind: UserProxyConfiguration\nbalancer: failover\n"
+    )
     log = tmp_path / "proxy.log"
     args = ["run", "--manifests", str(manifests), "--config", str(config)]
     with proxy_process(args, env=child_env(plugin_path), log=log):
         wait_listening(WEB)
         assert [ask(WEB) for _ in range(10)] == ["b1"] * 10
-        wait_logged(log, "applied: balancer")
+        output = wait_logged(log, "applied: balancer, ipvs.scheduler")
+    assert output.count("wins over the IPVS scheduler") == 1, output
+    assert (
+        "the default balancer 'failover' (--balancer or balancer:) wins over the IPVS "
+        "scheduler 'dh' (which would select 'maglev')"
+    ) in output
+    assert "approximated" not in output  # dh is not used, so not reported
     assert_clean_log(log)
 
 

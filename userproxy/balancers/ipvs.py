@@ -108,8 +108,8 @@ def default_balancer(
         note = None
         if scheduler is not None:
             note = (
-                f"default balancer {balancer!r} (--balancer) wins over the IPVS scheduler "
-                f"{scheduler!r} (which would select {chosen!r})"
+                f"the default balancer {balancer!r} (--balancer or balancer:) wins over the "
+                f"IPVS scheduler {scheduler!r} (which would select {chosen!r})"
             )
         return balancer, note
     if scheduler is None or chosen is None:
