@@ -572,8 +572,22 @@ def test_unknown_default_balancer_is_a_config_error_at_start(scheduler: str | No
     assert info.value.setting == "balancer"
 
 
+def test_configz_shows_the_default_balancer() -> None:
+    from userproxy.config import configz
+
+    shown = configz(Settings(manifests=(Path("."),), ipvs_scheduler="sh"))
+    own, kube_proxy = shown["userproxy.io"], shown["kubeproxy.config.k8s.io"]
+    assert isinstance(own, dict)
+    assert isinstance(kube_proxy, dict)
+    assert (own["default_balancer"], own["ipvs_scheduler"]) == ("maglev", "sh")
+    assert kube_proxy["ipvs"] == {"scheduler": "sh"}
+    explicit = Settings(manifests=(Path("."),), ipvs_scheduler="sh", balancer="random")
+    assert explicit.default_balancer == "random"
+
+
 def test_default_balancer_is_round_robin() -> None:
     assert DEFAULT_BALANCER == "round-robin"
     assert default_balancer(None, None, DEFAULT_BALANCER) == ("round-robin", None)
     assert BalancerRegistry().default == "round-robin"
     assert Settings(manifests=(Path("."),)).balancer is None
+    assert Settings(manifests=(Path("."),)).default_balancer == "round-robin"

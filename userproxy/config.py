@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Final, Literal, TypedDict, cast, get_args
 
 from userproxy import config_rules as rules
-from userproxy.balancers.ipvs import scheduler_rule
+from userproxy.balancers.ipvs import default_balancer, scheduler_rule
+from userproxy.balancers.registry import DEFAULT_BALANCER
 from userproxy.config_rules import Rule, format_duration
 
 Loop = Literal["auto", "uvloop", "asyncio"]
@@ -155,6 +156,12 @@ class Settings:
     def metrics_address(self) -> tuple[str, int] | None:
         return rules.host_port(self.metrics_bind_address) if self.metrics_bind_address else None
 
+    @property
+    def default_balancer(self) -> str:
+        """The balancer of Services without the annotation: ``balancer``, else what
+        ``ipvs_scheduler`` selects, else round-robin (whether it exists: the registry's)."""
+        return default_balancer(self.balancer, self.ipvs_scheduler, DEFAULT_BALANCER)[0]
+
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
@@ -235,6 +242,7 @@ def configz(settings: Settings) -> dict[str, object]:
         elif isinstance(value, tuple):
             value = [str(item) for item in value]
         own[name] = value
+    own["default_balancer"] = settings.default_balancer
     return {
         "kubeproxy.config.k8s.io": {
             "hostnameOverride": settings.hostname,
@@ -249,6 +257,7 @@ def configz(settings: Settings) -> dict[str, object]:
             "nodePortAddresses": list(settings.nodeport_addresses),
             "clusterCIDR": settings.cluster_cidr or "",
             "mode": "userspace",
+            "ipvs": {"scheduler": settings.ipvs_scheduler or ""},
         },
         "userproxy.io": own,
     }
