@@ -6,7 +6,7 @@ real connections.
 The package is installed with this venv's pip (``--no-deps --target DIR``) into a temporary
 directory the child gets on ``PYTHONPATH``; userproxy itself is not touched.
 
-Addresses: Services on 127.212.0.x, backends on 127.213.0.x (no other test uses them).
+Addresses: Services on 127.236.0.x, backends on 127.237.0.x (no other test uses them).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from userproxy.model import Endpoint
 
 PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "balancer-plugin"
 PORT = 8080
-DB = ("127.212.0.1", PORT)  # annotated: userproxy.io/balancer: failover
-WEB = ("127.212.0.2", PORT)  # no annotation: the default balancer
-BACKEND_IPS = ("127.213.0.3", "127.213.0.1", "127.213.0.2")  # not in address order
+DB = ("127.236.0.1", PORT)  # annotated: userproxy.io/balancer: failover
+WEB = ("127.236.0.2", PORT)  # no annotation: the default balancer
+BACKEND_IPS = ("127.237.0.3", "127.237.0.1", "127.237.0.2")  # not in address order
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ class Backends:
 
 @pytest.fixture
 def backends() -> Iterator[Backends]:
-    """Three backends answering their name: b1 on 127.213.0.1 (the lowest address), b2, b3."""
+    """Three backends answering their name: b1 on 127.237.0.1 (the lowest address), b2, b3."""
     started = {f"b{ip[-1]}": Backend(ip, name_server(f"b{ip[-1]}")) for ip in BACKEND_IPS}
     try:
         yield Backends(started)
