@@ -263,6 +263,27 @@ def test_userproxy_zero_durations_are_real_values(tmp_path: Path) -> None:
             id="not-applicable-fields-ignored",
         ),
         pytest.param(
+            "mode: ipvs\nipvs: {scheduler: lc, syncPeriod: 45s}\n",
+            {"ipvs_scheduler": "lc", "sync_period": 45.0},
+            ("ipvs.scheduler", "ipvs.syncPeriod"),
+            ("mode",),
+            id="ipvs-mode-reads-the-scheduler",
+        ),
+        pytest.param(
+            "mode: iptables\nipvs: {scheduler: lc}\n",
+            {},
+            (),
+            ("ipvs.scheduler", "mode"),
+            id="scheduler-ignored-outside-ipvs-mode",
+        ),
+        pytest.param(
+            "mode: ipvs\nipvs: {scheduler: ''}\n",
+            {},
+            (),
+            ("mode",),
+            id="empty-scheduler-is-unset-rr",
+        ),
+        pytest.param(
             "udpIdleTimeout: 2s\n",
             {"udp_idle_timeout": 2.0},
             ("udpIdleTimeout",),
@@ -500,6 +521,28 @@ def test_kube_proxy_field_in_userproxy_document_points_home(tmp_path: Path) -> N
     assert message.endswith(
         "(set in the KubeProxyConfiguration document: syncPeriod -> syncPeriod or "
         "iptables.syncPeriod, kubeconfig -> clientConnection.kubeconfig)"
+    )
+
+
+def test_ipvs_scheduler_in_userproxy_document_points_home(tmp_path: Path) -> None:
+    message = error(tmp_path, UPC + "ipvsScheduler: lc\n")
+    assert message.endswith(
+        "(set in the KubeProxyConfiguration document: ipvsScheduler -> ipvs.scheduler, "
+        "with mode: ipvs)"
+    )
+
+
+def test_userproxy_balancer(tmp_path: Path) -> None:
+    config = load(tmp_path, UPC + "balancer: power-of-two\n")
+    assert dict(config.values) == {"balancer": "power-of-two"}
+    assert config.applied == ("balancer",)
+
+
+def test_refused_ipvs_scheduler_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    assert error(tmp_path, KPC + "mode: ipvs\nipvs: {scheduler: fo}\n").startswith(
+        f"{path}: KubeProxyConfiguration.ipvs.scheduler: 'fo' has no close userproxy balancer: "
+        "weighted failover"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import shlex
 import socket
 import textwrap
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from userproxy.balancers.ipvs import IPVS_SCHEDULERS, default_balancer
+from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry
+from userproxy.balancers.roundrobin import RoundRobin
 from userproxy.cli import settings_from
 from userproxy.config import ConfigError, Settings, SettingsValues
 from userproxy.config_rules import format_duration
@@ -231,6 +235,33 @@ CASES: dict[str, Case] = {
         upc("addressDevice: a-very-long-device"),
         error="18 characters long; a Linux device name has at most 15 (IFNAMSIZ)",
     ),
+    # The default balancer: a name (checked against the registry at start-up, not here).
+    "balancer": Case("balancer", "--balancer maglev", upc("balancer: maglev"), "maglev"),
+    "balancer-blank": Case(
+        "balancer", "--balancer ' '", upc("balancer: ' '"), error="is not a balancer name"
+    ),
+    # kube-proxy's IPVS scheduler: the file's field is read with mode: ipvs only.
+    "ipvs-scheduler": Case(
+        "ipvs_scheduler",
+        "--ipvs-scheduler lc",
+        kpc("mode: ipvs\nipvs: {scheduler: lc}"),
+        "lc",
+    ),
+    "ipvs-scheduler-empty-is-unset": Case(
+        "ipvs_scheduler", "--ipvs-scheduler=", kpc("mode: ipvs\nipvs: {scheduler: ''}"), None
+    ),
+    "ipvs-scheduler-unknown": Case(
+        "ipvs_scheduler",
+        "--ipvs-scheduler fastest",
+        kpc("mode: ipvs\nipvs: {scheduler: fastest}"),
+        error="'fastest' is not an IPVS scheduler (one of rr, lc, wlc",
+    ),
+    "ipvs-scheduler-refused": Case(
+        "ipvs_scheduler",
+        "--ipvs-scheduler ovf",
+        kpc("mode: ipvs\nipvs: {scheduler: ovf}"),
+        error="'ovf' has no close userproxy balancer: weighted overflow",
+    ),
     "manifests-empty-path": Case(
         "manifests", "--manifests ''", upc("manifests: ['']"), error="an empty path", source=False
     ),
@@ -371,3 +402,192 @@ def test_help_shows_real_defaults() -> None:
         "--cluster-cidr",
     ):
         assert flag in demo, flag  # docs/configuration.md: the demo takes them too
+
+
+# --- the default balancer: --balancer, or kube-proxy's IPVS scheduler --------------------------
+
+#: Every IPVS scheduler of the kernel: (the balancer it selects or None, how).  Written out
+#: here, not read from the module, so a change to the mapping shows up as a failing row.
+IPVS_MAPPING: dict[str, tuple[str | None, str]] = {
+    "": ("round-robin", "same"),
+    "rr": ("round-robin", "same"),
+    "lc": ("least-connections", "same"),
+    "wlc": ("least-connections", "same"),
+    "sh": ("maglev", "same"),
+    "mh": ("maglev", "same"),
+    "sed": ("power-of-two", "same"),
+    "nq": ("power-of-two", "same"),
+    "twos": ("power-of-two", "same"),
+    "wrr": ("round-robin", "approximated"),
+    "lblc": ("maglev", "approximated"),
+    "lblcr": ("maglev", "approximated"),
+    "dh": ("maglev", "approximated"),
+    "fo": (None, "refused"),
+    "ovf": (None, "refused"),
+}
+
+
+def registry_for(settings: Settings) -> BalancerRegistry:
+    """The registry ``Proxy`` builds for ``settings`` (``proxy._balancer_registry``), with
+    a stand-in for a built-in balancer this branch does not have yet, so the test checks
+    the default's plumbing, not the balancer's implementation."""
+    from userproxy.proxy import _balancer_registry
+
+    name, _ = default_balancer(settings.balancer, settings.ipvs_scheduler, DEFAULT_BALANCER)
+    if name in BalancerRegistry().names:
+        return _balancer_registry(settings)
+    return BalancerRegistry({name: lambda endpoints, _context: RoundRobin(endpoints)}, default=name)
+
+
+def test_every_ipvs_scheduler_is_mapped() -> None:
+    assert set(IPVS_MAPPING) == set(IPVS_SCHEDULERS)
+
+
+@pytest.mark.parametrize("scheduler", list(IPVS_MAPPING))
+def test_ipvs_scheduler_selects_the_default_balancer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheduler: str
+) -> None:
+    """By flag and by a KubeProxyConfiguration with ``mode: ipvs``: the same balancer, a
+    warning naming it for an approximation, a clear error for a refused name."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    balancer, how = IPVS_MAPPING[scheduler]
+    (tmp_path / "m.yaml").write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(kpc(f"mode: ipvs\nipvs: {{scheduler: '{scheduler}'}}"))
+    source = ["--manifests", str(tmp_path / "m.yaml")]
+    for argv in (
+        ["run", *source, f"--ipvs-scheduler={scheduler}"],
+        ["run", *source, "--config", str(config)],
+    ):
+        kind, result = outcome(argv)
+        if how == "refused":
+            assert kind == "error", result
+            assert f"'{scheduler}' has no close userproxy balancer" in str(result)
+            assert "--balancer" in str(result)  # what to do instead
+            continue
+        assert isinstance(result, Settings), result
+        assert result.ipvs_scheduler == (scheduler or None)
+        name, note = default_balancer(None, result.ipvs_scheduler, DEFAULT_BALANCER)
+        assert name == balancer
+        if how == "same":
+            assert note is None
+        else:
+            assert note is not None
+            assert f"IPVS scheduler '{scheduler}' is approximated by the balancer" in note
+            assert repr(balancer) in note
+
+
+def test_ipvs_mode_with_scheduler_lc_makes_least_connections_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acceptance 3: the settings, and the registry resolving a Service without the
+    ``userproxy.io/balancer`` annotation (``resolve(None, ...)``, as the proxier does)."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    (tmp_path / "m.yaml").write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(kpc("mode: ipvs\nipvs:\n  scheduler: lc\n  syncPeriod: 30s"))
+    kind, settings = outcome(
+        ["run", "--manifests", str(tmp_path / "m.yaml"), "--config", str(config)]
+    )
+    assert kind == "value", settings
+    assert isinstance(settings, Settings)
+    assert (settings.ipvs_scheduler, settings.balancer) == ("lc", None)
+    registry = registry_for(settings)
+    assert registry.default == "least-connections"
+    assert registry.resolve(None, "default/web:http") == "least-connections"
+    assert registry.resolve("random", "default/web:http") == "random"  # the annotation wins
+    assert registry.resolve("nope", "default/web:http") == "least-connections"  # warned
+
+
+def test_ipvs_scheduler_is_ignored_outside_ipvs_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    (tmp_path / "m.yaml").write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(kpc("mode: iptables\nipvs: {scheduler: lc}"))
+    _, settings = outcome(["run", "--manifests", str(tmp_path / "m.yaml"), "--config", str(config)])
+    assert isinstance(settings, Settings), settings
+    assert settings.ipvs_scheduler is None
+    assert registry_for(settings).default == "round-robin"
+
+
+def test_explicit_balancer_wins_over_the_ipvs_scheduler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the file (UserProxyConfiguration.balancer) or the flag, over the file's or the
+    flag's scheduler; the proxy says so once at start-up."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    (tmp_path / "m.yaml").write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(kpc("mode: ipvs\nipvs: {scheduler: sh}") + "---\n" + upc("balancer: random"))
+    source = ["run", "--manifests", str(tmp_path / "m.yaml")]
+    for argv in (
+        [*source, "--config", str(config)],
+        [*source, "--ipvs-scheduler", "sh", "--balancer", "random"],
+    ):
+        _, settings = outcome(argv)
+        assert isinstance(settings, Settings), settings
+        name, note = default_balancer(settings.balancer, settings.ipvs_scheduler, DEFAULT_BALANCER)
+        assert name == "random"
+        assert note == (
+            "the default balancer 'random' (--balancer or balancer:) wins over the IPVS "
+            "scheduler 'sh' (which would select 'maglev')"
+        )
+        assert registry_for(settings).resolve(None, "default/web:http") == "random"
+
+
+def test_approximated_scheduler_is_reported_once_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The warning comes from building the proxy's registry, once per process (a Service
+    never repeats it)."""
+    from userproxy.proxy import _balancer_registry
+
+    settings = Settings(manifests=(Path("."),), ipvs_scheduler="wrr")
+    with caplog.at_level(logging.WARNING, logger="userproxy.proxy"):
+        registry = _balancer_registry(settings)
+        for _ in range(3):
+            registry.resolve(None, "default/web:http")
+    assert registry.default == "round-robin"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "userproxy.proxy"]
+    assert warnings == [
+        "IPVS scheduler 'wrr' is approximated by the balancer 'round-robin': EndpointSlices "
+        "carry no weights, so weighted round-robin is round-robin"
+    ]
+
+
+@pytest.mark.parametrize("scheduler", [None, "rr", "lc"])
+def test_unknown_default_balancer_is_a_config_error_at_start(scheduler: str | None) -> None:
+    """Not a silent fallback: the message names the flag and lists the known balancers
+    (built-ins and plug-ins; a plug-in in a child process: tests/process/
+    test_balancer_plugin.py).  --balancer wins, so the scheduler does not matter."""
+    from userproxy.proxy import _balancer_registry
+
+    settings = Settings(manifests=(Path("."),), balancer="fastest", ipvs_scheduler=scheduler)
+    with pytest.raises(ConfigError) as info:
+        _balancer_registry(settings)
+    assert str(info.value).startswith("--balancer: unknown balancer 'fastest' (known: ")
+    assert "random, round-robin" in str(info.value)
+    assert info.value.setting == "balancer"
+
+
+def test_configz_shows_the_default_balancer() -> None:
+    from userproxy.config import configz
+
+    shown = configz(Settings(manifests=(Path("."),), ipvs_scheduler="sh"))
+    own, kube_proxy = shown["userproxy.io"], shown["kubeproxy.config.k8s.io"]
+    assert isinstance(own, dict)
+    assert isinstance(kube_proxy, dict)
+    assert (own["default_balancer"], own["ipvs_scheduler"]) == ("maglev", "sh")
+    assert kube_proxy["ipvs"] == {"scheduler": "sh"}
+    explicit = Settings(manifests=(Path("."),), ipvs_scheduler="sh", balancer="random")
+    assert explicit.default_balancer == "random"
+
+
+def test_default_balancer_is_round_robin() -> None:
+    assert DEFAULT_BALANCER == "round-robin"
+    assert default_balancer(None, None, DEFAULT_BALANCER) == ("round-robin", None)
+    assert BalancerRegistry().default == "round-robin"
+    assert Settings(manifests=(Path("."),)).balancer is None
+    assert Settings(manifests=(Path("."),)).default_balancer == "round-robin"

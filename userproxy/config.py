@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Final, Literal, TypedDict, cast, get_args
 
 from userproxy import config_rules as rules
+from userproxy.balancers.ipvs import default_balancer, scheduler_rule
+from userproxy.balancers.registry import DEFAULT_BALANCER
 from userproxy.config_rules import Rule, format_duration
 
 Loop = Literal["auto", "uvloop", "asyncio"]
@@ -82,6 +84,8 @@ RULES: Final[Mapping[str, tuple[str, Rule]]] = {
     "udp_session_rate": ("--udp-session-rate", rules.count(0)),
     "manage_addresses": ("--manage-addresses", rules.boolean),
     "address_device": ("--address-device", rules.device_name),
+    "balancer": ("--balancer", rules.balancer_name),
+    "ipvs_scheduler": ("--ipvs-scheduler", scheduler_rule),
 }
 
 #: The settings that are durations in seconds (shown as Go durations in --help).
@@ -105,7 +109,10 @@ class Settings:
     lowercased and not empty, CIDRs normalised, bind addresses ``IP:PORT`` or "" for off);
     ``max_connections``/``udp_max_sessions`` None means derived from RLIMIT_NOFILE;
     exactly one source: ``manifests`` not empty, or a Kubernetes API (``kubeconfig`` or
-    ``in_cluster``).  A ``ConfigError`` raised here carries the field in ``setting``."""
+    ``in_cluster``); ``ipvs_scheduler`` a scheduler userproxy has a balancer for
+    (``balancers.ipvs``), ``balancer`` (None: the scheduler's, else round-robin) a name,
+    checked against the registered balancers when the proxy starts.  A ``ConfigError``
+    raised here carries the field in ``setting``."""
 
     manifests: tuple[Path, ...] = ()
     kubeconfig: Path | None = None
@@ -135,6 +142,10 @@ class Settings:
     udp_session_rate: int = 0
     manage_addresses: bool = False
     address_device: str = "userproxy0"
+    #: The default balancer (Services without the ``userproxy.io/balancer`` annotation);
+    #: None: what ``ipvs_scheduler`` selects, else round-robin (``balancers.ipvs``).
+    balancer: str | None = None
+    ipvs_scheduler: str | None = None
 
     # (ip, port), or None when off; the rule has checked the text.
     @property
@@ -144,6 +155,12 @@ class Settings:
     @property
     def metrics_address(self) -> tuple[str, int] | None:
         return rules.host_port(self.metrics_bind_address) if self.metrics_bind_address else None
+
+    @property
+    def default_balancer(self) -> str:
+        """The balancer of Services without the annotation: ``balancer``, else what
+        ``ipvs_scheduler`` selects, else round-robin (whether it exists: the registry's)."""
+        return default_balancer(self.balancer, self.ipvs_scheduler, DEFAULT_BALANCER)[0]
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -203,6 +220,8 @@ class SettingsValues(TypedDict, total=False):
     udp_session_rate: int
     manage_addresses: bool
     address_device: str
+    balancer: str | None
+    ipvs_scheduler: str | None
 
 
 def settings_values(values: Mapping[str, object]) -> SettingsValues:
@@ -223,6 +242,7 @@ def configz(settings: Settings) -> dict[str, object]:
         elif isinstance(value, tuple):
             value = [str(item) for item in value]
         own[name] = value
+    own["default_balancer"] = settings.default_balancer
     return {
         "kubeproxy.config.k8s.io": {
             "hostnameOverride": settings.hostname,
@@ -237,6 +257,7 @@ def configz(settings: Settings) -> dict[str, object]:
             "nodePortAddresses": list(settings.nodeport_addresses),
             "clusterCIDR": settings.cluster_cidr or "",
             "mode": "userspace",
+            "ipvs": {"scheduler": settings.ipvs_scheduler or ""},
         },
         "userproxy.io": own,
     }

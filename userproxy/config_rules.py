@@ -295,5 +295,15 @@ def paths(value: object) -> object:
     return result
 
 
+def balancer_name(value: object) -> object:
+    """A balancer's name as registered (``round-robin``, or a plug-in's entry point name):
+    a word without spaces.  Whether such a balancer exists is known only once the plug-ins
+    are loaded: ``BalancerRegistry`` checks that when the proxy starts."""
+    text = string(value)
+    if not text or any(c.isspace() for c in text):
+        raise ValueError(f"{show(text)} is not a balancer name (like round-robin or maglev)")
+    return text
+
+
 def path(value: object) -> object:
     return expect(Path(value) if isinstance(value, str) else value, Path, "a path")

@@ -132,7 +132,7 @@ _STRINGS, _GATES, _ANY = Kind(_strings), Kind(_gates), Kind(lambda value: value,
 _KUBE_PROXY_IGNORED: Final[Mapping[Kind, str]] = {
     _STR: "bindAddress clientConnection.acceptContentTypes clientConnection.contentType "
     "detectLocal.bridgeInterface detectLocal.interfaceNamePrefix detectLocalMode "
-    "ipvs.scheduler logging.format mode portRange resourceContainer "
+    "logging.format mode portRange resourceContainer "
     "showHiddenMetricsForVersion winkernel.networkName winkernel.rootHnsEndpointName "
     "winkernel.sourceVip",
     _BOOL: "bindAddressHardFail conntrack.tcpBeLiberal enableProfiling iptables.masqueradeAll "
@@ -163,6 +163,8 @@ KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
     "nodePortAddresses": (_STRINGS, "nodeport_addresses"),
     "configSyncPeriod": (_DURATION, "config_sync_period"),
     "udpIdleTimeout": (_DURATION, "udp_idle_timeout"),
+    # Read only with ``mode: ipvs`` (``_applies``), as kube-proxy uses it only there.
+    "ipvs.scheduler": (_STR, "ipvs_scheduler"),
     **{
         f"{section}{name}": (_DURATION, setting)
         for section in ("", "iptables.", "ipvs.", "nftables.")
@@ -175,7 +177,7 @@ KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
 #: snake_case (``serviceProxyName``: ``service_proxy_name``).
 _USERPROXY: Final[Mapping[Kind, str]] = {
     _STRINGS: "manifests",
-    _STR: "serviceProxyName loop logLevel logFormat addressDevice",
+    _STR: "serviceProxyName loop logLevel logFormat addressDevice balancer",
     _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout",
     _INT: "maxConnections serviceConnectionShare clientConnectionShare udpMaxSessions "
     "udpSessionRate",
@@ -201,6 +203,8 @@ _KUBE_PROXY_HOME: Final[Mapping[str, str]] = {
     "nodeportAddresses": "nodePortAddresses",
     "clusterCIDR": "clusterCIDR",
     "clusterCidr": "clusterCIDR",
+    "ipvsScheduler": "ipvs.scheduler, with mode: ipvs",
+    "scheduler": "ipvs.scheduler, with mode: ipvs",
 }
 
 
@@ -339,8 +343,9 @@ def _set_fields(
 
 def _applies(name: str, present: Mapping[str, object]) -> bool:
     """Whether a set field that has a setting is the one applied: a field of a mode's
-    section (``iptables.syncPeriod``) only in the section ``mode`` selects (``ipvs``,
-    ``nftables``, else ``iptables``) and only without the top-level field, as kube-proxy."""
+    section (``iptables.syncPeriod``, ``ipvs.scheduler``) only in the section ``mode``
+    selects (``ipvs``, ``nftables``, else ``iptables``) and only without the top-level
+    field, as kube-proxy."""
     section, _, leaf = name.rpartition(".")
     if section not in _MODE_SECTIONS:
         return True

@@ -246,6 +246,20 @@ COMMON_FLAGS: Final = (
     ),
     Flag("address_device", "the device --manage-addresses owns", "NAME"),
     Flag("cluster_cidr", "the pods' CIDR range(s), comma-separated", "CIDRS"),
+    Flag(
+        "balancer",
+        "the balancer of every Service without the userproxy.io/balancer annotation: "
+        "round-robin, random, least-connections, power-of-two, maglev or a plug-in's name "
+        "(default: what --ipvs-scheduler selects, else round-robin)",
+        "NAME",
+    ),
+    Flag(
+        "ipvs_scheduler",
+        "kube-proxy's IPVS scheduler (rr, lc, wlc, sh, mh, sed, nq, twos; wrr, lblc, "
+        "lblcr, dh approximated): selects the closest balancer as the default; "
+        "--balancer wins over it",
+        "NAME",
+    ),
 )
 
 

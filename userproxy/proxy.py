@@ -22,7 +22,8 @@ from userproxy.admin.health import health_app
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
 from userproxy.admin.service_health import ServiceHealthServers
-from userproxy.balancers.registry import BalancerRegistry
+from userproxy.balancers.ipvs import default_balancer
+from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry, UnknownBalancer
 from userproxy.config import ConfigError, Settings, configz, flag_name
 from userproxy.control.health import HealthState
 from userproxy.control.proxier import Proxier, SyncStatus
@@ -68,6 +69,23 @@ RELOADABLE = frozenset(
 )
 
 
+def _balancer_registry(settings: Settings) -> BalancerRegistry:
+    """The registry with the configured default balancer (``--balancer``, else what
+    ``--ipvs-scheduler`` selects): an approximated scheduler is reported here, once; an
+    unknown name is a ``ConfigError`` naming the setting and listing the known balancers."""
+    name, note = default_balancer(settings.balancer, settings.ipvs_scheduler, DEFAULT_BALANCER)
+    if note:
+        log.warning("%s", note)
+    try:
+        return BalancerRegistry(default=name)
+    except UnknownBalancer as exc:
+        setting = "balancer" if settings.balancer is not None else "ipvs_scheduler"
+        problem = str(exc)
+        if setting == "ipvs_scheduler":
+            problem = f"{settings.ipvs_scheduler!r} selects the {problem}"
+        raise ConfigError.of(setting, problem) from None
+
+
 def _warn_if_over_nofile(maximum: int, nofile: int, udp_sessions: int) -> None:
     """Warn when the connection limit cannot be reached: each proxied TCP connection holds
     two descriptors, and the UDP sessions and a reserve take theirs first.  Past that,
@@ -100,7 +118,7 @@ class Proxy:
         udp_sessions = settings.udp_max_sessions or default_udp_sessions(nofile)
         maximum = settings.max_connections or default_max_connections(nofile, udp_sessions)
         _warn_if_over_nofile(maximum, nofile, udp_sessions)
-        self.registry = BalancerRegistry()
+        self.registry = _balancer_registry(settings)
         self.limit = ConnectionLimit(
             maximum,
             service_share=settings.service_connection_share,

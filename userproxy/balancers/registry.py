@@ -35,6 +35,8 @@ class BalancerContext:
 
 BalancerFactory = Callable[[Sequence[Endpoint], BalancerContext], Balancer]
 
+#: The default balancer when the configuration names none (kube-proxy's userspace and
+#: IPVS ``rr`` default); ``BalancerRegistry(default=...)`` takes the configured one.
 DEFAULT_BALANCER = "round-robin"
 
 _BUILTIN: dict[str, BalancerFactory] = {
@@ -43,10 +45,23 @@ _BUILTIN: dict[str, BalancerFactory] = {
 }
 
 
-class BalancerRegistry:
-    """Resolves a Service's balancer name; unknown names fall back to the default once-warned."""
+class UnknownBalancer(ValueError):
+    """The default balancer asked for is not registered; the message lists the known names."""
 
-    def __init__(self, extra: dict[str, BalancerFactory] | None = None) -> None:
+
+class BalancerRegistry:
+    """Resolves a Service's balancer name; unknown names fall back to the default once-warned.
+
+    Invariant: ``default`` is a registered name (``UnknownBalancer`` at construction
+    otherwise), so a Service without the annotation always gets a balancer.
+    """
+
+    def __init__(
+        self,
+        extra: dict[str, BalancerFactory] | None = None,
+        *,
+        default: str = DEFAULT_BALANCER,
+    ) -> None:
         self.context = BalancerContext()
         self._factories = dict(_BUILTIN)
         for entry in entry_points(group="userproxy.balancers"):
@@ -56,6 +71,10 @@ class BalancerRegistry:
                 log.exception("cannot load balancer plug-in %r", entry.name)
         self._factories.update(extra or {})
         self._warned: set[tuple[str, str]] = set()
+        if default not in self._factories:
+            raise UnknownBalancer(f"unknown balancer {default!r} (known: {', '.join(self.names)})")
+        #: The balancer of every Service without the ``userproxy.io/balancer`` annotation.
+        self.default = default
 
     @property
     def names(self) -> list[str]:
@@ -64,17 +83,17 @@ class BalancerRegistry:
     def resolve(self, name: str | None, owner: str = "") -> str:
         """The registered name to use for ``name`` (None or unknown -> the default)."""
         if name is None or name in self._factories:
-            return name or DEFAULT_BALANCER
+            return name or self.default
         if (owner, name) not in self._warned:
             self._warned.add((owner, name))
             log.warning(
                 "%s: unknown balancer %r in annotation userproxy.io/balancer; using %r (known: %s)",
                 owner or "service",
                 name,
-                DEFAULT_BALANCER,
+                self.default,
                 ", ".join(self.names),
             )
-        return DEFAULT_BALANCER
+        return self.default
 
     def build(
         self, name: str, endpoints: Sequence[Endpoint], affinity_timeout: float | None
