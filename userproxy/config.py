@@ -82,6 +82,10 @@ RULES: Final[Mapping[str, tuple[str, Rule]]] = {
     "udp_session_rate": ("--udp-session-rate", rules.count(0)),
     "manage_addresses": ("--manage-addresses", rules.boolean),
     "address_device": ("--address-device", rules.device_name),
+    "outlier_consecutive_failures": ("--outlier-consecutive-failures", rules.count(0)),
+    "outlier_base_ejection": ("--outlier-base-ejection", _POSITIVE_DURATION),
+    "outlier_max_ejection": ("--outlier-max-ejection", _POSITIVE_DURATION),
+    "outlier_max_ejected_percent": ("--outlier-max-ejected-percent", rules.percent),
 }
 
 #: The settings that are durations in seconds (shown as Go durations in --help).
@@ -135,6 +139,12 @@ class Settings:
     udp_session_rate: int = 0
     manage_addresses: bool = False
     address_device: str = "userproxy0"
+    #: Outlier ejection (Envoy's consecutive failures, base/max ejection time, max ejection
+    #: percent); 0 failures: off.
+    outlier_consecutive_failures: int = 5
+    outlier_base_ejection: float = 30.0
+    outlier_max_ejection: float = 300.0
+    outlier_max_ejected_percent: int = 50
 
     # (ip, port), or None when off; the rule has checked the text.
     @property
@@ -168,6 +178,12 @@ class Settings:
                 "min_sync_period",
                 f"{format_duration(self.min_sync_period)} is greater than the sync period "
                 f"({format_duration(self.sync_period)})",
+            )
+        if self.outlier_base_ejection > self.outlier_max_ejection:
+            raise ConfigError.of(
+                "outlier_base_ejection",
+                f"{format_duration(self.outlier_base_ejection)} is greater than the maximum "
+                f"ejection time ({format_duration(self.outlier_max_ejection)})",
             )
 
 
@@ -203,6 +219,10 @@ class SettingsValues(TypedDict, total=False):
     udp_session_rate: int
     manage_addresses: bool
     address_device: str
+    outlier_consecutive_failures: int
+    outlier_base_ejection: float
+    outlier_max_ejection: float
+    outlier_max_ejected_percent: int
 
 
 def settings_values(values: Mapping[str, object]) -> SettingsValues:

@@ -25,6 +25,7 @@ from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.dial import dial
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import RESOURCE_ERRNOS, Listener
+from userproxy.dataplane.outliers import NO_EJECTION, OutlierDetector
 from userproxy.dataplane.pool import BackendPool
 from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
 from userproxy.logs import RateLimitedLog
@@ -75,6 +76,9 @@ class TcpListener(Listener):
         self._backoff: asyncio.TimerHandle | None = None
         self._backoff_delay = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The outlier detector of this listener's Service port, shared with its other
+        #: listeners (the listener set assigns it; this one ejects nothing).
+        self.outliers: OutlierDetector = NO_EJECTION
         limit.register(self, self._pause, self._resume, self.service)
         self._open_or_close()
 
@@ -177,8 +181,12 @@ class TcpListener(Listener):
 
     async def _dial(self, conn: DownstreamProtocol, pool: BackendPool) -> None:
         tried: list[Endpoint] = []
+        outliers = self.outliers
+        # Ejected endpoints are avoided like tried ones: the balancer falls back to them
+        # only when every endpoint is excluded.
+        exclude = outliers.excluding(tried)
         for attempt, timeout in enumerate(DIAL_TIMEOUTS):
-            endpoint = pool.balancer.pick(conn.client_ip, tried)
+            endpoint = pool.balancer.pick(conn.client_ip, exclude)
             if endpoint is None:
                 break
             if attempt:
@@ -188,6 +196,7 @@ class TcpListener(Listener):
                 sock = await dial(self.loop, endpoint.ip, endpoint.port, timeout)
             except (OSError, TimeoutError) as exc:
                 self.stats.dial_failures += 1
+                outliers.failure(endpoint)
                 # Forget the client's pin so the next attempt (and the next connection)
                 # goes elsewhere: kube-proxy's fix for clients stuck on a dead pod.
                 pool.balancer.failed(conn.client_ip, endpoint)
@@ -203,6 +212,7 @@ class TcpListener(Listener):
                 if conn.finished:
                     return
                 continue
+            outliers.success(endpoint)
             await self._join(conn, sock, endpoint)
             return
         # No endpoint could be reached: reset the client rather than leave it hanging.
@@ -223,6 +233,7 @@ class TcpListener(Listener):
         except OSError as exc:
             # The endpoint accepted and then failed at once: pass it on as a reset.
             sock.close()
+            self.outliers.failure(endpoint)
             log.debug("%s: cannot wrap upstream socket: %s", self.spec.spn, exc)
             conn.abort()
             return
