@@ -9,12 +9,15 @@ Addresses: 127.213.x.y (Service .1, backends .11 and up), x fresh per test.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import os
 import socket
+import struct
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,16 +37,44 @@ _nets = itertools.count(1 + (os.getpid() % 50) * 5)
 LOGGER = "userproxy.dataplane.outliers"
 
 
+def reset_at_once(conn: socket.socket) -> None:
+    """Accept, then reset before a byte goes back (a crashing server)."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def reset_after_request(conn: socket.socket) -> None:
+    """Read the request, then reset before a byte goes back (so the dial surely
+    succeeded: the connection was up and carried the request)."""
+    conn.makefile("rb").readline()
+    reset_at_once(conn)
+
+
+def answer_then_reset(conn: socket.socket) -> None:
+    """Answer, then reset: a reset after bytes came back is the application's business."""
+    conn.makefile("rb").readline()
+    conn.sendall(b"flaky\n")
+    time.sleep(0.05)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 class Scene:
     """A Service at 127.213.x.1 over ``good`` name backends and ``dead`` endpoints whose
     port is bound but not listening (every connect is refused), each ready in its slice."""
 
-    def __init__(self, tmp_path: Path, good: int, dead: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        good: int,
+        dead: int,
+        odd: Callable[[socket.socket], None] | None = None,
+    ) -> None:
         net = next(_nets) % 250
         self.address = (f"127.213.{net}.1", SERVICE_PORT)
         self.backends = [
             Backend(f"127.213.{net}.{11 + i}", name_server(f"b{i + 1}")) for i in range(good)
         ]
+        #: A backend that accepts but misbehaves (``odd``), listed after the good ones.
+        self.odd = None if odd is None else Backend(f"127.213.{net}.{10 + good + dead + 1}", odd)
         self.dead: list[socket.socket] = []
         for i in range(dead):
             sock = socket.socket()
@@ -52,6 +83,8 @@ class Scene:
         directory = tmp_path / "manifests"
         directory.mkdir()
         ports = [(b.ip, b.port) for b in self.backends] + [s.getsockname() for s in self.dead]
+        if self.odd is not None:
+            ports.append((self.odd.ip, self.odd.port))
         slices = [
             endpoint_slice(f"web-{i}", "web", port, [ip]) for i, (ip, port) in enumerate(ports)
         ]
@@ -62,6 +95,8 @@ class Scene:
     def close(self) -> None:
         for backend in self.backends:
             backend.stop()
+        if self.odd is not None:
+            self.odd.stop()
         for sock in self.dead:
             sock.close()
 
@@ -222,3 +257,62 @@ async def test_at_most_half_the_endpoints_are_ejected(
     assert messages[1].endswith(
         "is not ejected: 1 of 3 endpoints are already out (at most 50%, never the last one)"
     )
+
+
+def ask_or_reset(address: tuple[str, int]) -> str:
+    try:
+        return ask(address) or "closed"
+    except ConnectionResetError:
+        return "reset"
+
+
+async def test_reset_before_any_byte_counts_as_a_failed_dial(
+    tmp_path: Path, scenes: list[Scene]
+) -> None:
+    scene = Scene(tmp_path, good=2, dead=0, odd=reset_after_request)
+    scenes.append(scene)
+    assert scene.odd is not None
+    async with running_proxy(scene.manifests) as proxy:
+        detector = detector_of(proxy)
+        for _ in range(60):
+            if detector.ejections:
+                break
+            await asyncio.to_thread(ask_or_reset, scene.address)
+        (ejection,) = detector.status()
+        assert ejection.endpoint.ip == scene.odd.ip
+        # Its dials succeeded: the connections it reset were the failures.
+        assert dial_counts(proxy) == (0, 0)
+        accepted = scene.odd.connections
+        seen = Counter(
+            await asyncio.to_thread(lambda: [ask_or_reset(scene.address) for _ in range(100)])
+        )
+        assert set(seen) == {"b1", "b2"}, seen
+        assert scene.odd.connections == accepted
+
+
+async def test_reset_after_an_answer_is_no_failure(tmp_path: Path, scenes: list[Scene]) -> None:
+    scene = Scene(tmp_path, good=1, dead=0, odd=answer_then_reset)
+    scenes.append(scene)
+    assert scene.odd is not None
+    async with running_proxy(scene.manifests) as proxy:
+        detector = detector_of(proxy)
+        seen = Counter(
+            await asyncio.to_thread(lambda: [ask_or_reset(scene.address) for _ in range(40)])
+        )
+        assert seen["flaky"] >= 10, seen
+        assert scene.odd.connections >= 10
+        assert detector.ejections == 0
+
+
+async def test_backend_resetting_at_accept_leaves_no_socket_to_close_twice(
+    tmp_path: Path, scenes: list[Scene]
+) -> None:
+    """A regression test found here: on uvloop, a dialed socket whose transport closed
+    before uvloop attached it was closed again by its finaliser (a ResourceWarning, which
+    fails the test; in production a double close of a reused fd number)."""
+    scene = Scene(tmp_path, good=1, dead=0, odd=reset_at_once)
+    scenes.append(scene)
+    async with running_proxy(scene.manifests, outlier_consecutive_failures=0):
+        for _ in range(3):
+            await asyncio.to_thread(lambda: [ask_or_reset(scene.address) for _ in range(40)])
+            gc.collect()

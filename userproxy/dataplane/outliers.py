@@ -6,7 +6,9 @@ Modelled on Envoy's outlier detection (``consecutive_local_origin_failure`` /
 ``consecutive_failures`` times in a row (refused, timed out, unreachable) is ejected for
 ``base_ejection`` seconds times the number of ejections it had in a row, at most
 ``max_ejection``; a successful dial resets its failure count, and a successful dial after
-it came back resets the ejection streak too.  Kubernetes readiness stays the primary
+it came back resets the ejection streak too.  A connection that the endpoint resets before
+any byte came back counts as a failed dial, so a dial counts as successful when its
+connection ends otherwise (``ObservedUpstream``).  Kubernetes readiness stays the primary
 signal: ejection only covers the gap until it catches up, and an endpoint that leaves the
 Service port's pools is forgotten (``set_endpoints``).
 
@@ -31,6 +33,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 
 from userproxy.config_rules import format_duration
+from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol
 from userproxy.model import Endpoint
 
 log = logging.getLogger(__name__)
@@ -273,6 +276,35 @@ class OutlierDetector:
             (s.until for s in self._state.values() if s.until is not None),
             default=float("inf"),
         )
+
+
+class ObservedUpstream(UpstreamProtocol):
+    """The upstream side of a connection that reports how it ended to its detector: a
+    reset before any byte came back is a failed dial (the endpoint accepted and then gave
+    up: a crashing process, a full accept queue behind a proxy), anything else a success.
+
+    The verdict waits for the end because the success must not wipe out the failure count
+    before a reset could count (HAProxy's ``observe layer4`` sees the same).  One call at
+    the end of each connection; nothing per read.
+    """
+
+    __slots__ = ("detector", "endpoint")
+
+    def __init__(
+        self, conn: DownstreamProtocol, detector: OutlierDetector, endpoint: Endpoint
+    ) -> None:
+        super().__init__(conn)
+        self.detector = detector
+        self.endpoint = endpoint
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self.conn
+        if conn is not None:  # None: refused as a second upstream, says nothing of it
+            if exc is not None and not conn.bytes_down:
+                self.detector.failure(self.endpoint)
+            else:
+                self.detector.success(self.endpoint)
+        super().connection_lost(exc)
 
 
 #: The detector of a listener no Service port's detector was given to: it ejects nothing
