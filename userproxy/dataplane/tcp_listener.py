@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.dial import dial
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import RESOURCE_ERRNOS, Listener
-from userproxy.dataplane.outliers import NO_EJECTION, OutlierDetector
+from userproxy.dataplane.outliers import NO_EJECTION, ObservedUpstream, OutlierDetector
 from userproxy.dataplane.pool import BackendPool
 from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
 from userproxy.logs import RateLimitedLog
@@ -212,7 +213,6 @@ class TcpListener(Listener):
                 if conn.finished:
                     return
                 continue
-            outliers.success(endpoint)
             await self._join(conn, sock, endpoint)
             return
         # No endpoint could be reached: reset the client rather than leave it hanging.
@@ -228,12 +228,20 @@ class TcpListener(Listener):
         after that would close a transport the relay already holds (see dial.py).  It is
         cancelled only when the client has gone, and then the relay drops the upstream.
         """
+        outliers = self.outliers
+        # With ejection on, the upstream reports how it ended (a reset before any byte
+        # is a failed dial, anything else the success that resets the failure count).
+        upstream: Callable[[], UpstreamProtocol] = (
+            (lambda: ObservedUpstream(conn, outliers, endpoint))
+            if outliers.settings.enabled
+            else (lambda: UpstreamProtocol(conn))
+        )
         try:
-            await self.loop.create_connection(lambda: UpstreamProtocol(conn), sock=sock)
+            await self.loop.create_connection(upstream, sock=sock)
         except OSError as exc:
             # The endpoint accepted and then failed at once: pass it on as a reset.
             sock.close()
-            self.outliers.failure(endpoint)
+            outliers.failure(endpoint)
             log.debug("%s: cannot wrap upstream socket: %s", self.spec.spn, exc)
             conn.abort()
             return
@@ -241,6 +249,14 @@ class TcpListener(Listener):
             sock.close()
             conn.drop_upstream()
             raise
+        if not isinstance(self.loop, asyncio.BaseEventLoop):
+            # uvloop owns the descriptor now, but attaches ``sock`` to the transport only
+            # after connection_made: when the endpoint reset at once, the transport closed
+            # (and libuv closed the fd) before that, nothing detaches ``sock``, and its
+            # finaliser closed the same fd number again, by then maybe another
+            # connection's.  Detached, ``sock`` can never close it (uvloop's own detach
+            # at close is then a no-op).  asyncio's transport uses ``sock`` itself.
+            sock.detach()
         if conn in self.connections:  # not finished meanwhile: it counts until it ends
             conn.endpoint = endpoint
             self._registry.context.load.start(endpoint)
