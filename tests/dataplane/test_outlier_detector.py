@@ -5,15 +5,30 @@ told (Envoy's consecutive failures with base/max ejection time and max ejection 
 from __future__ import annotations
 
 import logging
+import os
 import random
 
 import pytest
 
 from tests.support.clock import FakeClock
 from userproxy.balancers.affinity import ClientIPAffinity
+from userproxy.balancers.registry import BalancerRegistry
 from userproxy.balancers.roundrobin import RoundRobin
+from userproxy.control.trackers import ChangeRecorder
+from userproxy.dataplane.limits import ConnectionLimit
+from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
 from userproxy.dataplane.outliers import Excluding, OutlierDetector, OutlierSettings, union
-from userproxy.model import Endpoint
+from userproxy.dataplane.tcp_listener import TcpListener
+from userproxy.metrics import Metrics
+from userproxy.model import (
+    AddressKind,
+    Endpoint,
+    ListenerSpec,
+    PoolSpec,
+    Protocol,
+    ServiceKey,
+    ServicePortName,
+)
 
 NAME = "default/web:http/TCP"
 SETTINGS = OutlierSettings(
@@ -210,3 +225,76 @@ def test_union_keeps_each_address_once() -> None:
     a, b, c = endpoints(3)
     local_a = Endpoint(a.ip, a.port, is_local=True)
     assert union([(a, b), (local_a, c)]) == [a, b, c]
+
+
+# --- one detector per Service port in the listener set -------------------------------------
+
+
+def _listener_spec(
+    port: str, ip: str, endpoints: tuple[Endpoint, ...], local: tuple[Endpoint, ...] = ()
+) -> ListenerSpec:
+    spn = ServicePortName("shop", "web", port, Protocol.TCP)
+    node_pool = PoolSpec(local, "round-robin") if local else None
+    pool = PoolSpec(endpoints, "round-robin")
+    return ListenerSpec(spn, AddressKind.CLUSTER_IP, ip, 8080, pool, node_pool)
+
+
+async def test_listeners_of_a_service_port_share_one_detector() -> None:
+    net = os.getpid() % 250
+    first, second, other = (f"127.213.{net}.{200 + i}" for i in range(3))
+    a, b, c = endpoints(3)
+    listeners = ListenerSet(
+        BalancerRegistry(), ConnectionLimit(10), TcpTimeouts(), outliers=SETTINGS
+    )
+    metrics = Metrics()
+    metrics.watch(ChangeRecorder("n1", lambda: None), listeners)
+    web = ServiceKey("shop", "web")
+    http = ServicePortName("shop", "web", "http", Protocol.TCP)
+    try:
+        listeners.set_listeners(
+            web,
+            [
+                _listener_spec("http", first, (a, b)),
+                _listener_spec("http", second, (a,), local=(c,)),  # the node-local class
+                _listener_spec("admin", other, (a, b)),
+            ],
+        )
+        by_ip = {
+            listener.spec.ip: listener
+            for listener in listeners
+            if isinstance(listener, TcpListener)
+        }
+        shared = listeners.outliers(http)
+        assert shared is not None
+        assert by_ip[first].outliers is shared
+        assert by_ip[second].outliers is shared
+        assert by_ip[other].outliers is not shared
+        assert shared.max_ejected == 1  # 50 % of the union a, b, c
+        fail(shared, c, 3)
+        assert shared.ejected == {c}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if "eject" in s.name
+        }
+        http_labels = (("protocol", "TCP"), ("service_port", "shop/web:http"))
+        assert samples[("userproxy_endpoint_ejections_total", http_labels)] == 1
+        assert samples[("userproxy_endpoints_ejected", http_labels)] == 1
+        remaining = (
+            "userproxy_endpoint_ejection_remaining_seconds",
+            (("endpoint", "10.0.0.3:8080"), *http_labels),
+        )
+        assert 0 < samples[remaining] <= 10.0
+        # c leaves both pools: forgotten; the Service goes: its count is kept.
+        listeners.set_listeners(web, [_listener_spec("http", first, (a, b))])
+        assert listeners.outliers(http) is shared
+        assert shared.ejected == set()
+        listeners.set_listeners(web, [])
+        assert listeners.outliers(http) is None
+        assert listeners.ejections() == {
+            ("shop/web:http", "TCP"): (1, []),
+            ("shop/web:admin", "TCP"): (0, []),  # counters never go away, as totals
+        }
+    finally:
+        listeners.stop_accepting()
