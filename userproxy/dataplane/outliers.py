@@ -18,9 +18,10 @@ back to excluded ones when every endpoint is (so with all endpoints ejected, tra
 to all of them, as Envoy's panic threshold does).
 
 Invariants: ``ejected`` holds exactly the endpoints ejected now (once due ones were
-returned by ``refresh``), each one of the known endpoints; at most
-``max(1, known * max_ejected_percent // 100)`` and never all the known endpoints are
-ejected (the sole endpoint of a pool is never ejected); ``ejections`` only grows.  The
+returned by ``refresh``), each one of the known endpoints; an ejection happens only while
+fewer than ``min(max(1, known * max_ejected_percent // 100), known - 1)`` are out (so the
+sole endpoint of a Service port is never ejected; a pool that shrinks later can be all
+ejected, and then the balancer's fallback sends to all); ``ejections`` only grows.  The
 pick path costs one truthiness test when nothing is ejected, else a clock read and one
 small view object per connection.
 """
