@@ -17,7 +17,8 @@ Ejection never touches a balancer: the dial ladder passes ``excluding(tried)`` a
 back to excluded ones when every endpoint is (so with all endpoints ejected, traffic goes
 to all of them, as Envoy's panic threshold does).
 
-Invariants: ``ejected`` holds exactly the endpoints ejected now (once due ones were
+Invariants: ``ejected`` (by address: ``Endpoint`` hashes in Python, an address tuple in C)
+holds exactly the endpoints ejected now (once due ones were
 returned by ``refresh``), each one of the known endpoints; an ejection happens only while
 fewer than ``min(max(1, known * max_ejected_percent // 100), known - 1)`` are out (so the
 sole endpoint of a Service port is never ejected; a pool that shrinks later can be all
@@ -85,16 +86,18 @@ class _State:
 
 class Excluding:
     """``tried`` plus the ejected endpoints, as one ``Container`` for ``Balancer.pick``;
-    built once per connection, it reads both live (no copy)."""
+    built per dial attempt while some endpoint is ejected, it reads both live (no copy)."""
 
-    __slots__ = ("ejected", "tried")
+    __slots__ = ("out", "tried")
 
-    def __init__(self, ejected: set[Endpoint], tried: list[Endpoint]) -> None:
-        self.ejected = ejected
+    def __init__(self, out: set[Address], tried: list[Endpoint]) -> None:
+        self.out = out
         self.tried = tried
 
     def __contains__(self, endpoint: object) -> bool:
-        return endpoint in self.ejected or endpoint in self.tried
+        if not isinstance(endpoint, Endpoint):
+            return False
+        return (endpoint.ip, endpoint.port) in self.out or endpoint in self.tried
 
 
 class OutlierDetector:
@@ -104,8 +107,8 @@ class OutlierDetector:
         "_clock",
         "_endpoints",
         "_next_return",
+        "_out",
         "_state",
-        "ejected",
         "ejections",
         "name",
         "settings",
@@ -124,7 +127,9 @@ class OutlierDetector:
         #: The known endpoints by address (the union of the Service port's pools).
         self._endpoints: dict[Address, Endpoint] = {}
         self._state: dict[Address, _State] = {}
-        self.ejected: set[Endpoint] = set()
+        #: The addresses of the endpoints ejected now (kept as one set object: views
+        #: read it live).
+        self._out: set[Address] = set()
         #: The earliest ``until`` among the ejected (inf: none), so ``refresh`` is O(1)
         #: until one is due.
         self._next_return = float("inf")
@@ -139,16 +144,22 @@ class OutlierDetector:
         self._endpoints = known
         for address in self._state.keys() - known.keys():
             del self._state[address]
-        self.ejected = {known[(e.ip, e.port)] for e in self.ejected if (e.ip, e.port) in known}
+        self._out &= known.keys()
         self._recompute_next()
 
     # -- the dial ladder's calls ---------------------------------------------------------
+    @property
+    def ejected(self) -> set[Endpoint]:
+        """The endpoints ejected now (a copy, for views and tests)."""
+        return {self._endpoints[address] for address in self._out}
+
     def excluding(self, tried: list[Endpoint]) -> Container[Endpoint]:
-        """What ``Balancer.pick`` must avoid: ``tried`` and the ejected endpoints."""
-        if not self.ejected:
+        """What ``Balancer.pick`` must avoid: ``tried`` and the ejected endpoints (called
+        per dial attempt; ``tried`` itself while nothing is ejected)."""
+        if not self._out:
             return tried
         self.refresh()
-        return Excluding(self.ejected, tried) if self.ejected else tried
+        return Excluding(self._out, tried) if self._out else tried
 
     def failure(self, endpoint: Endpoint) -> None:
         """A dial to ``endpoint`` failed (refused, timed out, reset before any byte)."""
@@ -181,7 +192,7 @@ class OutlierDetector:
     def refresh(self) -> None:
         """Return the endpoints whose ejection is over (also called by the sweeper, so a
         return is logged on time even without traffic)."""
-        if not self.ejected:
+        if not self._out:
             return
         now = self._clock()
         if now < self._next_return:
@@ -192,7 +203,7 @@ class OutlierDetector:
                 state.failures = 0
                 state.capped = False
                 endpoint = self._endpoints[address]
-                self.ejected.discard(endpoint)
+                self._out.discard(address)
                 log.info(
                     "%s: endpoint %s is back from ejection (ejected %d time%s in a row)",
                     self.name,
@@ -237,7 +248,7 @@ class OutlierDetector:
     def _eject(self, address: Address, state: _State) -> None:
         endpoint = self._endpoints[address]
         self.refresh()  # a due return frees room under the cap first
-        if len(self.ejected) >= self.max_ejected:
+        if len(self._out) >= self.max_ejected:
             if not state.capped:
                 state.capped = True
                 log.warning(
@@ -246,7 +257,7 @@ class OutlierDetector:
                     self.name,
                     endpoint,
                     state.failures,
-                    len(self.ejected),
+                    len(self._out),
                     len(self._endpoints),
                     self.settings.max_ejected_percent,
                 )
@@ -257,7 +268,7 @@ class OutlierDetector:
         state.until = self._clock() + duration
         state.failures = 0
         state.capped = False
-        self.ejected.add(endpoint)
+        self._out.add(address)
         self.ejections += 1
         self._next_return = min(self._next_return, state.until)
         log.warning(
@@ -268,7 +279,7 @@ class OutlierDetector:
             format_duration(duration),
             failures,
             state.streak,
-            len(self.ejected),
+            len(self._out),
             len(self._endpoints),
         )
 

@@ -183,11 +183,10 @@ class TcpListener(Listener):
     async def _dial(self, conn: DownstreamProtocol, pool: BackendPool) -> None:
         tried: list[Endpoint] = []
         outliers = self.outliers
-        # Ejected endpoints are avoided like tried ones: the balancer falls back to them
-        # only when every endpoint is excluded.
-        exclude = outliers.excluding(tried)
         for attempt, timeout in enumerate(DIAL_TIMEOUTS):
-            endpoint = pool.balancer.pick(conn.client_ip, exclude)
+            # Ejected endpoints are avoided like tried ones: the balancer falls back to
+            # them only when every endpoint is excluded.
+            endpoint = pool.balancer.pick(conn.client_ip, outliers.excluding(tried))
             if endpoint is None:
                 break
             if attempt:
