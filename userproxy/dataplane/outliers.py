@@ -24,7 +24,7 @@ fewer than ``min(max(1, known * max_ejected_percent // 100), known - 1)`` are ou
 sole endpoint of a Service port is never ejected; a pool that shrinks later can be all
 ejected, and then the balancer's fallback sends to all); ``ejections`` only grows.  The
 pick path costs one truthiness test when nothing is ejected, else a clock read and one
-small view object per connection.
+small view object per dial attempt.
 """
 
 from __future__ import annotations
