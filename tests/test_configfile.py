@@ -139,6 +139,26 @@ def test_userproxy_document_alone(tmp_path: Path) -> None:
     assert describe(config) == "applied: manifests, serviceProxyName; ignored: none"
 
 
+def test_userproxy_outlier_fields(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        UPC + "outlierConsecutiveFailures: 0\noutlierBaseEjection: 10s\n"
+        "outlierMaxEjection: 2m\noutlierMaxEjectedPercent: 30\n",
+    )
+    assert dict(config.values) == {
+        "outlier_consecutive_failures": 0,  # a zero is real here: ejection off
+        "outlier_base_ejection": 10.0,
+        "outlier_max_ejection": 120.0,
+        "outlier_max_ejected_percent": 30,
+    }
+    assert config.applied == (
+        "outlierBaseEjection",
+        "outlierConsecutiveFailures",
+        "outlierMaxEjectedPercent",
+        "outlierMaxEjection",
+    )
+
+
 def test_userproxy_zero_durations_are_real_values(tmp_path: Path) -> None:
     config = load(tmp_path, UPC + "shutdownGrace: 0s\ntcpFinTimeout: '0'\n")
     assert dict(config.values) == {"shutdown_grace": 0.0, "tcp_fin_timeout": 0.0}

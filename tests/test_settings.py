@@ -262,6 +262,61 @@ CASES: dict[str, Case] = {
         kpc("mode: ipvs\nipvs: {scheduler: ovf}"),
         error="'ovf' has no close userproxy balancer: weighted overflow",
     ),
+    # Outlier ejection: 0 failures turns it off; durations > 0; base <= max.
+    "outlier-consecutive-failures": Case(
+        "outlier_consecutive_failures",
+        "--outlier-consecutive-failures 3",
+        upc("outlierConsecutiveFailures: 3"),
+        3,
+    ),
+    "outlier-off": Case(
+        "outlier_consecutive_failures",
+        "--outlier-consecutive-failures 0",
+        upc("outlierConsecutiveFailures: 0"),
+        0,
+    ),
+    "outlier-negative-failures": Case(
+        "outlier_consecutive_failures",
+        "--outlier-consecutive-failures=-1",
+        upc("outlierConsecutiveFailures: -1"),
+        error="-1 must be at least 0",
+    ),
+    "outlier-base-ejection": Case(
+        "outlier_base_ejection",
+        "--outlier-base-ejection 250ms",
+        upc("outlierBaseEjection: 250ms"),
+        0.25,
+    ),
+    "outlier-base-ejection-zero": Case(
+        "outlier_base_ejection",
+        "--outlier-base-ejection 0s",
+        upc("outlierBaseEjection: 0s"),
+        error="must be greater than 0",
+    ),
+    "outlier-max-ejection": Case(
+        "outlier_max_ejection",
+        "--outlier-max-ejection 10m",
+        upc("outlierMaxEjection: 10m"),
+        600.0,
+    ),
+    "outlier-base-over-max": Case(
+        "outlier_base_ejection",
+        "--outlier-base-ejection 1m --outlier-max-ejection 30s",
+        upc("outlierBaseEjection: 1m\noutlierMaxEjection: 30s"),
+        error="1m0s is greater than the maximum ejection time (30s)",
+    ),
+    "outlier-max-ejected-percent": Case(
+        "outlier_max_ejected_percent",
+        "--outlier-max-ejected-percent 100",
+        upc("outlierMaxEjectedPercent: 100"),
+        100,
+    ),
+    "outlier-max-ejected-percent-zero": Case(
+        "outlier_max_ejected_percent",
+        "--outlier-max-ejected-percent 0",
+        upc("outlierMaxEjectedPercent: 0"),
+        error="0 is not a percentage from 1 to 100",
+    ),
     "manifests-empty-path": Case(
         "manifests", "--manifests ''", upc("manifests: ['']"), error="an empty path", source=False
     ),
@@ -391,6 +446,8 @@ def test_help_shows_real_defaults() -> None:
     assert "MISSING" not in run
     assert "(default: 15m0s)" in run  # --config-sync-period, not 900.0
     assert "(default: 50)" in run  # --service-connection-share, an integer, not 50.0
+    assert "ejected at once (at least one, never the last) (default: 50)" in run
+    assert "at most this long (default: 5m0s)" in run  # --outlier-max-ejection
     assert "(default: this host's name" in run
     demo = help_of("demo")
     assert "this node's name (default: demo-node)" in demo

@@ -86,6 +86,10 @@ RULES: Final[Mapping[str, tuple[str, Rule]]] = {
     "address_device": ("--address-device", rules.device_name),
     "balancer": ("--balancer", rules.balancer_name),
     "ipvs_scheduler": ("--ipvs-scheduler", scheduler_rule),
+    "outlier_consecutive_failures": ("--outlier-consecutive-failures", rules.count(0)),
+    "outlier_base_ejection": ("--outlier-base-ejection", _POSITIVE_DURATION),
+    "outlier_max_ejection": ("--outlier-max-ejection", _POSITIVE_DURATION),
+    "outlier_max_ejected_percent": ("--outlier-max-ejected-percent", rules.percent),
 }
 
 #: The settings that are durations in seconds (shown as Go durations in --help).
@@ -146,6 +150,12 @@ class Settings:
     #: None: what ``ipvs_scheduler`` selects, else round-robin (``balancers.ipvs``).
     balancer: str | None = None
     ipvs_scheduler: str | None = None
+    #: Outlier ejection (Envoy's consecutive failures, base/max ejection time, max ejection
+    #: percent); 0 failures: off.
+    outlier_consecutive_failures: int = 5
+    outlier_base_ejection: float = 30.0
+    outlier_max_ejection: float = 300.0
+    outlier_max_ejected_percent: int = 50
 
     # (ip, port), or None when off; the rule has checked the text.
     @property
@@ -186,6 +196,12 @@ class Settings:
                 f"{format_duration(self.min_sync_period)} is greater than the sync period "
                 f"({format_duration(self.sync_period)})",
             )
+        if self.outlier_base_ejection > self.outlier_max_ejection:
+            raise ConfigError.of(
+                "outlier_base_ejection",
+                f"{format_duration(self.outlier_base_ejection)} is greater than the maximum "
+                f"ejection time ({format_duration(self.outlier_max_ejection)})",
+            )
 
 
 class SettingsValues(TypedDict, total=False):
@@ -222,6 +238,10 @@ class SettingsValues(TypedDict, total=False):
     address_device: str
     balancer: str | None
     ipvs_scheduler: str | None
+    outlier_consecutive_failures: int
+    outlier_base_ejection: float
+    outlier_max_ejection: float
+    outlier_max_ejected_percent: int
 
 
 def settings_values(values: Mapping[str, object]) -> SettingsValues:

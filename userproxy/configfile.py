@@ -178,9 +178,9 @@ KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
 _USERPROXY: Final[Mapping[Kind, str]] = {
     _STRINGS: "manifests",
     _STR: "serviceProxyName loop logLevel logFormat addressDevice balancer",
-    _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout",
+    _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout outlierBaseEjection outlierMaxEjection",
     _INT: "maxConnections serviceConnectionShare clientConnectionShare udpMaxSessions "
-    "udpSessionRate",
+    "udpSessionRate outlierConsecutiveFailures outlierMaxEjectedPercent",
     _BOOL: "manageAddresses",
 }
 USERPROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {

@@ -260,6 +260,25 @@ COMMON_FLAGS: Final = (
         "--balancer wins over it",
         "NAME",
     ),
+    Flag(
+        "outlier_consecutive_failures",
+        "eject an endpoint of a Service port after this many failed dials in a row "
+        "(0: no outlier ejection)",
+        "N",
+        _integer,
+    ),
+    Flag(
+        "outlier_base_ejection",
+        "an ejection lasts this long times the ejections in a row of the endpoint",
+    ),
+    Flag("outlier_max_ejection", "an ejection lasts at most this long"),
+    Flag(
+        "outlier_max_ejected_percent",
+        "percent of a Service port's endpoints that may be ejected at once (at least "
+        "one, never the last)",
+        "PERCENT",
+        _integer,
+    ),
 )
 
 

@@ -222,6 +222,7 @@ class _DataplaneCollector(Collector):
                     for extra, value in spec.samples(totals):
                         family.add_metric([service_port, protocol, *extra], value)
         yield from (family for _, family in families)
+        yield from _ejection_families(self.listeners)
         # Unlabelled: the refused Service is named in the log line that reports it.
         yield GaugeMetricFamily(
             "userproxy_listener_conflicts",
@@ -229,3 +230,31 @@ class _DataplaneCollector(Collector):
             "same protocol, IP and port ((address, Service) pairs refused now)",
             value=self.listeners.conflicts,
         )
+
+
+def _ejection_families(listeners: ListenerSet) -> Iterator[Metric]:
+    """Outlier ejection per TCP Service port, and per endpoint while it is ejected (only
+    ejected endpoints are listed: at most the ejectable share of each pool)."""
+    total = CounterMetricFamily(
+        "userproxy_endpoint_ejections",
+        "Endpoints ejected by outlier detection (failed dials in a row), each time",
+        labels=["service_port", "protocol"],
+    )
+    now = GaugeMetricFamily(
+        "userproxy_endpoints_ejected",
+        "Endpoints ejected by outlier detection now",
+        labels=["service_port", "protocol"],
+    )
+    remaining = GaugeMetricFamily(
+        "userproxy_endpoint_ejection_remaining_seconds",
+        "Seconds until an ejected endpoint is tried again",
+        labels=["service_port", "protocol", "endpoint"],
+    )
+    for (service_port, protocol), (count, ejected) in listeners.ejections().items():
+        total.add_metric([service_port, protocol], count)
+        now.add_metric([service_port, protocol], len(ejected))
+        for ejection in ejected:
+            remaining.add_metric(
+                [service_port, protocol, str(ejection.endpoint)], ejection.remaining
+            )
+    yield from (total, now, remaining)

@@ -37,6 +37,7 @@ from userproxy.dataplane.limits import (
     raise_nofile_limit,
 )
 from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.outliers import OutlierSettings
 from userproxy.dataplane.udp_session import UdpSettings
 from userproxy.effects import HostEffects, ServiceAddressSync
 from userproxy.hostnet.address_device import AddressManager
@@ -135,6 +136,12 @@ class Proxy:
                 idle_timeout=settings.udp_idle_timeout,
                 max_sessions=udp_sessions,
                 session_rate=settings.udp_session_rate,
+            ),
+            OutlierSettings(
+                consecutive_failures=settings.outlier_consecutive_failures,
+                base_ejection=settings.outlier_base_ejection,
+                max_ejection=settings.outlier_max_ejection,
+                max_ejected_percent=settings.outlier_max_ejected_percent,
             ),
         )
         # The runner calls the proxier's sync and nothing else (kube-proxy's runner.go):

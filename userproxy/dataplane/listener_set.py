@@ -26,11 +26,12 @@ from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import ListenerStats
+from userproxy.dataplane.outliers import Ejection, OutlierDetector, OutlierSettings, union
 from userproxy.dataplane.tcp_listener import TcpListener
 from userproxy.dataplane.tcp_relay import DownstreamProtocol
 from userproxy.dataplane.udp_listener import UdpListener
 from userproxy.dataplane.udp_session import SessionTable, UdpSettings
-from userproxy.model import ListenerSpec, Protocol, ServiceKey
+from userproxy.model import Endpoint, ListenerSpec, Protocol, ServiceKey, ServicePortName
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,10 @@ TotalsKey = tuple[str, str]  # ("namespace/name:port", protocol)
 
 
 def _totals_key(listener: AnyListener) -> TotalsKey:
-    spn = listener.spec.spn
+    return _port_key(listener.spec.spn)
+
+
+def _port_key(spn: ServicePortName) -> TotalsKey:
     port = f":{spn.port}" if spn.port else ""
     return (f"{spn.namespace}/{spn.name}{port}", str(spn.protocol))
 
@@ -104,6 +108,7 @@ class ListenerSet:
         limit: ConnectionLimit,
         timeouts: TcpTimeouts,
         udp: UdpSettings | None = None,
+        outliers: OutlierSettings | None = None,
     ) -> None:
         self.registry = registry
         self.limit = limit
@@ -125,6 +130,13 @@ class ListenerSet:
         self._unsupported_warned: set[ListenerKey] = set()
         #: Counters of listeners that are gone, so totals never go backwards.
         self._retired: dict[TotalsKey, PortTotals] = {}
+        #: One outlier detector per TCP Service port, shared by all its listeners (so an
+        #: endpoint failing through the ClusterIP is avoided through the NodePort too),
+        #: fed the union of their pools; the ejections of removed ones are kept.
+        self.outlier_settings = outliers or OutlierSettings()
+        self._detectors: dict[ServicePortName, OutlierDetector] = {}
+        self._detectors_of: dict[ServiceKey, set[ServicePortName]] = {}
+        self._retired_ejections: dict[TotalsKey, int] = {}
 
     # -- the control plane's entry point ---------------------------------------------------
     def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
@@ -182,7 +194,38 @@ class ListenerSet:
             self._by_service[service] = owned
         else:
             self._by_service.pop(service, None)
+        self._update_detectors(service, {key: wanted[key] for key in owned})
         return failures
+
+    def _update_detectors(
+        self, service: ServiceKey, owned: dict[ListenerKey, ListenerSpec]
+    ) -> None:
+        """One detector per TCP Service port of ``service`` (UDP has no dial to fail), fed
+        the endpoints of all its listeners' pools, and given to those listeners."""
+        pools: dict[ServicePortName, list[tuple[Endpoint, ...]]] = {}
+        for spec in owned.values():
+            if spec.spn.protocol is Protocol.TCP:
+                lists = pools.setdefault(spec.spn, [])
+                lists.append(spec.pool.endpoints)
+                if spec.node_pool is not None:
+                    lists.append(spec.node_pool.endpoints)
+        for spn in self._detectors_of.get(service, set()) - pools.keys():
+            gone = self._detectors.pop(spn)
+            port = _port_key(spn)
+            self._retired_ejections[port] = self._retired_ejections.get(port, 0) + gone.ejections
+        for spn, lists in pools.items():
+            detector = self._detectors.get(spn)
+            if detector is None:
+                detector = self._detectors[spn] = OutlierDetector(str(spn), self.outlier_settings)
+            detector.set_endpoints(union(lists))
+        for key, spec in owned.items():
+            listener = self.listeners.get(key)
+            if isinstance(listener, TcpListener):
+                listener.outliers = self._detectors[spec.spn]
+        if pools:
+            self._detectors_of[service] = set(pools)
+        else:
+            self._detectors_of.pop(service, None)
 
     def _claim(
         self, service: ServiceKey, specs: Sequence[ListenerSpec]
@@ -267,6 +310,22 @@ class ListenerSet:
         (``userproxy_listener_conflicts``): each is also logged once, when it begins."""
         return sum(len(services) for services in self._refused.values())
 
+    def outliers(self, spn: ServicePortName) -> OutlierDetector | None:
+        """The outlier detector of a TCP Service port served now."""
+        return self._detectors.get(spn)
+
+    def ejections(self) -> dict[TotalsKey, tuple[int, list[Ejection]]]:
+        """Per Service port and protocol: ejections so far (removed ports' included) and the
+        endpoints ejected now, with their return times (metrics and status pages)."""
+        result: dict[TotalsKey, tuple[int, list[Ejection]]] = {
+            key: (count, []) for key, count in self._retired_ejections.items()
+        }
+        for spn, detector in self._detectors.items():
+            key = _port_key(spn)
+            count = result.get(key, (0, []))[0]
+            result[key] = (count + detector.ejections, detector.status())
+        return result
+
     def totals(self) -> dict[TotalsKey, PortTotals]:
         """Counters per service port and protocol (read by the metrics collector)."""
         result = {key: dataclasses.replace(t) for key, t in self._retired.items()}
@@ -293,6 +352,8 @@ class ListenerSet:
 
     def sweep(self, now: float) -> None:
         self.udp_sessions.expire(now)
+        for detector in self._detectors.values():
+            detector.refresh()  # a return is logged on time even without traffic
         if now - self._last_bind_retry >= BIND_RETRY_INTERVAL:
             self._last_bind_retry = now
             for listener in self.listeners.values():

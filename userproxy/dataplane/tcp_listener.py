@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.dial import dial
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import RESOURCE_ERRNOS, Listener
+from userproxy.dataplane.outliers import NO_EJECTION, ObservedUpstream, OutlierDetector
 from userproxy.dataplane.pool import BackendPool
 from userproxy.dataplane.proxy_protocol import header_for
 from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
@@ -76,6 +78,9 @@ class TcpListener(Listener):
         self._backoff: asyncio.TimerHandle | None = None
         self._backoff_delay = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The outlier detector of this listener's Service port, shared with its other
+        #: listeners (the listener set assigns it; this one ejects nothing).
+        self.outliers: OutlierDetector = NO_EJECTION
         limit.register(self, self._pause, self._resume, self.service)
         self._open_or_close()
 
@@ -181,8 +186,11 @@ class TcpListener(Listener):
 
     async def _dial(self, conn: DownstreamProtocol, pool: BackendPool) -> None:
         tried: list[Endpoint] = []
+        outliers = self.outliers
         for attempt, timeout in enumerate(DIAL_TIMEOUTS):
-            endpoint = pool.balancer.pick(conn.client_ip, tried)
+            # Ejected endpoints are avoided like tried ones: the balancer falls back to
+            # them only when every endpoint is excluded.
+            endpoint = pool.balancer.pick(conn.client_ip, outliers.excluding(tried))
             if endpoint is None:
                 break
             if attempt:
@@ -192,6 +200,7 @@ class TcpListener(Listener):
                 sock = await dial(self.loop, endpoint.ip, endpoint.port, timeout)
             except (OSError, TimeoutError) as exc:
                 self.stats.dial_failures += 1
+                outliers.failure(endpoint)
                 # Forget the client's pin so the next attempt (and the next connection)
                 # goes elsewhere: kube-proxy's fix for clients stuck on a dead pod.
                 pool.balancer.failed(conn.client_ip, endpoint)
@@ -222,11 +231,20 @@ class TcpListener(Listener):
         after that would close a transport the relay already holds (see dial.py).  It is
         cancelled only when the client has gone, and then the relay drops the upstream.
         """
+        outliers = self.outliers
+        # With ejection on, the upstream reports how it ended (a reset before any byte
+        # is a failed dial, anything else the success that resets the failure count).
+        upstream: Callable[[], UpstreamProtocol] = (
+            (lambda: ObservedUpstream(conn, outliers, endpoint))
+            if outliers.settings.enabled
+            else (lambda: UpstreamProtocol(conn))
+        )
         try:
-            await self.loop.create_connection(lambda: UpstreamProtocol(conn), sock=sock)
+            await self.loop.create_connection(upstream, sock=sock)
         except OSError as exc:
             # The endpoint accepted and then failed at once: pass it on as a reset.
             sock.close()
+            outliers.failure(endpoint)
             log.debug("%s: cannot wrap upstream socket: %s", self.spec.spn, exc)
             conn.abort()
             return
@@ -234,6 +252,14 @@ class TcpListener(Listener):
             sock.close()
             conn.drop_upstream()
             raise
+        if not isinstance(self.loop, asyncio.BaseEventLoop):
+            # uvloop owns the descriptor now, but attaches ``sock`` to the transport only
+            # after connection_made: when the endpoint reset at once, the transport closed
+            # (and libuv closed the fd) before that, nothing detaches ``sock``, and its
+            # finaliser closed the same fd number again, by then maybe another
+            # connection's.  Detached, ``sock`` can never close it (uvloop's own detach
+            # at close is then a no-op).  asyncio's transport uses ``sock`` itself.
+            sock.detach()
         if conn in self.connections:  # not finished meanwhile: it counts until it ends
             conn.endpoint = endpoint
             self._registry.context.load.start(endpoint)
