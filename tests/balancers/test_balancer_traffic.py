@@ -239,14 +239,16 @@ async def test_maglev_clients_keep_their_backend_when_one_joins(
 # -- UDP sessions count as connections -------------------------------------------------------
 
 
+def tag(name: str) -> Callable[[bytes], bytes]:
+    return lambda _data: name.encode()
+
+
 async def test_udp_sessions_count_in_the_load(tmp_path: Path) -> None:
     """A UDP session counts for its endpoint from its first datagram until it closes, so
     least-connections spreads sessions as it spreads TCP connections."""
     net = next(_nets)
     address = (f"127.250.{net}.1", PORT)
-    backends = [
-        UdpBackend(f"127.250.{net}.{10 + i}", lambda data, i=i: f"u{i}".encode()) for i in range(2)
-    ]
+    backends = [UdpBackend(f"127.250.{net}.{10 + i}", tag(f"u{i}")) for i in range(2)]
     svc = service("dns", address[0], PORT, port_name="dns", protocol="UDP",
                   annotations={"userproxy.io/balancer": "least-connections"})  # fmt: skip
     slices = []
