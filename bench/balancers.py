@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import random
 import socket
@@ -61,44 +62,43 @@ START, END = "<!-- bench.balancers:start -->", "<!-- bench.balancers:end -->"
 # -- the backends (a child process: ``python -m bench.balancers --serve``) ------------------
 
 
+class _Backend:
+    """One backend's two ports: paced (one request at a time, some resets) and instant."""
+
+    def __init__(self, name: str, pace: float, flaky: float) -> None:
+        self.name = name.encode() + b"\n"
+        self.pace = pace
+        self.flaky = flaky
+        self.lock = asyncio.Lock()
+        self.rng = random.Random(name)
+
+    async def paced(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.rng.random() < self.flaky:
+            # A reset on accept: SO_LINGER 0, then close.
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        with contextlib.suppress(OSError):
+            while await reader.readline():
+                async with self.lock:  # one request at a time: a single worker
+                    await asyncio.sleep(self.pace)
+                writer.write(self.name)
+        writer.close()
+
+    async def instant(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while await reader.readline():
+                writer.write(self.name)
+        writer.close()
+
+
 async def _serve() -> None:
     servers = []
     for name, (ip, pace, flaky) in BACKENDS.items():
-        lock = asyncio.Lock()
-        rng = random.Random(name)
-
-        async def paced(
-            reader: asyncio.StreamReader,
-            writer: asyncio.StreamWriter,
-            name: str = name,
-            pace: float = pace,
-            flaky: float = flaky,
-            lock: asyncio.Lock = lock,
-            rng: random.Random = rng,
-        ) -> None:
-            if rng.random() < flaky:
-                # A reset on accept: SO_LINGER 0, then close.
-                sock = writer.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                writer.transport.abort()
-                return
-            with contextlib.suppress(OSError):
-                while await reader.readline():
-                    async with lock:  # one request at a time: a single worker
-                        await asyncio.sleep(pace)
-                    writer.write(name.encode() + b"\n")
-            writer.close()
-
-        async def instant(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str = name
-        ) -> None:
-            with contextlib.suppress(OSError):
-                while await reader.readline():
-                    writer.write(name.encode() + b"\n")
-            writer.close()
-
-        servers.append(await asyncio.start_server(paced, ip, HET, backlog=1024))
-        servers.append(await asyncio.start_server(instant, ip, FAST, backlog=1024))
+        backend = _Backend(name, pace, flaky)
+        servers.append(await asyncio.start_server(backend.paced, ip, HET, backlog=1024))
+        servers.append(await asyncio.start_server(backend.instant, ip, FAST, backlog=1024))
     await asyncio.Event().wait()
 
 
@@ -225,18 +225,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         procs.start("backends", [python(), "-m", "bench.balancers", "--serve"])
         for ip, _, _ in BACKENDS.values():
-            wait_until(lambda ip=ip: can_connect((ip, FAST)), 15, f"backend {ip}")
+            wait_until(functools.partial(can_connect, (ip, FAST)), 15, f"backend {ip}")
         mdir = tmp / "manifests"
         mdir.mkdir()
         (mdir / "balancers.json").write_text(json.dumps(manifests()))
         proxy = procs.start("userproxy", peers.userproxy_argv(mdir, "--metrics-bind-address="))
         for balancer in BALANCERS:
             address = service_address(balancer, SERVICE_PORT_FAST)
-            wait_until(lambda a=address: can_connect(a), 20, f"userproxy on {address}")
+            wait_until(functools.partial(can_connect, address), 20, f"userproxy on {address}")
         asyncio.run(closed_loop(service_address(BALANCERS[0], SERVICE_PORT_FAST), 4, count=200))
         for balancer in BALANCERS:
-            lat, errors, answers, took = asyncio.run(closed_loop(
-                service_address(balancer, SERVICE_PORT_HET), args.clients, seconds=args.seconds))  # fmt: skip
+            het = service_address(balancer, SERVICE_PORT_HET)
+            lat, errors, answers, took = asyncio.run(
+                closed_loop(het, args.clients, seconds=args.seconds)
+            )
             results["het"][balancer] = {
                 "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000,
                 "rate": len(lat) / took, "errors": errors / max(1, errors + len(lat)),
@@ -342,8 +344,11 @@ def write_section(text: str, doc: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.balancers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.balancers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--clients", type=int, default=16)
