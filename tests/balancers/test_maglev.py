@@ -42,10 +42,11 @@ def test_every_endpoint_owns_its_share_of_the_table(count: int) -> None:
     assert all(abs(n - share) / share < 0.03 for n in owned)
 
 
-def test_the_table_matches_the_plain_algorithm() -> None:
+@pytest.mark.parametrize(("size", "count"), [(1009, 7), (DEFAULT_TABLE_SIZE, 3),
+                                             (DEFAULT_TABLE_SIZE, 100)])  # fmt: skip
+def test_the_table_matches_the_plain_algorithm(size: int, count: int) -> None:
     """The fast tail (sorted free-slot lists) gives exactly the paper's probe-only fill."""
-    size = 1009
-    names = tuple(str(e) for e in pool(7))
+    names = tuple(str(e) for e in pool(count))
     offsets, skips = [], []
     for name in names:
         first, second = _endpoint_hashes(name)
