@@ -57,6 +57,22 @@ BACKENDS = {
 HET, FAST = 9001, 9002  # backend ports: heterogeneous, instant
 SERVICE_PORT_HET, SERVICE_PORT_FAST = 8080, 8081
 START, END = "<!-- bench.balancers:start -->", "<!-- bench.balancers:end -->"
+READING = """How to read it:
+
+- Each backend serves one request at a time, so round-robin and random queue a third of
+  all requests behind the slow one, and its queue sets their p99 and throughput.
+  least-connections and power-of-two read the connections open to each backend: the
+  slow one holds as many as the others while serving 20x fewer, so it gets a few percent
+  of the requests. Their p50 is higher than round-robin's because the fast backends do
+  the work that round-robin left waiting at the slow one.
+- The flaky backend fails fast, so it looks idle to the load-aware balancers and gets
+  about as much as the normal one (HAProxy's leastconn has the same blind spot). Outlier
+  ejection covers endpoints whose dials fail; a reset after the accept is the client's to
+  see.
+- Maglev is not load-aware: it spreads clients, not load (16 client addresses here), and
+  keeps each client on its endpoint; its figures depend on where those 16 hash.
+- CPU per connection is the proxy's utime + stime over the connections of a run; the
+  kernel counts it in 10 ms ticks, so a figure moves by a few percent from run to run."""
 
 
 # -- the backends (a child process: ``python -m bench.balancers --serve``) ------------------
@@ -331,7 +347,7 @@ def write_section(text: str, doc: Path) -> None:
     """Replace the section between the markers in ``doc`` (or append it)."""
     section = (
         f"{START}\n## Balancers (`python -m bench.balancers`)\n\n{text}\n\n"
-        "![balancers](balancers.png)\n"
+        f"![balancers](balancers.png)\n\n{READING}\n"
         f"{END}"
     )
     current = doc.read_text() if doc.exists() else ""
@@ -341,6 +357,16 @@ def write_section(text: str, doc: Path) -> None:
     else:
         current = current.rstrip("\n") + "\n\n" + section + "\n"
     doc.write_text(current)
+
+
+def keep_section(doc: Path, text: str) -> str:
+    """``text`` (a new docs/benchmarks.md from ``python -m bench``) with this benchmark's
+    section carried over from the current ``doc``, so a full run does not drop it."""
+    current = doc.read_text() if doc.exists() else ""
+    if START not in current or END not in current:
+        return text
+    section = START + current.split(START, 1)[1].split(END, 1)[0] + END
+    return text.rstrip("\n") + "\n\n" + section + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
