@@ -84,7 +84,7 @@ def test_least_connections_follows_the_load_as_it_changes() -> None:
     assert sorted(load.active.values()) == [5, 5, 5, 5]
     for _ in range(3):
         load.end(C)
-    assert [balancer.pick("c") for _ in range(1)] == [C]
+    assert balancer.pick("c") == C
 
 
 @pytest.mark.parametrize("kind", KINDS)

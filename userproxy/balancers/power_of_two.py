@@ -24,7 +24,7 @@ from userproxy.model import Endpoint
 
 
 class PowerOfTwo:
-    __slots__ = ("_endpoints", "_load", "_random")
+    __slots__ = ("_endpoints", "_load", "_random", "_rng")
 
     def __init__(
         self,
@@ -34,7 +34,8 @@ class PowerOfTwo:
     ) -> None:
         self._endpoints: tuple[Endpoint, ...] = tuple(endpoints)
         self._load = load
-        self._random = (rng or random.Random()).random
+        self._rng = rng or random.Random()
+        self._random = self._rng.random
 
     @property
     def endpoints(self) -> Sequence[Endpoint]:
@@ -76,4 +77,4 @@ class PowerOfTwo:
         """Power of two keeps no per-client state."""
 
     def renew(self, endpoints: Sequence[Endpoint]) -> Balancer:
-        return PowerOfTwo(endpoints, self._load)
+        return PowerOfTwo(endpoints, self._load, self._rng)
