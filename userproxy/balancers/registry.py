@@ -15,7 +15,10 @@ from importlib.metadata import entry_points
 
 from userproxy.balancers.affinity import AffinityTables, ClientIPAffinity
 from userproxy.balancers.base import Balancer
+from userproxy.balancers.least_connections import LeastConnections
 from userproxy.balancers.load import EndpointLoad
+from userproxy.balancers.maglev import Maglev
+from userproxy.balancers.power_of_two import PowerOfTwo
 from userproxy.balancers.randomized import RandomChoice
 from userproxy.balancers.roundrobin import RoundRobin
 from userproxy.model import Endpoint
@@ -42,6 +45,9 @@ DEFAULT_BALANCER = "round-robin"
 _BUILTIN: dict[str, BalancerFactory] = {
     "round-robin": lambda endpoints, _context: RoundRobin(endpoints),
     "random": lambda endpoints, _context: RandomChoice(endpoints),
+    "least-connections": lambda endpoints, context: LeastConnections(endpoints, context.load),
+    "power-of-two": lambda endpoints, context: PowerOfTwo(endpoints, context.load),
+    "maglev": lambda endpoints, _context: Maglev(endpoints),
 }
 
 

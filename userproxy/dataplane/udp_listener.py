@@ -61,6 +61,8 @@ class UdpListener(Listener):
     ) -> None:
         super().__init__(spec, registry, node_local)
         self.table = table
+        #: Active connections per endpoint: a session counts from its opening to its close.
+        self.load = registry.context.load
         #: This listener's sessions by client address (the per-datagram lookup).
         self.sessions: dict[Address, UdpSession] = {}
         #: Bumped at every pool update; sessions re-check their endpoint when it differs.
@@ -196,5 +198,6 @@ class UdpListener(Listener):
         )  # fmt: skip
         self.loop.add_reader(sock.fileno(), session.on_readable)
         self.table.add(session)
+        self.load.start(endpoint)
         self.stats.sessions_created += 1
         return session

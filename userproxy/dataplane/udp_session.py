@@ -102,8 +102,13 @@ class UdpSession:
         listener.table.touch(self, listener.loop.time())
 
     def close(self) -> None:
-        """Forget the session and close its socket (the table has already let it go)."""
+        """Forget the session and close its socket (the table has already let it go).
+
+        Called exactly once per session, so the session's count in the endpoint load
+        (which least-connections and power-of-two read) ends here too.
+        """
         listener = self.listener
+        listener.load.end(self.endpoint)
         if listener.sessions.get(self.client) is self:
             del listener.sessions[self.client]
         listener.loop.remove_reader(self.sock.fileno())
