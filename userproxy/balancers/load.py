@@ -3,8 +3,9 @@
 One ``EndpointLoad`` is shared by every pool (it lives in the ``BalancerRegistry``), keyed
 by the endpoint's (ip, port), so an endpoint serving a Service through several listeners
 (ClusterIP, NodePort, ...) is counted once, across all of them.  The data plane calls
-``start`` when a connection to the endpoint is up (a TCP upstream joined, a UDP session
-opened) and ``end`` when it is gone.
+``start`` when it picks the endpoint for a TCP connection (a connection still dialing
+counts) or opens a UDP session to it, and ``end`` when that dial fails or the connection or
+session is gone.
 
 Invariant: ``active`` holds only endpoints with at least one connection (no unbounded
 growth as pods come and go); ``of`` is O(1) and allocates nothing.

@@ -187,6 +187,7 @@ class TcpListener(Listener):
     async def _dial(self, conn: DownstreamProtocol, pool: BackendPool) -> None:
         tried: list[Endpoint] = []
         outliers = self.outliers
+        load = self._registry.context.load
         for attempt, timeout in enumerate(DIAL_TIMEOUTS):
             # Ejected endpoints are avoided like tried ones: the balancer falls back to
             # them only when every endpoint is excluded.
@@ -196,9 +197,15 @@ class TcpListener(Listener):
             if attempt:
                 self.stats.dial_retries += 1
             tried.append(endpoint)
+            # Counted from the pick, not from the join: a burst of connections accepted
+            # together sees the ones still dialing and spreads at once (least-connections).
+            load.start(endpoint)
             try:
                 sock = await dial(self.loop, endpoint.ip, endpoint.port, timeout)
-            except (OSError, TimeoutError) as exc:
+            except BaseException as exc:
+                load.end(endpoint)
+                if not isinstance(exc, (OSError, TimeoutError)):
+                    raise  # cancelled: the client left
                 self.stats.dial_failures += 1
                 outliers.failure(endpoint)
                 # Forget the client's pin so the next attempt (and the next connection)
@@ -225,7 +232,8 @@ class TcpListener(Listener):
     async def _join(
         self, conn: DownstreamProtocol, sock: socket.socket, endpoint: Endpoint
     ) -> None:
-        """Wrap the connected ``sock`` as ``conn``'s one upstream transport.
+        """Wrap the connected ``sock`` as ``conn``'s one upstream transport; ``endpoint``
+        is counted in the load already and stays counted while the connection lasts.
 
         No deadline here: this await only waits for ``connection_made``, and cancelling it
         after that would close a transport the relay already holds (see dial.py).  It is
@@ -239,17 +247,20 @@ class TcpListener(Listener):
             if outliers.settings.enabled
             else (lambda: UpstreamProtocol(conn))
         )
+        load = self._registry.context.load
         try:
             await self.loop.create_connection(upstream, sock=sock)
         except OSError as exc:
             # The endpoint accepted and then failed at once: pass it on as a reset.
             sock.close()
+            load.end(endpoint)
             outliers.failure(endpoint)
             log.debug("%s: cannot wrap upstream socket: %s", self.spec.spn, exc)
             conn.abort()
             return
         except asyncio.CancelledError:
             sock.close()
+            load.end(endpoint)
             conn.drop_upstream()
             raise
         if not isinstance(self.loop, asyncio.BaseEventLoop):
@@ -262,7 +273,8 @@ class TcpListener(Listener):
             sock.detach()
         if conn in self.connections:  # not finished meanwhile: it counts until it ends
             conn.endpoint = endpoint
-            self._registry.context.load.start(endpoint)
+        else:
+            load.end(endpoint)
 
     def connection_finished(self, conn: DownstreamProtocol) -> None:
         if conn in self.connections:
