@@ -67,8 +67,8 @@ READING = """How to read it:
   the work that round-robin left waiting at the slow one.
 - The flaky backend fails fast, so it looks idle to the load-aware balancers and gets
   about as much as the normal one (HAProxy's leastconn has the same blind spot). Outlier
-  ejection covers endpoints whose dials fail; a reset after the accept is the client's to
-  see.
+  ejection counts a reset before any byte as a failed dial, but ejects only after 5 in a
+  row; resetting 10 % of connections at random, the flaky backend rarely gets there.
 - Maglev is not load-aware: it spreads clients, not load (16 client addresses here), and
   keeps each client on its endpoint; its figures depend on where those 16 hash.
 - CPU per connection is the proxy's utime + stime over the connections of a run; the
