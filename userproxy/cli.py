@@ -25,6 +25,7 @@ from userproxy.check import check_command
 from userproxy.cleanup import cleanup_command
 from userproxy.config import ConfigError, Loop, Settings, SettingsValues, settings_values
 from userproxy.configfile import describe, load_config_file
+from userproxy.explain_cli import explain_command
 from userproxy.demo import DEMO_DEFAULTS
 from userproxy.flags import DEFAULT, build_parser
 from userproxy.logs import setup_logging
@@ -188,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":  # validates and prints; serves and binds nothing
         return check_command(args)
+    if args.command == "explain":  # plans and explains; serves and binds nothing
+        return explain_command(args)
     if args.command == "cleanup":  # removes what --manage-addresses left; serves nothing
         return cleanup_command(args)
     origins: dict[str, str] = {}

@@ -20,6 +20,7 @@ from typing import Any, Final, Literal, NoReturn
 
 from userproxy import __version__
 from userproxy.check import add_check_parser
+from userproxy.explain_cli import add_explain_parser
 from userproxy.cleanup import add_cleanup_parser
 from userproxy.config import (
     DURATIONS,
@@ -327,5 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_flags(demo, COMMON_FLAGS, DEMO_DEFAULTS)
     add_check_parser(commands)  # its logic lives in userproxy/check.py
+    add_explain_parser(commands)  # userproxy/explain.py
     add_cleanup_parser(commands)  # and this one's in userproxy/cleanup.py
     return parser
