@@ -25,8 +25,8 @@ from userproxy.check import check_command
 from userproxy.cleanup import cleanup_command
 from userproxy.config import ConfigError, Loop, Settings, SettingsValues, settings_values
 from userproxy.configfile import describe, load_config_file
-from userproxy.explain_cli import explain_command
 from userproxy.demo import DEMO_DEFAULTS
+from userproxy.explain_cli import explain_command
 from userproxy.flags import DEFAULT, build_parser
 from userproxy.logs import setup_logging
 from userproxy.proxy import Proxy

@@ -18,7 +18,8 @@ there is no live state: no ClientIP affinity pin, no ejected endpoint, no load.
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,8 +37,6 @@ from userproxy.control.selection import (
 )
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.classify import NodeLocal, in_networks, parse_networks
-from userproxy.hostnet.host_addresses import select_nodeport_addresses
-from userproxy.hostnet.node import NodeAddresses
 from userproxy.model import (
     AddressKind,
     Endpoint,
@@ -52,7 +51,7 @@ from userproxy.model import (
 from userproxy.sources.manifest_files import ManifestState
 from userproxy.sources.manifests import deliver_all
 
-__all__ = ["ExplainError", "Explanation", "Step", "Verdict", "explain", "node_view"]
+__all__ = ["ExplainError", "Explanation", "Step", "Verdict", "explain", "hostport"]
 
 
 class ExplainError(Exception):
@@ -101,56 +100,12 @@ class Explanation:
     notes: tuple[str, ...] = field(default=())
 
     def as_json(self) -> dict[str, object]:
-        return {
-            "service": self.service,
-            "port": self.port,
-            "client": self.client,
-            "client_class": self.client_class,
-            "node": self.node,
-            "address": self.address,
-            "listeners": list(self.listeners),
-            "steps": [{"rule": s.rule, "detail": s.detail} for s in self.steps],
-            "endpoints": [
-                {
-                    "address": v.address,
-                    "in_pool": v.in_pool,
-                    "reason": v.reason,
-                    "ready": v.ready,
-                    "serving": v.serving,
-                    "terminating": v.terminating,
-                    "local": v.local,
-                }
-                for v in self.endpoints
-            ],
-            "candidates": list(self.candidates),
-            "balancer": self.balancer,
-            "affinity_timeout": self.affinity_timeout,
-            "pick": self.pick,
-            "notes": list(self.notes),
-        }
+        """The ``-o json`` form: every field, steps and endpoints as objects."""
+        return dataclasses.asdict(self)
 
 
 def hostport(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def node_view(settings: Settings, node_addresses: Sequence[str] | None) -> tuple[NodeLocal, tuple[str, ...]]:
-    """(the client classifier, the NodePort addresses) as ``run`` would have them.
-
-    ``node_addresses`` None: the host's, read as ``run`` reads them (``NodeAddresses``);
-    else those addresses stand for the node's ("primary" in --nodeport-addresses then
-    selects nothing: it needs the host's routes)."""
-    local = NodeLocal()
-    cidrs = settings.cluster_cidr.split(",") if settings.cluster_cidr else ()
-    if node_addresses is None:
-        reader = NodeAddresses(local, nodeport_cidrs=settings.nodeport_addresses, cluster_cidrs=cidrs)
-        asyncio.run(reader.refresh())
-        return local, reader.nodeport_addresses()
-    local.update(node_addresses, cidrs)
-    chosen = [c for c in settings.nodeport_addresses if c != "primary"]
-    if settings.nodeport_addresses and not chosen:
-        return local, ()
-    return local, select_nodeport_addresses(chosen, node_addresses)
 
 
 def explain(
@@ -158,6 +113,7 @@ def explain(
     settings: Settings,
     target: str,
     client: str,
+    *,
     local: NodeLocal,
     nodeport_addresses: Sequence[str],
     to: str | None = None,
@@ -172,7 +128,9 @@ def explain(
     from userproxy.proxy import _balancer_registry
 
     registry = _balancer_registry(settings)
-    proxier = Proxier(recorder, NoEffects(), registry, node_addresses=lambda: tuple(nodeport_addresses))
+    proxier = Proxier(
+        recorder, NoEffects(), registry, node_addresses=lambda: tuple(nodeport_addresses)
+    )
     proxier.sync()
     zone = proxier.state.zone
     spn = service.port_name(port)
@@ -182,11 +140,16 @@ def explain(
     steps.append(_class_step(client, on_node, settings))
     spec = _choose(specs, client, on_node, to)
     listeners = tuple(_listener_json(s, client, on_node) for s in specs)
-    base = dict(
-        service=str(service.key), port=port.name or str(port.port), client=client,
-        client_class="node" if on_node else "external", node=settings.hostname,
-        listeners=listeners, affinity_timeout=service.affinity_timeout,
-    )  # fmt: skip
+    base = functools.partial(
+        Explanation,
+        service=str(service.key),
+        port=port.name or str(port.port),
+        client=client,
+        client_class="node" if on_node else "external",
+        node=settings.hostname,
+        listeners=listeners,
+        affinity_timeout=service.affinity_timeout,
+    )
     if spec is None:
         why = (
             "no address of this Service port is served"
@@ -195,32 +158,53 @@ def explain(
             "this port has only ClusterIPs (pass --to to pick an address)"
         )
         steps.append(Step("address", why))
-        return Explanation(address=None, steps=tuple(steps), endpoints=(), candidates=(),
-                           balancer=None, **base)  # type: ignore[arg-type]  # fmt: skip
+        return base(address=None, steps=tuple(steps), endpoints=(), candidates=(), balancer=None)
     steps.append(Step("address", f"{hostport(spec.ip, spec.port)} ({spec.kind})"))
     if spec.source_ranges and not in_networks(client, parse_networks(spec.source_ranges)):
-        steps.append(Step("loadBalancerSourceRanges",
-                          f"{client} is not in {','.join(spec.source_ranges)}: refused"))  # fmt: skip
-        return Explanation(address=hostport(spec.ip, spec.port), steps=tuple(steps), endpoints=(),
-                           candidates=(), balancer=spec.pool.balancer, **base)  # type: ignore[arg-type]  # fmt: skip
+        steps.append(
+            Step(
+                "loadBalancerSourceRanges",
+                f"{client} is not in {','.join(spec.source_ranges)}: refused",
+            )
+        )
+        return base(
+            address=hostport(spec.ip, spec.port),
+            steps=tuple(steps),
+            endpoints=(),
+            candidates=(),
+            balancer=spec.pool.balancer,
+        )
     if spec.source_ranges:
-        steps.append(Step("loadBalancerSourceRanges",
-                          f"{client} is in {','.join(spec.source_ranges)}: allowed"))  # fmt: skip
+        steps.append(
+            Step(
+                "loadBalancerSourceRanges",
+                f"{client} is in {','.join(spec.source_ranges)}: allowed",
+            )
+        )
     pool = spec.node_pool if spec.node_pool is not None and on_node else spec.pool
     family = IPFamily.of(spec.ip)
-    endpoints = build_endpoints(service, state.slices.values(), settings.hostname).get((spn, family), ())
+    endpoints = build_endpoints(service, state.slices.values(), settings.hostname).get(
+        (spn, family), ()
+    )
     policy_step, uses_local = _policy(service, spec, on_node)
     steps.append(policy_step)
     mode = topology_mode(endpoints, settings.hostname, zone)
     if not uses_local:
         steps.append(_topology_step(endpoints, mode, settings.hostname, zone))
     verdicts = tuple(
-        _verdict(e, pool.endpoints, endpoints, uses_local, mode, settings.hostname, zone) for e in endpoints
+        _verdict(
+            e, pool.endpoints, uses_local=uses_local, mode=mode, node=settings.hostname, zone=zone
+        )
+        for e in endpoints
     )
     steps.append(_fallback_step(endpoints, pool.endpoints, uses_local))
     candidates = tuple(hostport(e.ip, e.port) for e in pool.endpoints)
     if not candidates:
-        steps.append(Step("no endpoints", "the pool is empty: the connection is refused (kube-proxy's REJECT)"))
+        steps.append(
+            Step(
+                "no endpoints", "the pool is empty: the connection is refused (kube-proxy's REJECT)"
+            )
+        )
     affinity = (
         f"sessionAffinity ClientIP, timeout {service.affinity_timeout}s: the first pick is kept "
         "for this client; from manifests there is no live pin to show"
@@ -238,8 +222,14 @@ def explain(
     elif pool.endpoints:
         balancer_text += "; its pick depends on live state (not deterministic from manifests)"
     steps.append(Step("balancer", balancer_text))
-    return Explanation(address=hostport(spec.ip, spec.port), steps=tuple(steps), endpoints=verdicts,
-                       candidates=candidates, balancer=pool.balancer, pick=pick, **base)  # type: ignore[arg-type]  # fmt: skip
+    return base(
+        address=hostport(spec.ip, spec.port),
+        steps=tuple(steps),
+        endpoints=verdicts,
+        candidates=candidates,
+        balancer=pool.balancer,
+        pick=pick,
+    )
 
 
 def _find(state: ManifestState, target: str) -> tuple[Service, ServicePort]:
@@ -248,9 +238,13 @@ def _find(state: ManifestState, target: str) -> tuple[Service, ServicePort]:
     if not slash:
         namespace, short = "default", name
     service = state.services.get(ServiceKey(namespace, short))
-    known = ", ".join(f"{k}:{_ports(s)}" for k, s in sorted(state.services.items(), key=lambda i: str(i[0])))
+    known = ", ".join(
+        f"{k}:{_ports(s)}" for k, s in sorted(state.services.items(), key=lambda i: str(i[0]))
+    )
     if service is None:
-        raise ExplainError(f"no Service {namespace}/{short} in the manifests; they define: {known or 'none'}")
+        raise ExplainError(
+            f"no Service {namespace}/{short} in the manifests; they define: {known or 'none'}"
+        )
     if not service.is_proxied:
         raise ExplainError(f"Service {service.key} is not proxied (headless or ExternalName)")
     matches = [p for p in service.ports if not port_text or port_text in (p.name, str(p.port))]
@@ -268,35 +262,58 @@ def _listeners_step(
     service: Service, port: ServicePort, specs: Sequence[ListenerSpec], nodeport: Sequence[str]
 ) -> Step:
     parts = [f"type {service.type}"]
-    if port.node_port is not None and service.type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER):
-        parts.append(f"nodePort {port.node_port} on the node addresses {','.join(nodeport) or '(none)'} "
-                     "(nodePortAddresses applied)")  # fmt: skip
+    if port.node_port is not None and service.type in (
+        ServiceType.NODE_PORT,
+        ServiceType.LOAD_BALANCER,
+    ):
+        parts.append(
+            f"nodePort {port.node_port} on the node addresses {','.join(nodeport) or '(none)'} "
+            "(nodePortAddresses applied)"
+        )
     for ingress in service.load_balancer_ingress:
         served = ingress.ip_mode in (None, "VIP")
-        parts.append(f"load-balancer ingress {ingress.ip} ipMode {ingress.ip_mode or 'unset'}: "
-                     + ("served here (VIP)" if served else "not served here (Proxy: the LB sends to the node)"))  # fmt: skip
+        parts.append(
+            f"load-balancer ingress {ingress.ip} ipMode {ingress.ip_mode or 'unset'}: "
+            + (
+                "served here (VIP)"
+                if served
+                else "not served here (Proxy: the LB sends to the node)"
+            )
+        )
     if service.external_ips:
         parts.append(f"externalIPs {','.join(service.external_ips)}")
-    shown = [f"{hostport(s.ip, s.port)} ({s.kind}{'' if s.serves_anyone else ', not opened: no endpoints'})"
-             for s in specs]  # fmt: skip
+    closed = ", not opened: no endpoints"
+    shown = [
+        f"{hostport(s.ip, s.port)} ({s.kind}{'' if s.serves_anyone else closed})" for s in specs
+    ]
     return Step("listeners", "; ".join(parts) + " -> " + (", ".join(shown) or "none"))
 
 
 def _class_step(client: str, on_node: bool, settings: Settings) -> Step:
     if on_node:
-        why = "loopback" if ipaddress.ip_address(client).is_loopback else "a node address or in --cluster-cidr"
+        why = (
+            "loopback"
+            if ipaddress.ip_address(client).is_loopback
+            else "a node address or in --cluster-cidr"
+        )
         return Step("traffic class", f"{client} is on the node ({why}): node-local traffic")
     cidr = settings.cluster_cidr or "(no --cluster-cidr)"
-    return Step("traffic class", f"{client} is neither a node address nor in {cidr}: external traffic")
+    return Step(
+        "traffic class", f"{client} is neither a node address nor in {cidr}: external traffic"
+    )
 
 
-def _choose(specs: Sequence[ListenerSpec], client: str, on_node: bool, to: str | None) -> ListenerSpec | None:
+def _choose(
+    specs: Sequence[ListenerSpec], client: str, on_node: bool, to: str | None
+) -> ListenerSpec | None:
     if to is not None:
         for spec in specs:
             if to in (spec.ip, hostport(spec.ip, spec.port)):
                 return spec
         listed = ", ".join(hostport(s.ip, s.port) for s in specs) or "none"
-        raise ExplainError(f"--to {to}: not an address of this Service port; its addresses: {listed}")
+        raise ExplainError(
+            f"--to {to}: not an address of this Service port; its addresses: {listed}"
+        )
     family = IPFamily.of(client)
     ordered = sorted(specs, key=lambda s: IPFamily.of(s.ip) != family)
     for spec in ordered:
@@ -306,7 +323,9 @@ def _choose(specs: Sequence[ListenerSpec], client: str, on_node: bool, to: str |
 
 
 def _listener_json(spec: ListenerSpec, client: str, on_node: bool) -> dict[str, object]:
-    refused = bool(spec.source_ranges) and not in_networks(client, parse_networks(spec.source_ranges))
+    refused = bool(spec.source_ranges) and not in_networks(
+        client, parse_networks(spec.source_ranges)
+    )
     pool = spec.node_pool if spec.node_pool is not None and on_node else spec.pool
     return {
         "address": hostport(spec.ip, spec.port),
@@ -326,20 +345,32 @@ def _policy(service: Service, spec: ListenerSpec, on_node: bool) -> tuple[Step, 
         return Step(f"internalTrafficPolicy: {policy}", f"ClusterIP traffic uses {what}"), local
     policy = service.external_traffic_policy
     if on_node:
-        return Step(f"externalTrafficPolicy: {policy}",
-                    "a client on the node gets the cluster-wide set at every address "
-                    "(kube-proxy: node-local traffic is never dropped by a Local policy)"), False  # fmt: skip
+        return Step(
+            f"externalTrafficPolicy: {policy}",
+            "a client on the node gets the cluster-wide set at every address "
+            "(kube-proxy: node-local traffic is never dropped by a Local policy)",
+        ), False
     local = policy is TrafficPolicy.LOCAL and service.externally_accessible
-    what = "only this node's endpoints (the client's source IP is kept)" if local else "the cluster-wide set"
+    what = (
+        "only this node's endpoints (the client's source IP is kept)"
+        if local
+        else "the cluster-wide set"
+    )
     return Step(f"externalTrafficPolicy: {policy}", f"external traffic uses {what}"), local
 
 
-def _topology_step(endpoints: Sequence[Endpoint], mode: TopologyMode, node: str, zone: str | None) -> Step:
+def _topology_step(
+    endpoints: Sequence[Endpoint], mode: TopologyMode, node: str, zone: str | None
+) -> Step:
     ready = [e for e in endpoints if is_ready(e)]
     if mode is TopologyMode.PREFER_SAME_NODE:
-        return Step("topology hints: used", f"every ready endpoint has node hints and some name {node}")
+        return Step(
+            "topology hints: used", f"every ready endpoint has node hints and some name {node}"
+        )
     if mode is TopologyMode.PREFER_SAME_ZONE:
-        return Step("topology hints: used", f"every ready endpoint has zone hints and some name zone {zone}")
+        return Step(
+            "topology hints: used", f"every ready endpoint has zone hints and some name zone {zone}"
+        )
     if not any(e.zone_hints or e.node_hints for e in endpoints):
         return Step("topology hints: none", "no endpoint carries hints")
     if not ready:
@@ -347,25 +378,36 @@ def _topology_step(endpoints: Sequence[Endpoint], mode: TopologyMode, node: str,
     elif not all(e.zone_hints for e in ready):
         why = "not every ready endpoint has zone hints"
     elif zone is None:
-        why = f"the zone of node {node} is unknown (no Node or no topology.kubernetes.io/zone label)"
+        why = (
+            f"the zone of node {node} is unknown (no Node or no topology.kubernetes.io/zone label)"
+        )
     else:
         why = f"no ready endpoint is hinted for zone {zone}"
     return Step("topology hints: ignored", why)
 
 
-def _fallback_step(endpoints: Sequence[Endpoint], pool: Sequence[Endpoint], uses_local: bool) -> Step:
+def _fallback_step(
+    endpoints: Sequence[Endpoint], pool: Sequence[Endpoint], uses_local: bool
+) -> Step:
     if pool and all(not is_ready(e) for e in pool):
-        return Step("terminating fallback: used",
-                    "no ready endpoint in the set, so the serving and terminating ones are used (KEP-1669)")  # fmt: skip
+        return Step(
+            "terminating fallback: used",
+            "no ready endpoint in the set, so the serving and terminating ones are used (KEP-1669)",
+        )
     if any(is_serving_terminating(e) and not is_ready(e) for e in endpoints):
         return Step("terminating fallback: not used", "the set has ready endpoints")
     return Step("endpoint conditions", "ready endpoints are used; not-ready ones never")
 
 
 def _verdict(
-    e: Endpoint, pool: Sequence[Endpoint], endpoints: Sequence[Endpoint], uses_local: bool,
-    mode: TopologyMode, node: str, zone: str | None,
-) -> Verdict:  # fmt: skip
+    e: Endpoint,
+    pool: Sequence[Endpoint],
+    *,
+    uses_local: bool,
+    mode: TopologyMode,
+    node: str,
+    zone: str | None,
+) -> Verdict:
     in_pool = e in pool
     if in_pool:
         reason = "ready" if is_ready(e) else "serving and terminating (fallback: no ready endpoint)"
@@ -376,21 +418,11 @@ def _verdict(
     elif not is_ready(e):
         reason = "terminating: the fallback is not used (ready endpoints exist)"
     elif not uses_local and not available_for_topology(e, mode, node, zone):
-        hinted = ",".join(sorted(e.node_hints if mode is TopologyMode.PREFER_SAME_NODE else e.zone_hints))
-        reason = f"topology hints ({mode}): hinted for {hinted or 'nothing'}, not {node if mode is TopologyMode.PREFER_SAME_NODE else zone}"
+        by_node = mode is TopologyMode.PREFER_SAME_NODE
+        hinted = ",".join(sorted(e.node_hints if by_node else e.zone_hints)) or "nothing"
+        reason = f"topology hints ({mode}): hinted for {hinted}, not {node if by_node else zone}"
     else:
         reason = "not in the pool"
-    return Verdict(hostport(e.ip, e.port), in_pool, reason, e.ready, e.serving, e.terminating, e.is_local)
-
-
-def render(x: Explanation) -> list[str]:
-    """The text form: one line per step, then the endpoints and the candidates."""
-    lines = [f"explain {x.service}:{x.port} from {x.client} ({x.client_class}) on node {x.node}"]
-    lines += [f"  {n}. [{s.rule}] {s.detail}" for n, s in enumerate(x.steps, 1)]
-    if x.endpoints:
-        lines.append("  endpoints:")
-        lines += [f"    {'+' if v.in_pool else '-'} {v.address}: {v.reason}" for v in x.endpoints]
-    lines.append(f"  candidates: {', '.join(x.candidates) or 'none (refused)'}")
-    if x.pick:
-        lines.append(f"  next pick: {x.pick}")
-    return lines
+    return Verdict(
+        hostport(e.ip, e.port), in_pool, reason, e.ready, e.serving, e.terminating, e.is_local
+    )

@@ -20,7 +20,6 @@ from typing import Any, Final, Literal, NoReturn
 
 from userproxy import __version__
 from userproxy.check import add_check_parser
-from userproxy.explain_cli import add_explain_parser
 from userproxy.cleanup import add_cleanup_parser
 from userproxy.config import (
     DURATIONS,
@@ -34,6 +33,7 @@ from userproxy.config import (
 )
 from userproxy.config_rules import format_duration, parse_go_duration, show
 from userproxy.demo import DEMO_DEFAULTS
+from userproxy.explain_cli import add_explain_parser
 
 
 class _Default(enum.Enum):

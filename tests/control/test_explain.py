@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import node, write
 from tests.support.proxyrun import running_proxy
 from userproxy.config import Settings
-from userproxy.explain import Explanation, explain, node_view, render
+from userproxy.explain import Explanation, explain
+from userproxy.explain_cli import node_view, render
 from userproxy.sources.manifest_files import load_manifests
 
 pytestmark = pytest.mark.both_loops
@@ -54,30 +54,42 @@ def scenario(
 ) -> Iterator[tuple[Path, dict[str, str]]]:
     """Backends named a, b, c... on 127.231.``net``.10+, a Service ``default/web`` with
     ``spec`` merged in; yields the manifest directory and {"ip:port": name}."""
-    backends = [Backend(f"127.231.{net}.{10 + i}", name_server(chr(97 + i))) for i in range(len(endpoints))]
+    backends = [
+        Backend(f"127.231.{net}.{10 + i}", name_server(chr(97 + i))) for i in range(len(endpoints))
+    ]
     try:
         status = spec.pop("status", None)
         service: dict[str, Any] = {
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "web", "namespace": "default",
-                         "annotations": spec.pop("annotations", {})},
-            "spec": {"clusterIP": f"127.231.{net}.1",
-                     "ports": [{"name": "tcp", "protocol": "TCP", "port": PORT, "targetPort": "tcp"}],
-                     **spec},
-        }  # fmt: skip
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "web",
+                "namespace": "default",
+                "annotations": spec.pop("annotations", {}),
+            },
+            "spec": {
+                "clusterIP": f"127.231.{net}.1",
+                "ports": [{"name": "tcp", "protocol": "TCP", "port": PORT, "targetPort": "tcp"}],
+                **spec,
+            },
+        }
         if status is not None:
             service["status"] = status
         slices = [
             {
-                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"name": f"web-{chr(97 + i)}", "namespace": "default",
-                             "labels": {"kubernetes.io/service-name": "web"}},
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"web-{chr(97 + i)}",
+                    "namespace": "default",
+                    "labels": {"kubernetes.io/service-name": "web"},
+                },
                 "addressType": "IPv4",
                 "ports": [{"name": "tcp", "protocol": "TCP", "port": b.port}],
                 "endpoints": [_endpoint(b, e)],
             }
             for i, (b, e) in enumerate(zip(backends, endpoints, strict=True))
-        ]  # fmt: skip
+        ]
         manifests = tmp_path / "manifests"
         manifests.mkdir()
         write(manifests / "web.json", node(NODE, "z1"), service, *slices)
@@ -91,26 +103,37 @@ def explained(manifests: Path, client: str, to: str | None = None, **settings: A
     config = Settings(hostname=NODE, manifests=(manifests,), **settings)
     local, nodeport = node_view(config, ("127.0.0.1",))
     state = load_manifests(config.manifests, config.service_proxy_name)
-    return explain(state, config, "default/web:tcp", client, local, nodeport, to)
+    return explain(
+        state, config, "default/web:tcp", client, local=local, nodeport_addresses=nodeport, to=to
+    )
 
 
-def reached(address: tuple[str, int], clients: Sequence[str], per_client: int) -> dict[str, set[str]]:
+def reached(
+    address: tuple[str, int], clients: Sequence[str], per_client: int
+) -> dict[str, set[str]]:
     """{client: the backend names its connections reached} ("REFUSED" for a refusal)."""
     seen: dict[str, set[str]] = {}
     for client in clients:
         for _ in range(per_client):
             try:
                 name = ask(address, source=client, timeout=3) or "REFUSED"
-            except (ConnectionError, socket.timeout):
+            except (TimeoutError, ConnectionError):
                 name = "REFUSED"
             seen.setdefault(client, set()).add(name)
     return seen
 
 
 async def agrees(
-    manifests: Path, names: dict[str, str], client: str, address: str, to: str | None = None,
-    rule: str = "", clients: Sequence[str] = (), per_client: int = 12,
-) -> Explanation:  # fmt: skip
+    manifests: Path,
+    names: dict[str, str],
+    client: str,
+    address: str,
+    *,
+    to: str | None = None,
+    rule: str = "",
+    clients: Sequence[str] = (),
+    per_client: int = 12,
+) -> Explanation:
     """Explain, then connect from ``client`` (and ``clients``) to ``address``; assert the
     names reached are exactly the candidates' and the text names ``rule``."""
     result = explained(manifests, client, to)
@@ -132,8 +155,9 @@ NOT_READY = {"ready": False, "serving": False}
 
 async def test_plain(tmp_path: Path) -> None:
     with scenario(tmp_path, 1, [{}, {}, {"conditions": NOT_READY}]) as (m, names):
-        result = await agrees(m, names, "127.231.1.50", "127.231.1.1:8080",
-                              rule="[internalTrafficPolicy: Cluster]")  # fmt: skip
+        result = await agrees(
+            m, names, "127.231.1.50", "127.231.1.1:8080", rule="[internalTrafficPolicy: Cluster]"
+        )
     assert len(result.candidates) == 2
     assert [v.reason for v in result.endpoints if not v.in_pool] == ["not ready and not serving"]
 
@@ -141,23 +165,26 @@ async def test_plain(tmp_path: Path) -> None:
 async def test_terminating_fallback_used(tmp_path: Path) -> None:
     eps = [{"conditions": TERMINATING}, {"conditions": TERMINATING}, {"conditions": NOT_READY}]
     with scenario(tmp_path, 2, eps) as (m, names):
-        result = await agrees(m, names, "127.231.2.50", "127.231.2.1:8080",
-                              rule="[terminating fallback: used]")  # fmt: skip
+        result = await agrees(
+            m, names, "127.231.2.50", "127.231.2.1:8080", rule="[terminating fallback: used]"
+        )
     assert len(result.candidates) == 2
 
 
 async def test_terminating_fallback_not_used(tmp_path: Path) -> None:
     with scenario(tmp_path, 3, [{}, {"conditions": TERMINATING}]) as (m, names):
-        result = await agrees(m, names, "127.231.3.50", "127.231.3.1:8080",
-                              rule="[terminating fallback: not used]")  # fmt: skip
+        result = await agrees(
+            m, names, "127.231.3.50", "127.231.3.1:8080", rule="[terminating fallback: not used]"
+        )
     assert [names[c] for c in result.candidates] == ["a"]
 
 
 async def test_internal_traffic_policy_local(tmp_path: Path) -> None:
     eps = [{"node": NODE}, {"node": "other-node"}, {"node": "other-node"}]
     with scenario(tmp_path, 4, eps, internalTrafficPolicy="Local") as (m, names):
-        result = await agrees(m, names, "127.231.4.50", "127.231.4.1:8080",
-                              rule="[internalTrafficPolicy: Local]")  # fmt: skip
+        result = await agrees(
+            m, names, "127.231.4.50", "127.231.4.1:8080", rule="[internalTrafficPolicy: Local]"
+        )
     assert [names[c] for c in result.candidates] == ["a"]
     assert "not on this node" in result.endpoints[1].reason
 
@@ -166,8 +193,14 @@ async def test_external_traffic_policy_local_from_the_node(tmp_path: Path) -> No
     eps = [{"node": NODE}, {"node": "other-node"}]
     spec = {"externalIPs": ["127.231.5.2"], "externalTrafficPolicy": "Local"}
     with scenario(tmp_path, 5, eps, **spec) as (m, names):
-        result = await agrees(m, names, "127.231.5.50", "127.231.5.2:8080", to="127.231.5.2",
-                              rule="a client on the node gets the cluster-wide set")  # fmt: skip
+        result = await agrees(
+            m,
+            names,
+            "127.231.5.50",
+            "127.231.5.2:8080",
+            to="127.231.5.2",
+            rule="a client on the node gets the cluster-wide set",
+        )
     assert len(result.candidates) == 2
     assert result.client_class == "node"
     # From outside (an address that is not the node's and not in a cluster CIDR) the same
@@ -181,19 +214,29 @@ async def test_external_traffic_policy_local_from_the_node(tmp_path: Path) -> No
 
 
 async def test_topology_hints_used(tmp_path: Path) -> None:
-    eps = [{"zone": "z1", "hints": ["z1"]}, {"zone": "z2", "hints": ["z2"]}, {"zone": "z1", "hints": ["z1"]}]
+    eps = [
+        {"zone": "z1", "hints": ["z1"]},
+        {"zone": "z2", "hints": ["z2"]},
+        {"zone": "z1", "hints": ["z1"]},
+    ]
     with scenario(tmp_path, 6, eps) as (m, names):
-        result = await agrees(m, names, "127.231.6.50", "127.231.6.1:8080",
-                              rule="[topology hints: used]")  # fmt: skip
+        result = await agrees(
+            m, names, "127.231.6.50", "127.231.6.1:8080", rule="[topology hints: used]"
+        )
     assert sorted(names[c] for c in result.candidates) == ["a", "c"]
     assert "topology hints" in result.endpoints[1].reason
 
 
 async def test_topology_hints_ignored(tmp_path: Path) -> None:
-    eps = [{"zone": "z1", "hints": ["z1"]}, {"zone": "z2"}]
+    eps: list[dict[str, Any]] = [{"zone": "z1", "hints": ["z1"]}, {"zone": "z2"}]
     with scenario(tmp_path, 7, eps) as (m, names):
-        result = await agrees(m, names, "127.231.7.50", "127.231.7.1:8080",
-                              rule="not every ready endpoint has zone hints")  # fmt: skip
+        result = await agrees(
+            m,
+            names,
+            "127.231.7.50",
+            "127.231.7.1:8080",
+            rule="not every ready endpoint has zone hints",
+        )
     assert len(result.candidates) == 2
 
 
@@ -205,14 +248,21 @@ async def test_affinity_and_maglev_pick(tmp_path: Path) -> None:
     }
     clients = [f"127.231.8.{n}" for n in range(50, 90)]
     with scenario(tmp_path, 8, [{}, {}, {}], **spec) as (m, names):
-        result = await agrees(m, names, clients[0], "127.231.8.1:8080", clients=clients[1:],
-                              per_client=2, rule="timeout 60s")  # fmt: skip
+        result = await agrees(
+            m,
+            names,
+            clients[0],
+            "127.231.8.1:8080",
+            clients=clients[1:],
+            per_client=2,
+            rule="timeout 60s",
+        )
         picks = {c: explained(m, c).pick for c in clients}
         async with running_proxy(m):
             seen = await asyncio.to_thread(reached, ("127.231.8.1", PORT), clients, 3)
     assert result.affinity_timeout == 60
     # Each client is pinned to one endpoint: the one explain says maglev picks for it.
-    assert {c: s for c, s in seen.items()} == {c: {names[str(p)]} for c, p in picks.items()}
+    assert seen == {c: {names[str(p)]} for c, p in picks.items()}
 
 
 async def test_load_balancer_source_ranges(tmp_path: Path) -> None:
@@ -222,9 +272,21 @@ async def test_load_balancer_source_ranges(tmp_path: Path) -> None:
         "status": {"loadBalancer": {"ingress": [{"ip": "127.231.9.2"}]}},
     }
     with scenario(tmp_path, 9, [{}, {}], **spec) as (m, names):
-        allowed = await agrees(m, names, "127.231.9.70", "127.231.9.2:8080", to="127.231.9.2",
-                               rule="is in 127.231.9.64/26: allowed")  # fmt: skip
-        refused = await agrees(m, names, "127.231.9.50", "127.231.9.2:8080", to="127.231.9.2",
-                               rule="[loadBalancerSourceRanges] 127.231.9.50 is not in")  # fmt: skip
+        allowed = await agrees(
+            m,
+            names,
+            "127.231.9.70",
+            "127.231.9.2:8080",
+            to="127.231.9.2",
+            rule="is in 127.231.9.64/26: allowed",
+        )
+        refused = await agrees(
+            m,
+            names,
+            "127.231.9.50",
+            "127.231.9.2:8080",
+            to="127.231.9.2",
+            rule="[loadBalancerSourceRanges] 127.231.9.50 is not in",
+        )
     assert len(allowed.candidates) == 2
     assert refused.candidates == ()
