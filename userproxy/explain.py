@@ -54,6 +54,10 @@ from userproxy.sources.manifests import deliver_all
 __all__ = ["ExplainError", "Explanation", "Step", "Verdict", "explain", "hostport"]
 
 
+#: Services listed in the error for an unknown one; the rest are counted.
+MAX_LISTED = 50
+
+
 class ExplainError(Exception):
     """The Service, port or address asked for does not exist; the message lists what does."""
 
@@ -191,6 +195,8 @@ def explain(
     mode = topology_mode(endpoints, settings.hostname, zone)
     if not uses_local:
         steps.append(_topology_step(endpoints, mode, settings.hostname, zone))
+    else:  # upstream filters only the cluster set by hints, never the local one
+        steps.append(Step("topology hints: not applied", "the Local policy's set ignores hints"))
     verdicts = tuple(
         _verdict(
             e, pool.endpoints, uses_local=uses_local, mode=mode, node=settings.hostname, zone=zone
@@ -238,12 +244,14 @@ def _find(state: ManifestState, target: str) -> tuple[Service, ServicePort]:
     if not slash:
         namespace, short = "default", name
     service = state.services.get(ServiceKey(namespace, short))
-    known = ", ".join(
-        f"{k}:{_ports(s)}" for k, s in sorted(state.services.items(), key=lambda i: str(i[0]))
-    )
     if service is None:
+        ordered = sorted(state.services.items(), key=lambda item: str(item[0]))
+        known = [f"{key}:{_ports(s)}" for key, s in ordered[:MAX_LISTED]]
+        if len(ordered) > MAX_LISTED:
+            known.append(f"and {len(ordered) - MAX_LISTED} more")
         raise ExplainError(
-            f"no Service {namespace}/{short} in the manifests; they define: {known or 'none'}"
+            f"no Service {namespace}/{short} in the manifests; they define: "
+            + (", ".join(known) or "none")
         )
     if not service.is_proxied:
         raise ExplainError(f"Service {service.key} is not proxied (headless or ExternalName)")
@@ -297,10 +305,8 @@ def _class_step(client: str, on_node: bool, settings: Settings) -> Step:
             else "a node address or in --cluster-cidr"
         )
         return Step("traffic class", f"{client} is on the node ({why}): node-local traffic")
-    cidr = settings.cluster_cidr or "(no --cluster-cidr)"
-    return Step(
-        "traffic class", f"{client} is neither a node address nor in {cidr}: external traffic"
-    )
+    cidr = f"in --cluster-cidr {settings.cluster_cidr}" if settings.cluster_cidr else "loopback"
+    return Step("traffic class", f"{client} is neither a node address nor {cidr}: external traffic")
 
 
 def _choose(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import sys
 from collections.abc import Sequence
@@ -112,7 +113,16 @@ def explain_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     try:
         settings = settings_from(args)[0]
         state = load_manifests(settings.manifests, settings.service_proxy_name)
-        local, nodeport = node_view(settings, args.node_addresses)
+        try:
+            ipaddress.ip_address(args.client)
+        except ValueError:
+            raise ConfigError(f"--from {args.client!r}: not an IP address") from None
+        try:
+            local, nodeport = node_view(settings, args.node_addresses)
+        except Exception as exc:  # netlink refused or unavailable: say what to do instead
+            raise ConfigError(
+                f"cannot read this host's addresses ({exc}); pass --node-address IPS"
+            ) from None
         result = explain(
             state,
             settings,

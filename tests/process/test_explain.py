@@ -117,3 +117,20 @@ def test_unknown_address_exits_2_listing_the_addresses(tmp_path: Path) -> None:
     status, _, err = _explain(tmp_path, "shop/web", "--to", "192.0.2.99")
     assert status == 2
     assert "10.96.0.5:80, 192.168.1.5:30080, 192.0.2.9:80" in err
+
+
+def test_cluster_cidr_makes_a_pod_client_node_local(tmp_path: Path) -> None:
+    status, out, err = _explain(
+        tmp_path, "shop/web", "--from", "10.244.1.7", "--cluster-cidr", "10.244.0.0/16",
+        "--to", "192.168.1.5", "-o", "json",
+    )  # fmt: skip
+    assert status == 0, err
+    data = json.loads(out)
+    assert data["client_class"] == "node"
+    assert data["candidates"] == ["10.1.0.5:8080", "10.1.0.6:8080"]
+
+
+def test_bad_client_address_exits_2(tmp_path: Path) -> None:
+    status, out, err = _explain(tmp_path, "shop/web", "--from", "nope")
+    assert (status, out) == (2, "")
+    assert "--from 'nope': not an IP address" in err
