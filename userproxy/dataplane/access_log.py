@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import IO, Final, Literal
 
 from userproxy.logs import RateLimitedLog
+from userproxy.model import Endpoint, ServicePortName
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,25 @@ ENDPOINT_REMOVED: Final = "endpoint_removed"  # its endpoint left the pool
 LISTENER_CLOSED: Final = "listener_closed"  # the Service's port or address went away
 
 #: One record: (unix time, protocol, client ip, client port, listener ip, listener port,
-#: Service port, endpoint "ip:port" or "", dial attempts, connect seconds or -1,
-#: duration seconds, bytes from the client, bytes to the client, end).
-Record = tuple[float, str, str, int, str, int, str, str, int, float, float, int, int, str]
+#: Service port, endpoint or None, dial attempts, connect seconds or -1, duration seconds,
+#: bytes from the client, bytes to the client, end).  Objects, not text: the writer thread
+#: formats them, so the loop's cost per line is this tuple.
+Record = tuple[
+    float,
+    str,
+    str,
+    int,
+    str,
+    int,
+    ServicePortName,
+    Endpoint | None,
+    int,
+    float,
+    float,
+    int,
+    int,
+    str,
+]
 
 
 @dataclass(slots=True, eq=False)
@@ -101,11 +118,11 @@ def _json(r: Record) -> str:
     # backslashes); the name still goes through json.dumps, so the line is always JSON.
     client = f"[{r[2]}]:{r[3]}" if ":" in r[2] else f"{r[2]}:{r[3]}"
     listener = f"[{r[4]}]:{r[5]}" if ":" in r[4] else f"{r[4]}:{r[5]}"
-    endpoint = f'"{r[7]}"' if r[7] else "null"
+    endpoint = f'"{r[7]}"' if r[7] is not None else "null"
     connect = f"{r[9] * 1000:.3f}" if r[9] >= 0 else "null"
     return (
         f'{{"time":{r[0]:.3f},"protocol":"{r[1]}","client":"{client}",'
-        f'"listener":"{listener}","service_port":{json.dumps(r[6])},"endpoint":{endpoint},'
+        f'"listener":"{listener}","service_port":{json.dumps(str(r[6]))},"endpoint":{endpoint},'
         f'"attempts":{r[8]},"connect_ms":{connect},"duration_ms":{r[10] * 1000:.3f},'
         f'"bytes_in":{r[11]},"bytes_out":{r[12]},"end":"{r[13]}"}}'
     )

@@ -322,8 +322,8 @@ class TcpListener(Listener):
         assert self.access_log is not None
         spec = self.spec
         self.access_log.record(
-            (time.time(), "tcp", address[0], address[1], spec.ip, spec.port, str(spec.spn),
-             "", 0, -1.0, 0.0, 0, 0, end)
+            (time.time(), "tcp", address[0], address[1], spec.ip, spec.port, spec.spn,
+             None, 0, -1.0, 0.0, 0, 0, end)
         )  # fmt: skip
 
     def _log_finished(self, conn: DownstreamProtocol) -> None:
@@ -334,10 +334,9 @@ class TcpListener(Listener):
         spec = self.spec
         now = self.loop.time()
         connected = trace.connected
-        endpoint = conn.endpoint
         self.access_log.record(
             (time.time(), "tcp", conn.client_ip, trace.client_port, spec.ip, spec.port,
-             str(spec.spn), "" if endpoint is None else str(endpoint), trace.attempts,
+             spec.spn, conn.endpoint, trace.attempts,
              -1.0 if connected is None else connected - trace.started, now - trace.started,
              conn.bytes_up, conn.bytes_down, conn.end or ends.CLIENT_CLOSED)
         )  # fmt: skip

@@ -122,8 +122,8 @@ class UdpSession:
             spec = listener.spec
             client = self.client
             access_log.record(
-                (time.time(), "udp", client[0], client[1], spec.ip, spec.port, str(spec.spn),
-                 str(self.endpoint), 1, 0.0, listener.loop.time() - self.started,
+                (time.time(), "udp", client[0], client[1], spec.ip, spec.port, spec.spn,
+                 self.endpoint, 1, 0.0, listener.loop.time() - self.started,
                  self.bytes_up, self.bytes_down, end)
             )  # fmt: skip
         listener.load.end(self.endpoint)
