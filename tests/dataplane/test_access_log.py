@@ -26,6 +26,7 @@ from tests.support.backends import Backend, UdpBackend, echo
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import running_proxy
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane import access_log
 from userproxy.dataplane import access_log as ends
 from userproxy.dataplane.access_log import AccessLog
 from userproxy.dataplane.limits import ConnectionLimit
@@ -445,3 +446,24 @@ async def test_proxy_writes_text_lines_and_flushes_at_exit(tmp_path: Path) -> No
     assert f" tcp {client[0]}:{client[1]} -> {cluster_ip}:{PORT} default/web:http/TCP " in line
     assert f" endpoint={backend_ip}:{backend.port} attempts=1 connect=" in line
     assert line.endswith(" bytes_in=10 bytes_out=10 end=drained"), line
+
+
+# -- a writer that falls behind ---------------------------------------------------------------
+async def test_full_queue_drops_and_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Beyond QUEUE_LIMIT waiting lines, new ones are dropped, counted and warned about
+    (once per interval, not per line); the rest are written."""
+    monkeypatch.setattr(access_log, "QUEUE_LIMIT", 10)
+    log = AccessLog(str(tmp_path / "a.log"), "json")
+    spn = ServicePortName("default", "web", "http", Protocol.TCP)
+    for port in range(1000):  # far faster than the writer's 50 ms wake-ups
+        log.record((time.time(), "tcp", "127.0.0.1", port, "127.0.0.2", 80, spn, None, 0,
+                    -1.0, 0.0, 0, 0, ends.CLIENT_CLOSED))  # fmt: skip
+    await asyncio.to_thread(log.close)
+    lines = (tmp_path / "a.log").read_text().splitlines()
+    assert log.dropped > 0
+    assert len(lines) == log.written == 1000 - log.dropped
+    assert all(json.loads(line)["end"] == "client_closed" for line in lines)
+    warnings = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warnings) == 1, warnings
