@@ -223,6 +223,23 @@ CASES: dict[str, Case] = {
     "loop-unknown": Case("loop", "--loop trio", upc("loop: trio"), error='"trio" is not one of'),
     "log-level": Case("log_level", "--log-level debug", upc("logLevel: debug"), "debug"),
     "log-format": Case("log_format", "--log-format json", upc("logFormat: json"), "json"),
+    "access-log": Case(
+        "access_log",
+        "--access-log /var/log/a.log",
+        upc("accessLog: /var/log/a.log"),
+        "/var/log/a.log",
+    ),
+    "access-log-stderr": Case("access_log", "--access-log -", upc("accessLog: '-'"), "-"),
+    "access-log-empty": Case("access_log", "--access-log ''", upc("accessLog: ''"), None),
+    "access-log-format": Case(
+        "access_log_format", "--access-log-format json", upc("accessLogFormat: json"), "json"
+    ),
+    "access-log-format-unknown": Case(
+        "access_log_format",
+        "--access-log-format clf",
+        upc("accessLogFormat: clf"),
+        error='"clf" is not one of',
+    ),
     "tcp-fin-timeout": Case(
         "tcp_fin_timeout", "--tcp-fin-timeout 45s", upc("tcpFinTimeout: 45s"), 45.0
     ),

@@ -20,6 +20,7 @@ from userproxy import config_rules as rules
 from userproxy.balancers.ipvs import default_balancer, scheduler_rule
 from userproxy.balancers.registry import DEFAULT_BALANCER
 from userproxy.config_rules import Rule, format_duration
+from userproxy.dataplane.access_log import ACCESS_LOG_FORMATS, AccessLogFormat
 
 Loop = Literal["auto", "uvloop", "asyncio"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -64,6 +65,8 @@ RULES: Final[Mapping[str, tuple[str, Rule]]] = {
     "loop": ("--loop", rules.choice(LOOPS)),
     "log_level": ("--log-level", rules.choice(LOG_LEVELS)),
     "log_format": ("--log-format", rules.choice(LOG_FORMATS)),
+    "access_log": ("--access-log", rules.access_log_path),
+    "access_log_format": ("--access-log-format", rules.choice(ACCESS_LOG_FORMATS)),
     "min_sync_period": ("--min-sync-period", _DURATION),
     "sync_period": ("--sync-period", _POSITIVE_DURATION),
     "shutdown_grace": ("--shutdown-grace", _DURATION),
@@ -126,6 +129,9 @@ class Settings:
     loop: Loop = "auto"
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
+    #: Where the access log goes ("-": stderr); None: no access log (the default).
+    access_log: str | None = None
+    access_log_format: AccessLogFormat = "text"
     min_sync_period: float = 1.0
     sync_period: float = 30.0
     shutdown_grace: float = 10.0
@@ -217,6 +223,8 @@ class SettingsValues(TypedDict, total=False):
     loop: Loop
     log_level: LogLevel
     log_format: LogFormat
+    access_log: str | None
+    access_log_format: AccessLogFormat
     min_sync_period: float
     sync_period: float
     shutdown_grace: float

@@ -305,5 +305,14 @@ def balancer_name(value: object) -> object:
     return text
 
 
+def access_log_path(value: object) -> object:
+    """``--access-log``: a file path, or ``-`` for stderr; not checked for writability here
+    (the proxy opens it at start and says so if it cannot)."""
+    text = string(value)
+    if not text.strip():
+        raise ValueError("is empty: give a file path, or - for stderr")
+    return text
+
+
 def path(value: object) -> object:
     return expect(Path(value) if isinstance(value, str) else value, Path, "a path")

@@ -177,7 +177,8 @@ KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
 #: snake_case (``serviceProxyName``: ``service_proxy_name``).
 _USERPROXY: Final[Mapping[Kind, str]] = {
     _STRINGS: "manifests",
-    _STR: "serviceProxyName loop logLevel logFormat addressDevice balancer",
+    _STR: "serviceProxyName loop logLevel logFormat addressDevice balancer accessLog "
+    "accessLogFormat",
     _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout outlierBaseEjection outlierMaxEjection",
     _INT: "maxConnections serviceConnectionShare clientConnectionShare udpMaxSessions "
     "udpSessionRate outlierConsecutiveFailures outlierMaxEjectedPercent",

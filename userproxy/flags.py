@@ -32,6 +32,7 @@ from userproxy.config import (
     flag_name,
 )
 from userproxy.config_rules import format_duration, parse_go_duration, show
+from userproxy.dataplane.access_log import ACCESS_LOG_FORMATS
 from userproxy.demo import DEMO_DEFAULTS
 from userproxy.explain_cli import add_explain_parser
 
@@ -169,6 +170,14 @@ COMMON_FLAGS: Final = (
     Flag("loop", "event loop (auto: uvloop when installed)", _one_of(LOOPS)),
     Flag("log_level", "log level", _one_of(LOG_LEVELS)),
     Flag("log_format", "log format", _one_of(LOG_FORMATS)),
+    Flag(
+        "access_log",
+        "write one line per finished TCP connection and ended UDP session to PATH "
+        "('-': stderr; '': off, the default)",
+        "PATH",
+        empty=None,
+    ),
+    Flag("access_log_format", "access log format", _one_of(ACCESS_LOG_FORMATS)),
     Flag(
         "min_sync_period", "at most one sync per this period on average, burst 2 (0: every change)"
     ),

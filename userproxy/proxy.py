@@ -29,6 +29,7 @@ from userproxy.control.health import HealthState
 from userproxy.control.proxier import Proxier, SyncStatus
 from userproxy.control.runner import SyncRunner
 from userproxy.control.trackers import ChangeRecorder
+from userproxy.dataplane.access_log import AccessLog
 from userproxy.dataplane.limits import (
     FD_RESERVE,
     ConnectionLimit,
@@ -290,6 +291,7 @@ class Proxy:
             from userproxy.sources.kubernetes import load_client_configuration
 
             self._client_configuration = await load_client_configuration(self.settings.kubeconfig)
+        self._open_access_log()
         if self.addresses is not None:
             try:
                 await self.addresses.open()
@@ -348,10 +350,24 @@ class Proxy:
             log.info("stopped")
         finally:
             await self.service_health.close()
+            access_log, self.listeners.access_log = self.listeners.access_log, None
+            if access_log is not None:  # after the drain: its aborted connections are in it
+                await asyncio.to_thread(access_log.close)
             if self.addresses is not None:
                 # Last: removing the addresses would break connections still draining.
                 await self.addresses.close()
             self.stopped.set()
+
+    def _open_access_log(self) -> None:
+        """``--access-log``: opened before any listener exists, so every connection is in it."""
+        path = self.settings.access_log
+        if path is None:
+            return
+        try:
+            self.listeners.access_log = AccessLog(path, self.settings.access_log_format)
+        except OSError as exc:
+            raise ConfigError(f"--access-log: cannot open {path}: {exc.strerror or exc}") from exc
+        log.info("access log: %s (%s)", path, self.settings.access_log_format)
 
     async def _drain(self) -> int:
         """Wait up to ``shutdown_grace`` for open connections to end, or until

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.access_log import DRAINED, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT, AccessLog
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import ListenerStats
@@ -112,6 +113,8 @@ class ListenerSet:
     ) -> None:
         self.registry = registry
         self.limit = limit
+        #: ``--access-log`` (None: off), given to every listener made from now on.
+        self.access_log: AccessLog | None = None
         self.timeouts = timeouts
         self.udp_sessions = SessionTable(udp or UdpSettings())
         #: Classifies clients of NodePort/external/LB listeners (kept fresh by hostnet).
@@ -278,8 +281,12 @@ class ListenerSet:
 
     def _new_listener(self, spec: ListenerSpec) -> AnyListener:
         if spec.spn.protocol is Protocol.UDP:
-            return UdpListener(spec, self.registry, self.udp_sessions, self.node_local)
-        return TcpListener(spec, self.registry, self.limit, self.node_local)
+            udp = UdpListener(spec, self.registry, self.udp_sessions, self.node_local)
+            udp.access_log = self.access_log
+            return udp
+        tcp = TcpListener(spec, self.registry, self.limit, self.node_local)
+        tcp.access_log = self.access_log
+        return tcp
 
     def _remove(self, key: ListenerKey) -> None:
         listener = self.listeners.pop(key)
@@ -362,7 +369,7 @@ class ListenerSet:
         for conn in list(self.connections()):
             if conn.half_closed_at is not None and now - conn.half_closed_at >= fin:
                 log.debug("closing a connection half-closed for %.0fs", fin)
-                conn.abort()
+                conn.abort(HALF_CLOSE_TIMEOUT)
                 continue
             if idle is not None:
                 if conn.active:
@@ -370,7 +377,7 @@ class ListenerSet:
                     conn.idle_since = now
                 elif now - conn.idle_since >= idle:
                     log.debug("closing a connection idle for %.0fs", idle)
-                    conn.abort()
+                    conn.abort(IDLE_TIMEOUT)
         for listener in [d for d in self._draining if not d.connections]:
             self._draining.discard(listener)
             self._retire(listener)
@@ -379,6 +386,8 @@ class ListenerSet:
     def stop_accepting(self) -> None:
         for key in list(self.listeners):
             listener = self.listeners.pop(key)
+            if isinstance(listener, UdpListener):
+                listener.close_reason = DRAINED  # its sessions end now, for the access log
             listener.close()
             if isinstance(listener, TcpListener):
                 self._draining.add(listener)

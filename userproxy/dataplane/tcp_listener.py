@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane import access_log as ends
+from userproxy.dataplane.access_log import AccessLog, ConnTrace
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.dial import dial
 from userproxy.dataplane.limits import ConnectionLimit
@@ -81,6 +84,9 @@ class TcpListener(Listener):
         #: The outlier detector of this listener's Service port, shared with its other
         #: listeners (the listener set assigns it; this one ejects nothing).
         self.outliers: OutlierDetector = NO_EJECTION
+        #: The access log (``--access-log``), None while it is off (the listener set sets it).
+        self.access_log: AccessLog | None = None
+        self._last_source_refusals = 0
         limit.register(self, self._pause, self._resume, self.service)
         self._open_or_close()
 
@@ -128,13 +134,19 @@ class TcpListener(Listener):
             pool = self._pool_for(client_ip)
             if pool is None:
                 _reset(client)
+                if self.access_log is not None:
+                    self._log_refused(address, self._refusal())
                 continue
             if not limit.acquire(service, client_ip):
                 # This client holds its share (logged by the limit, at most every 5 s).
                 self.stats.refused_client_limit += 1
                 _reset(client)
+                if self.access_log is not None:
+                    self._log_refused(address, ends.CONNECTION_LIMIT_REFUSED)
                 continue
             conn = DownstreamProtocol(self, client_ip, self.loop)
+            if self.access_log is not None:
+                conn.trace = ConnTrace(address[1], self.loop.time())
             version = self.spec.proxy_protocol
             if version is not None:  # the Service asked for the client's address upstream
                 conn.preamble = header_for(version, client, address)
@@ -197,6 +209,8 @@ class TcpListener(Listener):
             if attempt:
                 self.stats.dial_retries += 1
             tried.append(endpoint)
+            if conn.trace is not None:
+                conn.trace.attempts = attempt + 1
             # Counted from the pick, not from the join: a burst of connections accepted
             # together sees the ones still dialing and spreads at once (least-connections).
             load.start(endpoint)
@@ -227,7 +241,7 @@ class TcpListener(Listener):
             return
         # No endpoint could be reached: reset the client rather than leave it hanging.
         self.stats.dial_exhausted += 1
-        conn.abort()
+        conn.abort(ends.NO_ENDPOINT_REACHABLE)
 
     async def _join(
         self, conn: DownstreamProtocol, sock: socket.socket, endpoint: Endpoint
@@ -256,7 +270,7 @@ class TcpListener(Listener):
             load.end(endpoint)
             outliers.failure(endpoint)
             log.debug("%s: cannot wrap upstream socket: %s", self.spec.spn, exc)
-            conn.abort()
+            conn.abort(ends.ENDPOINT_RESET)
             return
         except asyncio.CancelledError:
             sock.close()
@@ -273,6 +287,8 @@ class TcpListener(Listener):
             sock.detach()
         if conn in self.connections:  # not finished meanwhile: it counts until it ends
             conn.endpoint = endpoint
+            if conn.trace is not None:
+                conn.trace.connected = self.loop.time()
         else:
             load.end(endpoint)
 
@@ -284,9 +300,43 @@ class TcpListener(Listener):
             self.limit.release(self.service, conn.client_ip)
             if conn.endpoint is not None:
                 self._registry.context.load.end(conn.endpoint)
+            if self.access_log is not None:
+                self._log_finished(conn)
 
-    def abort_all(self) -> None:
+    def abort_all(self, end: str = ends.DRAINED) -> None:
         for task in list(self._tasks):
             task.cancel()
         for conn in list(self.connections):
-            conn.abort()
+            conn.abort(end)
+
+    # -- the access log (only called while it is on) -------------------------------------------
+    def _refusal(self) -> str:
+        """Why ``_pool_for`` just turned a client away (it checks source ranges first)."""
+        stats = self.stats
+        if stats.refused_source_range != self._last_source_refusals:
+            self._last_source_refusals = stats.refused_source_range
+            return ends.SOURCE_RANGE_REFUSED
+        return ends.NO_ENDPOINTS_FOR_CLASS
+
+    def _log_refused(self, address: tuple[str, int], end: str) -> None:
+        assert self.access_log is not None
+        spec = self.spec
+        self.access_log.record(
+            (time.time(), "tcp", address[0], address[1], spec.ip, spec.port, spec.spn,
+             None, 0, -1.0, 0.0, 0, 0, end)
+        )  # fmt: skip
+
+    def _log_finished(self, conn: DownstreamProtocol) -> None:
+        assert self.access_log is not None
+        trace = conn.trace
+        if trace is None:  # accepted before the log was switched on
+            return
+        spec = self.spec
+        now = self.loop.time()
+        connected = trace.connected
+        self.access_log.record(
+            (time.time(), "tcp", conn.client_ip, trace.client_port, spec.ip, spec.port,
+             spec.spn, conn.endpoint, trace.attempts,
+             -1.0 if connected is None else connected - trace.started, now - trace.started,
+             conn.bytes_up, conn.bytes_down, conn.end or ends.CLIENT_CLOSED)
+        )  # fmt: skip

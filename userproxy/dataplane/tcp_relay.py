@@ -25,9 +25,13 @@ import asyncio
 import contextlib
 import socket
 import struct
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
+from userproxy.dataplane import access_log as ends
 from userproxy.model import Endpoint
+
+if TYPE_CHECKING:
+    from userproxy.dataplane.access_log import ConnTrace
 
 #: Bytes a client may send before its upstream connection is up; beyond this the
 #: downstream transport stops reading (the first read chunk may overshoot it: uvloop
@@ -136,6 +140,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "dial_task",
         "dialing",
         "downstream",
+        "end",
         "endpoint",
         "finished",
         "half_closed_at",
@@ -146,6 +151,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "preamble",
         "preconnect_paused",
         "server_eof",
+        "trace",
         "upstream",
     )
 
@@ -176,6 +182,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self.half_closed_at: float | None = None
         self.bytes_up = 0
         self.bytes_down = 0
+        #: How the connection ended (access_log's end names), set once, by the first
+        #: event that decided it; read only by the access log.
+        self.end: str | None = None
+        #: The access log's timings, None while the log is off.
+        self.trace: ConnTrace | None = None
 
     # -- client transport events ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -201,6 +212,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
+        if self.server_eof and self.end is None:
+            self.end = ends.ENDPOINT_CLOSED  # the endpoint's FIN came first
         self._half_closed()
         if self.upstream is not None:
             _shutdown_write(self.upstream)
@@ -220,6 +233,8 @@ class DownstreamProtocol(asyncio.Protocol):
             upstream.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.end is None:
+            self.end = ends.CLIENT_RESET if exc is not None else ends.CLIENT_CLOSED
         self.finished = True
         self.pending = None
         self.downstream = None
@@ -270,6 +285,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def upstream_eof(self) -> bool:
         self.server_eof = True
+        if self.client_eof and self.end is None:
+            self.end = ends.CLIENT_CLOSED  # the client's FIN came first
         self._half_closed()
         downstream = self.downstream
         if downstream is not None:
@@ -278,6 +295,8 @@ class DownstreamProtocol(asyncio.Protocol):
         return True
 
     def upstream_lost(self, exc: Exception | None) -> None:
+        if self.end is None and self.downstream is not None:
+            self.end = ends.ENDPOINT_RESET if exc is not None else ends.ENDPOINT_CLOSED
         self.upstream = None
         downstream = self.downstream
         if downstream is None:
@@ -301,8 +320,11 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.downstream is not None and not self.downstream.is_closing():
             self.downstream.close()
 
-    def abort(self) -> None:
-        """Reset both sides at once (dial failure, timeouts, end of the grace period)."""
+    def abort(self, end: str | None = None) -> None:
+        """Reset both sides at once (dial failure, timeouts, end of the grace period);
+        ``end`` says why, for the access log, unless an earlier event already did."""
+        if self.end is None:
+            self.end = end
         self.pending = None
         if self.upstream is not None:
             reset(self.upstream)

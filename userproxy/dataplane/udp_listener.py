@@ -21,6 +21,8 @@ import logging
 import socket
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane import access_log as ends
+from userproxy.dataplane.access_log import AccessLog
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.listener import Listener
 from userproxy.dataplane.udp_session import BATCH, MAX_DATAGRAM, Address, SessionTable, UdpSession
@@ -70,6 +72,10 @@ class UdpListener(Listener):
         self.rate = rate = table.settings.session_rate
         #: Each session's token bucket holds at most this many datagrams (0: no bucket).
         self.burst = max(64.0, rate / 10) if rate else 0.0
+        #: The access log (``--access-log``), None while it is off (the listener set sets it).
+        self.access_log: AccessLog | None = None
+        #: How its sessions end when the listener closes (``drained`` at shutdown).
+        self.close_reason = ends.LISTENER_CLOSED
         self._open_or_close()
 
     @property
@@ -151,17 +157,18 @@ class UdpListener(Listener):
             except OSError:
                 # An ICMP error from an earlier datagram surfaces here: the session ends.
                 stats.sessions_closed_by_icmp += 1
-                table.remove(session)
+                table.remove(session, ends.ENDPOINT_UNREACHABLE)
                 continue
             stats.datagrams_up += 1
             stats.bytes_up += len(data)
+            session.bytes_up += len(data)
 
     def _revalidate(self, session: UdpSession) -> UdpSession | None:
         """After a pool change: keep the session only if its endpoint is still usable."""
         if session.endpoint in session.pool.spec.endpoints:
             session.version = self.version
             return session
-        self.table.remove(session)
+        self.table.remove(session, ends.ENDPOINT_REMOVED)
         return None
 
     def _open_session(self, client: Address, now: float) -> UdpSession | None:
@@ -194,7 +201,7 @@ class UdpListener(Listener):
             return None
         session = UdpSession(
             self, client, pool, endpoint, sock,
-            last=now, version=self.version, tokens=self.burst, token_time=now,
+            last=now, version=self.version, tokens=self.burst, token_time=now, started=now,
         )  # fmt: skip
         self.loop.add_reader(sock.fileno(), session.on_readable)
         self.table.add(session)

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from userproxy.dataplane import access_log as ends
 
 if TYPE_CHECKING:
     from userproxy.dataplane.pool import BackendPool
@@ -71,6 +74,10 @@ class UdpSession:
     #: The ``--udp-session-rate`` token bucket: tokens left, and when they were counted.
     tokens: float
     token_time: float
+    #: When it opened (loop time), and the bytes it carried each way (for the access log).
+    started: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
 
     def on_readable(self) -> None:
         """Replies from the endpoint: back to the client from the listening socket."""
@@ -87,10 +94,10 @@ class UdpSession:
                 listener.stats.sessions_closed_by_icmp += 1
                 log.debug("%s: session %s -> %s ended: %s", listener.spec.spn, self.client,
                           self.endpoint, exc)  # fmt: skip
-                listener.table.remove(self)
+                listener.table.remove(self, ends.ENDPOINT_UNREACHABLE)
                 return
             if out is None:
-                listener.table.remove(self)
+                listener.table.remove(self, ends.LISTENER_CLOSED)
                 return
             try:
                 out.sendto(data, self.client)
@@ -99,15 +106,26 @@ class UdpSession:
                 continue
             listener.stats.datagrams_down += 1
             listener.stats.bytes_down += len(data)
+            self.bytes_down += len(data)
         listener.table.touch(self, listener.loop.time())
 
-    def close(self) -> None:
-        """Forget the session and close its socket (the table has already let it go).
+    def close(self, end: str) -> None:
+        """Forget the session and close its socket (the table has already let it go);
+        ``end`` says why, for the access log.
 
         Called exactly once per session, so the session's count in the endpoint load
         (which least-connections and power-of-two read) ends here too.
         """
         listener = self.listener
+        access_log = listener.access_log
+        if access_log is not None:
+            spec = listener.spec
+            client = self.client
+            access_log.record(
+                (time.time(), "udp", client[0], client[1], spec.ip, spec.port, spec.spn,
+                 self.endpoint, 1, 0.0, listener.loop.time() - self.started,
+                 self.bytes_up, self.bytes_down, end)
+            )  # fmt: skip
         listener.load.end(self.endpoint)
         if listener.sessions.get(self.client) is self:
             del listener.sessions[self.client]
@@ -143,14 +161,14 @@ class SessionTable:
         while len(self._lru) >= self.settings.max_sessions:
             oldest, _ = self._lru.popitem(last=False)
             oldest.listener.stats.sessions_evicted += 1
-            oldest.close()
+            oldest.close(ends.EVICTED)
         self._lru[session] = None
         session.listener.sessions[session.client] = session
 
-    def remove(self, session: UdpSession) -> None:
+    def remove(self, session: UdpSession, end: str) -> None:
         if session in self._lru:
             del self._lru[session]
-            session.close()
+            session.close(end)
 
     def expire(self, now: float) -> None:
         """Close the sessions idle for ``idle_timeout``; cheap: stops at the first live one."""
@@ -161,11 +179,12 @@ class SessionTable:
                 break
             del self._lru[oldest]
             oldest.listener.stats.sessions_expired += 1
-            oldest.close()
+            oldest.close(ends.IDLE_TIMEOUT)
 
     def close_all(self, listener: UdpListener) -> None:
+        end = listener.close_reason
         for session in list(listener.sessions.values()):
-            self.remove(session)
+            self.remove(session, end)
 
     def sessions(self, listener: UdpListener) -> list[UdpSession]:
         return list(listener.sessions.values())
