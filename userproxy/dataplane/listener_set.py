@@ -379,6 +379,7 @@ class ListenerSet:
     def stop_accepting(self) -> None:
         for key in list(self.listeners):
             listener = self.listeners.pop(key)
+            listener.close_reason = None  # the proxy logs one line for them all
             listener.close()
             if isinstance(listener, TcpListener):
                 self._draining.add(listener)
