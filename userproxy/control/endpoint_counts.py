@@ -87,8 +87,10 @@ def describe(old: EndpointCount | None, new: EndpointCount | None) -> str | None
 
 
 class EndpointCountLog:
-    """Collects the count changes of one sync (``note``) and logs them (``flush``): one line
-    per changed Service port, the first ``LINES_PER_SYNC`` at INFO, the rest in a summary.
+    """Logs the count changes of each sync: one line per changed Service port as the plan is
+    applied (``note``: before its listeners change, so the cause comes first), the first
+    ``lines`` of a sync at INFO, the rest at DEBUG and counted in one line at the sync's end
+    (``flush``).
 
     Off (``enabled`` False) by default: ``userproxy check`` plans without serving and has no
     use for the lines; the proxy turns it on."""
@@ -96,7 +98,8 @@ class EndpointCountLog:
     def __init__(self, enabled: bool = False, lines: int = LINES_PER_SYNC) -> None:
         self.enabled = enabled
         self.lines = lines
-        self._pending: list[str] = []
+        self._logged = 0
+        self._held = 0
 
     def note(self, old: Iterable[EndpointCount], new: Iterable[EndpointCount]) -> None:
         """One Service's counts before and after a plan was applied."""
@@ -106,21 +109,22 @@ class EndpointCountLog:
         after: Mapping[ServicePortName, EndpointCount] = {c.spn: c for c in new}
         for spn in sorted(before.keys() | after.keys(), key=str):
             line = describe(before.get(spn), after.get(spn))
-            if line is not None:
-                self._pending.append(line)
+            if line is None:
+                continue
+            if self._logged < self.lines:
+                self._logged += 1
+                log.info("%s", line)
+            else:
+                self._held += 1
+                log.debug("%s", line)
 
     def flush(self, sync: int) -> None:
-        """Log what the sync numbered ``sync`` changed."""
-        pending, self._pending = self._pending, []
-        for line in pending[: self.lines]:
-            log.info("%s", line)
-        rest = pending[self.lines :]
-        if rest:
+        """The sync numbered ``sync`` has ended: say how many lines went to DEBUG only."""
+        if self._held:
             log.info(
-                "sync %d: %d more Service ports changed their endpoint counts (see DEBUG "
-                "lines, /metrics userproxy_endpoints)",
+                "sync %d: %d more Service ports changed their endpoint counts (logged at "
+                "DEBUG; all are in /metrics as userproxy_endpoints)",
                 sync,
-                len(rest),
+                self._held,
             )
-            for line in rest:
-                log.debug("%s", line)
+        self._logged = self._held = 0
