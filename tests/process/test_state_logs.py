@@ -93,6 +93,7 @@ def test_the_log_of_a_running_proxy_tells_its_state(tmp_path: Path, loop: str) -
             "--loop",
             loop,
             f"--metrics-bind-address=127.0.0.1:{metrics}",
+            "--min-sync-period=0s",
         ]
         with proxy_process(args, log=log):
             wait_listening((cluster_ip, PORT))
