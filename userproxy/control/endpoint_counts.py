@@ -76,11 +76,11 @@ def describe(old: EndpointCount | None, new: EndpointCount | None) -> str | None
     they are not zero now."""
     if old == new:
         return None
-    spn = (new or old).spn  # type: ignore[union-attr]  # not both None: they differ
     before = old.ready if old is not None else 0
-    after = new.ready if new is not None else 0
     if new is None:
-        return f"{spn}: {before} -> 0 ready endpoints (port removed)"
+        assert old is not None  # they differ
+        return f"{old.spn}: {before} -> 0 ready endpoints (port removed)"
+    spn, after = new.spn, new.ready
     others = [f"{count} {state.replace('_', ' ')}" for state, count in new.by_state()[1:] if count]
     tail = f" ({', '.join(others)})" if others else ""
     return f"{spn}: {before} -> {after} ready endpoints{tail}"
