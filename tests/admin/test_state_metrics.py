@@ -242,8 +242,8 @@ async def test_a_stalled_loop_shows_in_the_lag_metric(tmp_path: Path) -> None:
         # The probe runs from the start (Proxy.run's TaskGroup): samples arrive, 4 a second.
         await eventually(lambda: count(lag()) >= 2, what="two lag samples")
         before = lag()
-        # A stall: a loop callback that blocks for 0.6 s, as a blocking call would.
-        stall = 0.6
+        # A stall: a loop callback that blocks for 0.8 s, as a blocking call would.
+        stall = 0.8
         asyncio.get_running_loop().call_soon(time.sleep, stall)
         await eventually(lambda: count(lag()) >= count(before) + 2, what="samples after the stall")
         after = lag()
