@@ -291,9 +291,6 @@ class Proxy:
     async def run(self) -> None:
         """Serve until ``stop()``; raises ManifestError if the first load fails and
         ConfigError if ``--manage-addresses`` cannot create its device."""
-        loop = asyncio.get_running_loop()
-        log.info("%s", build_line(loop))
-        self.metrics.set_build_info(__version__, platform.python_version(), loop_name(loop))
         if self.manifests is not None:
             self.manifests.initial_load()
         else:
@@ -311,6 +308,10 @@ class Proxy:
                     f"{exc} (it needs CAP_NET_ADMIN)"
                 ) from exc
         await self.node_addresses.refresh()  # read once before serving; then watched
+        # After the checks that end the process with a message of their own (exit 2).
+        loop = asyncio.get_running_loop()
+        log.info("%s", build_line(loop))
+        self.metrics.set_build_info(__version__, platform.python_version(), loop_name(loop))
         log.info(
             "userproxy serving %s as node %s (max %d connections, %d%% per Service, "
             "%d%% per client IP)",
