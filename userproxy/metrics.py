@@ -9,15 +9,24 @@ address.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from userproxy.control.endpoint_counts import EndpointCount
     from userproxy.control.proxier import SyncStatus
     from userproxy.control.trackers import ChangeRecorder
     from userproxy.dataplane.listener_set import ListenerSet, PortTotals
@@ -27,6 +36,9 @@ SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
 #: network_programming_duration_seconds: 0.25 s steps to 1 s, then 1 s to 60 s, 5 s to
 #: 120 s, 30 s to 300 s (as upstream merges its linear buckets).
 PROGRAMMING_BUCKETS = (0.25, 0.5, *range(1, 60), *range(60, 120, 5), *range(120, 301, 30))
+#: Event-loop lag: a healthy loop is in the first buckets; anything past 0.1 s is a stall
+#: every connection of the process felt.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
@@ -89,6 +101,41 @@ class Metrics:
         for counter in self.source_events.values():
             for resource in ("services", "endpointslices", "nodes"):
                 counter.labels(resource)
+        # The standard process_* / python_* families, on this registry (never the global).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge(
+            "userproxy_build_info",
+            "Always 1; the labels say which userproxy, Python and event loop serve",
+            ["version", "python", "loop"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "userproxy_event_loop_lag_seconds",
+            "How late the event loop ran a periodic callback (a stall delays every "
+            "connection by as much)",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "userproxy_event_loop_lag_max_seconds",
+            "The largest event-loop lag seen since the process started",
+            registry=r,
+        )
+        self._lag_max = 0.0
+
+    def set_build_info(self, version: str, python: str, loop: str) -> None:
+        """``userproxy_build_info{version,python,loop} 1`` (set once the loop runs)."""
+        self.build_info.clear()
+        self.build_info.labels(version, python, loop).set(1)
+
+    def observe_loop_lag(self, lag: float) -> None:
+        """One sample of ``userproxy.loop_lag.LoopLagProbe``."""
+        self.loop_lag.observe(lag)
+        if lag > self._lag_max:
+            self._lag_max = lag
+            self.loop_lag_max.set(lag)
 
     def observe_sync(self, status: SyncStatus, wall_now: float) -> None:
         self.sync_duration.observe(status.last_duration)
@@ -108,6 +155,32 @@ class Metrics:
         """Register the scrape-time collectors over the recorder and the data plane."""
         self.registry.register(_ControlCollector(recorder))
         self.registry.register(_DataplaneCollector(listeners))
+
+    def watch_endpoints(self, counts: Callable[[], Iterable[EndpointCount]]) -> None:
+        """``userproxy_endpoints{service_port,protocol,state}`` from ``counts()`` (the
+        counts of the proxier's current plans), read at scrape time."""
+        self.registry.register(_EndpointsCollector(counts))
+
+
+class _EndpointsCollector(Collector):
+    """Endpoints by state per Service port: every state of every port is present (a
+    zero is a fact a dashboard wants), ports of removed Services vanish."""
+
+    def __init__(self, counts: Callable[[], Iterable[EndpointCount]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "userproxy_endpoints",
+            "Endpoints of a Service port by state: ready, serving_terminating (not ready, "
+            "serving and terminating: used only as a fallback), not_ready",
+            labels=["service_port", "protocol", "state"],
+        )
+        for count in self.counts():
+            port, protocol = count.service_port, str(count.spn.protocol)
+            for state, value in count.by_state():
+                family.add_metric([port, protocol, state], value)
+        yield family
 
 
 class _ControlCollector(Collector):

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import platform
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from userproxy import __version__
 from userproxy.admin.health import health_app
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
@@ -44,6 +46,7 @@ from userproxy.effects import HostEffects, ServiceAddressSync
 from userproxy.hostnet.address_device import AddressManager
 from userproxy.hostnet.node import NodeAddresses
 from userproxy.logs import setup_logging
+from userproxy.loop_lag import LoopLagProbe, build_line, loop_name
 from userproxy.metrics import Metrics
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
@@ -181,6 +184,12 @@ class Proxy:
             self.registry,
             node_addresses=self.node_addresses.nodeport_addresses,
         )
+        self.proxier.endpoint_log.enabled = True
+        self.metrics.watch_endpoints(
+            lambda: (c for plan in self.proxier.plans.values() for c in plan.endpoint_counts)
+        )
+        #: Event-loop lag, sampled 4 times a second by its own task (``run``).
+        self.loop_lag = LoopLagProbe(self.metrics.observe_loop_lag)
         self.health = HealthState(self.recorder, self.proxier, settings.sync_period)
         self.manifests: ManifestSource | None = None
         self._client_configuration: Configuration | None = None
@@ -301,6 +310,10 @@ class Proxy:
                     f"{exc} (it needs CAP_NET_ADMIN)"
                 ) from exc
         await self.node_addresses.refresh()  # read once before serving; then watched
+        # After the checks that end the process with a message of their own (exit 2).
+        loop = asyncio.get_running_loop()
+        log.info("%s", build_line(loop))
+        self.metrics.set_build_info(__version__, platform.python_version(), loop_name(loop))
         log.info(
             "userproxy serving %s as node %s (max %d connections, %d%% per Service, "
             "%d%% per client IP)",
@@ -316,6 +329,7 @@ class Proxy:
                     tasks.create_task(self.runner.run(), name="sync-runner"),
                     tasks.create_task(self._run_source(), name="source"),
                     tasks.create_task(self.listeners.run_sweeper(), name="sweeper"),
+                    tasks.create_task(self.loop_lag.run(), name="loop-lag"),
                     tasks.create_task(
                         self.node_addresses.watch(self.runner.request), name="node-addresses"
                     ),

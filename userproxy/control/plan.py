@@ -38,6 +38,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from userproxy.control.endpoint_counts import EndpointCount, count_endpoints
 from userproxy.control.endpoints import build_endpoints
 from userproxy.control.selection import EndpointSets, categorize
 from userproxy.model import (
@@ -75,6 +76,8 @@ class ServicePlan:
     no_local_external: int = 0
     #: The Service's own IPs (cluster, external, load-balancer VIPs) to make local.
     addresses: frozenset[str] = frozenset()
+    #: Endpoints by state per Service port (all families, before any traffic policy).
+    endpoint_counts: tuple[EndpointCount, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +106,12 @@ def plan_service(
     # behind a two-port Service is one local endpoint, not one per (ip, port).
     local_ready: set[str] = set()
     no_local_internal = no_local_external = 0
+    counts: list[EndpointCount] = []
     for port in service.ports:
         spn = service.port_name(port)
+        counts.append(
+            count_endpoints(spn, (e for f in families for e in endpoints.get((spn, f), ())))
+        )
         sets = {
             family: categorize(endpoints.get((spn, family), ()), service, node.name, node.zone)
             for family in families
@@ -133,6 +140,7 @@ def plan_service(
         no_local_internal=no_local_internal,
         no_local_external=no_local_external,
         addresses=frozenset((*service.cluster_ips, *service.external_ips, *lb_ips)),
+        endpoint_counts=tuple(counts),
     )
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.control.endpoint_counts import EndpointCountLog
 from userproxy.control.plan import NodeView, ServicePlan, plan_service
 from userproxy.control.trackers import AppliedState, ChangeRecorder, PendingChanges
 from userproxy.logs import RateLimitedLog
@@ -184,6 +185,8 @@ class Proxier:
         #: The failures line: again only when it changes, or after FAILURE_LOG_INTERVAL.
         self._failures_log = RateLimitedLog(log, FAILURE_LOG_INTERVAL, clock)
         self.status = SyncStatus()
+        #: "ns/name:port/TCP: 3 -> 2 ready endpoints" lines (off unless the proxy serves).
+        self.endpoint_log = EndpointCountLog()
         # Trigger times older than the proxy describe changes some earlier process applied
         # (kube-proxy ignores those too); they would report hours of "latency" per restart.
         self._started_wall = wall_clock()
@@ -289,6 +292,8 @@ class Proxier:
         else:
             self.plans[key] = plan
         self._note_health(key, plan)
+        if plan.endpoint_counts != old.endpoint_counts:
+            self.endpoint_log.note(old.endpoint_counts, plan.endpoint_counts)
         if plan.addresses != old.addresses:
             self._service_ips.subtract(old.addresses)
             self._service_ips.update(plan.addresses)
@@ -338,6 +343,7 @@ class Proxier:
                 len(run.affected),
                 status.last_duration * 1000,
             )
+        self.endpoint_log.flush(status.syncs)
         self._report_failures(status, run.errors)
         effects.synced(status)
         return not (

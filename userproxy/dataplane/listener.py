@@ -35,6 +35,36 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 _resource_log = RateLimitedLog(log)
 
 
+class _StateLog:
+    """INFO lines for listeners opened and closed, at most ``burst`` per ``window`` seconds
+    for all listeners together (a first sync of 10 000 Services opens 10 000 listeners):
+    the rest go to DEBUG, and the next INFO line says how many did."""
+
+    def __init__(self, burst: int = 50, window: float = 10.0) -> None:
+        self.burst, self.window = burst, window
+        self._start = float("-inf")
+        self._count = 0
+        self._held = 0
+
+    def info(self, loop: asyncio.AbstractEventLoop, msg: str, *args: object) -> None:
+        now = loop.time()
+        if now - self._start >= self.window:
+            self._start, self._count = now, 0
+        if self._count >= self.burst:
+            self._held += 1
+            log.debug(msg, *args)
+            return
+        self._count += 1
+        if self._held:
+            msg += " (%d more listener changes logged at DEBUG only)"
+            args = (*args, self._held)
+            self._held = 0
+        log.info(msg, *args)
+
+
+_state_log = _StateLog()
+
+
 def _hint(exc: OSError, port: int) -> str:
     """What would let the bind succeed, where the errno alone does not say it."""
     if exc.errno == errno.EACCES and 0 < port < 1024:
@@ -45,6 +75,14 @@ def _hint(exc: OSError, port: int) -> str:
             f"net.ipv4.ip_unprivileged_port_start <= {port}"
         )
     return ""
+
+
+def _endpoints(spec: ListenerSpec) -> str:
+    """The pools' sizes for the "listening on" line."""
+    size = len(spec.pool.endpoints)
+    if spec.node_pool is None:
+        return f"{size} endpoint{'' if size == 1 else 's'}"
+    return f"{size} endpoints for external clients, {len(spec.node_pool.endpoints)} for the node's"
 
 
 @dataclass(slots=True)
@@ -92,6 +130,11 @@ class Listener(abc.ABC):
         #: Why the socket the listener wants is not open (None: open, or not wanted).
         self.bind_error: OSError | None = None
         self.closed = False
+        #: Why the listener stops serving when ``close`` is called (None: say nothing at
+        #: INFO, as at shutdown, which has its own line).
+        self.close_reason: str | None = "Service port removed"
+        #: Whether the socket was ever open (a reopen says "again").
+        self._was_open = False
         self.loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
         self._reading = False
@@ -111,6 +154,14 @@ class Listener(abc.ABC):
         to the new one again is not mistaken for "unchanged"."""
         if spec.source_ranges != self.spec.source_ranges:
             self._source_ranges = parse_networks(spec.source_ranges)
+            _state_log.info(
+                self.loop,
+                "%s: %s:%d now accepts clients from %s (loadBalancerSourceRanges)",
+                spec.spn,
+                spec.ip,
+                spec.port,
+                ", ".join(spec.source_ranges) or "everywhere",
+            )
         # ``spec.spn``: a renamed port moves the pools to its own affinity table.
         self.pool.update(spec.pool, spec.spn)
         if spec.node_pool is None:
@@ -128,7 +179,8 @@ class Listener(abc.ABC):
             self._open_or_close()
 
     def close(self) -> None:
-        """Stop serving new clients for good; what is open goes on (or is drained)."""
+        """Stop serving new clients for good; what is open goes on (or is drained).
+        ``close_reason`` is logged at INFO if the socket was open (None: DEBUG only)."""
         self.closed = True
         self._open_or_close()
 
@@ -155,11 +207,16 @@ class Listener(abc.ABC):
             self._failed(exc)
             return
         previous = self.bind_error
-        if previous is not None and previous.errno not in RESOURCE_ERRNOS:
-            log.info("%s: listening on %s:%d now", spec.spn, spec.ip, spec.port)
+        if previous is not None:
+            why = "now (the bind error is over)"
+        elif self._was_open:
+            why = "again: endpoints are back"
+        else:
+            why = f"({spec.kind}, {_endpoints(spec)})"
+        _state_log.info(self.loop, "%s: listening on %s:%d %s", spec.spn, spec.ip, spec.port, why)
         self.bind_error = None
         self._sock = sock
-        log.debug("%s: listening on %s:%d", spec.spn, spec.ip, spec.port)
+        self._was_open = True
         self._resume()
 
     def _failed(self, exc: OSError) -> None:
@@ -184,7 +241,19 @@ class Listener(abc.ABC):
             self._sock = None
             self._reading = False
             sock.close()
-        log.debug("%s: stopped listening on %s:%d", self.spec.spn, self.spec.ip, self.spec.port)
+        spec = self.spec
+        if not self.closed:
+            why: str | None = (
+                "no endpoints (the kernel refuses new clients, as kube-proxy's REJECT)"
+            )
+        else:
+            why = self.close_reason
+        if why is None:
+            log.debug("%s: stopped listening on %s:%d", spec.spn, spec.ip, spec.port)
+        else:
+            _state_log.info(
+                self.loop, "%s: stopped listening on %s:%d: %s", spec.spn, spec.ip, spec.port, why
+            )
 
     def _pause(self) -> None:
         if self._reading and self._sock is not None:

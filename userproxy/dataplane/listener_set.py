@@ -387,7 +387,8 @@ class ListenerSet:
         for key in list(self.listeners):
             listener = self.listeners.pop(key)
             if isinstance(listener, UdpListener):
-                listener.close_reason = DRAINED  # its sessions end now, for the access log
+                listener.session_end = DRAINED  # its sessions end now, for the access log
+            listener.close_reason = None  # the proxy logs one line for them all
             listener.close()
             if isinstance(listener, TcpListener):
                 self._draining.add(listener)

@@ -75,7 +75,7 @@ class UdpListener(Listener):
         #: The access log (``--access-log``), None while it is off (the listener set sets it).
         self.access_log: AccessLog | None = None
         #: How its sessions end when the listener closes (``drained`` at shutdown).
-        self.close_reason = ends.LISTENER_CLOSED
+        self.session_end = ends.LISTENER_CLOSED
         self._open_or_close()
 
     @property

@@ -182,7 +182,7 @@ class SessionTable:
             oldest.close(ends.IDLE_TIMEOUT)
 
     def close_all(self, listener: UdpListener) -> None:
-        end = listener.close_reason
+        end = listener.session_end
         for session in list(listener.sessions.values()):
             self.remove(session, end)
 

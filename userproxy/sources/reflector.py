@@ -170,8 +170,10 @@ class Reflector(Generic[_T]):
         #: (key, error) of invalid objects already warned about, so resyncs do not repeat it.
         self._warned: set[tuple[_Key | None, str]] = set()
         self._backoff = _Backoff(options.backoff_initial, options.backoff_max)
-        #: Failed attempts since the watch last delivered anything.
+        #: Failed attempts since the watch last delivered anything, and when the first of
+        #: them failed (loop time; the length of the outage in the "resumed" line).
         self._failures = 0
+        self._failing_since = 0.0
 
     # ------------------------------------------------------------------ the loop
 
@@ -221,6 +223,8 @@ class Reflector(Generic[_T]):
                 raise
             except Exception as exc:
                 self._failed(exc)
+            if not self._failures:
+                self._failing_since = loop.time()
             self._failures += 1
             delay = self._backoff.next_delay()
             logger.debug("%s: retrying in %.2f s", self.name, delay)
@@ -253,7 +257,14 @@ class Reflector(Generic[_T]):
         """The watch delivered something: it works, so the next failure starts afresh."""
         self._backoff.reset()
         if self._failures:
-            logger.info("%s: watching again after %d failed attempts", self.name, self._failures)
+            # INFO, not WARNING: the end of an outage is good news an operator looks for
+            # after the warnings that reported it (client-go logs its reconnects alike).
+            logger.info(
+                "%s: watch resumed after an outage of %.1f s (%d failed attempts)",
+                self.name,
+                asyncio.get_running_loop().time() - self._failing_since,
+                self._failures,
+            )
             self._failures = 0
 
     # ------------------------------------------------------------------ LIST
