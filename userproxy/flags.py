@@ -33,6 +33,7 @@ from userproxy.config import (
 )
 from userproxy.config_rules import format_duration, parse_go_duration, show
 from userproxy.demo import DEMO_DEFAULTS
+from userproxy.status_cli import add_status_parser
 
 
 class _Default(enum.Enum):
@@ -328,4 +329,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(demo, COMMON_FLAGS, DEMO_DEFAULTS)
     add_check_parser(commands)  # its logic lives in userproxy/check.py
     add_cleanup_parser(commands)  # and this one's in userproxy/cleanup.py
+    add_status_parser(commands)  # reads a running proxy: userproxy/status_cli.py
     return parser
