@@ -57,13 +57,20 @@ def metrics_app(
     if status is not None:
         view = status
 
-        async def serve_status(request: web.Request) -> web.Response:
+        async def serve_status(request: web.Request) -> web.StreamResponse:
             page = await view.build(
                 request.query.get("q", "")[:MAX_QUERY],
                 _number(request, "page", 1),
                 _number(request, "page_size", 0),
+                as_text=True,
             )
-            return web.Response(text=page.to_json(), content_type="application/json")
+            # Streamed piece by piece (each write may wait for the client: back-pressure).
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for piece in page.pieces():
+                await response.write(piece.encode())
+            await response.write_eof()
+            return response
 
         async def serve_page(request: web.Request) -> web.Response:
             page = await view.build(

@@ -20,10 +20,11 @@ that changed something, one per Service port whose ready-endpoint count changed 
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,14 @@ __all__ = [
 EVENTS = 200
 
 Json = dict[str, object]
+
+
+#: Keys sorted in one go when ordering the Services (see ``StatusView._keys``).
+SORT_CHUNK = 1000
+
+
+def _order(key: ServiceKey) -> tuple[str, str]:
+    return (key.namespace, key.name)
 
 
 def port_label(spn: ServicePortName) -> str:
@@ -177,15 +186,24 @@ class RecordingEffects(HostEffects):
 
 @dataclass(frozen=True, slots=True)
 class StatusPage:
-    """One answer: the header fields and, per Service of the page, its JSON object."""
+    """One answer: the header fields and the Services of the page, as objects
+    (``services``, for the HTML page) or already serialized (``texts``, for ``/status``)."""
 
     header: Json
     services: list[Json]
+    texts: list[str]
+
+    def pieces(self, group: int = 64) -> Iterator[str]:
+        """The answer as JSON in pieces of ``group`` Services (a server writes them one by
+        one: joining and encoding 14 MB at once would hold the loop for tens of ms)."""
+        parts = self.texts or [json.dumps(service) for service in self.services]
+        yield json.dumps(self.header)[:-1] + ', "services": ['
+        for start in range(0, len(parts), group):
+            yield (", " if start else "") + ", ".join(parts[start : start + group])
+        yield "]}"
 
     def to_json(self) -> str:
-        """The whole answer as JSON (Services already reduced to plain data)."""
-        head = json.dumps(self.header)
-        return head[:-1] + ', "services": ' + json.dumps(self.services) + "}"
+        return "".join(self.pieces())
 
 
 class StatusView:
@@ -204,11 +222,21 @@ class StatusView:
         self.registry = registry
         self.events = events
         self.node = node
+        #: The Service keys in order, and the sync they are of (sorted once per sync).
+        self._sorted: list[ServiceKey] = []
+        self._sorted_at = -1
 
-    async def build(self, query: str = "", page: int = 1, page_size: int = 0) -> StatusPage:
+    async def build(
+        self, query: str = "", page: int = 1, page_size: int = 0, *, as_text: bool = False
+    ) -> StatusPage:
         """The Services whose ``namespace/name`` contains ``query`` (any case), sorted,
-        page ``page`` (from 1) of ``page_size`` (0: all), built in slices."""
-        keys = list(self.proxier.state.services)
+        page ``page`` (from 1) of ``page_size`` (0: all), built in slices.
+
+        ``as_text``: serialize each Service as it is built and keep only the string.  With
+        10 000 Services, keeping the objects grows the heap by hundreds of thousands of
+        dicts and sets off full collections of 100-800 ms (see userproxy/slices.py); strings
+        are not tracked by the collector."""
+        keys = await self._keys()
         slicer = Slicer(every=256)
         needle = query.strip().lower()
         if needle:
@@ -218,19 +246,21 @@ class StatusView:
                     matched.append(key)
                 await slicer.tick()
             keys = matched
-        keys.sort(key=lambda k: (k.namespace, k.name))
-        await slicer.check()
         total = len(keys)
         size = page_size if page_size > 0 else max(total, 1)
         pages = max(1, -(-total // size))
         page = min(max(page, 1), pages)
         chosen = keys[(page - 1) * size : page * size]
         services: list[Json] = []
+        texts: list[str] = []
         slicer = Slicer(every=4)
         for key in chosen:
             service = self.proxier.state.services.get(key)
             if service is not None:  # else deleted since the list was taken
-                services.append(self.service(service))
+                if as_text:
+                    texts.append(json.dumps(self.service(service)))
+                else:
+                    services.append(self.service(service))
             await slicer.tick()
         status = self.proxier.status
         header: Json = {
@@ -250,7 +280,29 @@ class StatusView:
             "page_size": page_size,
             "events": self.events.as_json(),
         }
-        return StatusPage(header, services)
+        return StatusPage(header, services, texts)
+
+    async def _keys(self) -> list[ServiceKey]:
+        """Every Service key, by namespace and name: sorted once per sync (the applied
+        state changes only in syncs), in chunks of ``SORT_CHUNK`` merged in slices, as one
+        sort of 10 000 keys would hold the loop for 10-20 ms."""
+        syncs = self.proxier.status.syncs
+        if syncs != self._sorted_at:
+            everything = list(self.proxier.state.services)
+            slicer = Slicer(every=1)
+            runs = []
+            for start in range(0, len(everything), SORT_CHUNK):
+                runs.append(sorted(everything[start : start + SORT_CHUNK], key=_order))
+                await slicer.tick()
+            merged = []
+            slicer = Slicer(every=256)
+            for key in heapq.merge(*runs, key=_order):
+                merged.append(key)
+                await slicer.tick()
+            if self.proxier.status.syncs == syncs:  # else a sync ended meanwhile: redo next time
+                self._sorted, self._sorted_at = merged, syncs
+            return merged
+        return self._sorted
 
     def service(self, service: Service) -> Json:
         """One Service as the schema in docs/status.md says."""
@@ -264,6 +316,7 @@ class StatusView:
                 by_address.setdefault(slice_ep.address, slice_ep)
         endpoints = build_endpoints(service, slices, self.proxier.node_name) if specs else {}
         families = service_families(service)
+        spns = [service.port_name(port) for port in service.ports]
         balancer = specs[0].pool.balancer if specs else self.registry.resolve(service.balancer)
         return {
             "namespace": service.namespace,
@@ -280,12 +333,12 @@ class StatusView:
             "ports": [
                 self._port(
                     port,
-                    service.port_name(port),
-                    [s for s in specs if s.spn == service.port_name(port)],
-                    [e for f in families for e in endpoints.get((service.port_name(port), f), ())],
+                    spn,
+                    [s for s in specs if s.spn == spn],
+                    [e for f in families for e in endpoints.get((spn, f), ())],
                     by_address,
                 )
-                for port in service.ports
+                for port, spn in zip(service.ports, spns, strict=True)
             ],
         }
 
