@@ -95,7 +95,7 @@ def format_status(data: dict[str, Any], *, endpoints: bool = True) -> Iterator[s
         f"userproxy {data['version']} on node {data['node']}: {data['services_total']} "
         f"Services, {data['sync']['syncs']} syncs"
     )
-    yield "Prot Service port                               Balancer        Endpoints"
+    yield f"{'Prot':<4} {'Service port':<41} {'Balancer':<15} Endpoints"
     for service in data["services"]:
         name = f"{service['namespace']}/{service['name']}"
         balancer = service["balancer"]
@@ -119,7 +119,7 @@ def format_status(data: dict[str, Any], *, endpoints: bool = True) -> Iterator[s
                 flags = [
                     name
                     for name, on in (
-                        ("ready", e["ready"]),
+                        ("ready" if e["ready"] else "not-ready", True),
                         ("serving", e["serving"]),
                         ("terminating", e["terminating"]),
                         ("local", e["local"]),
@@ -129,7 +129,7 @@ def format_status(data: dict[str, Any], *, endpoints: bool = True) -> Iterator[s
                 ]
                 node = f" node {e['node']}" if e["node"] else ""
                 yield (
-                    f"  -> {e['address']:<30} {','.join(flags) or 'not-ready':<28} "
+                    f"  -> {e['address']:<30} {','.join(flags):<28} "
                     f"active {e['active_connections']}{node}"
                 )
         if service["error"]:
