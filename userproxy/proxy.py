@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from userproxy.admin.events import EventLog, RecordingEffects
 from userproxy.admin.health import health_app
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
 from userproxy.admin.service_health import ServiceHealthServers
-from userproxy.admin.status import EventLog, RecordingEffects, StatusView
+from userproxy.admin.status import StatusView
 from userproxy.balancers.ipvs import default_balancer
 from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry, UnknownBalancer
 from userproxy.config import ConfigError, Settings, configz, flag_name

@@ -21,7 +21,7 @@ import pytest
 from tests.support.backends import Backend, echo
 from tests.support.manifests import service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy, wait_for_sync
-from userproxy.admin.status import EventLog
+from userproxy.admin.events import EventLog
 from userproxy.model import (
     AddressKind,
     Endpoint,

@@ -13,9 +13,7 @@ the proxier's sync does) and serializes each Service as it goes, so 10 000 Servi
 many short slices, not one stall.  Services that change between two slices are shown as
 they are when reached (a Service deleted meanwhile is left out).
 
-:class:`EventLog` is the bounded timeline (the last ``EVENTS`` events): one entry per sync
-that changed something, one per Service port whose ready-endpoint count changed (noted by
-:class:`RecordingEffects` as the proxier hands each changed Service's listeners over).
+:class:`~userproxy.admin.events.EventLog` (admin/events.py) is the timeline it includes.
 """
 
 from __future__ import annotations
@@ -23,18 +21,18 @@ from __future__ import annotations
 import heapq
 import json
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from userproxy import __version__
+from userproxy.admin.events import EventLog
 from userproxy.control.endpoints import build_endpoints, service_families
-from userproxy.control.proxier import SyncStatus
-from userproxy.effects import HostEffects
 from userproxy.model import (
     AddressKind,
     Endpoint,
+    EndpointSlice,
+    IPFamily,
     ListenerSpec,
     Protocol,
     Service,
@@ -46,24 +44,12 @@ from userproxy.model import (
 from userproxy.slices import Slicer
 
 if TYPE_CHECKING:
-    from userproxy.admin.service_health import ServiceHealthServers
     from userproxy.balancers.registry import BalancerRegistry
+    from userproxy.control.plan import ServicePlan
     from userproxy.control.proxier import Proxier
     from userproxy.dataplane.listener_set import AnyListener, ListenerSet
-    from userproxy.effects import ServiceAddressSync
 
-__all__ = [
-    "EVENTS",
-    "Event",
-    "EventLog",
-    "RecordingEffects",
-    "StatusPage",
-    "StatusView",
-    "port_label",
-]
-
-#: Events the timeline keeps (older ones are dropped first).
-EVENTS = 200
+__all__ = ["Json", "StatusPage", "StatusView"]
 
 Json = dict[str, object]
 
@@ -74,114 +60,6 @@ SORT_CHUNK = 1000
 
 def _order(key: ServiceKey) -> tuple[str, str]:
     return (key.namespace, key.name)
-
-
-def port_label(spn: ServicePortName) -> str:
-    """``namespace/name:port`` (``/UDP`` appended for a non-TCP port), as the timeline says it."""
-    port = f":{spn.port}" if spn.port else ""
-    proto = "" if spn.protocol is Protocol.TCP else f"/{spn.protocol}"
-    return f"{spn.namespace}/{spn.name}{port}{proto}"
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One timeline entry: wall-clock ``time`` (UNIX seconds), a ``kind`` ("sync",
-    "endpoints", "error") and a sentence."""
-
-    time: float
-    kind: str
-    message: str
-
-    def as_json(self) -> Json:
-        return {"time": round(self.time, 3), "kind": self.kind, "message": self.message}
-
-
-class EventLog:
-    """A ring buffer of the last ``size`` events, fed by the proxy's syncs.
-
-    ``note_listeners`` is called for each Service a sync re-planned (before its listeners
-    are applied); ``synced`` then turns what it noted into events.  Memory is bounded:
-    the events by ``size``, the per-port ready counts by the ports served now (a port
-    with none left is forgotten), the notes of one sync by ``size`` (a bulk load of
-    10 000 Services keeps the last ones and counts the rest)."""
-
-    def __init__(self, size: int = EVENTS, clock: Callable[[], float] = time.time) -> None:
-        self.events: deque[Event] = deque(maxlen=size)
-        self._clock = clock
-        self._ready: dict[ServicePortName, int] = {}
-        self._ports: dict[ServiceKey, set[ServicePortName]] = {}
-        self._notes: deque[str] = deque(maxlen=size)
-        self._noted = 0
-
-    def add(self, kind: str, message: str) -> None:
-        self.events.append(Event(self._clock(), kind, message))
-
-    def note_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        """Compare each port's ready endpoints (over all its pools) with the last count."""
-        now: dict[ServicePortName, set[tuple[str, int]]] = {}
-        for spec in specs:
-            ready = now.setdefault(spec.spn, set())
-            for pool in (spec.pool, spec.node_pool):
-                if pool is not None:
-                    ready.update(e.address for e in pool.endpoints if e.ready)
-        for spn in self._ports.pop(service, set()) - now.keys():
-            before = self._ready.pop(spn, 0)
-            if before:
-                self._note(f"{port_label(spn)} {before} -> 0 ready endpoints (port removed)")
-        for spn, addresses in now.items():
-            before = self._ready.get(spn, 0)
-            if len(addresses) != before:
-                self._note(f"{port_label(spn)} {before} -> {len(addresses)} ready endpoints")
-            if addresses:
-                self._ready[spn] = len(addresses)
-            else:
-                self._ready.pop(spn, None)
-        if now:
-            self._ports[service] = set(now)
-
-    def _note(self, message: str) -> None:
-        self._noted += 1
-        self._notes.append(message)
-
-    def synced(self, status: SyncStatus) -> None:
-        """One sync ended: its summary, then what it changed, then what failed."""
-        if status.services_changed or status.slices_changed or self._noted:
-            self.add(
-                "sync",
-                f"sync {status.syncs}: {status.services_changed} Service and "
-                f"{status.slices_changed} EndpointSlice changes, {status.services_planned} "
-                f"Services planned in {status.last_duration * 1000:.1f} ms",
-            )
-        if self._noted > len(self._notes):
-            self.add("endpoints", f"{self._noted - len(self._notes)} more port changes not shown")
-        for message in self._notes:
-            self.add("endpoints", message)
-        self._notes.clear()
-        self._noted = 0
-        if status.failed_services:
-            self.add("error", f"{status.failed_services} Services could not be applied")
-
-    def as_json(self) -> list[Json]:
-        return [event.as_json() for event in self.events]
-
-
-class RecordingEffects(HostEffects):
-    """``HostEffects`` that also tell the event log what each changed Service gets."""
-
-    def __init__(
-        self,
-        events: EventLog,
-        listeners: ListenerSet,
-        health_checks: ServiceHealthServers,
-        addresses: ServiceAddressSync | None,
-        on_synced: Callable[[SyncStatus], None],
-    ) -> None:
-        super().__init__(listeners, health_checks, addresses, on_synced)
-        self._events = events
-
-    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        self._events.note_listeners(service, specs)
-        super().set_listeners(service, specs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +103,10 @@ class StatusView:
         #: The Service keys in order, and the sync they are of (sorted once per sync).
         self._sorted: list[ServiceKey] = []
         self._sorted_at = -1
+        #: Each Service's endpoints by port, kept while its Service, plan and slices are
+        #: the same objects (the sources replace them on change; building is the costliest
+        #: part of a Service's status and the same from one request to the next).
+        self._endpoints: dict[ServiceKey, _Endpoints] = {}
 
     async def build(
         self, query: str = "", page: int = 1, page_size: int = 0, *, as_text: bool = False
@@ -309,14 +191,22 @@ class StatusView:
         key = service.key
         plan = self.proxier.plans.get(key)
         specs = plan.listeners if plan is not None else ()
-        slices = list(self.proxier.state.slices_of(key))
-        by_address: dict[str, SliceEndpoint] = {}
-        for eps in slices:
-            for slice_ep in eps.endpoints:
-                by_address.setdefault(slice_ep.address, slice_ep)
-        endpoints = build_endpoints(service, slices, self.proxier.node_name) if specs else {}
-        families = service_families(service)
-        spns = [service.port_name(port) for port in service.ports]
+        slices = tuple(self.proxier.state.slices_of(key))
+        known = self._endpoints.get(key)
+        if known is None or not known.of(service, plan, slices):
+            known = self._endpoints[key] = _Endpoints.build(
+                service, plan, slices, self.proxier.node_name
+            )
+        if len(self._endpoints) > 2 * len(self.proxier.state.services) + 64:
+            # Forget deleted Services (a sweep now and then: the cache stays O(Services)).
+            services = self.proxier.state.services
+            self._endpoints = {k: v for k, v in self._endpoints.items() if k in services}
+        by_address, endpoints, families, spns = (
+            known.by_address,
+            known.endpoints,
+            known.families,
+            known.spns,
+        )
         balancer = specs[0].pool.balancer if specs else self.registry.resolve(service.balancer)
         return {
             "namespace": service.namespace,
@@ -392,6 +282,53 @@ class StatusView:
             "totals": totals,
             "endpoints": rows,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoints:
+    """What the status of one Service derives from its Service, plan and slices."""
+
+    service: Service
+    plan: ServicePlan | None
+    slices: tuple[EndpointSlice, ...]
+    by_address: dict[str, SliceEndpoint]
+    endpoints: dict[tuple[ServicePortName, IPFamily], tuple[Endpoint, ...]]
+    families: tuple[IPFamily, ...]
+    spns: list[ServicePortName]
+
+    def of(
+        self, service: Service, plan: ServicePlan | None, slices: tuple[EndpointSlice, ...]
+    ) -> bool:
+        """Whether this was built from exactly these objects (identity, not equality)."""
+        return (
+            self.service is service
+            and self.plan is plan
+            and len(self.slices) == len(slices)
+            and all(a is b for a, b in zip(self.slices, slices, strict=True))
+        )
+
+    @classmethod
+    def build(
+        cls,
+        service: Service,
+        plan: ServicePlan | None,
+        slices: tuple[EndpointSlice, ...],
+        node_name: str,
+    ) -> _Endpoints:
+        by_address: dict[str, SliceEndpoint] = {}
+        for eps in slices:
+            for slice_ep in eps.endpoints:
+                by_address.setdefault(slice_ep.address, slice_ep)
+        served = plan is not None and bool(plan.listeners)
+        return cls(
+            service,
+            plan,
+            slices,
+            by_address,
+            build_endpoints(service, slices, node_name) if served else {},
+            service_families(service),
+            [service.port_name(port) for port in service.ports],
+        )
 
 
 def _endpoint(endpoint: Endpoint, found: SliceEndpoint | None, ejected: bool, active: int) -> Json:
