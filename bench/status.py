@@ -99,6 +99,10 @@ async def main(services: int, endpoints: int) -> None:
             meter.reset()
             await asyncio.sleep(2.0)
             rows.append(("(no request, 2 s)", 0.0, 0.0, 0, meter.worst, meter.worst_cpu))
+            # The first answer builds every Service's endpoints (kept until they change).
+            meter.reset()
+            seconds, size = await _curl(f"http://127.0.0.1:{port}/status")
+            rows.append(("/status (first)", seconds, seconds, size, meter.worst, meter.worst_cpu))
             for path in URLS:
                 times = []
                 worst = worst_cpu = 0.0
