@@ -10,6 +10,7 @@ Service, one row per endpoint.
 
 from __future__ import annotations
 
+import time
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
@@ -84,8 +85,6 @@ def render_page(status: StatusPage) -> str:
 
 
 def _time(stamp: float) -> str:
-    import time
-
     return time.strftime("%H:%M:%S", time.gmtime(stamp))
 
 
