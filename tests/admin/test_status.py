@@ -87,7 +87,8 @@ def fetch(url: str) -> tuple[int, str]:
         with urllib.request.urlopen(url, timeout=10) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+        with error:  # closed here, not by the collector later (a ResourceWarning)
+            return error.code, error.read().decode()
 
 
 def web_slice(port: int, *, b2_ready: bool = True) -> dict[str, Any]:
