@@ -31,6 +31,7 @@ from userproxy.flags import DEFAULT, build_parser
 from userproxy.logs import setup_logging
 from userproxy.proxy import Proxy
 from userproxy.sources.manifests import ManifestError
+from userproxy.status_cli import status_command
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return explain_command(args)
     if args.command == "cleanup":  # removes what --manage-addresses left; serves nothing
         return cleanup_command(args)
+    if args.command == "status":  # reads /status of a running proxy; serves nothing
+        return status_command(args)
     origins: dict[str, str] = {}
     try:
         with contextlib.ExitStack() as resources:

@@ -35,6 +35,7 @@ from userproxy.config_rules import format_duration, parse_go_duration, show
 from userproxy.dataplane.access_log import ACCESS_LOG_FORMATS
 from userproxy.demo import DEMO_DEFAULTS
 from userproxy.explain_cli import add_explain_parser
+from userproxy.status_cli import add_status_parser
 
 
 class _Default(enum.Enum):
@@ -339,4 +340,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_parser(commands)  # its logic lives in userproxy/check.py
     add_explain_parser(commands)  # userproxy/explain.py
     add_cleanup_parser(commands)  # and this one's in userproxy/cleanup.py
+    add_status_parser(commands)  # reads a running proxy: userproxy/status_cli.py
     return parser

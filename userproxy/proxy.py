@@ -20,10 +20,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from userproxy import __version__
+from userproxy.admin.events import EventLog, RecordingEffects
 from userproxy.admin.health import health_app
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
 from userproxy.admin.service_health import ServiceHealthServers
+from userproxy.admin.status import StatusView
 from userproxy.balancers.ipvs import default_balancer
 from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry, UnknownBalancer
 from userproxy.config import ConfigError, Settings, configz, flag_name
@@ -42,7 +44,7 @@ from userproxy.dataplane.limits import (
 from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
 from userproxy.dataplane.outliers import OutlierSettings
 from userproxy.dataplane.udp_session import UdpSettings
-from userproxy.effects import HostEffects, ServiceAddressSync
+from userproxy.effects import ServiceAddressSync
 from userproxy.hostnet.address_device import AddressManager
 from userproxy.hostnet.node import NodeAddresses
 from userproxy.logs import setup_logging
@@ -177,7 +179,11 @@ class Proxy:
         if settings.manage_addresses:
             self.addresses = AddressManager(settings.address_device)
             self.address_sync = ServiceAddressSync(self.addresses)
-        effects = HostEffects(self.listeners, self.service_health, self.address_sync, self._synced)
+        #: The status page's timeline, fed by the syncs (admin/status.py).
+        self.events = EventLog()
+        effects = RecordingEffects(
+            self.events, self.listeners, self.service_health, self.address_sync, self._synced
+        )
         self.proxier = Proxier(
             self.recorder,
             effects,
@@ -191,6 +197,9 @@ class Proxy:
         #: Event-loop lag, sampled 4 times a second by its own task (``run``).
         self.loop_lag = LoopLagProbe(self.metrics.observe_loop_lag)
         self.health = HealthState(self.recorder, self.proxier, settings.sync_period)
+        self.status = StatusView(
+            self.proxier, self.listeners, self.registry, self.events, settings.hostname
+        )
         self.manifests: ManifestSource | None = None
         self._client_configuration: Configuration | None = None
         if settings.manifests:
@@ -216,6 +225,7 @@ class Proxy:
     def _synced(self, status: SyncStatus) -> None:
         """A sync ended: record it, tell the caller, wake everyone waiting for it."""
         self.metrics.observe_sync(status, time.time())
+        self.events.synced(status)
         if self._on_synced is not None:
             self._on_synced(status)
         if status.syncs:
@@ -442,7 +452,7 @@ class Proxy:
             )
         metrics_address = self.settings.metrics_address
         if metrics_address is not None:
-            app = metrics_app(self.metrics, self.health, self._configz)
+            app = metrics_app(self.metrics, self.health, self._configz, self.status)
             started.append(
                 tasks.create_task(serve_app(app, metrics_address, "metrics", self.metrics_ready))
             )
