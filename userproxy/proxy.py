@@ -35,11 +35,11 @@ from userproxy.control.runner import SyncRunner
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.access_log import AccessLog
 from userproxy.dataplane.limits import (
-    FD_RESERVE,
     ConnectionLimit,
     default_max_connections,
     default_udp_sessions,
     raise_nofile_limit,
+    warn_if_over_nofile,
 )
 from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
 from userproxy.dataplane.outliers import OutlierSettings
@@ -93,24 +93,6 @@ def _balancer_registry(settings: Settings) -> BalancerRegistry:
         raise ConfigError.of(setting, problem) from None
 
 
-def _warn_if_over_nofile(maximum: int, nofile: int, udp_sessions: int) -> None:
-    """Warn when the connection limit cannot be reached: each proxied TCP connection holds
-    two descriptors, and the UDP sessions and a reserve take theirs first.  Past that,
-    accepts fail with EMFILE instead of waiting at the limit, so say what can be served."""
-    servable = max(0, (nofile - FD_RESERVE - udp_sessions) // 2)
-    if maximum > servable:
-        log.warning(
-            "the connection limit (--max-connections) is %d, but the open-files limit %d "
-            "(less %d for UDP sessions and %d reserved, two per connection) serves only %d "
-            "connections; raise the limit (ulimit -n, LimitNOFILE) or lower the setting",
-            maximum,
-            nofile,
-            udp_sessions,
-            FD_RESERVE,
-            servable,
-        )
-
-
 class Proxy:
     """One running proxy.  Build it, ``await run()``; call ``stop()`` from anywhere on the loop."""
 
@@ -124,7 +106,7 @@ class Proxy:
         nofile = raise_nofile_limit()
         udp_sessions = settings.udp_max_sessions or default_udp_sessions(nofile)
         maximum = settings.max_connections or default_max_connections(nofile, udp_sessions)
-        _warn_if_over_nofile(maximum, nofile, udp_sessions)
+        warn_if_over_nofile(maximum, nofile, udp_sessions)
         self.registry = _balancer_registry(settings)
         self.limit = ConnectionLimit(
             maximum,

@@ -205,3 +205,21 @@ class ConnectionLimit:
         if self._emptied is None or self._emptied.done():
             self._emptied = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._emptied)
+
+
+def warn_if_over_nofile(maximum: int, nofile: int, udp_sessions: int) -> None:
+    """Warn when the connection limit cannot be reached: each proxied TCP connection holds
+    two descriptors, and the UDP sessions and a reserve take theirs first.  Past that,
+    accepts fail with EMFILE instead of waiting at the limit, so say what can be served."""
+    servable = max(0, (nofile - FD_RESERVE - udp_sessions) // 2)
+    if maximum > servable:
+        log.warning(
+            "the connection limit (--max-connections) is %d, but the open-files limit %d "
+            "(less %d for UDP sessions and %d reserved, two per connection) serves only %d "
+            "connections; raise the limit (ulimit -n, LimitNOFILE) or lower the setting",
+            maximum,
+            nofile,
+            udp_sessions,
+            FD_RESERVE,
+            servable,
+        )
