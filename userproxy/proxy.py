@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from userproxy import __version__
-from userproxy.admin.events import EventLog, RecordingEffects
+from userproxy.admin.events import EventLog
 from userproxy.admin.health import health_app
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
@@ -44,7 +44,7 @@ from userproxy.dataplane.limits import (
 from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
 from userproxy.dataplane.outliers import OutlierSettings
 from userproxy.dataplane.udp_session import UdpSettings
-from userproxy.effects import ServiceAddressSync
+from userproxy.effects import HostEffects, ServiceAddressSync
 from userproxy.hostnet.address_device import AddressManager
 from userproxy.hostnet.node import NodeAddresses
 from userproxy.logs import setup_logging
@@ -163,9 +163,7 @@ class Proxy:
             self.address_sync = ServiceAddressSync(self.addresses)
         #: The status page's timeline, fed by the syncs (admin/status.py).
         self.events = EventLog()
-        effects = RecordingEffects(
-            self.events, self.listeners, self.service_health, self.address_sync, self._synced
-        )
+        effects = HostEffects(self.listeners, self.service_health, self.address_sync, self._synced)
         self.proxier = Proxier(
             self.recorder,
             effects,
@@ -173,6 +171,7 @@ class Proxy:
             node_addresses=self.node_addresses.nodeport_addresses,
         )
         self.proxier.endpoint_log.enabled = True
+        self.proxier.endpoint_log.on_change = self.events.note_counts
         self.metrics.watch_endpoints(
             lambda: (c for plan in self.proxier.plans.values() for c in plan.endpoint_counts)
         )

@@ -22,13 +22,9 @@ from tests.support.backends import Backend, echo
 from tests.support.manifests import service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy, wait_for_sync
 from userproxy.admin.events import EventLog
+from userproxy.control.endpoint_counts import EndpointCount
 from userproxy.model import (
-    AddressKind,
-    Endpoint,
-    ListenerSpec,
-    PoolSpec,
     Protocol,
-    ServiceKey,
     ServicePortName,
 )
 
@@ -277,19 +273,14 @@ async def test_status_of_many_services_pages_and_answers(tmp_path: Path) -> None
 
 def test_event_log_is_bounded_and_names_each_port() -> None:
     events = EventLog(size=5, clock=lambda: 1.0)
-    key = ServiceKey("default", "web")
     spn = ServicePortName("default", "web", "http", Protocol.TCP)
-
-    def spec(*ready: bool) -> ListenerSpec:
-        endpoints = tuple(Endpoint(f"10.0.0.{i + 1}", 80, ready=r) for i, r in enumerate(ready))
-        return ListenerSpec(spn, AddressKind.CLUSTER_IP, "10.96.0.1", 80, PoolSpec(endpoints, "rr"))
 
     from userproxy.control.proxier import SyncStatus
 
-    events.note_listeners(key, [spec(True, True, False)])
+    events.note_counts(None, EndpointCount(spn, ready=2, not_ready=1))
     events.synced(SyncStatus(syncs=1, services_changed=1))
-    events.note_listeners(key, [spec(True, True)])  # the same ready count: no event
-    events.note_listeners(key, [])
+    events.note_counts(EndpointCount(spn, 2, 0, 1), EndpointCount(spn, 2))  # same ready: no event
+    events.note_counts(EndpointCount(spn, 2), None)
     events.synced(SyncStatus(syncs=2, services_changed=1))
     messages = [e.message for e in events.events]
     assert "default/web:http 0 -> 2 ready endpoints" in messages

@@ -2,9 +2,9 @@
 
 ``EventLog`` keeps the last ``EVENTS`` events: one per sync that changed something, one per
 Service port whose count of ready endpoints changed ("default/web:http 3 -> 2 ready
-endpoints"), noted by :class:`RecordingEffects` as the proxier hands each changed Service's
-listeners over (the proxier's own effects, so nothing is recomputed for Services that did
-not change), and one when Services could not be applied.  Served in ``/status`` and on
+endpoints"), told by the proxier's ``EndpointCountLog`` (control/endpoint_counts.py) as
+each changed plan is applied, the same source as the INFO lines, so nothing is counted
+twice; and one when Services could not be applied.  Served in ``/status`` and on
 ``/`` (admin/status.py); docs/status.md.
 """
 
@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from userproxy.control.endpoint_counts import EndpointCount
 from userproxy.control.proxier import SyncStatus
-from userproxy.effects import HostEffects
-from userproxy.model import ListenerSpec, Protocol, ServiceKey, ServicePortName
+from userproxy.model import Protocol, ServicePortName
 
-if TYPE_CHECKING:
-    from userproxy.admin.service_health import ServiceHealthServers
-    from userproxy.dataplane.listener_set import ListenerSet
-    from userproxy.effects import ServiceAddressSync
-
-__all__ = ["EVENTS", "Event", "EventLog", "RecordingEffects", "port_label"]
+__all__ = ["EVENTS", "Event", "EventLog", "port_label"]
 
 #: Events the timeline keeps (older ones are dropped first).
 EVENTS = 200
@@ -56,45 +50,29 @@ class Event:
 class EventLog:
     """A ring buffer of the last ``size`` events, fed by the proxy's syncs.
 
-    ``note_listeners`` is called for each Service a sync re-planned (before its listeners
-    are applied); ``synced`` then turns what it noted into events.  Memory is bounded:
-    the events by ``size``, the per-port ready counts by the ports served now (a port
-    with none left is forgotten), the notes of one sync by ``size`` (a bulk load of
+    ``note_counts`` is called for each Service port whose counts a sync changed;
+    ``synced`` then turns what it noted into events.  Memory is bounded: the events by
+    ``size``, the notes of one sync by ``size`` (a bulk load of
     10 000 Services keeps the last ones and counts the rest)."""
 
     def __init__(self, size: int = EVENTS, clock: Callable[[], float] = time.time) -> None:
         self.events: deque[Event] = deque(maxlen=size)
         self._clock = clock
-        self._ready: dict[ServicePortName, int] = {}
-        self._ports: dict[ServiceKey, set[ServicePortName]] = {}
         self._notes: deque[str] = deque(maxlen=size)
         self._noted = 0
 
     def add(self, kind: str, message: str) -> None:
         self.events.append(Event(self._clock(), kind, message))
 
-    def note_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        """Compare each port's ready endpoints (over all its pools) with the last count."""
-        now: dict[ServicePortName, set[tuple[str, int]]] = {}
-        for spec in specs:
-            ready = now.setdefault(spec.spn, set())
-            for pool in (spec.pool, spec.node_pool):
-                if pool is not None:
-                    ready.update(e.address for e in pool.endpoints if e.ready)
-        for spn in self._ports.pop(service, set()) - now.keys():
-            before = self._ready.pop(spn, 0)
-            if before:
-                self._note(f"{port_label(spn)} {before} -> 0 ready endpoints (port removed)")
-        for spn, addresses in now.items():
-            before = self._ready.get(spn, 0)
-            if len(addresses) != before:
-                self._note(f"{port_label(spn)} {before} -> {len(addresses)} ready endpoints")
-            if addresses:
-                self._ready[spn] = len(addresses)
-            else:
-                self._ready.pop(spn, None)
-        if now:
-            self._ports[service] = set(now)
+    def note_counts(self, old: EndpointCount | None, new: EndpointCount | None) -> None:
+        """A Service port's endpoint counts changed (``EndpointCountLog.on_change``, from
+        the plans as they are applied): an event when its ready count did."""
+        before = old.ready if old is not None else 0
+        if new is None:
+            if old is not None and before:
+                self._note(f"{port_label(old.spn)} {before} -> 0 ready endpoints (port removed)")
+        elif new.ready != before:
+            self._note(f"{port_label(new.spn)} {before} -> {new.ready} ready endpoints")
 
     def _note(self, message: str) -> None:
         self._noted += 1
@@ -120,22 +98,3 @@ class EventLog:
 
     def as_json(self) -> list[Json]:
         return [event.as_json() for event in self.events]
-
-
-class RecordingEffects(HostEffects):
-    """``HostEffects`` that also tell the event log what each changed Service gets."""
-
-    def __init__(
-        self,
-        events: EventLog,
-        listeners: ListenerSet,
-        health_checks: ServiceHealthServers,
-        addresses: ServiceAddressSync | None,
-        on_synced: Callable[[SyncStatus], None],
-    ) -> None:
-        super().__init__(listeners, health_checks, addresses, on_synced)
-        self._events = events
-
-    def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
-        self._events.note_listeners(service, specs)
-        super().set_listeners(service, specs)

@@ -18,7 +18,7 @@ metrics collector reads the counts of the current plans at scrape time
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from userproxy.model import Endpoint, ServicePortName
@@ -98,18 +98,25 @@ class EndpointCountLog:
     def __init__(self, enabled: bool = False, lines: int = LINES_PER_SYNC) -> None:
         self.enabled = enabled
         self.lines = lines
+        #: Told of every changed Service port, (before, after), logging or not (the status
+        #: page's timeline listens here).
+        self.on_change: Callable[[EndpointCount | None, EndpointCount | None], None] | None = None
         self._logged = 0
         self._held = 0
 
     def note(self, old: Iterable[EndpointCount], new: Iterable[EndpointCount]) -> None:
         """One Service's counts before and after a plan was applied."""
-        if not self.enabled:
+        if not self.enabled and self.on_change is None:
             return
         before: Mapping[ServicePortName, EndpointCount] = {c.spn: c for c in old}
         after: Mapping[ServicePortName, EndpointCount] = {c.spn: c for c in new}
         for spn in sorted(before.keys() | after.keys(), key=str):
             line = describe(before.get(spn), after.get(spn))
             if line is None:
+                continue
+            if self.on_change is not None:
+                self.on_change(before.get(spn), after.get(spn))
+            if not self.enabled:
                 continue
             if self._logged < self.lines:
                 self._logged += 1
