@@ -6,10 +6,14 @@ endpoints"), told by the proxier's ``EndpointCountLog`` (control/endpoint_counts
 each changed plan is applied, the same source as the INFO lines, so nothing is counted
 twice; and one when Services could not be applied.  Served in ``/status`` and on
 ``/`` (admin/status.py); docs/status.md.
+
+``generation`` counts the events ever added; :meth:`EventLog.wait_added` lets the live
+page's notifier (admin/live.py) sleep until it moves, instead of polling.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
@@ -60,9 +64,26 @@ class EventLog:
         self._clock = clock
         self._notes: deque[str] = deque(maxlen=size)
         self._noted = 0
+        #: Events ever added (it only grows; the ring buffer forgets, this does not).
+        self.generation = 0
+        #: Set, and dropped, by the next ``add``; made only while someone waits.
+        self._added: asyncio.Event | None = None
 
     def add(self, kind: str, message: str) -> None:
         self.events.append(Event(self._clock(), kind, message))
+        self.generation += 1
+        if self._added is not None:
+            # Wakes every waiter once; the other adds of the same sync find None (no
+            # waiter has run yet), so a sync of 200 events costs one wake-up, not 200.
+            self._added.set()
+            self._added = None
+
+    async def wait_added(self, seen: int) -> None:
+        """Return once ``generation`` is past ``seen`` (at once if it already is)."""
+        while self.generation <= seen:
+            if self._added is None:
+                self._added = asyncio.Event()
+            await self._added.wait()
 
     def note_counts(self, old: EndpointCount | None, new: EndpointCount | None) -> None:
         """A Service port's endpoint counts changed (``EndpointCountLog.on_change``, from

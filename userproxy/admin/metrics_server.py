@@ -5,7 +5,9 @@ the scraper's ``Accept`` headers ask), ``/healthz`` (as on the health server),
 ``/proxyMode`` and ``/configz`` (the effective configuration as JSON); with a status view,
 ``/status`` (the model of admin/status.py as JSON, docs/status.md) and ``/`` (the same as a
 server-rendered HTML page, admin/status_page.py).  Both take ``q`` (a substring of
-``namespace/name``) and ``page``; ``/status`` also ``page_size`` (default 0: every Service).
+``namespace/name``) and ``page``; ``/status`` also ``page_size`` (default 0: every Service),
+``/`` also ``fragment`` (only the page's ``<main>``).  ``/status/events`` and
+``/status.js`` keep an open page live (admin/live.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from userproxy.admin.health import healthz_handler
+from userproxy.admin.live import add_live_routes
 from userproxy.admin.status import StatusView
 from userproxy.admin.status_page import PAGE_SIZE, render_page
 from userproxy.control.health import HealthState
@@ -76,8 +79,10 @@ def metrics_app(
             page = await view.build(
                 request.query.get("q", "")[:MAX_QUERY], _number(request, "page", 1), PAGE_SIZE
             )
-            return web.Response(text=render_page(page), content_type="text/html")
+            fragment = "fragment" in request.query
+            return web.Response(text=render_page(page, fragment=fragment), content_type="text/html")
 
         app.router.add_get("/status", serve_status)
         app.router.add_get("/", serve_page)
+        add_live_routes(app, view)
     return app

@@ -23,11 +23,18 @@ __all__ = ["PAGE_SIZE", "render_page"]
 PAGE_SIZE = 100
 
 _STYLE = """
-body { font-family: sans-serif; margin: 1em; }
+body { font-family: system-ui, sans-serif; margin: 1em 2em; color: #222; }
+header { display: flex; align-items: baseline; gap: 1em; }
+h1 { font-size: 140%; margin: 0.2em 0 0.5em; }
 table { border-collapse: collapse; margin: 0.3em 0 1em; }
-td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: left; font-size: 90%; }
+td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: left; font-size: 90%; }
+th { background: #f2f2f2; }
+tr.not-ready td { background: #fff3f0; }
 .closed { color: #a00; } .open { color: #070; } .no { color: #999; }
-h2 { margin: 1em 0 0.2em; font-size: 110%; }
+h2 { margin: 1.2em 0 0.2em; font-size: 115%; border-bottom: 1px solid #ddd; }
+#live { font-size: 85%; color: #777; }
+#live.live { color: #070; } #live.live::before { content: "\\25CF "; }
+#live.stale { color: #a00; }
 """
 
 
@@ -39,24 +46,43 @@ def _link(query: str, page: int) -> str:
     return "/?" + urlencode({"q": query, "page": page} if query else {"page": page})
 
 
-def render_page(status: StatusPage) -> str:
-    """The whole page for one ``StatusView.build`` answer."""
+def render_page(status: StatusPage, *, fragment: bool = False) -> str:
+    """The whole page for one ``StatusView.build`` answer; with ``fragment``, only what
+    goes inside its ``<main>`` (what admin/status.js swaps in when the page goes live)."""
+    main = "\n".join(_main(status))
+    if fragment:
+        return main
+    head = status.header
+    query = str(head["query"])
+    return "\n".join(
+        [
+            "<!DOCTYPE html><html><head><meta charset='utf-8'><title>userproxy status</title>",
+            f"<style>{_STYLE}</style></head><body>",
+            f"<header><h1>userproxy {escape(str(head['version']))} on node"
+            f" {escape(str(head['node']))}</h1><span id='live'></span></header>",
+            "<form method='get' action='/'><input type='search' name='q' "
+            f"value='{escape(query, quote=True)}' placeholder='namespace/name'>"
+            "<button type='submit'>Search</button></form>",
+            f"<main id='status'>\n{main}\n</main>",
+            # Only keeps the page live (admin/live.py); the page is whole without it.
+            "<script src='/status.js'></script>",
+            "</body></html>",
+        ]
+    )
+
+
+def _main(status: StatusPage) -> list[str]:
+    """The summary, the Services of the page and the timeline."""
     head = status.header
     query = str(head["query"])
     page, pages = int(str(head["page"])), int(str(head["pages"]))
     sync = head["sync"]
     assert isinstance(sync, dict)
     out = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>userproxy status</title>",
-        f"<style>{_STYLE}</style></head><body>",
-        f"<h1>userproxy {escape(str(head['version']))} on node {escape(str(head['node']))}</h1>",
         f"<p>{sync['syncs']} syncs, the last took {float(sync['last_duration_seconds']) * 1000:.1f}"
         f" ms; {sync['failed_services']} Services failed. {head['services_total']} Services,"
-        f" {head['services_matched']} shown on {pages} pages. "
-        "<a href='/status'>JSON</a></p>",
-        "<form method='get' action='/'><input type='search' name='q' "
-        f"value='{escape(query, quote=True)}' placeholder='namespace/name'>"
-        "<button type='submit'>Search</button></form>",
+        f" {head['services_matched']} shown on {pages} pages; at"
+        f" {_time(float(str(head['generated_at'])))} UTC. <a href='/status'>JSON</a></p>",
     ]
     nav = []
     if page > 1:
@@ -80,8 +106,8 @@ def render_page(status: StatusPage) -> str:
             f"<tr><td>{_time(float(event['time']))}</td><td>{escape(str(event['kind']))}</td>"
             f"<td>{escape(str(event['message']))}</td></tr>"
         )
-    out.append("</table></body></html>")
-    return "\n".join(out)
+    out.append("</table>")
+    return out
 
 
 def _time(stamp: float) -> str:
@@ -136,8 +162,9 @@ def _port(port: dict[str, Any]) -> list[str]:
     endpoints = port["endpoints"]
     for e in endpoints:
         hints = ", ".join([*e["zone_hints"], *(f"node {h}" for h in e["node_hints"])])
+        row = "" if e["ready"] else " class='not-ready'"
         out.append(
-            f"<tr><td>{escape(e['address'])}</td><td>{_yes(e['ready'])}</td>"
+            f"<tr{row}><td>{escape(e['address'])}</td><td>{_yes(e['ready'])}</td>"
             f"<td>{_yes(e['serving'])}</td><td>{_yes(e['terminating'])}</td>"
             f"<td>{escape(e['node'] or '')}</td><td>{escape(e['zone'] or '')}</td>"
             f"<td>{escape(hints)}</td><td>{_yes(e['local'])}</td><td>{_yes(e['ejected'])}</td>"
