@@ -2,10 +2,12 @@
 page (``/status.js``, admin/status.js) when what it shows may have changed, so it fetches
 itself again.  docs/status.md, "Live updates", is the format:
 
-    retry: 1000                        once, first: reconnect 1 s after the stream ends
+    retry: 1000                        in the first message: reconnect 1 s after an end
+    id: 6
+    data: {"generation": 6, "reason": "hello"}
 
     id: 7
-    data: {"generation": 7, "reason": "hello"}
+    data: {"generation": 7, "reason": "events"}
 
     : keep-alive                       a comment when nothing was sent for KEEPALIVE s
 
@@ -150,7 +152,7 @@ class LiveFeed:
         ends = loop.time() + self.lifetime
         try:
             seen = self.generation
-            await _send(response, f"retry: {RETRY_MS}\n\n" + _message(seen, "hello"))
+            await _send(response, f"retry: {RETRY_MS}\n" + _message(seen, "hello"))
             while not self._closed and not stream.gone and loop.time() < ends:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(self.keepalive, ends - loop.time())):
