@@ -101,7 +101,9 @@ class LiveFeed:
         self.generation = 0
         self.reason = "hello"
         self._streams: set[_Stream] = set()
+        #: The notifier, and every notifier task not yet ended (owned: close() waits).
         self._task: asyncio.Task[None] | None = None
+        self._notifiers: set[asyncio.Task[None]] = set()
         self._closed = False
         self._counters: Counters | None = None
 
@@ -112,8 +114,9 @@ class LiveFeed:
 
     @property
     def notifying(self) -> bool:
-        """Whether the notifier task runs (only while a stream is open, give or take a TICK)."""
-        return self._task is not None and not self._task.done()
+        """Whether a notifier task exists: from the first stream's start to just after the
+        last one's end."""
+        return bool(self._notifiers)
 
     def publish(self, reason: str) -> None:
         """Tell every open stream that something changed."""
@@ -127,10 +130,11 @@ class LiveFeed:
         self._closed = True
         for stream in self._streams:
             stream.wake.set()
-        if self._task is not None:
-            self._task.cancel()
+        if self._notifiers:
+            for task in self._notifiers:
+                task.cancel()
             # wait(), not await: the notifier's CancelledError is not ours to raise.
-            await asyncio.wait([self._task])
+            await asyncio.wait(list(self._notifiers))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET /status/events``: the stream, until one of the ends in the module docstring."""
@@ -171,24 +175,30 @@ class LiveFeed:
             log.debug("status stream to %s ended early", request.remote)
         finally:
             self._streams.discard(stream)
+            if not self._streams and self._task is not None:
+                self._task.cancel()  # the last stream left: the notifier has no one to tell
         return response
 
     def _join(self, stream: _Stream) -> None:
         self._streams.add(stream)
-        if self._task is not None and self._task.done():
-            if not self._task.cancelled() and self._task.exception() is not None:
-                log.error("status notifier failed", exc_info=self._task.exception())
-            self._task = None
-        if self._task is None:
+        task = self._task
+        # A notifier cancelled by the last stream's end may not have ended yet: a new one.
+        if task is None or task.done() or task.cancelling():
             self._task = asyncio.get_running_loop().create_task(
                 self._notify(), name="status-live-notifier"
             )
+            self._notifiers.add(self._task)
+            self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._notifiers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("status notifier failed", exc_info=task.exception())
 
     async def _notify(self) -> None:
         """The notifier: publishes each time the timeline grows and, once a TICK, when the
-        counters moved; wakes the streams whose client left.  Returns when no stream is
-        open (checked with no await before returning, so a stream that joins meanwhile
-        finds it running or finished, never finishing)."""
+        counters moved; wakes the streams whose client left.  Cancelled when the last
+        stream leaves (``handle``); a stream that joins later starts a new one."""
         loop = asyncio.get_running_loop()
         events = self.view.events
         seen = events.generation
