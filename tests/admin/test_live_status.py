@@ -93,10 +93,10 @@ def next_message(stream: Stream, within: float) -> dict[str, Any]:
         assert time.monotonic() < deadline, f"no message within {within}s (last: {block})"
 
 
-def fetch(port: int, path: str) -> tuple[int, dict[str, str], str]:
+def fetch(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], str]:
     conn = http.client.HTTPConnection(METRICS_IP, port, timeout=10)
     try:
-        conn.request("GET", path)
+        conn.request(method, path)
         response = conn.getresponse()
         return response.status, dict(response.getheaders()), response.read().decode()
     finally:
@@ -320,3 +320,6 @@ async def test_page_links_the_script_and_the_script_is_served(
         assert headers["Content-Type"].startswith("text/javascript")
         assert 'new EventSource("/status/events")' in script
         assert 'searchParams.set("fragment", "1")' in script
+        # HEAD of the stream is refused, not held open for the stream's lifetime.
+        code, _, _ = await asyncio.to_thread(fetch, port, "/status/events", "HEAD")
+        assert code == 405

@@ -6,7 +6,8 @@ two Services with real echo backends and open connections through it.
 The page is opened once; then one endpoint goes not ready, then a Service is deleted, and
 each change must show on the open page within 2 s, with no reload (a marker set on
 ``window`` before the changes is still there after them) and with what was typed into
-the search box, and its focus, kept.
+the search box, and its focus, kept.  Then, with JavaScript off, the page is still
+whole, its search still works (a plain form), and a change does not show by itself.
 
 The screenshot: every run saves one into ``tmp_path`` (and checks it is a PNG); with
 ``USERPROXY_SCREENSHOT=PATH`` (relative to the repository) it is also written there.
@@ -38,7 +39,7 @@ from selenium.webdriver.common.by import By
 
 from tests.support.backends import Backend, echo
 from tests.support.manifests import service, write
-from tests.support.proxyrun import running_proxy, wait_listening, wait_until
+from tests.support.proxyrun import running_proxy, wait_for_sync, wait_listening, wait_until
 
 # The first run may install Chromium with apt (minutes); the test itself takes seconds.
 pytestmark = [pytest.mark.both_loops, pytest.mark.timeout(600)]
@@ -308,6 +309,31 @@ async def test_status_page_updates_live_in_chromium(
             )
             assert await asyncio.to_thread(box.get_attribute, "value") == "def"
             assert await asyncio.to_thread(run, "return document.activeElement.name") == "q"
+
+            # With JavaScript off: the same page, no badge, and the search is a plain form.
+            await asyncio.to_thread(
+                driver.execute_cdp_cmd, "Emulation.setScriptExecutionDisabled", {"value": True}
+            )
+            await asyncio.to_thread(driver.get, f"{base}/?q=nothing-matches")
+            box = await asyncio.to_thread(driver.find_element, By.NAME, "q")
+            await asyncio.to_thread(box.clear)
+            await asyncio.to_thread(box.send_keys, "WEB\n")
+            await asyncio.to_thread(
+                wait_until, lambda: driver.current_url == f"{base}/?q=WEB", 5, "the search"
+            )
+            heading = await asyncio.to_thread(driver.find_element, By.ID, "default/web")
+            assert heading.text == "default/web"
+            # Not live: a change does not show, looked for as long as a live page gets.
+            syncs = proxy.proxier.status.syncs
+            write_manifests(tmp_path, web_port, api_port, web3_ready=True, api=False)
+            await wait_for_sync(proxy, syncs)
+            await asyncio.sleep(WITHIN)
+            row = await asyncio.to_thread(
+                driver.find_element, By.XPATH, f"//main//tr[td[1]='{WEB_IPS[2]}:{web_port}']"
+            )
+            assert await asyncio.to_thread(row.get_attribute, "class") == "not-ready"
+            badge = await asyncio.to_thread(driver.find_element, By.ID, "live")
+            assert await asyncio.to_thread(lambda: badge.text) == ""
     finally:
         for conn in conns:
             conn.close()

@@ -274,7 +274,7 @@ def add_live_routes(app: web.Application, view: StatusView) -> LiveFeed:
         )
 
     app[LIVE_FEED] = feed
-    app.router.add_get("/status/events", feed.handle)
+    app.router.add_get("/status/events", feed.handle, allow_head=False)  # HEAD: 405
     app.router.add_get("/status.js", serve_script)
     app.on_shutdown.append(feed.close)
     return feed
