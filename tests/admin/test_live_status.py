@@ -2,7 +2,8 @@
 the first message, a message within a second of a manifest change, keep-alive comments, a
 message when the connection counters move, the stream's bounded lifetime, a client that
 leaves leaves no handler or task behind, the stream limit, and a proxy with open streams
-stops at once.  Also ``/?fragment=1`` and ``/status.js``, which the page uses.
+stops at once.  Also ``/?fragment=1`` and ``/status.js``, which the page uses, and the
+EventLog's wake-up that the notifier sleeps on.
 
 Each stream is read by a plain blocking HTTP/1.1 client (http.client, which undoes the
 chunked encoding) in a thread, independent of the loop under test.
@@ -29,6 +30,7 @@ from tests.support.backends import Backend, echo
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import eventually, running_proxy, wait_listening
 from userproxy.admin import live, metrics_server
+from userproxy.admin.events import EventLog
 from userproxy.admin.live import LiveFeed
 from userproxy.admin.status import StatusView
 from userproxy.proxy import Proxy
@@ -323,3 +325,32 @@ async def test_page_links_the_script_and_the_script_is_served(
         # HEAD of the stream is refused, not held open for the stream's lifetime.
         code, _, _ = await asyncio.to_thread(fetch, port, "/status/events", "HEAD")
         assert code == 405
+
+
+async def test_event_log_wakes_its_waiters_once_per_burst() -> None:
+    """``EventLog.wait_added``: at once when already past ``seen``; else woken by the next
+    add; a sync's many adds wake a waiter once (the notifier then publishes once)."""
+    events = EventLog(size=5, clock=lambda: 1.0)
+    events.add("sync", "one")
+    async with asyncio.timeout(1):
+        await events.wait_added(0)  # already past
+    wakes = 0
+
+    async def waiter() -> None:
+        nonlocal wakes
+        seen = events.generation
+        while seen < 1 + 20:
+            await events.wait_added(seen)
+            wakes += 1
+            seen = events.generation
+
+    task = asyncio.create_task(waiter())
+    await asyncio.sleep(0)  # the waiter sleeps on the log now
+    assert wakes == 0
+    for i in range(20):  # one sync's events, added with no await between
+        events.add("endpoints", f"port {i}")
+    async with asyncio.timeout(1):
+        await task
+    assert wakes == 1
+    assert events.generation == 21
+    assert len(events.events) == 5  # the ring buffer forgets; the generation does not
