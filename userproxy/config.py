@@ -173,6 +173,15 @@ class Settings:
         return rules.host_port(self.metrics_bind_address) if self.metrics_bind_address else None
 
     @property
+    def source_description(self) -> str:
+        """Where the Services come from, as the start line says it."""
+        if self.manifests:
+            return "manifests " + ", ".join(map(str, self.manifests))
+        if self.kubeconfig is not None:
+            return f"the API server of {self.kubeconfig}"
+        return "the API server (in-cluster configuration)"
+
+    @property
     def default_balancer(self) -> str:
         """The balancer of Services without the annotation: ``balancer``, else what
         ``ipvs_scheduler`` selects, else round-robin (whether it exists: the registry's)."""

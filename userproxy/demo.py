@@ -102,8 +102,13 @@ Try:
   curl -s http://{ip}:{port}/                                   # see the change, no restart
 
 Watch it work:
+  open http://127.0.0.1:10249/ in a browser        # the status page, live
+  userproxy status                                  # the same in the terminal
+  userproxy explain demo/web --server http://127.0.0.1:10249
+                                                    # why a connection goes where it goes
   curl -s http://127.0.0.1:10249/metrics | grep -E '^(userproxy|kubeproxy)_'
   curl -s http://127.0.0.1:10256/healthz
+  (run the demo with --access-log - to see one line per connection)
 
 Press Ctrl-C to stop.
 """
@@ -118,13 +123,25 @@ def _service_not_listening(proxy: Proxy) -> str | None:
     return None  # other manifests (--manifests DIR): nothing to check
 
 
+async def _ready(proxy: Proxy, settings: Settings) -> None:
+    await proxy.synced.wait()
+    if settings.metrics_address is not None:
+        # Not forever: a metrics port that is taken is retried (and logged) by its server;
+        # the demo itself still works.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await proxy.metrics_ready.wait()
+
+
 async def run_demo(settings: Settings, install_signals: Callable[[Proxy], None]) -> None:
     runners = await start_backends()
     try:
         proxy = Proxy(settings)
         install_signals(proxy)
         serving = asyncio.ensure_future(proxy.run())
-        synced = asyncio.ensure_future(proxy.synced.wait())
+        # Ready when synced and (unless turned off) the metrics server listens: the
+        # instructions point at its status page.
+        synced = asyncio.ensure_future(_ready(proxy, settings))
         await asyncio.wait({serving, synced}, return_when=asyncio.FIRST_COMPLETED)
         if not synced.done():
             synced.cancel()

@@ -296,6 +296,18 @@ class _DataplaneCollector(Collector):
                         family.add_metric([service_port, protocol, *extra], value)
         yield from (family for _, family in families)
         yield from _ejection_families(self.listeners)
+        access_log = self.listeners.access_log
+        if access_log is not None:
+            lines = CounterMetricFamily(
+                "userproxy_access_log_lines",
+                "Access-log lines written, dropped (the writer was behind) and lost to write "
+                "errors",
+                labels=["outcome"],
+            )
+            lines.add_metric(["written"], access_log.written)
+            lines.add_metric(["dropped"], access_log.dropped)
+            lines.add_metric(["failed"], access_log.failed)
+            yield lines
         # Unlabelled: the refused Service is named in the log line that reports it.
         yield GaugeMetricFamily(
             "userproxy_listener_conflicts",

@@ -55,6 +55,8 @@ from userproxy.sources.manifests import ManifestError, ManifestSource
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import Configuration
 
+    from userproxy.sources.reflector import EventKind
+
 log = logging.getLogger(__name__)
 
 #: Settings a running proxy takes on at ``reload()``: read afresh by the sync runner, the
@@ -163,6 +165,7 @@ class Proxy:
             self.address_sync = ServiceAddressSync(self.addresses)
         #: The status page's timeline, fed by the syncs (admin/status.py).
         self.events = EventLog()
+        self.listeners.on_event = self.events.add
         effects = HostEffects(self.listeners, self.service_health, self.address_sync, self._synced)
         self.proxier = Proxier(
             self.recorder,
@@ -190,7 +193,7 @@ class Proxy:
                 node_name=settings.hostname,
                 proxy_name=settings.service_proxy_name,
                 poll_interval=settings.manifest_poll_interval,
-                on_reload_error=lambda _: self.metrics.reload_errors.inc(),
+                on_reload_error=self._reload_failed,
             )
         #: Set once each admin server listens (tests and the demo wait on these).
         self.health_ready = asyncio.Event()
@@ -214,6 +217,14 @@ class Proxy:
         # Wake everyone waiting for "a sync after N", then arm a fresh event.
         self._next_sync.set()
         self._next_sync = asyncio.Event()
+
+    def _reload_failed(self, error: ManifestError) -> None:
+        self.metrics.reload_errors.inc()
+        self.events.reload_failed(error)
+
+    def _source_event(self, kind: EventKind, resource: str) -> None:
+        self.metrics.source_event(kind, resource)
+        self.events.source_event(kind, resource)
 
     async def wait_sync(self, after: int) -> None:
         """Return once more than ``after`` syncs have been applied."""
@@ -308,7 +319,7 @@ class Proxy:
         log.info(
             "userproxy serving %s as node %s (max %d connections, %d%% per Service, "
             "%d%% per client IP)",
-            self._source_description(),
+            self.settings.source_description,
             self.settings.hostname,
             self.limit.maximum,
             self.settings.service_connection_share,
@@ -392,14 +403,6 @@ class Proxy:
             return await self.listeners.drain(0.0)  # grace 0: abort every connection now
         return drain.result()
 
-    def _source_description(self) -> str:
-        settings = self.settings
-        if settings.manifests:
-            return "manifests " + ", ".join(map(str, settings.manifests))
-        if settings.kubeconfig is not None:
-            return f"the API server of {settings.kubeconfig}"
-        return "the API server (in-cluster configuration)"
-
     async def _run_source(self) -> None:
         if self.manifests is not None:
             await self.manifests.run()
@@ -417,7 +420,7 @@ class Proxy:
                 node_name=self.settings.hostname,
                 proxy_name=self.settings.service_proxy_name,
                 resync_period=self.settings.config_sync_period,
-                on_event=self.metrics.source_event,
+                on_event=self._source_event,
             )
             await source.run()
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -59,6 +60,13 @@ def add_status_parser(commands: argparse._SubParsersAction[_P]) -> None:
         action="store_false",
         help="print the counts only, not each listener and endpoint",
     )
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=10,
+        metavar="N",
+        help="print the last N events of the timeline (default 10; 0: none)",
+    )
 
 
 def default_server(config: Path | None) -> str:
@@ -89,8 +97,11 @@ def fetch_status(server: str, query: str = "") -> dict[str, Any]:
     return data
 
 
-def format_status(data: dict[str, Any], *, endpoints: bool = True) -> Iterator[str]:
-    """The report: a header, then per Service port a line of counts (and its details)."""
+def format_status(
+    data: dict[str, Any], *, endpoints: bool = True, events: int = 0
+) -> Iterator[str]:
+    """The report: a header, then per Service port a line of counts (and its details),
+    then the last ``events`` events of the timeline (UTC times)."""
     yield (
         f"userproxy {data['version']} on node {data['node']}: {data['services_total']} "
         f"Services, {data['sync']['syncs']} syncs"
@@ -134,11 +145,20 @@ def format_status(data: dict[str, Any], *, endpoints: bool = True) -> Iterator[s
                 )
         if service["error"]:
             yield f"  ! not applied: {service['error']}"
+    timeline = data["events"][-events:] if events > 0 else []
+    if timeline:
+        yield f"Last {len(timeline)} of {len(data['events'])} events:"
+    for event in timeline:
+        when = time.strftime("%H:%M:%S", time.gmtime(event["time"]))
+        yield f"  {when} {event['kind']:<9} {event['message']}"
 
 
 def status_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``userproxy status`` with parsed ``args``; the exit status."""
     out = sys.stdout if out is None else out
+    if args.events < 0:
+        print(f"userproxy status: --events must be 0 or more, not {args.events}", file=sys.stderr)
+        return 2
     try:
         server = args.server or default_server(args.config)
     except Exception as exc:  # a bad config file or address: say which, exit 2
@@ -150,6 +170,6 @@ def status_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
         reason = getattr(exc, "reason", exc)
         print(f"userproxy status: cannot read {server}/status: {reason}", file=sys.stderr)
         return 1
-    for line in format_status(data, endpoints=args.endpoints):
+    for line in format_status(data, endpoints=args.endpoints, events=args.events):
         print(line, file=out)
     return 0

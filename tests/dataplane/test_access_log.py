@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.backends import Backend, UdpBackend, echo
 from tests.support.manifests import endpoint_slice, service, write
-from tests.support.proxyrun import running_proxy
+from tests.support.proxyrun import eventually, running_proxy
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane import access_log
 from userproxy.dataplane import access_log as ends
@@ -467,3 +469,53 @@ async def test_full_queue_drops_and_counts(
     assert all(json.loads(line)["end"] == "client_closed" for line in lines)
     warnings = [r for r in caplog.records if "dropped" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+async def test_lines_written_dropped_and_failed_are_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``userproxy_access_log_lines_total{outcome}`` counts what the writer did with each
+    line, parsed from /metrics' text with prometheus_client's parser."""
+    n = net()
+    cluster_ip, backend_ip = f"127.173.{n}.1", f"127.173.{n + 1}.1"
+    backend = Backend(backend_ip, echo)
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    write(
+        manifests / "s.json",
+        service("web", cluster_ip, PORT, port_name="http"),
+        endpoint_slice("web-1", "web", backend.port, [backend_ip], port_name="http"),
+    )
+
+    def talk(count: int) -> None:
+        for _ in range(count):
+            with socket.create_connection((cluster_ip, PORT), 5) as sock:
+                sock.sendall(b"x")
+                assert sock.recv(10) == b"x"
+
+    def lines(proxy: Any) -> dict[str, float]:
+        text = generate_latest(proxy.metrics.registry).decode()
+        return {
+            sample.labels["outcome"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "userproxy_access_log_lines"
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        }
+
+    try:
+        async with running_proxy(manifests, access_log=str(tmp_path / "access.log")) as proxy:
+            await asyncio.to_thread(talk, 3)
+            await eventually(lambda: lines(proxy)["written"] == 3, 5, "3 lines written")
+            monkeypatch.setattr(access_log, "QUEUE_LIMIT", 0)  # the writer "falls behind"
+            await asyncio.to_thread(talk, 2)
+            await eventually(lambda: lines(proxy)["dropped"] == 2, 5, "2 lines dropped")
+            monkeypatch.undo()
+            log = proxy.listeners.access_log
+            assert log is not None
+            log._stream.close()  # the file goes away under the writer (as a full disk)
+            await asyncio.to_thread(talk, 1)
+            await eventually(lambda: lines(proxy)["failed"] == 1, 5, "1 line lost")
+            assert lines(proxy) == {"written": 3, "dropped": 2, "failed": 1}
+    finally:
+        backend.stop()

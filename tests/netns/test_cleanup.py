@@ -48,11 +48,14 @@ def node_ns() -> Iterator[str]:
         pytest.skip(str(exc))
 
 
-def cleanup(netns: str, *args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
-    """``userproxy cleanup ARGS`` in ``netns`` (as ``user``, without privileges, if given)."""
+def cleanup(netns: str, *args: str, privileged: bool = True) -> subprocess.CompletedProcess[str]:
+    """``userproxy cleanup ARGS`` in ``netns``; with ``privileged=False`` without
+    CAP_NET_ADMIN (dropped from the bounding set, as a container without that capability
+    runs: still root, so it can read the clone and its venv wherever they are, which a
+    switch to another user could not when the checkout is private, e.g. under mktemp -d)."""
     command = [sys.executable, "-m", "userproxy", "cleanup", *args]
-    if user is not None:
-        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
+    if not privileged:
+        command = ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin", *command]
     return subprocess.run(
         in_netns(netns, *command),
         cwd=REPO,
@@ -149,7 +152,7 @@ def test_cleanup_without_privilege_exits_2_naming_the_capability(
     node_ns: str, tmp_path: Path
 ) -> None:
     crash_a_proxy(node_ns, tmp_path)
-    refused = cleanup(node_ns, user=65534)
+    refused = cleanup(node_ns, privileged=False)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "CAP_NET_ADMIN" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr

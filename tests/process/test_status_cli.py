@@ -8,6 +8,7 @@ Addresses: Services on 127.214.2.x, backends on 127.214.2.1x (no other test uses
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,24 @@ async def test_status_prints_every_service_port_with_counts(tmp_path: Path) -> N
                 f"-> 127.214.2.11:{b1.port}" in line and "ready,serving,local" in line
                 for line in lines
             )
-            # Counts only, and a search.
-            code, out, _ = await status_of(server, "--no-endpoints", "-q", "api")
+            # The timeline's last events, after the Services.
+            at = lines.index(next(line for line in lines if line.startswith("Last ")))
+            assert lines[at:] == [
+                "Last 2 of 2 events:",
+                lines[at + 1],
+                f"  {lines[at + 1][2:10]} endpoints default/web:http 0 -> 2 ready endpoints",
+            ]
+            assert re.fullmatch(r"  \d\d:\d\d:\d\d sync      sync 1: 2 Service .*", lines[at + 1])
+            # Counts only, no events, and a search.
+            code, out, _ = await status_of(server, "--no-endpoints", "--events", "0", "-q", "api")
             assert code == 0
             assert "default/api:http" in out
             assert "default/web" not in out
             assert "->" not in out
+            assert "events" not in out
+            code, _, err = await status_of(server, "--events", "-1")
+            assert code == 2
+            assert "--events must be 0 or more, not -1" in err
     finally:
         b1.stop()
         b2.stop()

@@ -4,11 +4,18 @@
 Service port whose count of ready endpoints changed ("default/web:http 3 -> 2 ready
 endpoints"), told by the proxier's ``EndpointCountLog`` (control/endpoint_counts.py) as
 each changed plan is applied, the same source as the INFO lines, so nothing is counted
-twice; and one when Services could not be applied.  Served in ``/status`` and on
-``/`` (admin/status.py); docs/status.md.
+twice; and one when Services could not be applied.  Between syncs, what the other parts
+report through the callbacks they already have: manifests that could not be reloaded
+(``ManifestSource(on_reload_error=...)``), the API watch restarting, re-listing or failing
+(``KubernetesSource(on_event=...)``), listeners that cannot bind and outlier ejections
+(``ListenerSet.on_event``).  Served in ``/status`` and on ``/`` (admin/status.py);
+docs/status.md.
 
-``generation`` counts the events ever added; :meth:`EventLog.wait_added` lets the live
-page's notifier (admin/live.py) sleep until it moves, instead of polling.
+Invariant: memory is bounded (``size`` events) and a burst of one repeated event (an API
+outage retried every few seconds) takes one entry, counted, not the whole timeline.
+
+``generation`` counts the events ever added or repeated; :meth:`EventLog.wait_added` lets
+the live page's notifier (admin/live.py) sleep until it moves, instead of polling.
 """
 
 from __future__ import annotations
@@ -22,11 +29,23 @@ from dataclasses import dataclass
 from userproxy.control.endpoint_counts import EndpointCount
 from userproxy.control.proxier import SyncStatus
 from userproxy.model import Protocol, ServicePortName
+from userproxy.sources.manifest_read import ManifestError
 
-__all__ = ["EVENTS", "Event", "EventLog", "port_label"]
+__all__ = ["EVENTS", "REPEAT_WINDOW", "SOURCE_EVENTS", "Event", "EventLog", "port_label"]
 
 #: Events the timeline keeps (older ones are dropped first).
 EVENTS = 200
+
+#: A repeat of the last event within this many seconds is counted on it, not added.
+REPEAT_WINDOW = 60.0
+
+#: What the API source's events (sources/reflector.py ``EventKind``) say on the timeline.
+SOURCE_EVENTS = {
+    "watch_restart": "watch broke or was closed early; resuming it",
+    "relist": "watch fell too far behind (410 Gone); re-listing",
+    "api_error": "API request failed; retrying with backoff",
+    "invalid_object": "invalid object skipped (see the log)",
+}
 
 Json = dict[str, object]
 
@@ -40,15 +59,20 @@ def port_label(spn: ServicePortName) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One timeline entry: wall-clock ``time`` (UNIX seconds), a ``kind`` ("sync",
-    "endpoints", "error") and a sentence."""
+    """One timeline entry: wall-clock ``time`` (UNIX seconds, of the latest repeat), a
+    ``kind`` ("sync", "endpoints", "error", "reload", "source", "bind", "ejection") and a
+    sentence; ``repeats`` counts the same event again within ``REPEAT_WINDOW``."""
 
     time: float
     kind: str
     message: str
+    repeats: int = 0
 
     def as_json(self) -> Json:
-        return {"time": round(self.time, 3), "kind": self.kind, "message": self.message}
+        message = self.message
+        if self.repeats:
+            message += f" (and {self.repeats} more times)"
+        return {"time": round(self.time, 3), "kind": self.kind, "message": message}
 
 
 class EventLog:
@@ -64,13 +88,27 @@ class EventLog:
         self._clock = clock
         self._notes: deque[str] = deque(maxlen=size)
         self._noted = 0
-        #: Events ever added (it only grows; the ring buffer forgets, this does not).
+        #: Events ever added or repeated (it only grows; the ring buffer forgets).
         self.generation = 0
         #: Set, and dropped, by the next ``add``; made only while someone waits.
         self._added: asyncio.Event | None = None
 
     def add(self, kind: str, message: str) -> None:
-        self.events.append(Event(self._clock(), kind, message))
+        now = self._clock()
+        last = self.events[-1] if self.events else None
+        if (
+            last is not None
+            and last.kind == kind
+            and last.message == message
+            and now - last.time < REPEAT_WINDOW
+        ):
+            self.events[-1] = Event(now, kind, message, last.repeats + 1)
+        else:
+            self.events.append(Event(now, kind, message))
+        self._moved()
+
+    def _moved(self) -> None:
+        """The timeline changed (an event added, or a repeat counted): wake the waiters."""
         self.generation += 1
         if self._added is not None:
             # Wakes every waiter once; the other adds of the same sync find None (no
@@ -84,6 +122,18 @@ class EventLog:
             if self._added is None:
                 self._added = asyncio.Event()
             await self._added.wait()
+
+    def source_event(self, kind: str, resource: str) -> None:
+        """The API source reported ``kind`` for ``resource`` ("services", ...)."""
+        self.add("source", f"{resource}: {SOURCE_EVENTS.get(kind, kind)}")
+
+    def reload_failed(self, error: ManifestError) -> None:
+        """Manifests could not be reloaded (the last good state keeps serving): the first
+        problem, and how many more the log lists."""
+        first = error.problems[0] if error.problems else "unknown problem"
+        more = len(error.problems) - 1
+        also = f" (and {more} more problems)" if more > 0 else ""
+        self.add("reload", f"manifests not reloaded, keeping the last good state: {first}{also}")
 
     def note_counts(self, old: EndpointCount | None, new: EndpointCount | None) -> None:
         """A Service port's endpoint counts changed (``EndpointCountLog.on_change``, from

@@ -12,7 +12,8 @@ itself again.  docs/status.md, "Live updates", is the format:
     : keep-alive                       a comment when nothing was sent for KEEPALIVE s
 
 ``reason`` is "hello" (the first message of every stream: the page may have changed since
-it was rendered), "events" (the timeline gained events: a sync changed something) or
+it was rendered), "events" (the timeline changed: a sync changed something, a reload
+failed, a listener could not bind, an endpoint was ejected ...; admin/events.py) or
 "counters" (connections, bytes, listeners open or endpoints ejected changed, compared once
 a TICK).  ``generation`` counts the changes this server has told of.
 

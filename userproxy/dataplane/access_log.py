@@ -139,8 +139,11 @@ class AccessLog:
             sys.stderr if path == "-" else open(path, "a", encoding="utf-8")  # noqa: SIM115
         )
         self._queue: deque[Record] = deque()
+        #: Lines dropped because the writer was behind, written, and lost to write errors
+        #: (``userproxy_access_log_lines_total``); each changed by one side only.
         self.dropped = 0
         self.written = 0
+        self.failed = 0
         self._drop_log = RateLimitedLog(log, DROP_LOG_INTERVAL)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
@@ -182,6 +185,7 @@ class AccessLog:
             self._stream.flush()
         except (OSError, ValueError) as exc:  # disk full, file closed: keep the proxy going
             self._drop_log.log(logging.WARNING, "access log %s: cannot write: %s", self.path, exc)
+            self.failed += len(lines) - 1
             return
         self.written += len(lines) - 1
 

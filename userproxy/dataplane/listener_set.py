@@ -27,7 +27,14 @@ from userproxy.dataplane.access_log import DRAINED, HALF_CLOSE_TIMEOUT, IDLE_TIM
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import ListenerStats
-from userproxy.dataplane.outliers import Ejection, OutlierDetector, OutlierSettings, union
+from userproxy.dataplane.outliers import (
+    Ejection,
+    EventSink,
+    OutlierDetector,
+    OutlierSettings,
+    ignore_event,
+    union,
+)
 from userproxy.dataplane.tcp_listener import TcpListener
 from userproxy.dataplane.tcp_relay import DownstreamProtocol
 from userproxy.dataplane.udp_listener import UdpListener
@@ -140,6 +147,9 @@ class ListenerSet:
         self._detectors: dict[ServicePortName, OutlierDetector] = {}
         self._detectors_of: dict[ServiceKey, set[ServicePortName]] = {}
         self._retired_ejections: dict[TotalsKey, int] = {}
+        #: Told ``(kind, sentence)`` when a listener cannot bind (or can again) and when an
+        #: endpoint is ejected or returns: the status page's timeline (admin/events.py).
+        self.on_event: EventSink = ignore_event
 
     # -- the control plane's entry point ---------------------------------------------------
     def set_listeners(self, service: ServiceKey, specs: Sequence[ListenerSpec]) -> None:
@@ -220,6 +230,7 @@ class ListenerSet:
             detector = self._detectors.get(spn)
             if detector is None:
                 detector = self._detectors[spn] = OutlierDetector(str(spn), self.outlier_settings)
+                detector.on_event = self.on_event
             detector.set_endpoints(union(lists))
         for key, spec in owned.items():
             listener = self.listeners.get(key)
@@ -273,11 +284,26 @@ class ListenerSet:
             listener = self._new_listener(spec)
             self.listeners[key] = listener
             self._owner[key] = service
-        elif listener.spec != spec:
+            self._note_bind(listener, None)
+            return listener
+        before = listener.bind_error
+        if listener.spec != spec:
             listener.update(spec)
         else:
             listener.retry_bind()
+        self._note_bind(listener, before)
         return listener
+
+    def _note_bind(self, listener: AnyListener, before: OSError | None) -> None:
+        """Tell ``on_event`` when ``listener``'s bind error began, changed or ended (its
+        own log lines say the same; a retry failing alike says nothing)."""
+        after = listener.bind_error
+        spec = listener.spec
+        where = f"{spec.spn}: {spec.ip}:{spec.port}"
+        if after is not None and (before is None or before.errno != after.errno):
+            self.on_event("bind", f"{where}: cannot listen: {after.strerror or after}")
+        elif before is not None and after is None and listener.listening:
+            self.on_event("bind", f"{where}: listening now (the bind error is over)")
 
     def _new_listener(self, spec: ListenerSpec) -> AnyListener:
         if spec.spn.protocol is Protocol.UDP:
@@ -364,7 +390,10 @@ class ListenerSet:
         if now - self._last_bind_retry >= BIND_RETRY_INTERVAL:
             self._last_bind_retry = now
             for listener in self.listeners.values():
-                listener.retry_bind()
+                before = listener.bind_error
+                if before is not None:
+                    listener.retry_bind()
+                    self._note_bind(listener, before)
         fin, idle = self.timeouts.fin, self.timeouts.idle
         for conn in list(self.connections()):
             if conn.half_closed_at is not None and now - conn.half_closed_at >= fin:

@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 
+#: Where the data plane tells what happened, as ``(kind, sentence)``: the status page's
+#: timeline (admin/events.py ``EventLog.add``); never raises, never blocks.
+EventSink = Callable[[str, str], None]
+
+
+def ignore_event(kind: str, message: str) -> None:
+    """The ``EventSink`` of a proxy without a timeline (tests, ``userproxy check``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class OutlierSettings:
@@ -111,6 +119,7 @@ class OutlierDetector:
         "_state",
         "ejections",
         "name",
+        "on_event",
         "settings",
     )
 
@@ -130,6 +139,8 @@ class OutlierDetector:
         #: The addresses of the endpoints ejected now (kept as one set object: views
         #: read it live).
         self._out: set[Address] = set()
+        #: Told each ejection and return (set by the listener set).
+        self.on_event: EventSink = ignore_event
         #: The earliest ``until`` among the ejected (inf: none), so ``refresh`` is O(1)
         #: until one is due.
         self._next_return = float("inf")
@@ -204,12 +215,15 @@ class OutlierDetector:
                 state.capped = False
                 endpoint = self._endpoints[address]
                 self._out.discard(address)
+                times = f"{state.streak} time{'' if state.streak == 1 else 's'}"
                 log.info(
-                    "%s: endpoint %s is back from ejection (ejected %d time%s in a row)",
+                    "%s: endpoint %s is back from ejection (ejected %s in a row)",
                     self.name,
                     endpoint,
-                    state.streak,
-                    "" if state.streak == 1 else "s",
+                    times,
+                )
+                self.on_event(
+                    "ejection", f"{self.name}: {endpoint} is back (ejected {times} in a row)"
                 )
         self._recompute_next()
 
@@ -281,6 +295,11 @@ class OutlierDetector:
             state.streak,
             len(self._out),
             len(self._endpoints),
+        )
+        self.on_event(
+            "ejection",
+            f"{self.name}: {endpoint} ejected for {format_duration(duration)} after "
+            f"{failures} failed dials in a row",
         )
 
     def _recompute_next(self) -> None:
