@@ -191,6 +191,25 @@ async def test_hello_then_a_message_within_a_second_of_a_change(
             stream.close()
 
 
+async def test_a_timeline_event_between_syncs_is_told(tmp_path: Path, backend: Backend) -> None:
+    """A manifest that cannot be reloaded changes no Service (no sync) but adds a timeline
+    event: told within a second too."""
+    async with proxy_with_metrics(tmp_path, backend) as (_proxy, port):
+        stream = await asyncio.to_thread(Stream, port)
+        try:
+            assert data(await asyncio.to_thread(stream.block))["reason"] == "hello"
+            started = time.monotonic()
+            (tmp_path / "m.json").write_text("{ not json")
+            message = await asyncio.to_thread(next_message, stream, 1.0)
+            print(f"\nmessage {(time.monotonic() - started) * 1000:.0f} ms after the bad file")
+            assert message["reason"] == "events"
+            code, _, page = await asyncio.to_thread(fetch, port, "/?fragment=1")
+            assert code == 200
+            assert "manifests not reloaded" in page
+        finally:
+            stream.close()
+
+
 async def test_keep_alive_counters_and_lifetime(
     tmp_path: Path, backend: Backend, feeds: list[LiveFeed], monkeypatch: pytest.MonkeyPatch
 ) -> None:
