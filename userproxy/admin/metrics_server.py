@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from userproxy.admin.explain_route import add_explain_route
 from userproxy.admin.health import healthz_handler
 from userproxy.admin.status import StatusView
 from userproxy.admin.status_page import PAGE_SIZE, render_page
@@ -80,4 +81,5 @@ def metrics_app(
 
         app.router.add_get("/status", serve_status)
         app.router.add_get("/", serve_page)
+        add_explain_route(app, view, configz)  # /explain: admin/explain_route.py
     return app
