@@ -30,12 +30,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from userproxy.balancers.maglev import Maglev
 from userproxy.config import Settings
 from userproxy.control.endpoints import build_endpoints
 from userproxy.control.handlers import Handlers
@@ -45,6 +43,8 @@ from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.classify import NodeLocal, in_networks, parse_networks
 from userproxy.explain_rules import (
     ExplainError,
+    LiveFacts,
+    Pin,
     Step,
     Verdict,
     choose,
@@ -53,11 +53,15 @@ from userproxy.explain_rules import (
     hostport,
     listener_json,
     listeners_step,
+    live_steps,
+    live_verdict,
+    maglev_pick,
     policy,
+    static_steps,
     topology_step,
     verdict,
 )
-from userproxy.model import IPFamily, ListenerSpec, PoolSpec, Service, ServiceKey, ServicePort
+from userproxy.model import IPFamily, ListenerSpec, Service, ServiceKey, ServicePort
 from userproxy.sources.manifest_files import ManifestState
 from userproxy.sources.manifests import deliver_all
 
@@ -86,31 +90,6 @@ _WHERE = {
     "api": "from the API server",
     "server": "in the running proxy's applied state",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Pin:
-    """A live ClientIP affinity pin: the endpoint and when it expires (it is renewed by
-    every new connection of the client)."""
-
-    endpoint: str
-    expires_in: float  # seconds from now
-    expires_at: float  # Unix time
-
-
-@dataclass(frozen=True, slots=True)
-class LiveFacts:
-    """What a running proxy knows of one pool beyond its plan (see :class:`LiveView`).
-
-    ``ejected``: "ip:port" -> seconds until it returns; ``pin``: the client's pin, if any
-    (to whatever endpoint: the explanation checks it is usable); ``next_pick``: the
-    balancer's next pick for this client where it is deterministic, else None, and
-    ``pick_note`` says which (or why not)."""
-
-    ejected: Mapping[str, float] = field(default_factory=dict)
-    pin: Pin | None = None
-    next_pick: str | None = None
-    pick_note: str = ""
 
 
 class LiveView(Protocol):
@@ -294,7 +273,7 @@ def explain_planned(
         steps.append(Step("topology hints: not applied", "the Local policy's set ignores hints"))
     facts = live.look(spec, node_pool, client) if live is not None else None
     verdicts = tuple(
-        _live_verdict(
+        live_verdict(
             verdict(e, pool.endpoints, uses_local=uses_local, mode=mode, node=node, zone=zone),
             facts,
         )
@@ -309,9 +288,9 @@ def explain_planned(
             )
         )
     if facts is None:
-        candidates, pin, more = planned_pool, None, _static(service, client, pool)
+        candidates, pin, more = planned_pool, None, static_steps(service, client, pool)
     else:
-        candidates, pin, more = _live(service, client, planned_pool, facts)
+        candidates, pin, more = live_steps(service, client, planned_pool, facts)
     steps += more
     return base(
         address=address,
@@ -323,98 +302,9 @@ def explain_planned(
         if pin is not None
         else facts.next_pick
         if facts
-        else _maglev(client, pool),
+        else maglev_pick(client, pool),
         affinity=dataclasses.asdict(pin) if pin is not None else None,
     )
-
-
-def _static(service: Service, client: str, pool: PoolSpec) -> list[Step]:
-    """Affinity and balancer without live state (manifests, the API)."""
-    affinity = (
-        f"sessionAffinity ClientIP, timeout {service.affinity_timeout}s: the first pick is kept "
-        "for this client; without a running proxy there is no live pin to show"
-        if service.affinity_timeout is not None
-        else "sessionAffinity None: every connection is picked anew"
-    )
-    text = f"{pool.balancer} over the {len(pool.endpoints)} candidates"
-    pick = _maglev(client, pool)
-    if pick is not None:
-        text += f"; maglev hashes {client} to {pick}"
-    elif pool.endpoints:
-        text += "; its pick depends on live state (not deterministic without a running proxy)"
-    return [Step("sessionAffinity", affinity), Step("balancer", text)]
-
-
-def _maglev(client: str, pool: PoolSpec) -> str | None:
-    if pool.balancer != "maglev" or not pool.endpoints:
-        return None
-    chosen = Maglev(pool.endpoints).pick(client)
-    return None if chosen is None else hostport(chosen.ip, chosen.port)
-
-
-def _live(
-    service: Service, client: str, pool: tuple[str, ...], facts: LiveFacts
-) -> tuple[tuple[str, ...], Pin | None, list[Step]]:
-    """(candidates, the pin used, the steps) with a running proxy's live state."""
-    steps = []
-    out = [a for a in pool if a in facts.ejected]
-    usable = tuple(a for a in pool if a not in facts.ejected) or pool
-    if not out:
-        steps.append(Step("outlier ejection: none", "no endpoint of the pool is ejected"))
-    else:
-        listed = ", ".join(f"{a} ({facts.ejected[a]:.0f}s more)" for a in out)
-        if usable == pool:
-            detail = f"every endpoint is ejected ({listed}): the balancer falls back to all"
-        else:
-            detail = f"{listed}: avoided while others remain"
-        steps.append(Step("outlier ejection", detail))
-    pin = facts.pin
-    if service.affinity_timeout is None:
-        steps.append(
-            Step("sessionAffinity", "sessionAffinity None: every connection is picked anew")
-        )
-        pin = None
-    elif pin is None:
-        steps.append(
-            Step(
-                "sessionAffinity",
-                f"ClientIP, timeout {service.affinity_timeout}s: {client} is not pinned "
-                "(no connection within the timeout); the next pick pins it",
-            )
-        )
-    elif pin.endpoint not in usable or pin.endpoint in facts.ejected:
-        why = "ejected" if pin.endpoint in facts.ejected else "not in this pool"
-        steps.append(
-            Step(
-                "sessionAffinity",
-                f"ClientIP: {client} is pinned to {pin.endpoint}, which is {why}: the next "
-                "connection is picked anew and pinned to that pick",
-            )
-        )
-        pin = None
-    else:
-        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pin.expires_at))
-        steps.append(
-            Step(
-                "sessionAffinity",
-                f"ClientIP: {client} is pinned to {pin.endpoint} until {until} "
-                f"({pin.expires_in:.0f}s; every new connection restarts the timer)",
-            )
-        )
-        usable = (pin.endpoint,)
-    text = facts.pick_note
-    if pin is not None:
-        text = f"not asked: the pin decides ({text})" if text else "not asked: the pin decides"
-    steps.append(Step("balancer", text))
-    return usable, pin, steps
-
-
-def _live_verdict(v: Verdict, facts: LiveFacts | None) -> Verdict:
-    if facts is None or v.address not in facts.ejected:
-        return v
-    seconds = round(facts.ejected[v.address], 3)
-    reason = f"{v.reason}; ejected (dials failed) for {seconds:.0f}s more"
-    return dataclasses.replace(v, reason=reason, ejected=True, ejected_for=seconds)
 
 
 def _find(

@@ -15,6 +15,7 @@ for an unusable kubeconfig, the ``ConfigError`` ``run`` reports).
 from __future__ import annotations
 
 import asyncio
+import os
 
 import aiohttp
 
@@ -71,7 +72,10 @@ async def list_once(settings: Settings, handlers: Handlers, seconds: float = LIS
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.strerror:
-        return exc.os_error.strerror
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        # The loop words a refused connect "Connect call failed (...)"; the errno says it.
+        error = exc.os_error
+        if error.errno:
+            return os.strerror(error.errno)
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text or type(exc).__name__

@@ -163,6 +163,7 @@ def explain_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if not args.timeout > 0:
             raise ConfigError(f"--timeout {args.timeout:g}: must be more than 0")
         if args.server is not None:
+            _only_the_proxys_own(args)
             result = from_server(args.server, args.target, args.client, args.to, args.timeout)
         else:
             result = _planned_here(args)
@@ -178,6 +179,28 @@ def explain_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         out.write("\n".join(render(result)) + "\n")
     return 0
+
+
+#: Flags that describe the node or the proxy's settings: a running proxy has its own.
+_NODE_FLAGS = {
+    "config": "--config",
+    "hostname": "--node",
+    "node_addresses": "--node-address",
+    "cluster_cidr": "--cluster-cidr",
+    "nodeport_addresses": "--nodeport-addresses",
+    "service_proxy_name": "--service-proxy-name",
+}
+
+
+def _only_the_proxys_own(args: argparse.Namespace) -> None:
+    """With ``--server`` the proxy's own node and settings are explained: refuse flags
+    that would suggest otherwise (silently ignoring them would explain something else)."""
+    given = [flag for dest, flag in _NODE_FLAGS.items() if getattr(args, dest, None) is not None]
+    if given:
+        raise ConfigError(
+            f"--server explains the running proxy with its own node and settings; "
+            f"leave out {', '.join(given)}"
+        )
 
 
 def _planned_here(args: argparse.Namespace) -> Explanation:
@@ -283,7 +306,10 @@ def render(x: Explanation) -> list[str]:
         lines += [f"    {_mark(v, x)} {v.address}: {v.reason}" for v in x.endpoints]
     lines.append(f"  candidates: {', '.join(x.candidates) or 'none (refused)'}")
     if x.affinity is not None:
-        lines.append(f"  pinned: {x.affinity['endpoint']} ({x.affinity['expires_in']}s left)")
+        pin = x.affinity
+        left = pin["expires_in"]
+        shown = f"{left:.0f}" if isinstance(left, int | float) else str(left)
+        lines.append(f"  pinned: {pin['endpoint']} ({shown}s left)")
     if x.pick:
         lines.append(f"  next pick: {x.pick}")
     return lines

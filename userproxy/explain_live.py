@@ -106,8 +106,8 @@ def _next_pick(
         if chosen is None:
             return None, "round-robin over an empty pool"
         return str(chosen), (
-            f"round-robin: the next connection at this address, from any client, goes to "
-            f"{chosen} (unless another arrives first)"
+            f"round-robin: its next pick at this address, for whichever client comes next "
+            f"(a pinned one excepted), is {chosen}"
         )
     name = type(inner).__name__
     return None, f"{name}: its pick is not deterministic (depends on chance or on load)"

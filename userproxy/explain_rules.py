@@ -2,15 +2,21 @@
 
 Each function looks at what the plan looked at, with the functions the plan used
 (``control.selection``), and says what it concluded; none of them decides a candidate:
-the candidates are always the planned pool's (``explain.explain_planned`` checks that).
+the candidates are always the planned pool's (``explain.explain_planned`` checks that),
+narrowed only by a running proxy's live state (``live_steps``: the ejected endpoints are
+left out unless that leaves none, as the listener's dial ladder does; a usable ClientIP
+pin leaves only its endpoint, as ``ClientIPAffinity.pick`` does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
+from userproxy.balancers.maglev import Maglev
 from userproxy.control.selection import (
     TopologyMode,
     available_for_topology,
@@ -23,6 +29,7 @@ from userproxy.model import (
     Endpoint,
     IPFamily,
     ListenerSpec,
+    PoolSpec,
     Service,
     ServicePort,
     ServiceType,
@@ -31,6 +38,8 @@ from userproxy.model import (
 
 __all__ = [
     "ExplainError",
+    "LiveFacts",
+    "Pin",
     "Step",
     "Verdict",
     "choose",
@@ -39,7 +48,11 @@ __all__ = [
     "hostport",
     "listener_json",
     "listeners_step",
+    "live_steps",
+    "live_verdict",
+    "maglev_pick",
     "policy",
+    "static_steps",
     "topology_step",
     "verdict",
 ]
@@ -75,6 +88,31 @@ class Verdict:
     local: bool
     ejected: bool = False
     ejected_for: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """A live ClientIP affinity pin: the endpoint and when it expires (it is renewed by
+    every new connection of the client)."""
+
+    endpoint: str
+    expires_in: float  # seconds from now
+    expires_at: float  # Unix time
+
+
+@dataclass(frozen=True, slots=True)
+class LiveFacts:
+    """What a running proxy knows of one pool beyond its plan (see :class:`LiveView`).
+
+    ``ejected``: "ip:port" -> seconds until it returns; ``pin``: the client's pin, if any
+    (to whatever endpoint: the explanation checks it is usable); ``next_pick``: the
+    balancer's next pick for this client where it is deterministic, else None, and
+    ``pick_note`` says which (or why not)."""
+
+    ejected: Mapping[str, float] = field(default_factory=dict)
+    pin: Pin | None = None
+    next_pick: str | None = None
+    pick_note: str = ""
 
 
 def hostport(ip: str, port: int) -> str:
@@ -247,3 +285,94 @@ def verdict(
     return Verdict(
         hostport(e.ip, e.port), in_pool, reason, e.ready, e.serving, e.terminating, e.is_local
     )
+
+
+def static_steps(service: Service, client: str, pool: PoolSpec) -> list[Step]:
+    """Affinity and balancer without live state (manifests, the API)."""
+    affinity = (
+        f"sessionAffinity ClientIP, timeout {service.affinity_timeout}s: the first pick is kept "
+        "for this client; without a running proxy there is no live pin to show"
+        if service.affinity_timeout is not None
+        else "sessionAffinity None: every connection is picked anew"
+    )
+    text = f"{pool.balancer} over the {len(pool.endpoints)} candidates"
+    pick = maglev_pick(client, pool)
+    if pick is not None:
+        text += f"; maglev hashes {client} to {pick}"
+    elif pool.endpoints:
+        text += "; its pick depends on live state (not deterministic without a running proxy)"
+    return [Step("sessionAffinity", affinity), Step("balancer", text)]
+
+
+def maglev_pick(client: str, pool: PoolSpec) -> str | None:
+    if pool.balancer != "maglev" or not pool.endpoints:
+        return None
+    chosen = Maglev(pool.endpoints).pick(client)
+    return None if chosen is None else hostport(chosen.ip, chosen.port)
+
+
+def live_steps(
+    service: Service, client: str, pool: tuple[str, ...], facts: LiveFacts
+) -> tuple[tuple[str, ...], Pin | None, list[Step]]:
+    """(candidates, the pin used, the steps) with a running proxy's live state."""
+    steps = []
+    out = [a for a in pool if a in facts.ejected]
+    usable = tuple(a for a in pool if a not in facts.ejected) or pool
+    if not out:
+        steps.append(Step("outlier ejection: none", "no endpoint of the pool is ejected"))
+    else:
+        listed = ", ".join(f"{a} ({facts.ejected[a]:.0f}s more)" for a in out)
+        if usable == pool:
+            detail = f"every endpoint is ejected ({listed}): the balancer falls back to all"
+        else:
+            detail = f"{listed}: avoided while others remain"
+        steps.append(Step("outlier ejection", detail))
+    pin = facts.pin
+    if service.affinity_timeout is None:
+        steps.append(
+            Step("sessionAffinity", "sessionAffinity None: every connection is picked anew")
+        )
+        pin = None
+    elif pin is None:
+        steps.append(
+            Step(
+                "sessionAffinity",
+                f"ClientIP, timeout {service.affinity_timeout}s: {client} is not pinned "
+                "(no connection within the timeout); the next pick pins it",
+            )
+        )
+    elif pin.endpoint not in usable or pin.endpoint in facts.ejected:
+        why = "ejected" if pin.endpoint in facts.ejected else "not in this pool"
+        steps.append(
+            Step(
+                "sessionAffinity",
+                f"ClientIP: {client} is pinned to {pin.endpoint}, which is {why}: the next "
+                "connection is picked anew and pinned to that pick",
+            )
+        )
+        pin = None
+    else:
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pin.expires_at))
+        steps.append(
+            Step(
+                "sessionAffinity",
+                f"ClientIP: {client} is pinned to {pin.endpoint} until {until} "
+                f"({pin.expires_in:.0f}s; every new connection restarts the timer)",
+            )
+        )
+        usable = (pin.endpoint,)
+    text = facts.pick_note
+    if pin is not None:
+        text = f"not asked for {client}: the pin decides" + (
+            f"; for other clients, {text}" if text else ""
+        )
+    steps.append(Step("balancer", text))
+    return usable, pin, steps
+
+
+def live_verdict(v: Verdict, facts: LiveFacts | None) -> Verdict:
+    if facts is None or v.address not in facts.ejected:
+        return v
+    seconds = round(facts.ejected[v.address], 3)
+    reason = f"{v.reason}; ejected (dials failed) for {seconds:.0f}s more"
+    return dataclasses.replace(v, reason=reason, ejected=True, ejected_for=seconds)

@@ -164,7 +164,7 @@ async def test_candidates_are_where_connections_go(tmp_path: Path) -> None:
         assert status == 0, err
         assert text.splitlines()[0].endswith("(live, from the proxy)")
         assert "[outlier ejection: none]" in text
-        assert "round-robin: the next connection at this address" in text
+        assert "round-robin: its next pick at this address" in text
 
 
 async def test_affinity_pin_is_named_and_is_where_connections_go(tmp_path: Path) -> None:
@@ -241,6 +241,9 @@ async def test_unknown_service_and_bad_queries(tmp_path: Path) -> None:
             "no Service default/nope in the running proxy's applied state; "
             "there are: default/web:tcp" in err
         )
+        status, _, err = await cli(s, "default/web", "--node", "other")
+        assert status == 2
+        assert "leave out --node" in err
         status, out, err = await cli(s, "default/web:9999")
         assert status == 2
         assert "has no port '9999'; its ports: tcp" in err
