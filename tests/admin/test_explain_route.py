@@ -5,7 +5,8 @@ connections go; a ClientIP pin made by a real connection is named with its expir
 then the only candidate, and the next connections do go there; an endpoint ejected after
 refused dials is shown ejected and is not a candidate; round-robin's and maglev's next
 picks are where the next connection goes.  The CLI runs as a child process (in a thread,
-while the proxy serves on the test's loop).
+while the proxy serves on the test's loop).  The rules that narrow the candidates with
+live state (ejections, pins) are also checked table-driven, case by case.
 
 Addresses: 127.216.N.1 the ClusterIP, .2 the metrics server, .11+ the backends (and the
 refusing ones), .50+ the clients (no other test uses 127.216).
@@ -30,7 +31,9 @@ import pytest
 from tests.process.test_cli import run_cli
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import endpoint_slice, service, write
+from tests.support.model import svc
 from tests.support.proxyrun import running_proxy
+from userproxy.explain_rules import LiveFacts, Pin, live_steps
 from userproxy.model import Protocol, ServicePortName
 from userproxy.proxy import Proxy
 
@@ -258,3 +261,45 @@ async def test_unknown_service_and_bad_queries(tmp_path: Path) -> None:
         code, body = await get(s, "service=default/web&to=127.216.5.9")
         assert code == 404
         assert "its addresses: 127.216.5.1:8080" in body["error"]
+
+
+# -- the live narrowing rules, table-driven (no proxy) ------------------------------------
+
+A, B, C = "127.216.200.1:80", "127.216.200.2:80", "127.216.200.3:80"
+PIN_A = Pin(A, 30.0, time.time() + 30)
+
+
+@pytest.mark.parametrize(
+    ("affinity", "facts", "candidates", "pinned", "rule_text"),
+    [
+        # Nothing live: the planned pool.
+        (None, LiveFacts(), (A, B, C), None, "no endpoint of the pool is ejected"),
+        # One out of three: avoided.
+        (None, LiveFacts({B: 12.0}), (A, C), None, "avoided while others remain"),
+        # All out: the balancer falls back to all of them (Envoy's panic mode, ours).
+        (None, LiveFacts({A: 1.0, B: 1.0, C: 1.0}), (A, B, C), None, "falls back to all"),
+        # A usable pin: only its endpoint.
+        (60, LiveFacts(pin=PIN_A), (A,), A, f"is pinned to {A} until"),
+        # A pin to an ejected endpoint is passed over (ClientIPAffinity.pick's exclude).
+        (60, LiveFacts({A: 5.0}, PIN_A), (B, C), None, "which is ejected"),
+        # ... even when everything is out.
+        (60, LiveFacts({A: 5.0, B: 5.0, C: 5.0}, PIN_A), (A, B, C), None, "which is ejected"),
+        # A pin to an endpoint of another pool of the port (e.g. a Local one) is not used.
+        (60, LiveFacts(pin=Pin("127.216.200.9:80", 3.0, 0.0)), (A, B, C), None, "not in this"),
+        # A pin left over from before affinity was turned off means nothing.
+        (None, LiveFacts(pin=PIN_A), (A, B, C), None, "sessionAffinity None"),
+    ],
+)
+def test_live_narrowing(
+    affinity: int | None,
+    facts: LiveFacts,
+    candidates: tuple[str, ...],
+    pinned: str | None,
+    rule_text: str,
+) -> None:
+    candidates_got, pin, steps = live_steps(
+        svc(affinity_timeout=affinity), "127.216.200.50", (A, B, C), facts
+    )
+    assert candidates_got == candidates
+    assert (pin.endpoint if pin else None) == pinned
+    assert rule_text in "\n".join(f"[{s.rule}] {s.detail}" for s in steps)
