@@ -288,7 +288,11 @@ def explain_planned(
             )
         )
     if facts is None:
-        candidates, pin, more = planned_pool, None, static_steps(service, client, pool)
+        candidates, pin, more = (
+            planned_pool,
+            None,
+            static_steps(service, client, pool, planned.source),
+        )
     else:
         candidates, pin, more = live_steps(service, client, planned_pool, facts)
     steps += more

@@ -296,9 +296,9 @@ def node_view(
 
 def render(x: Explanation) -> list[str]:
     """The text form: one line per step, then the endpoints and the candidates."""
+    source = _SOURCES.get(x.source, f" ({x.source})")
     lines = [
-        f"explain {x.service}:{x.port} from {x.client} ({x.client_class}) on node {x.node} "
-        f"({_SOURCES.get(x.source, x.source)})"
+        f"explain {x.service}:{x.port} from {x.client} ({x.client_class}) on node {x.node}{source}"
     ]
     lines += [f"  {n}. [{s.rule}] {s.detail}" for n, s in enumerate(x.steps, 1)]
     if x.endpoints:
@@ -315,7 +315,8 @@ def render(x: Explanation) -> list[str]:
     return lines
 
 
-_SOURCES = {"manifests": "from manifests", "api": "from the API", "server": "live, from the proxy"}
+#: The header's words for the source (none for manifests: the form it always had).
+_SOURCES = {"manifests": "", "api": " (from the API)", "server": " (live, from the proxy)"}
 
 
 def _mark(v: Verdict, x: Explanation) -> str:

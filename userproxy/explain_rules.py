@@ -287,11 +287,12 @@ def verdict(
     )
 
 
-def static_steps(service: Service, client: str, pool: PoolSpec) -> list[Step]:
-    """Affinity and balancer without live state (manifests, the API)."""
+def static_steps(service: Service, client: str, pool: PoolSpec, source: str) -> list[Step]:
+    """Affinity and balancer without live state (``source``: "manifests", "api")."""
+    where = "from manifests" if source == "manifests" else "from the API"
     affinity = (
         f"sessionAffinity ClientIP, timeout {service.affinity_timeout}s: the first pick is kept "
-        "for this client; without a running proxy there is no live pin to show"
+        f"for this client; {where} there is no live pin to show"
         if service.affinity_timeout is not None
         else "sessionAffinity None: every connection is picked anew"
     )
@@ -300,7 +301,7 @@ def static_steps(service: Service, client: str, pool: PoolSpec) -> list[Step]:
     if pick is not None:
         text += f"; maglev hashes {client} to {pick}"
     elif pool.endpoints:
-        text += "; its pick depends on live state (not deterministic without a running proxy)"
+        text += f"; its pick depends on live state (not deterministic {where})"
     return [Step("sessionAffinity", affinity), Step("balancer", text)]
 
 
