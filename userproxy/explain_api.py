@@ -41,13 +41,13 @@ async def list_once(settings: Settings, handlers: Handlers, seconds: float = LIS
     :class:`ApiListError`."""
     api = await make_api_client(settings.kubeconfig)
     server = str(getattr(api.configuration, "host", "") or "the API server")
-    source = KubernetesSource(
-        api,
-        handlers,
-        node_name=settings.hostname,
-        proxy_name=settings.service_proxy_name,
-    )
     try:
+        source = KubernetesSource(
+            api,
+            handlers,
+            node_name=settings.hostname,
+            proxy_name=settings.service_proxy_name,
+        )
         async with asyncio.timeout(seconds):
             for reflector in (source.services, source.endpoint_slices, source.nodes):
                 try:
@@ -56,8 +56,9 @@ async def list_once(settings: Settings, handlers: Handlers, seconds: float = LIS
                     # its run() lists and then watches forever, retrying every failure.
                     await reflector._relist("initial")
                 except ApiError as exc:
+                    status = "HTTP " if exc.status not in (None, 200) else ""
                     raise ApiListError(
-                        f"{server}: listing {reflector.name} failed: HTTP {exc}"
+                        f"{server}: listing {reflector.name} failed: {status}{exc}"
                     ) from None
                 except (aiohttp.ClientError, OSError) as exc:
                     raise ApiListError(
@@ -68,7 +69,7 @@ async def list_once(settings: Settings, handlers: Handlers, seconds: float = LIS
             f"the API server {server} did not answer the lists within {seconds:g}s"
         ) from None
     finally:
-        await source.close()
+        await api.close()  # what KubernetesSource.close does
 
 
 def _describe(exc: BaseException) -> str:
