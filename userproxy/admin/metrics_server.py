@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from userproxy.admin.explain_route import add_explain_route
 from userproxy.admin.health import healthz_handler
 from userproxy.admin.live import add_live_routes
 from userproxy.admin.status import StatusView
@@ -84,5 +85,6 @@ def metrics_app(
 
         app.router.add_get("/status", serve_status)
         app.router.add_get("/", serve_page)
-        add_live_routes(app, view)
+        add_live_routes(app, view)  # /status/events and /status.js: admin/live.py
+        add_explain_route(app, view, configz)  # /explain: admin/explain_route.py
     return app

@@ -42,6 +42,15 @@ class RoundRobin:
         self._next = start + 1
         return endpoints[start % count]
 
+    def peek(self, exclude: Container[Endpoint] = ()) -> Endpoint | None:
+        """What the next ``pick`` would return, without moving on (``userproxy explain``);
+        ``pick`` itself stays as it is: it is on every connection's path."""
+        position = self._next
+        try:
+            return self.pick("", exclude)
+        finally:
+            self._next = position
+
     def failed(self, client_ip: str, endpoint: Endpoint) -> None:
         """Round-robin keeps no per-client state."""
 

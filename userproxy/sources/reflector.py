@@ -269,6 +269,11 @@ class Reflector(Generic[_T]):
 
     # ------------------------------------------------------------------ LIST
 
+    async def list_once(self) -> None:
+        """One LIST, decoded and delivered as ``run``'s first one (then ``synced``), with
+        no watch and no retry: a failure raises (``userproxy explain --kubeconfig``)."""
+        await self._relist("initial")
+
     async def _relist(self, reason: _ListReason) -> None:
         """LIST, reconcile the view with it and deliver the differences."""
         rv, items = await self.list_watch.list_items(self._options.page_size)
