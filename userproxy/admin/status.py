@@ -56,7 +56,7 @@ SORT_CHUNK = 1000
 #: Work between two yields while building or sending (seconds).  A timer or reader that
 #: comes due during a slice runs only after the next one (its callback is queued behind
 #: the already-ready build step), so the loop's longest stall is about two slices.
-STATUS_SLICE = 0.004
+STATUS_SLICE = 0.002
 
 
 def _order(key: ServiceKey) -> tuple[str, str]:
