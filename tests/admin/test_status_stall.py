@@ -25,7 +25,7 @@ from tests.support.proxyrun import eventually, free_port, running_proxy
 
 pytestmark = pytest.mark.both_loops
 
-COUNT = 3000
+COUNT = 5000
 #: The issue's bound on one stall of the loop (seconds of the loop thread's CPU).
 BOUND = 0.020
 

@@ -101,6 +101,12 @@ async def test_tcp_totals_match_what_each_backend_saw(tmp_path: Path) -> None:
                 assert row["bytes_down"] == handler.sent, row
                 assert row["dial_failures"] == 0
                 assert row["active_connections"] == 0
+            # The HTML page's endpoint rows show the same figures.
+            code, page = await asyncio.to_thread(fetch, f"{base}/?q=web")
+            assert code == 200
+            assert "<th>dial failures</th>" in page
+            for ip, handler in zip(BACKENDS, handlers, strict=True):
+                assert f"<td>{handler.received}</td><td>{handler.sent}</td><td>0</td>" in page, ip
 
             # An open connection counts, with its bytes so far, before it ends.
             with socket.create_connection(SERVICE, timeout=5) as sock:

@@ -3,14 +3,16 @@
 Like HAProxy's stats page, ``ipvsadm -Ln`` and Envoy's ``/clusters``: every Service the
 applied state holds, its ports, each port's listeners (open, or closed and why), its pools
 per traffic class and every endpoint of its EndpointSlices with its conditions, node, zone,
-hints, whether it is local, ejected (dataplane/outliers.py) and how many connections it has
-through this proxy now (balancers/load.py).  docs/status.md is the schema.
+hints, whether it is local, ejected (dataplane/outliers.py), how many connections it has
+through this proxy now and its totals (balancers/load.py).  docs/status.md is the schema.
 
 Invariants: the model is built from what the proxier applied (``Proxier.state`` and
 ``Proxier.plans``) and what the listener set serves, never from the sources; building it
-never blocks the loop for long: :meth:`StatusView.build` works in slices (``Slicer``, as
-the proxier's sync does) and serializes each Service as it goes, so 10 000 Services cost
-many short slices, not one stall.  Services that change between two slices are shown as
+never blocks the loop for long: :meth:`StatusView.build` works in slices of
+``STATUS_SLICE`` (``Slicer``, as the proxier's sync does) and serializes each Service as it
+goes, :meth:`StatusPage.send` writes in slices too, and what is kept between requests
+(admin/status_rows.py) is nothing the garbage collector has to walk, so 10 000 Services
+cost many short slices, not one stall.  Services that change between two slices are shown as
 they are when reached (a Service deleted meanwhile is left out).
 
 :class:`~userproxy.admin.events.EventLog` (admin/events.py) is the timeline it includes.
