@@ -169,6 +169,20 @@ async def test_dial_failures_count_on_the_dead_endpoint(tmp_path: Path) -> None:
             assert rows["127.217.2.11"]["dial_failures"] == 0
             assert rows["127.217.2.11"]["connections_total"] == 6
             assert rows["127.217.2.11"]["bytes_up"] == 6 * 4
+
+            # Five failures in a row eject it (the defaults): the row and the count say so.
+            detector = proxy.listeners.outliers(next(iter(proxy.listeners)).spec.spn)
+            assert detector is not None
+            for _ in range(40):
+                if detector.ejected:
+                    break
+                assert await asyncio.to_thread(one) == 15
+            rows = await endpoints(base, "api")
+            assert rows["127.217.2.12"]["ejected"] is True
+            assert rows["127.217.2.11"]["ejected"] is False
+            assert rows["127.217.2.12"]["dial_failures"] >= 5
+            code, body = await asyncio.to_thread(fetch, f"{base}/status?q=api")
+            assert json.loads(body)["services"][0]["ports"][0]["counts"]["ejected"] == 1
     finally:
         live.stop()
 
