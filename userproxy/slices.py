@@ -27,17 +27,21 @@ SLICE_SECONDS = 0.005
 class Slicer:
     """``await tick()`` after each unit of work; it yields once a slice is used up.
 
-    The clock is read every ``every`` ticks, so a tick costs next to nothing.  With
-    ``bulk=True`` each yield also freezes the heap.
+    The clock is read every ``every`` ticks, so a tick costs next to nothing.  A slice
+    lasts ``seconds`` (default ``SLICE_SECONDS``).  With ``bulk=True`` each yield also
+    freezes the heap.
     """
 
-    __slots__ = ("_bulk", "_every", "_started", "_ticks")
+    __slots__ = ("_bulk", "_every", "_seconds", "_started", "_ticks")
 
-    def __init__(self, *, every: int = 64, bulk: bool = False) -> None:
+    def __init__(
+        self, *, every: int = 64, bulk: bool = False, seconds: float = SLICE_SECONDS
+    ) -> None:
         self._started = time.perf_counter()
         self._ticks = 0
         self._every = every
         self._bulk = bulk
+        self._seconds = seconds
 
     async def tick(self) -> None:
         self._ticks += 1
@@ -46,7 +50,7 @@ class Slicer:
 
     async def check(self) -> None:
         """Yield if the slice is used up."""
-        if time.perf_counter() - self._started >= SLICE_SECONDS:
+        if time.perf_counter() - self._started >= self._seconds:
             if self._bulk:
                 gc.freeze()
             await asyncio.sleep(0)

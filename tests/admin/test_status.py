@@ -48,7 +48,8 @@ TOTALS = {"active", "accepted", "dial_failures", "bytes_up", "bytes_down"}
 LISTENER = {"address", "kind", "protocol", "open", "reason", "source_ranges", "proxy_protocol"}
 ENDPOINT = {
     "address", "ready", "serving", "terminating", "node", "zone", "zone_hints",
-    "node_hints", "local", "ejected", "active_connections",
+    "node_hints", "local", "ejected", "active_connections", "connections_total",
+    "bytes_up", "bytes_down", "dial_failures",
 }  # fmt: skip
 
 

@@ -71,9 +71,7 @@ def metrics_app(
             # Streamed piece by piece (each write may wait for the client: back-pressure).
             response = web.StreamResponse(headers={"Content-Type": "application/json"})
             await response.prepare(request)
-            for piece in page.pieces():
-                await response.write(piece.encode())
-            await response.write_eof()
+            await page.send(response)
             return response
 
         async def serve_page(request: web.Request) -> web.Response:

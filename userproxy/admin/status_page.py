@@ -157,7 +157,8 @@ def _port(port: dict[str, Any]) -> list[str]:
     out.append(
         "<table><tr><th>endpoint</th><th>ready</th><th>serving</th><th>terminating</th>"
         "<th>node</th><th>zone</th><th>hints</th><th>local</th><th>ejected</th>"
-        "<th>active</th></tr>"
+        "<th>active</th><th>total</th><th>bytes up</th><th>bytes down</th><th>dial failures</th>"
+        "</tr>"
     )
     endpoints = port["endpoints"]
     for e in endpoints:
@@ -168,7 +169,8 @@ def _port(port: dict[str, Any]) -> list[str]:
             f"<td>{_yes(e['serving'])}</td><td>{_yes(e['terminating'])}</td>"
             f"<td>{escape(e['node'] or '')}</td><td>{escape(e['zone'] or '')}</td>"
             f"<td>{escape(hints)}</td><td>{_yes(e['local'])}</td><td>{_yes(e['ejected'])}</td>"
-            f"<td>{e['active_connections']}</td></tr>"
+            f"<td>{e['active_connections']}</td><td>{e['connections_total']}</td>"
+            f"<td>{e['bytes_up']}</td><td>{e['bytes_down']}</td><td>{e['dial_failures']}</td></tr>"
         )
     out.append("</table>")
     return out

@@ -165,6 +165,8 @@ class Listener(abc.ABC):
         # ``spec.spn``: a renamed port moves the pools to its own affinity table.
         self.pool.update(spec.pool, spec.spn)
         if spec.node_pool is None:
+            if self.node_pool is not None:
+                self.node_pool.release()
             self.node_pool = None
         elif self.node_pool is None:
             self.node_pool = BackendPool(spec.node_pool, self._registry, spec.spn)
@@ -183,6 +185,9 @@ class Listener(abc.ABC):
         ``close_reason`` is logged at INFO if the socket was open (None: DEBUG only)."""
         self.closed = True
         self._open_or_close()
+        self.pool.release()
+        if self.node_pool is not None:
+            self.node_pool.release()
 
     def _open_or_close(self) -> None:
         want = not self.closed and self.spec.serves_anyone

@@ -12,6 +12,11 @@ kube-proxy's per-endpoint "recent" lists do (see ``balancers.affinity``); the li
 trims that table.  A pool without a ServicePortName keeps a private table that follows
 its own endpoints.  Pins outlive a change of balancer or timeout, as kube-proxy's recent
 lists outlive a rule rewrite.
+
+Per-endpoint totals (``balancers.load``): a pool holds its endpoints in the shared
+``EndpointLoad`` from creation until ``release`` (its listener closed, or the node pool
+dropped), and an update moves the hold from the old endpoints to the new, so totals are
+kept exactly for endpoints some live pool has.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from userproxy.model import PoolSpec, ServicePortName
 
 
 class BackendPool:
-    __slots__ = ("_private", "_registry", "_spn", "balancer", "spec")
+    __slots__ = ("_held", "_private", "_registry", "_spn", "balancer", "spec")
 
     def __init__(
         self,
@@ -38,6 +43,8 @@ class BackendPool:
         self.balancer: Balancer = self._wrap(
             registry.build(spec.balancer, spec.endpoints, None), spec
         )
+        self._held = True
+        registry.context.load.hold(spec.endpoints)
 
     @property
     def empty(self) -> bool:
@@ -60,8 +67,20 @@ class BackendPool:
         else:
             inner = self._registry.build(spec.balancer, spec.endpoints, None)
         balancer = self._wrap(inner, spec)
+        if self._held and spec.endpoints != self.spec.endpoints:
+            load = self._registry.context.load
+            # Held before the release: an endpoint in both keeps its totals.
+            load.hold(spec.endpoints)
+            load.release(self.spec.endpoints)
         self.spec = spec
         self.balancer = balancer
+
+    def release(self) -> None:
+        """The pool is no longer used for new connections: let go of its endpoints'
+        totals (idempotent; picks still work, for the sessions that keep the pool)."""
+        if self._held:
+            self._held = False
+            self._registry.context.load.release(self.spec.endpoints)
 
     def _wrap(self, inner: Balancer, spec: PoolSpec) -> Balancer:
         timeout = spec.affinity_timeout

@@ -217,9 +217,10 @@ class TcpListener(Listener):
             try:
                 sock = await dial(self.loop, endpoint.ip, endpoint.port, timeout)
             except BaseException as exc:
-                load.end(endpoint)
                 if not isinstance(exc, (OSError, TimeoutError)):
+                    load.end(endpoint)
                     raise  # cancelled: the client left
+                load.failed(endpoint)  # ends its count and counts the failure
                 self.stats.dial_failures += 1
                 outliers.failure(endpoint)
                 # Forget the client's pin so the next attempt (and the next connection)
@@ -298,8 +299,8 @@ class TcpListener(Listener):
             self.stats.bytes_up += conn.bytes_up
             self.stats.bytes_down += conn.bytes_down
             self.limit.release(self.service, conn.client_ip)
-            if conn.endpoint is not None:
-                self._registry.context.load.end(conn.endpoint)
+            if conn.endpoint is not None:  # ends its count, adds to its totals
+                self._registry.context.load.finished(conn.endpoint, conn.bytes_up, conn.bytes_down)
             if self.access_log is not None:
                 self._log_finished(conn)
 

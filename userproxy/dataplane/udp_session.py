@@ -114,7 +114,8 @@ class UdpSession:
         ``end`` says why, for the access log.
 
         Called exactly once per session, so the session's count in the endpoint load
-        (which least-connections and power-of-two read) ends here too.
+        (which least-connections and power-of-two read) ends here too, and the session
+        is added to the endpoint's totals (the status page's per-endpoint figures).
         """
         listener = self.listener
         access_log = listener.access_log
@@ -126,7 +127,7 @@ class UdpSession:
                  self.endpoint, 1, 0.0, listener.loop.time() - self.started,
                  self.bytes_up, self.bytes_down, end)
             )  # fmt: skip
-        listener.load.end(self.endpoint)
+        listener.load.finished(self.endpoint, self.bytes_up, self.bytes_down)
         if listener.sessions.get(self.client) is self:
             del listener.sessions[self.client]
         listener.loop.remove_reader(self.sock.fileno())

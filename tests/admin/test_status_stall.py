@@ -1,0 +1,114 @@
+"""Building and sending ``/status`` with thousands of Services never holds the event loop
+for more than 20 ms (issue 13, acceptance 3; ``python -m bench.status`` measures 10 000).
+
+The stall meter is the benchmark's: a task wakes every millisecond and records, between
+two wakes, the CPU time the loop's thread used (``time.thread_time``): on a shared machine
+the wall-clock lateness also counts time the process was not scheduled, the thread's CPU
+time only what the loop did.  The wall figure is printed and in the failure message, not
+asserted.  The client is a separate process started before the Services are loaded, so
+neither its reading nor a fork of the grown process runs on the loop under test.
+
+Addresses: Services on 10.218.x.y (never dialled), endpoints 10.219.0.x (never dialled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.manifests import endpoint_slice, service, write
+from tests.support.proxyrun import eventually, free_port, running_proxy
+
+pytestmark = pytest.mark.both_loops
+
+COUNT = 5000
+#: The issue's bound on one stall of the loop (seconds of the loop thread's CPU).
+BOUND = 0.020
+
+#: Reads "URL" lines; answers "seconds bytes status" per line.
+CLIENT = """
+import sys, time, urllib.request
+for line in sys.stdin:
+    started = time.perf_counter()
+    with urllib.request.urlopen(line.strip(), timeout=60) as response:
+        size = len(response.read())
+        print(f"{time.perf_counter() - started:.6f} {size} {response.status}", flush=True)
+"""
+
+
+class StallMeter:
+    """The longest gap between two 1 ms wake-ups: ``worst_cpu`` in the loop thread's CPU
+    time, ``worst`` in wall-clock time; ``wakes`` counts the wake-ups since ``reset``."""
+
+    def __init__(self) -> None:
+        self.worst = self.worst_cpu = 0.0
+        self.wakes = 0
+
+    def reset(self) -> None:
+        self.worst = self.worst_cpu = 0.0
+        self.wakes = 0
+
+    async def run(self) -> None:
+        while True:
+            before, cpu = time.perf_counter(), time.thread_time()
+            await asyncio.sleep(0.001)
+            self.worst = max(self.worst, time.perf_counter() - before - 0.001)
+            self.worst_cpu = max(self.worst_cpu, time.thread_time() - cpu)
+            self.wakes += 1
+
+
+async def test_status_of_many_services_never_stalls_the_loop(tmp_path: Path) -> None:
+    objects = []
+    for i in range(COUNT):
+        name = f"svc-{i:05d}"
+        objects.append(service(name, f"10.218.{i // 250}.{i % 250 + 1}", 80, namespace="many"))
+        addresses = [f"10.219.0.{k}" for k in (1, 2, 3)]
+        objects.append(endpoint_slice(f"{name}-1", name, 8080, addresses, namespace="many"))
+    write(tmp_path / "many.json", *objects)
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert client.stdin is not None
+    assert client.stdout is not None
+    port = free_port()
+    meter = StallMeter()
+    ticker = asyncio.create_task(meter.run())
+    results = []
+    try:
+        async with running_proxy(tmp_path, metrics_bind_address=f"127.0.0.1:{port}") as proxy:
+            async with asyncio.timeout(10):
+                await proxy.metrics_ready.wait()
+            await eventually(lambda: len(proxy.proxier.plans) == COUNT, within=60)
+            # The first answer builds every Service's endpoint rows; the next reuse them.
+            for path in ("/status", "/status", "/status?page=7&page_size=100", "/?page=3"):
+                meter.reset()
+                client.stdin.write(f"http://127.0.0.1:{port}{path}\n".encode())
+                await client.stdin.drain()
+                async with asyncio.timeout(60):
+                    line = await client.stdout.readline()
+                took, length, status = line.decode().split()
+                results.append((path, float(took), int(length), status, meter.worst,
+                                meter.worst_cpu, meter.wakes))  # fmt: skip
+    finally:
+        ticker.cancel()
+        client.stdin.close()
+        async with asyncio.timeout(10):
+            await client.wait()
+    report = "\n".join(
+        f"{path:32} {seconds * 1000:6.0f} ms {size:9d} B, longest stall {worst * 1000:5.1f} ms"
+        f" wall, {cpu * 1000:5.1f} ms loop CPU ({wakes} wakes)"
+        for path, seconds, size, _, worst, cpu, wakes in results
+    )
+    print(f"\n/status with {COUNT} Services x 3 endpoints:\n{report}")
+    for path, _, answered, code, _, cpu, wakes in results:
+        assert code == "200", path
+        assert answered > 0
+        assert wakes >= 1, f"{path}: the meter never ran\n{report}"
+        assert cpu <= BOUND, f"{path}: the loop was held {cpu * 1000:.1f} ms\n{report}"
+    whole = results[1][2]
+    assert whole > COUNT * 1000, "every Service, with its endpoints, is in the answer"
