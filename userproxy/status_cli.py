@@ -141,7 +141,9 @@ def format_status(
                 node = f" node {e['node']}" if e["node"] else ""
                 yield (
                     f"  -> {e['address']:<30} {','.join(flags):<28} "
-                    f"active {e['active_connections']}{node}"
+                    f"active {e['active_connections']} total {e['connections_total']} "
+                    f"bytes {e['bytes_up']}/{e['bytes_down']} "
+                    f"dial-fail {e['dial_failures']}{node}"
                 )
         if service["error"]:
             yield f"  ! not applied: {service['error']}"

@@ -90,10 +90,9 @@ async def test_status_prints_every_service_port_with_counts(tmp_path: Path) -> N
                 "listen 127.214.2.2:8081" in line and "closed (no endpoints)" in line
                 for line in lines
             )
-            assert any(
-                f"-> 127.214.2.11:{b1.port}" in line and "ready,serving,local" in line
-                for line in lines
-            )
+            (b1_line,) = [line for line in lines if f"-> 127.214.2.11:{b1.port}" in line]
+            assert "ready,serving,local" in b1_line
+            assert "active 0 total 0 bytes 0/0 dial-fail 0 node test-node" in b1_line
             # The timeline's last events, after the Services.
             at = lines.index(next(line for line in lines if line.startswith("Last ")))
             assert lines[at:] == [

@@ -56,8 +56,19 @@ async def running_proxy(
         yield proxy
     finally:
         proxy.stop()
-        async with asyncio.timeout(15):
-            await task
+        done, _ = await asyncio.wait({task}, timeout=15)
+        if not done:
+            # Name what is still running before failing: a hang at stop is otherwise only
+            # "TimeoutError" with no clue which task ignored its cancellation.
+            stacks = []
+            for other in asyncio.all_tasks():
+                if other is not asyncio.current_task():
+                    frames = "".join(f"    {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}\n"
+                                     for f in other.get_stack())  # fmt: skip
+                    stacks.append(f"  {other.get_name()} {other.get_coro()!r}\n{frames}")
+            task.cancel()
+            raise AssertionError("the proxy did not stop within 15 s; tasks:\n" + "".join(stacks))
+        await task
 
 
 async def wait_for_sync(proxy: Proxy, syncs_after: int | None = None) -> None:
