@@ -4,8 +4,9 @@ background), and must exit 0 and print what the page shows.
 
 What differs from run to run is masked on both sides before comparing (``normalize``):
 clock times, a client's ephemeral port, durations in ms, and which of the three demo
-backends round-robin happened to pick (in ``curl``'s answer, the access-log line and
-explain's "next pick": the order is shuffled at start).
+backends round-robin happened to pick (in ``curl``'s answer, the access-log line,
+explain's "next pick" and the per-endpoint totals of ``userproxy status``: the order is
+shuffled at start).
 Everything else (every listener, endpoint, count, rule and reason) must match exactly.
 
 ``USERPROXY_WALKTHROUGH_UPDATE=1 pytest tests/process/test_walkthrough.py`` writes the
@@ -39,6 +40,7 @@ MASKS = (
     (re.compile(r"hello from web-\d \(127\.0\.60\.\d\)"), "hello from <backend>"),
     (re.compile(r"endpoint=127\.0\.60\.\d:9376"), "endpoint=<backend>"),
     (re.compile(r"(next pick.*)127\.0\.60\.\d:9376"), r"\1<backend>"),
+    (re.compile(r"total \d+ bytes \d+/\d+"), "total <n> bytes <n>/<n>"),
 )
 
 
