@@ -425,3 +425,35 @@ async def test_a_child_that_sends_garbage_is_a_reload_error(
     assert [str(e) for e in fx.errors] == [
         f"reading {fx.dir / 'bulk.yaml'} failed: unreadable result (UnpicklingError)"
     ]
+
+
+@pytest.mark.both_loops
+async def test_cancelling_a_reload_whose_output_is_backed_up_ends_promptly(
+    fx: Fixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the parent has stopped reading and the child's output fills the
+    pipe (stdout paused): the read ends at once, the child is gone and no pipe is left open
+    (asyncio's wait() waited for the pipes forever; uvloop failed at loop close)."""
+    fx.source.initial_load()
+    stalled = asyncio.Event()
+
+    class Stalling:
+        def __init__(self, **_: object) -> None:
+            pass
+
+        async def check(self) -> None:  # after the first frame: the parent stops reading
+            stalled.set()
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(manifest_worker, "Slicer", Stalling)
+    before = _children()
+    big_manifest(fx.dir / "bulk.yaml", 5000)
+    task = asyncio.create_task(fx.source.poll())
+    async with asyncio.timeout(20):
+        await stalled.wait()
+    await asyncio.sleep(0.5)  # the child writes on until the pipe and the buffer are full
+    task.cancel()
+    async with asyncio.timeout(10):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert _children() - before == set()

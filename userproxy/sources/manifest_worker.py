@@ -192,6 +192,15 @@ async def read_in_worker(files: Sequence[Path], proxy_name: str | None) -> dict[
     finally:
         if proc.returncode is None:
             proc.kill()
+            # The process is only done when its pipes are too: asyncio's wait() waits for
+            # them, and uvloop reports a pipe still open when the loop closes.  A read
+            # stopped mid-stream (cancelled at shutdown) may have left stdout paused with
+            # its buffer full, so it would never see EOF: close stdin, read stdout out.
+            if proc.stdin is not None:
+                proc.stdin.close()
+            if proc.stdout is not None:
+                with contextlib.suppress(Exception):
+                    await proc.stdout.read()
             await proc.wait()
     return reader.results
 
