@@ -28,6 +28,7 @@ header { display: flex; align-items: baseline; gap: 1em; }
 h1 { font-size: 140%; margin: 0.2em 0 0.5em; }
 table { border-collapse: collapse; margin: 0.3em 0 1em; }
 td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: left; font-size: 90%; }
+td { white-space: nowrap; }
 th { background: #f2f2f2; }
 tr.not-ready td { background: #fff3f0; }
 .closed { color: #a00; } .open { color: #070; } .no { color: #999; }
