@@ -79,13 +79,16 @@ class StallMeter:
     """Wakes every millisecond; ``worst`` is the longest lateness since ``reset()`` (wall
     clock), ``worst_cpu`` the most CPU time the loop's thread used between two wakes: on a
     busy machine the wall figure also counts time the process was not scheduled, the CPU
-    figure only what the loop itself did (the stall this code can cause)."""
+    figure only what the loop itself did (the stall this code can cause); ``wakes`` counts
+    the wake-ups since ``reset()``.  tests/admin/test_status_stall.py uses it too."""
 
     def __init__(self) -> None:
         self.worst = self.worst_cpu = 0.0
+        self.wakes = 0
 
     def reset(self) -> None:
         self.worst = self.worst_cpu = 0.0
+        self.wakes = 0
 
     async def run(self) -> None:
         while True:
@@ -93,6 +96,7 @@ class StallMeter:
             await asyncio.sleep(0.001)
             self.worst = max(self.worst, time.perf_counter() - before - 0.001)
             self.worst_cpu = max(self.worst_cpu, time.thread_time() - cpu)
+            self.wakes += 1
 
 
 class Client:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from bench.status import CLIENT, StallMeter
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy
 
@@ -28,37 +28,6 @@ pytestmark = pytest.mark.both_loops
 COUNT = 5000
 #: The issue's bound on one stall of the loop (seconds of the loop thread's CPU).
 BOUND = 0.020
-
-#: Reads "URL" lines; answers "seconds bytes status" per line.
-CLIENT = """
-import sys, time, urllib.request
-for line in sys.stdin:
-    started = time.perf_counter()
-    with urllib.request.urlopen(line.strip(), timeout=60) as response:
-        size = len(response.read())
-        print(f"{time.perf_counter() - started:.6f} {size} {response.status}", flush=True)
-"""
-
-
-class StallMeter:
-    """The longest gap between two 1 ms wake-ups: ``worst_cpu`` in the loop thread's CPU
-    time, ``worst`` in wall-clock time; ``wakes`` counts the wake-ups since ``reset``."""
-
-    def __init__(self) -> None:
-        self.worst = self.worst_cpu = 0.0
-        self.wakes = 0
-
-    def reset(self) -> None:
-        self.worst = self.worst_cpu = 0.0
-        self.wakes = 0
-
-    async def run(self) -> None:
-        while True:
-            before, cpu = time.perf_counter(), time.thread_time()
-            await asyncio.sleep(0.001)
-            self.worst = max(self.worst, time.perf_counter() - before - 0.001)
-            self.worst_cpu = max(self.worst_cpu, time.thread_time() - cpu)
-            self.wakes += 1
 
 
 async def test_status_of_many_services_never_stalls_the_loop(tmp_path: Path) -> None:

@@ -73,19 +73,22 @@ async def proxy_with_metrics(manifests: Path | None = None, **overrides: Any) ->
 
 
 @pytest.fixture
-def backends() -> Iterator[list[Backend]]:
-    made: list[Backend] = []
-    yield made
-    for backend in made:
-        backend.stop()
+def net() -> int:
+    """A fresh 127.218.NET.0/24 for the test."""
+    return next(_nets)
+
+
+@pytest.fixture
+def backend(net: int) -> Iterator[Backend]:
+    """The Service's one good backend, at 127.218.NET.11, answering ``b1``."""
+    started = Backend(f"127.218.{net}.11", name_server("b1"))
+    yield started
+    started.stop()
 
 
 async def test_a_broken_manifest_is_a_reload_event_naming_the_problem(
-    tmp_path: Path, backends: list[Backend]
+    tmp_path: Path, net: int, backend: Backend
 ) -> None:
-    net = next(_nets)
-    backend = Backend(f"127.218.{net}.11", name_server("b1"))
-    backends.append(backend)
     path = tmp_path / "web.json"
     web = service("web", f"127.218.{net}.1", PORT)
     write(path, web, endpoint_slice("web-1", "web", backend.port, [backend.ip]))
@@ -101,11 +104,8 @@ async def test_a_broken_manifest_is_a_reload_event_naming_the_problem(
 
 
 async def test_listener_bind_error_and_its_end_are_events(
-    tmp_path: Path, backends: list[Backend]
+    tmp_path: Path, net: int, backend: Backend
 ) -> None:
-    net = next(_nets)
-    backend = Backend(f"127.218.{net}.11", name_server("b1"))
-    backends.append(backend)
     address = (f"127.218.{net}.1", PORT)
     squatter = socket.socket()
     squatter.bind(address)
@@ -135,11 +135,8 @@ async def test_listener_bind_error_and_its_end_are_events(
 
 
 async def test_an_ejection_and_the_return_are_events(
-    tmp_path: Path, backends: list[Backend]
+    tmp_path: Path, net: int, backend: Backend
 ) -> None:
-    net = next(_nets)
-    backend = Backend(f"127.218.{net}.11", name_server("b1"))
-    backends.append(backend)
     dead = socket.socket()  # bound, never listening: every dial to it is refused
     dead.bind((f"127.218.{net}.12", 0))
     dead_port = dead.getsockname()[1]
@@ -170,11 +167,8 @@ async def test_an_ejection_and_the_return_are_events(
 
 
 async def test_watch_restarts_and_relists_of_the_api_source_are_events(
-    tmp_path: Path, backends: list[Backend]
+    tmp_path: Path, net: int, backend: Backend
 ) -> None:
-    net = next(_nets)
-    backend = Backend(f"127.218.{net}.11", name_server("b1"))
-    backends.append(backend)
     async with FakeApiServer() as api:
         api.create("services", service("web", f"127.218.{net}.1", PORT))
         api.create("endpointslices", endpoint_slice("web-1", "web", backend.port, [backend.ip]))

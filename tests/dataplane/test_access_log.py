@@ -418,7 +418,9 @@ async def test_udp_session_idle_and_drained(tmp_path: Path) -> None:
 
 
 # -- the whole proxy, text format ---------------------------------------------------------------
-async def test_proxy_writes_text_lines_and_flushes_at_exit(tmp_path: Path) -> None:
+def echo_service_manifests(tmp_path: Path) -> tuple[Path, str, Backend]:
+    """Manifests of one Service (``default/web``, port ``http``) over one echo backend:
+    the directory, the cluster IP and the backend (stopped by the caller)."""
     n = net()
     cluster_ip, backend_ip = f"127.173.{n}.1", f"127.173.{n + 1}.1"
     backend = Backend(backend_ip, echo)
@@ -429,6 +431,12 @@ async def test_proxy_writes_text_lines_and_flushes_at_exit(tmp_path: Path) -> No
         service("web", cluster_ip, PORT, port_name="http"),
         endpoint_slice("web-1", "web", backend.port, [backend_ip], port_name="http"),
     )
+    return manifests, cluster_ip, backend
+
+
+async def test_proxy_writes_text_lines_and_flushes_at_exit(tmp_path: Path) -> None:
+    manifests, cluster_ip, backend = echo_service_manifests(tmp_path)
+    backend_ip = backend.ip
     log_path = tmp_path / "access.log"
 
     def talk() -> socket.socket:
@@ -476,16 +484,7 @@ async def test_lines_written_dropped_and_failed_are_metrics(
 ) -> None:
     """``userproxy_access_log_lines_total{outcome}`` counts what the writer did with each
     line, parsed from /metrics' text with prometheus_client's parser."""
-    n = net()
-    cluster_ip, backend_ip = f"127.173.{n}.1", f"127.173.{n + 1}.1"
-    backend = Backend(backend_ip, echo)
-    manifests = tmp_path / "m"
-    manifests.mkdir()
-    write(
-        manifests / "s.json",
-        service("web", cluster_ip, PORT, port_name="http"),
-        endpoint_slice("web-1", "web", backend.port, [backend_ip], port_name="http"),
-    )
+    manifests, cluster_ip, backend = echo_service_manifests(tmp_path)
 
     def talk(count: int) -> None:
         for _ in range(count):
