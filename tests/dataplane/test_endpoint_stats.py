@@ -244,7 +244,12 @@ async def test_totals_of_an_endpoint_that_left_every_pool_are_dropped(tmp_path: 
                     await asyncio.to_thread(sock.recv, 64)
             load = proxy.registry.context.load
             keys = [("127.217.4.11", first.port), ("127.217.4.12", first.port)]
-            await eventually(lambda: all(k in load.totals for k in keys), what="both counted")
+            # Every connection ended and counted (the last close reaches the proxy after
+            # the client's recv returns): 2 each, round-robin.
+            await eventually(
+                lambda: sum(load.totals[k].connections for k in keys if k in load.totals) == 4,
+                what="all 4 connections counted",
+            )
             syncs = proxy.proxier.status.syncs
             write(manifest, svc, slice_for("gone", first.port, ("127.217.4.11",)))
             await wait_for_sync(proxy, syncs)
