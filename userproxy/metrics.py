@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from userproxy.control.endpoint_counts import EndpointCount
     from userproxy.control.proxier import SyncStatus
     from userproxy.control.trackers import ChangeRecorder
-    from userproxy.dataplane.listener_set import ListenerSet, PortTotals
+    from userproxy.dataplane.listener import PortTotals
+    from userproxy.dataplane.listener_set import ListenerSet
 
 #: kube-proxy's sync duration buckets: from 1 ms, doubling, 15 of them.
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))

@@ -21,7 +21,7 @@ from tests.support.manifests import endpoint_slice, fresh_net, service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy, wait_for_sync
 from userproxy.admin.metrics_server import metrics_app
 from userproxy.control.health import HealthState
-from userproxy.dataplane.listener_set import PortTotals
+from userproxy.dataplane.listener import PortTotals
 from userproxy.metrics import PORT_FAMILIES, Metrics
 
 pytestmark = pytest.mark.both_loops

@@ -265,8 +265,8 @@ async def test_idle_timeout(rig: Rig) -> None:
     sock, backend = await _open_idle(rig, half_close=False)
     try:
         now = asyncio.get_running_loop().time()
-        rig.set.sweep(now)  # marks it idle
-        rig.set.sweep(now + 6)  # past --tcp-idle-timeout (5 s here)
+        await rig.set.sweep(now)  # marks it idle
+        await rig.set.sweep(now + 6)  # past --tcp-idle-timeout (5 s here)
         [line] = await asyncio.to_thread(rig.lines)
     finally:
         sock.close()
@@ -279,7 +279,7 @@ async def test_idle_timeout(rig: Rig) -> None:
 async def test_half_close_timeout(rig: Rig) -> None:
     sock, backend = await _open_idle(rig, half_close=True)
     try:
-        rig.set.sweep(asyncio.get_running_loop().time() + 6)  # past --tcp-fin-timeout
+        await rig.set.sweep(asyncio.get_running_loop().time() + 6)  # past --tcp-fin-timeout
         [line] = await asyncio.to_thread(rig.lines)
     finally:
         sock.close()
@@ -398,7 +398,7 @@ async def test_udp_session_idle_and_drained(tmp_path: Path) -> None:
         clients.append("{}:{}".format(*sock.getsockname()))
     try:
         await asyncio.to_thread(ask, first, b"ping")
-        rig.set.sweep(asyncio.get_running_loop().time() + 6)  # past --udp-idle-timeout
+        await rig.set.sweep(asyncio.get_running_loop().time() + 6)  # past --udp-idle-timeout
         [idle] = await asyncio.to_thread(rig.lines)
         await asyncio.to_thread(ask, second, b"hello")
         await rig.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import errno
 import logging
 import socket
@@ -26,7 +27,7 @@ from userproxy.dataplane.classify import NodeLocal, in_networks, parse_networks
 from userproxy.dataplane.pool import BackendPool
 from userproxy.hostnet.listen import listening_socket
 from userproxy.logs import RateLimitedLog
-from userproxy.model import ListenerSpec
+from userproxy.model import ListenerSpec, ServicePortName
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,32 @@ class ListenerStats:
     datagrams_down: int = 0
     drops_rate: int = 0
     drops_send: int = 0
+
+
+@dataclass(slots=True)
+class PortTotals(ListenerStats):
+    """Counters of one service port and protocol over all its listeners, past and present
+    (``ListenerSet.totals``): the listeners' own counters summed, plus what is open now."""
+
+    active: int = 0
+    sessions_active: int = 0
+    listening: int = 0
+    bind_errors: int = 0
+
+    def add(self, listener: Listener) -> None:
+        stats = listener.stats
+        for name in _STATS_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(stats, name))
+
+
+_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ListenerStats))
+TotalsKey = tuple[str, str]  # ("namespace/name:port", protocol)
+
+
+def port_key(spn: ServicePortName) -> TotalsKey:
+    """The labels a Service port's totals go by."""
+    port = f":{spn.port}" if spn.port else ""
+    return (f"{spn.namespace}/{spn.name}{port}", str(spn.protocol))
 
 
 class Listener(abc.ABC):
