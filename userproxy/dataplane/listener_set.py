@@ -383,21 +383,25 @@ class ListenerSet:
                     self._note_bind(listener, before)
                 await slicer.tick()
         fin, idle = self.timeouts.fin, self.timeouts.idle
-        for conn in list(self.connections()):
+        for listener in [*self.listeners.values(), *self._draining]:
             await slicer.tick()
-            if conn.finished:
-                continue  # ended since the snapshot: its transports are gone
-            if conn.half_closed_at is not None and now - conn.half_closed_at >= fin:
-                log.debug("closing a connection half-closed for %.0fs", fin)
-                conn.abort(HALF_CLOSE_TIMEOUT)
+            if not isinstance(listener, TcpListener) or not listener.connections:
                 continue
-            if idle is not None:
-                if conn.active:
-                    conn.active = False
-                    conn.idle_since = now
-                elif now - conn.idle_since >= idle:
-                    log.debug("closing a connection idle for %.0fs", idle)
-                    conn.abort(IDLE_TIMEOUT)
+            for conn in list(listener.connections):
+                await slicer.tick()
+                if conn.finished:
+                    continue  # ended since the snapshot: its transports are gone
+                if conn.half_closed_at is not None and now - conn.half_closed_at >= fin:
+                    log.debug("closing a connection half-closed for %.0fs", fin)
+                    conn.abort(HALF_CLOSE_TIMEOUT)
+                    continue
+                if idle is not None:
+                    if conn.active:
+                        conn.active = False
+                        conn.idle_since = now
+                    elif now - conn.idle_since >= idle:
+                        log.debug("closing a connection idle for %.0fs", idle)
+                        conn.abort(IDLE_TIMEOUT)
         for listener in [d for d in self._draining if not d.connections]:
             self._draining.discard(listener)
             self._retire(listener)
