@@ -102,8 +102,6 @@ async def scene(
             metrics_port = probe.getsockname()[1]
         metrics = f"127.216.{net}.2:{metrics_port}"
         async with running_proxy(manifests, metrics_bind_address=metrics, **settings) as proxy:
-            async with asyncio.timeout(10):
-                await proxy.metrics_ready.wait()
             yield Scene(net, proxy, f"http://{metrics}", names)
     finally:
         for backend in backends:

@@ -102,7 +102,6 @@ async def test_metrics_cover_kube_proxy_and_the_data_path(tmp_path: Path) -> Non
             healthz_bind_address=f"127.0.0.1:{health_port}",
         ) as proxy:
             async with asyncio.timeout(10):
-                await proxy.metrics_ready.wait()
                 await proxy.health_ready.wait()
             before = await asyncio.to_thread(scrape, metrics_port)
             missing = {*CORE, *DATAPATH} - names(before)

@@ -71,9 +71,7 @@ async def test_status_prints_every_service_port_with_counts(tmp_path: Path) -> N
     port = free_port()
     server = f"http://127.0.0.1:{port}"
     try:
-        async with running_proxy(tmp_path, metrics_bind_address=f"127.0.0.1:{port}") as proxy:
-            async with asyncio.timeout(10):
-                await proxy.metrics_ready.wait()
+        async with running_proxy(tmp_path, metrics_bind_address=f"127.0.0.1:{port}"):
             code, out, err = await status_of(server)
             assert code == 0, err
             lines = out.splitlines()

@@ -30,7 +30,8 @@ async def running_proxy(
     manifests: Path | None = None, *, wait_synced: bool = True, **overrides: Any
 ) -> AsyncIterator[Proxy]:
     """A Proxy serving ``manifests`` (or, with ``kubeconfig=``, an API server) on the
-    running loop, synced once unless ``wait_synced`` is False, stopped at exit.
+    running loop, synced once unless ``wait_synced`` is False, its metrics server (when a
+    ``metrics_bind_address`` is given) listening, stopped at exit.
 
     A report to the loop's exception handler fails the test (tests/conftest.py).
     """
@@ -53,6 +54,9 @@ async def running_proxy(
         if wait_synced:
             async with asyncio.timeout(10):
                 await proxy.synced.wait()
+        if settings.metrics_address is not None:
+            async with asyncio.timeout(10):  # tests then read /metrics, /status, / at once
+                await proxy.metrics_ready.wait()
         yield proxy
     finally:
         proxy.stop()
