@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import userproxy.dataplane.listener as listener_module
 from tests.support.backends import Backend, ask, name_server
-from tests.support.manifests import service, write
+from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy, wait_for_sync
 from userproxy import __version__
 from userproxy.dataplane.listener import _StateLog
@@ -60,18 +60,9 @@ def by_name(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], fl
 
 def endpoints_slice(name: str, service_name: str, backends: list[dict[str, Any]]) -> dict[str, Any]:
     """An EndpointSlice with explicit conditions per endpoint: (ip, port, conditions)."""
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": service_name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "protocol": "TCP", "port": backends[0]["port"]}],
-        "endpoints": [{"addresses": [b["ip"]], "conditions": b["conditions"]} for b in backends],
-    }
+    return endpoint_slice(name, service_name, {"http": backends[0]["port"]}, endpoints=[
+        {"addresses": [b["ip"]], "conditions": b["conditions"]} for b in backends
+    ])  # fmt: skip
 
 
 def ready(ip: str, port: int) -> dict[str, Any]:

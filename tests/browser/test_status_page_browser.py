@@ -38,7 +38,7 @@ from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 
 from tests.support.backends import Backend, echo
-from tests.support.manifests import service, write
+from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import running_proxy, wait_for_sync, wait_listening, wait_until
 
 # The first run may install Chromium with apt (minutes); the test itself takes seconds.
@@ -154,26 +154,15 @@ def slice_of(
     name: str, service_name: str, port_name: str, port: int, rows: list[tuple[str, str, bool]]
 ) -> dict[str, Any]:
     """An EndpointSlice with one endpoint per (ip, node, ready), zones by node."""
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": service_name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": port_name, "protocol": "TCP", "port": port}],
-        "endpoints": [
-            {
-                "addresses": [ip],
-                "nodeName": node,
-                "zone": "zone-a" if node == "test-node" else "zone-b",
-                "conditions": {"ready": ready, "serving": ready, "terminating": False},
-            }
-            for ip, node, ready in rows
-        ],
-    }
+    return endpoint_slice(name, service_name, port, port_name=port_name, endpoints=[
+        {
+            "addresses": [ip],
+            "nodeName": node,
+            "zone": "zone-a" if node == "test-node" else "zone-b",
+            "conditions": {"ready": ready, "serving": ready, "terminating": False},
+        }
+        for ip, node, ready in rows
+    ])  # fmt: skip
 
 
 def write_manifests(

@@ -17,7 +17,7 @@ import pytest
 
 from tests.process.test_cli import run_cli
 from tests.support.backends import Backend, echo
-from tests.support.manifests import service, write
+from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import free_port, running_proxy
 from userproxy.status_cli import default_server
 
@@ -25,21 +25,10 @@ pytestmark = pytest.mark.both_loops
 
 
 def slice_of(name: str, port: int, entries: list[tuple[str, dict[str, bool]]]) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "protocol": "TCP", "port": port}],
-        "endpoints": [
-            {"addresses": [ip], "nodeName": "test-node", "conditions": conditions}
-            for ip, conditions in entries
-        ],
-    }
+    return endpoint_slice(f"{name}-1", name, {"http": port}, endpoints=[
+        {"addresses": [ip], "nodeName": "test-node", "conditions": conditions}
+        for ip, conditions in entries
+    ])  # fmt: skip
 
 
 async def status_of(server: str, *args: str) -> tuple[int, str, str]:

@@ -90,9 +90,11 @@ def endpoint_slice(
     ready: Sequence[bool] | None = None,
     labels: dict[str, str] | None = None,
     address_type: str = "IPv4",
+    endpoints: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A raw EndpointSlice of ``service_name``: its port (or, as for ``service``, a
-    mapping of ports) for every address, each ready unless ``ready`` says otherwise."""
+    mapping of ports) for every address, each ready unless ``ready`` says otherwise; or,
+    given ``endpoints``, those raw endpoints as they are (conditions, node, zone...)."""
     ports = port if isinstance(port, Mapping) else {port_name: port}
     return {
         "apiVersion": "discovery.k8s.io/v1",
@@ -106,7 +108,9 @@ def endpoint_slice(
         "ports": [
             {"name": key, "protocol": "TCP", "port": number} for key, number in ports.items()
         ],
-        "endpoints": [
+        "endpoints": list(endpoints)
+        if endpoints is not None
+        else [
             {"addresses": [address], "conditions": {"ready": ready[i] if ready else True}}
             for i, address in enumerate(addresses)
         ],
