@@ -21,7 +21,7 @@ from aiohttp import web
 
 from tests.process.test_cli import run_cli
 from tests.support.fake_apiserver import FakeApiServer, write_kubeconfig
-from tests.support.manifests import node, write
+from tests.support.manifests import endpoint_slice, node, write
 
 NODE_FLAGS = ("--node", "n1", "--node-address", "127.216.10.100")
 READY = {"ready": True}
@@ -41,21 +41,10 @@ def _service(name: str, ip: str, **spec: Any) -> dict[str, Any]:
 
 
 def _slice(service: str, endpoints: Sequence[tuple[str, str, dict[str, bool]]]) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{service}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "tcp", "port": 8080}],
-        "endpoints": [
-            {"addresses": [ip], "nodeName": node_name, "conditions": conditions}
-            for ip, node_name, conditions in endpoints
-        ],
-    }
+    return endpoint_slice(f"{service}-1", service, 8080, endpoints=[
+        {"addresses": [ip], "nodeName": node_name, "conditions": conditions}
+        for ip, node_name, conditions in endpoints
+    ])  # fmt: skip
 
 
 def _objects() -> list[dict[str, Any]]:
