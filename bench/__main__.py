@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import balancers, controlplane, measure, memory, peers, profile, report
+from bench import balancers, chart, controlplane, measure, memory, peers, profile, report
 from bench.procs import Procs, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(text)
     png = args.output.with_suffix(".png")
     try:
-        report.chart(m, cp, png)
+        chart.chart(m, cp, png)
     except ImportError:
         print("matplotlib is not installed: no chart (pip install -e '.[bench]')", file=sys.stderr)
     print()
