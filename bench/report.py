@@ -66,7 +66,7 @@ CPU_ROWS: list[tuple[str, str]] = [
 # (metric, label) per table
 TABLES: list[tuple[str, list[tuple[str, str]]]] = [
     (
-        "Bulk TCP throughput (iperf3, 4 s per run)",
+        "Bulk TCP throughput (iperf3)",
         [
             ("tcp1_gbps", "1 stream, Gbit/s"),
             ("tcp4_gbps", "4 streams, Gbit/s"),
@@ -280,8 +280,9 @@ def markdown(
         "because it moves far less with machine noise than the rates below: on a shared",
         "2-core machine a proxy's rate depends on how much CPU the load generator, the",
         "backends and other tenants leave it, while the CPU it spends on one connection,",
-        "request or datagram mostly does not. Lower is better; a ratio below 1 means",
-        "userproxy spends less than the peer.",
+        "request or datagram mostly does not. A UDP datagram counts once per crossing (the",
+        "request on its way in, the echo on its way back). Lower is better; a ratio below 1",
+        "means userproxy spends less than the peer.",
         "",
     ]
     lines += _table(m, CPU_ROWS, PROXIES)
