@@ -90,6 +90,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport = cast("asyncio.DatagramTransport", transport)
         for data in self.pending:
             transport.sendto(data)
+        self.pending.clear()
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         if self.client is not None:  # a reply from the backend
