@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import balancers, controlplane, measure, memory, peers, profile, report
+from bench import balancers, chart, controlplane, measure, memory, peers, profile, report
 from bench.procs import Procs, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,23 +123,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"temp dir {tmp}; starting backends")
         peers.start_backends(procs, tmp, http_workers=1)
+        udp = peers.UdpBackend(procs)
         up = peers.start_userproxy(procs, tmp)
         ha = peers.start_haproxy(procs, tmp)
         ng = peers.start_nginx_stream(procs, tmp)
-        everyone = [up, ha, ng, peers.direct()]
-        log("userproxy, HAProxy, nginx stream up")
+        rl = peers.start_relay(procs)
+        everyone = [up, ha, ng, rl, peers.direct()]
+        log("userproxy, HAProxy, nginx stream, the python relay up")
         steps: list[tuple[str, bool, Callable[[peers.Peer], measure.Sample]]] = [
             ("iperf3 1 stream", False, lambda p: measure.iperf(p, 1, d.iperf)),
             ("iperf3 4 streams", False, lambda p: measure.iperf(p, 4, d.iperf)),
             ("wrk Connection: close", False, lambda p: measure.wrk(p, d.wrk, close=True)),
             ("wrk keep-alive", False, lambda p: measure.wrk(p, d.wrk, close=False)),
             ("sockperf TCP latency", False, lambda p: measure.latency(p, d.latency)),
-            ("sockperf UDP 64 B", True, lambda p: measure.udp(p, 64, d.udp)),
-            ("sockperf UDP 1400 B", True, lambda p: measure.udp(p, 1400, d.udp)),
-            ("sockperf UDP 50 000/s", True, lambda p: measure.udp_at_rate(p, d.udp)),
+            ("sockperf UDP 64 B", True, lambda p: measure.udp(p, udp, 64, d.udp)),
+            ("sockperf UDP 1400 B", True, lambda p: measure.udp(p, udp, 1400, d.udp)),
+            ("sockperf UDP 50 000/s", True, lambda p: measure.udp_at_rate(p, udp, d.udp)),
         ]
         for r in range(rounds):
-            order = everyone[r % 4 :] + everyone[: r % 4]
+            turn = r % len(everyone)
+            order = everyone[turn:] + everyone[:turn]
             for name, udp_only, step in steps:
                 for peer in order:
                     if udp_only and not peer.udp:
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     add(peer.name, sample)
                     shown = ", ".join(f"{k}={v:.4g}" for k, v in sample.items())
                     log(f"round {r + 1}/{rounds} {name:22} {peer.name:9} {shown}")
-        for peer in (up, ha, ng):
+        for peer in (up, ha, ng, rl):
             sample = memory.idle_connections(procs, peer, idle_conns)
             add(peer.name, sample)
             log(f"memory {peer.name:9} " + ", ".join(f"{k}={v:.4g}" for k, v in sample.items()))
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 (
                     "udp",
                     "userproxy under sockperf under-load UDP 64 B",
-                    profile.run_udp(up.host, peers.SP_UDP, secs),
+                    profile.run_udp(up.host, peers.SP_UDP, secs, udp),
                 ),
             ):
                 path = profile.record(
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     title=title,
                 )
                 log(f"profile {name}: {path}")
-        for peer in (up, ha, ng):
+        for peer in (up, ha, ng, rl):
             assert peer.proc is not None
             procs.stop(peer.proc)
         if not args.no_control_plane:
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(text)
     png = args.output.with_suffix(".png")
     try:
-        report.chart(m, cp, png)
+        chart.chart(m, cp, png)
     except ImportError:
         print("matplotlib is not installed: no chart (pip install -e '.[bench]')", file=sys.stderr)
     print()

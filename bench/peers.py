@@ -1,4 +1,5 @@
-"""The backends and the four paths under test: userproxy, HAProxy, nginx stream, direct.
+"""The backends and the five paths under test: userproxy, HAProxy, nginx stream, a minimal
+uvloop relay (bench/relay.py) and direct.
 
 Every address is on 127.0.0.0/8: backends on 127.0.91.1, each proxy on its own
 127.0.90.x with the same ports, the direct path straight to the backends.
@@ -6,10 +7,13 @@ Every address is on 127.0.0.0/8: backends on 127.0.91.1, each proxy on its own
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
+import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +75,8 @@ def _connectable(address: tuple[str, int]) -> Callable[[], bool]:
 
 
 def start_backends(procs: Procs, tmp: Path, http_workers: int) -> None:
-    """nginx http (small body), iperf3 -s, sockperf UDP and TCP servers, an idle holder."""
+    """nginx http (small body), iperf3 -s, a sockperf TCP server, an idle holder.  The
+    sockperf UDP server starts for each UDP run (:class:`UdpBackend`)."""
     temp = tmp / "nginx-backend"
     temp.mkdir(exist_ok=True)
     temps = "".join(
@@ -86,12 +91,46 @@ def start_backends(procs: Procs, tmp: Path, http_workers: int) -> None:
     )
     procs.start("nginx-backend", _nginx_argv(tmp, "nginx-backend", conf))
     procs.start("iperf3-server", ["iperf3", "-s", "-B", BACKEND, "-p", str(IPERF)])
-    procs.start("sockperf-udp", ["sockperf", "server", "-i", BACKEND, "-p", str(SP_UDP)])
     procs.start("sockperf-tcp", ["sockperf", "server", "--tcp", "-i", BACKEND, "-p", str(SP_TCP)])
     procs.start("holder", [python(), "-m", "bench.servers", "hold", BACKEND, str(HOLD)])
     for port in TCP_PORTS.values():
         wait_until(_connectable((BACKEND, port)), 15, f"backend {BACKEND}:{port}")
-    wait_until(lambda: udp_bound((BACKEND, SP_UDP)), 15, "sockperf UDP server")
+
+
+_SERVER_TOTAL = re.compile(r"Total (\d+) messages received")
+
+
+class UdpBackend:
+    """The sockperf UDP echo server on BACKEND:SP_UDP, started afresh for each run: when it
+    stops (SIGINT) it prints how many datagrams it received, which is that run's count of
+    datagrams the proxy delivered upstream."""
+
+    def __init__(self, procs: Procs) -> None:
+        self.procs = procs
+        self.runs = 0
+        self.received = 0
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[UdpBackend]:
+        """The server runs inside the block; ``received`` is its count afterwards."""
+        self.runs += 1
+        name = f"sockperf-udp-{self.runs}"
+        argv = ["sockperf", "server", "-i", BACKEND, "-p", str(SP_UDP)]
+        proc = self.procs.start(name, argv)
+        try:
+            wait_until(lambda: udp_bound((BACKEND, SP_UDP)), 15, "sockperf UDP server")
+            yield self
+        finally:
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            self.procs.stop(proc)
+        counts = _SERVER_TOTAL.findall(self.procs.log_tail(name, 40))
+        if not counts:
+            raise RuntimeError(
+                f"sockperf UDP server printed no total:\n{self.procs.log_tail(name)}"
+            )
+        self.received = int(counts[-1])
 
 
 def userproxy_manifests(host: str) -> dict[str, Any]:
@@ -199,6 +238,20 @@ def start_nginx_stream(procs: Procs, tmp: Path) -> Peer:
     peer = Peer("nginx", host, udp=True, proc=proc, worker=True, log="nginx-stream")
     _wait_peer(procs, peer)
     wait_until(lambda: peer.pid is not None, 10, "the nginx stream worker")
+    return peer
+
+
+RELAY = "127.0.90.4"
+
+
+def start_relay(procs: Procs) -> Peer:
+    """bench/relay.py on uvloop: every TCP port and the UDP port, no features."""
+    argv = [python(), "-m", "bench.relay"]
+    for port in TCP_PORTS.values():
+        argv += ["--tcp", f"{RELAY}:{port}={BACKEND}:{port}"]
+    argv += ["--udp", f"{RELAY}:{SP_UDP}={BACKEND}:{SP_UDP}"]
+    peer = Peer("relay", RELAY, udp=True, proc=procs.start("relay", argv))
+    _wait_peer(procs, peer)
     return peer
 
 

@@ -133,14 +133,17 @@ def can_connect(address: tuple[str, int], timeout: float = 0.5) -> bool:
 
 
 def udp_bound(address: tuple[str, int]) -> bool:
-    """True when something holds ``address`` as a UDP port (binding it fails)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.bind(address)
-    except OSError:
-        return True
-    finally:
-        s.close()
+    """True when a socket holds ``address`` (or the port on 0.0.0.0) as a UDP port, read
+    from /proc/net/udp: probing by binding would race with the server's own bind."""
+    port = f"{address[1]:04X}"
+    ips = {
+        f"{int.from_bytes(socket.inet_aton(ip), sys.byteorder):08X}"
+        for ip in (address[0], "0.0.0.0")
+    }
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        ip, _, hexport = line.split()[1].partition(":")
+        if hexport == port and ip in ips:
+            return True
     return False
 
 

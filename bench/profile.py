@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.peers import UdpBackend
 from bench.procs import Procs
 
 _LINE = re.compile(r":\d+\)$")
@@ -107,7 +108,12 @@ def run_wrk(host: str, port: int, seconds: float) -> Callable[[], object]:
     )
 
 
-def run_udp(host: str, port: int, seconds: float) -> Callable[[], object]:
+def run_udp(host: str, port: int, seconds: float, backend: UdpBackend) -> Callable[[], object]:
     argv = ["sockperf", "under-load", "-i", host, "-p", str(port), "-m", "64"]
     argv += ["-t", f"{seconds:g}", "--mps", "max", "--reply-every", "1"]
-    return lambda: subprocess.run(argv, capture_output=True, timeout=seconds + 30, check=False)
+
+    def load() -> object:
+        with backend.counting():
+            return subprocess.run(argv, capture_output=True, timeout=seconds + 30, check=False)
+
+    return load

@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench import measure, peers
-from bench.peers import BACKEND, SP_UDP
-from bench.procs import Procs, udp_bound, wait_until
+from bench.procs import Procs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,13 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     procs = Procs(tmp)
     losses: dict[str, list[float]] = {}
     try:
-        procs.start("sockperf-udp", ["sockperf", "server", "-i", BACKEND, "-p", str(SP_UDP)])
-        wait_until(lambda: udp_bound((BACKEND, SP_UDP)), 15, "sockperf UDP server")
+        backend = peers.UdpBackend(procs)
         everyone = [peers.start_userproxy(procs, tmp), peers.start_nginx_stream(procs, tmp)]
         everyone.append(peers.direct())
         for r in range(args.rounds):
             for peer in everyone[r % 3 :] + everyone[: r % 3]:
-                sample = measure.udp_at_rate(peer, args.seconds, args.rate)
+                sample = measure.udp_at_rate(peer, backend, args.seconds, args.rate)
                 losses.setdefault(peer.name, []).append(sample["udp_rate_loss_pct"])
                 sent, loss = sample["udp_rate_sent_per_s"], sample["udp_rate_loss_pct"]
                 print(
