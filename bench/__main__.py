@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import balancers, chart, controlplane, measure, memory, peers, profile, report
+from bench import chart, controlplane, measure, memory, peers, profile, report
 from bench.procs import Procs, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     reproduce = (ROOT / "bench" / "README.md").read_text()
     text = report.markdown(m, cp, desc, settings, reproduce)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    text = balancers.keep_section(args.output, text)  # python -m bench.balancers' figures
+    text = report.keep_sections(args.output, text)  # bench.balancers', bench.status' figures
     args.output.write_text(text)
     png = args.output.with_suffix(".png")
     try:

@@ -359,16 +359,6 @@ def write_section(text: str, doc: Path) -> None:
     doc.write_text(current)
 
 
-def keep_section(doc: Path, text: str) -> str:
-    """``text`` (a new docs/benchmarks.md from ``python -m bench``) with this benchmark's
-    section carried over from the current ``doc``, so a full run does not drop it."""
-    current = doc.read_text() if doc.exists() else ""
-    if START not in current or END not in current:
-        return text
-    section = START + current.split(START, 1)[1].split(END, 1)[0] + END
-    return text.rstrip("\n") + "\n\n" + section + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.balancers",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 PEERS = ("userproxy", "haproxy", "nginx", "relay", "direct")
 PROXIES = PEERS[:4]
@@ -345,3 +347,18 @@ def stdout_table(m: Medians, cp: dict[str, float]) -> str:
         met = {True: "met", False: "NOT met", None: "n/a"}[t.met]
         rows.append(f"{t.label:46} {_fmt(t.value):>8} (limit {_fmt(t.limit)}) {met}  {t.note}")
     return "\n".join(rows)
+
+
+_SECTION = re.compile(r"<!-- (bench\.[\w.]+):start -->.*?<!-- \1:end -->", re.DOTALL)
+
+
+def keep_sections(doc: Path, text: str) -> str:
+    """``text`` (a new docs/benchmarks.md) with every section another benchmark wrote
+    between ``<!-- bench.NAME:start -->`` and ``<!-- bench.NAME:end -->`` in the current
+    ``doc`` carried over (``python -m bench.balancers``, the /status figures of
+    ``python -m bench.status``), so a full run does not drop them."""
+    current = doc.read_text() if doc.exists() else ""
+    sections = [m.group(0) for m in _SECTION.finditer(current) if m.group(0) not in text]
+    if not sections:
+        return text
+    return text.rstrip("\n") + "\n\n" + "\n\n".join(sections) + "\n"
