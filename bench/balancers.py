@@ -33,6 +33,7 @@ import contextlib
 import functools
 import json
 import random
+import shutil
 import socket
 import statistics
 import struct
@@ -273,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             order = order[1:] + order[:1]
     finally:
         procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)  # its manifests and the processes' logs
     results["disruption"] = disruption()
     return results
 
