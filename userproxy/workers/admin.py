@@ -9,8 +9,8 @@ Unix socket; the parent answers on ``--metrics-bind-address`` and ``--healthz-bi
 * ``/healthz`` (both servers) and ``/livez``: 200 when every worker runs and answers its own
   ``/healthz`` with 200; the body is the first worker's, plus ``workers``;
 * ``/status``: the first worker's document with the traffic counts summed over the workers,
-  plus ``workers`` (number, pid, alive, restarts, its admin socket) and ``control`` (the parent's pid, the
-  handler calls it forwarded);
+  plus ``workers`` (number, pid, alive, restarts, admin socket) and ``control`` (the
+  parent's pid, the handler calls it forwarded);
 * ``/configz``, ``/proxyMode``: the parent's; anything else (the HTML page, its script and
   live events, ``/explain``): passed through to the first worker that runs.
 """
