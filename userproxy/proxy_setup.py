@@ -8,7 +8,9 @@ from userproxy.balancers.ipvs import default_balancer
 from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry, UnknownBalancer
 from userproxy.config import ConfigError, Settings
 
-log = logging.getLogger(__name__)
+#: The proxy's logger: the warning is the proxy's start-up line, as it was before this
+#: function moved here (operators and tests look for it there).
+log = logging.getLogger("userproxy.proxy")
 
 
 def balancer_registry(settings: Settings) -> BalancerRegistry:

@@ -91,7 +91,8 @@ def wait_serving(net: int, workers: int = 2, within: float = 30.0) -> list[dict[
 
     def ready() -> bool:
         with urllib.request.urlopen(admin_url(net) + "/healthz", timeout=5) as response:
-            return response.status == 200
+            status: int = response.status
+            return status == 200
 
     wait_until(ready, within, "every worker healthy")
     rows = worker_rows(net)
