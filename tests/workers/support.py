@@ -87,17 +87,20 @@ def children(pid: int) -> set[int]:
 
 
 def wait_serving(net: int, workers: int = 2, within: float = 30.0) -> list[dict[str, Any]]:
-    """Wait until every worker runs and /healthz is 200 (each worker synced); its rows."""
+    """Wait until every worker runs and has applied a sync (its listeners are open); the
+    parent's rows of the workers."""
 
-    def ready() -> bool:
-        with urllib.request.urlopen(admin_url(net) + "/healthz", timeout=5) as response:
-            status: int = response.status
-            return status == 200
+    def synced() -> bool:
+        metrics = get_text(admin_url(net) + "/metrics")
+        syncs = samples(metrics, "kubeproxy_sync_proxy_rules_duration_seconds_count")
+        rows = worker_rows(net)
+        return all(row["alive"] for row in rows) and all(
+            syncs.get(str(n), 0) >= 1 for n in range(workers)
+        )
 
-    wait_until(ready, within, "every worker healthy")
+    wait_until(synced, within, "every worker synced")
     rows = worker_rows(net)
     assert len(rows) == workers, rows
-    assert all(row["alive"] for row in rows), rows
     return rows
 
 

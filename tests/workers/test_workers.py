@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.backends import Backend, ask, name_server
+from tests.support.backends import Backend, UdpBackend, ask, name_server
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import assert_clean_log, wait_until
 from tests.workers.support import (
@@ -187,6 +188,44 @@ def alive_again(net: int) -> bool:
     except urllib.error.HTTPError as error:  # 503 while worker 0 is away: its body says so
         rows = json.load(error)["workers"]
     return bool(rows[0]["alive"] and rows[0]["healthy"])
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_udp_flows_are_spread_over_both_workers(tmp_path: Path, loop: str) -> None:
+    """SO_REUSEPORT on UDP: each client (ip, port) flow goes to one worker, the flows of
+    many clients to both, and every datagram is answered."""
+    net = fresh_net()
+    backend = UdpBackend(f"127.241.{net}.11")
+    try:
+        directory = tmp_path / "manifests"
+        directory.mkdir()
+        raw_slice = endpoint_slice("dns-a", "dns", backend.port, [backend.ip], port_name="udp")
+        for port in raw_slice["ports"]:
+            port["protocol"] = "UDP"
+        write(
+            directory / "dns.json",
+            service("dns", f"127.241.{net}.1", 53, port_name="udp", protocol="UDP"),
+            raw_slice,
+        )
+        log = tmp_path / "proxy.log"
+        with workers_proxy(["--manifests", str(directory)], net, log, loop):
+            wait_serving(net)
+            for client in range(40):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.settimeout(5)
+                    sock.bind((f"127.241.{net}.50", 0))
+                    for n in range(3):
+                        payload = f"{client}-{n}".encode()
+                        sock.sendto(payload, (f"127.241.{net}.1", 53))
+                        assert sock.recvfrom(100)[0] == payload
+            metrics = get_text(admin_url(net) + "/metrics")
+            created = samples(metrics, "userproxy_udp_sessions_created_total")
+            assert sum(created.values()) == 40  # one session per client flow
+            assert created.get("0", 0) > 0, created
+            assert created.get("1", 0) > 0, created
+    finally:
+        backend.stop()
+    assert_clean_log(log)
 
 
 def test_sigterm_stops_every_worker_gracefully(

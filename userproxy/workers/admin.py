@@ -6,8 +6,10 @@ Unix socket; the parent answers on ``--metrics-bind-address`` and ``--healthz-bi
 * ``/metrics``: every worker's samples with a ``worker`` label, and the parent's own (its
   source's events, ``userproxy_worker_up``, ``userproxy_worker_restarts_total``) with
   ``worker="control"`` (``merge.py``);
-* ``/healthz`` (both servers) and ``/livez``: 200 when every worker runs and answers its own
-  ``/healthz`` with 200; the body is the first worker's, plus ``workers``;
+* ``/healthz`` (both servers) and ``/livez``: 200 when some worker runs and every worker
+  that runs answers its own ``/healthz`` with 200 (a dead worker holds no socket, so until
+  its restart the others serve its share and the node stays healthy); the body is the
+  first answering worker's, plus ``workers``;
 * ``/status``: the first worker's document with the traffic counts summed over the workers,
   plus ``workers`` (number, pid, alive, restarts, admin socket) and ``control`` (the
   parent's pid, the handler calls it forwarded);
@@ -91,7 +93,10 @@ def _health_handler(supervisor: Supervisor) -> Handler:
             if isinstance(parsed, dict):
                 body = parsed
         body["workers"] = _workers(supervisor, healthy)
-        code = 200 if len(healthy) == len(supervisor.slots) else 503
+        running = {slot.number for slot in supervisor.slots if slot.alive}
+        # A worker between its death and its restart holds no socket (the others serve
+        # its share), so it does not fail the node; one that runs must answer 200.
+        code = 200 if running and running <= healthy else 503
         return web.json_response(body, status=code)
 
     return health
