@@ -41,13 +41,19 @@ PR_SET_PDEATHSIG = 1
 
 
 def worker_settings(settings: Settings, worker: int) -> Settings:
-    """What a worker runs with: no admin ports of its own (the parent serves them), and
-    only worker 0 manages the Service addresses (one owner of the device)."""
+    """What a worker runs with: no admin ports of its own (the parent serves them); only
+    worker 0 manages the Service addresses (one owner of the device); an access log file
+    of its own, ``PATH.N`` (N processes appending buffered text to one file would cut
+    each other's lines), while ``-`` (stderr, line by line) stays shared."""
+    access_log = settings.access_log
+    if access_log is not None and access_log != "-":
+        access_log = f"{access_log}.{worker}"
     return dataclasses.replace(
         settings,
         healthz_bind_address="",
         metrics_bind_address="",
         manage_addresses=settings.manage_addresses and worker == 0,
+        access_log=access_log,
     )
 
 
