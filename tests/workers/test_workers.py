@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.backends import Backend, UdpBackend, ask, name_server
 from tests.support.manifests import endpoint_slice, service, write
-from tests.support.proxyrun import assert_clean_log, wait_until
+from tests.support.proxyrun import assert_clean_log, wait_logged, wait_until
 from tests.workers.support import (
     admin_url,
     alive,
@@ -225,6 +225,31 @@ def test_udp_flows_are_spread_over_both_workers(tmp_path: Path, loop: str) -> No
             assert created.get("1", 0) > 0, created
     finally:
         backend.stop()
+    assert_clean_log(log)
+
+
+def test_sighup_reloads_the_settings_in_every_worker(
+    tmp_path: Path, backends: tuple[int, list[Backend]]
+) -> None:
+    net, started = backends
+    manifests = _manifests(tmp_path, net, started[:1])
+    config = tmp_path / "config.yaml"
+    head = "apiVersion: userproxy.io/v1alpha1\nkind: UserProxyConfiguration\n"
+    config.write_text(head + "tcpFinTimeout: 1m\n")
+    log = tmp_path / "proxy.log"
+    args = ["--manifests", str(manifests), "--config", str(config)]
+    with workers_proxy(args, net, log, "uvloop") as proc:
+        wait_serving(net)
+        config.write_text(head + "tcpFinTimeout: 3m\n")
+        proc.send_signal(signal.SIGHUP)
+        for worker in (0, 1):
+            wait_logged(
+                log, f"worker {worker}: reloaded the settings: applied --tcp-fin-timeout=180"
+            )
+        assert ask((f"127.241.{net}.1", PORT)) == "b11"  # serving on, as before
+        configz = get_json(admin_url(net) + "/configz")["userproxy.io"]
+        assert configz["workers"] == 2
+        assert configz["tcp_fin_timeout"] == 180
     assert_clean_log(log)
 
 
