@@ -133,8 +133,12 @@ def workers_proxy(
             yield proc
         finally:
             seen = children(proc.pid)
-    # proxy_process stopped it; every worker it ever had is gone with it.
+    # proxy_process stopped it; every worker it ever had is gone with it, and so is the
+    # directory of their admin sockets.
     wait_until(lambda: not any(alive(pid) for pid in seen), 15.0, "no worker left")
+    sockets = {Path(m).parent for m in re.findall(r"listening on (/\S+\.sock)", log.read_text())}
+    assert sockets, "no worker logged its admin socket"
+    assert not [path for path in sockets if path.exists()], sockets
 
 
 def kill(pid: int) -> None:

@@ -278,10 +278,15 @@ def test_no_worker_outlives_a_killed_parent(
     manifests = _manifests(tmp_path, net, started[:1])
     log = tmp_path / "proxy.log"
     with workers_proxy(["--manifests", str(manifests)], net, log, "asyncio") as proc:
-        pids = {row["pid"] for row in wait_serving(net)}
+        rows = wait_serving(net)
+        pids = {row["pid"] for row in rows}
+        sockets = Path(rows[0]["admin_socket"]).parent
+        assert sockets.is_dir()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=5)
         wait_until(lambda: not any(alive(pid) for pid in pids), 10.0, "the workers gone")
+        # The last worker out removed the admin sockets' directory the parent could not.
+        assert not sockets.exists()
     # PR_SET_PDEATHSIG's SIGTERM or the closed channel, whichever came first: both stop.
     output = log.read_text()
     assert "worker 0: stopped" in output

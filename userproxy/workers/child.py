@@ -148,6 +148,13 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    finally:
+        # The parent removes the directory at its exit; a parent killed outright cannot,
+        # so the last worker out removes it (rmdir fails while another's socket is there).
+        with contextlib.suppress(OSError):
+            os.unlink(hello.admin_socket)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(hello.admin_socket))
 
 
 if __name__ == "__main__":  # pragma: no cover
