@@ -102,6 +102,9 @@ def test_both_workers_serve_and_the_status_and_metrics_cover_both(
             status = get_json(admin_url(net) + "/status")
             (port,) = status["services"][0]["ports"]
             assert port["totals"]["accepted"] == 200  # summed over the workers
+            endpoints = {e["address"]: e["connections_total"] for e in port["endpoints"]}
+            assert sum(endpoints.values()) == 200
+            assert all(n > 0 for n in endpoints.values()), endpoints
             assert {row["pid"] for row in status["workers"]} == pids
             assert status["control"]["pid"] == proc.pid
             up = samples(get_text(admin_url(net) + "/metrics"), "userproxy_worker_up")

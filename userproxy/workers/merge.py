@@ -37,7 +37,19 @@ PARENT_ONLY = frozenset(
 _FROM_EVERY_PROCESS = ("process_", "python_")
 
 #: Keys of /status whose integer values count traffic, summed over the workers.
-SUMMED = frozenset({"active", "accepted", "dial_failures", "bytes_up", "bytes_down", "connections"})
+SUMMED = frozenset(
+    {
+        # a port's totals
+        "active",
+        "accepted",
+        "dial_failures",
+        "bytes_up",
+        "bytes_down",
+        # an endpoint's (bytes and dial failures as above)
+        "active_connections",
+        "connections_total",
+    }
+)
 
 Json = object
 
