@@ -220,10 +220,14 @@ def test_udp_flows_are_spread_over_both_workers(tmp_path: Path, loop: str) -> No
                     for n in range(3):
                         payload = f"{client}-{n}".encode()
                         sock.sendto(payload, (f"127.241.{net}.1", 53))
-                        assert sock.recvfrom(100)[0] == payload
+                        try:
+                            answer = sock.recvfrom(100)[0]
+                        except TimeoutError:
+                            raise AssertionError(f"no answer to {payload!r}") from None
+                        assert answer == payload
             metrics = get_text(admin_url(net) + "/metrics")
             created = samples(metrics, "userproxy_udp_sessions_created_total")
-            assert sum(created.values()) == 40  # one session per client flow
+            assert sum(created.values()) == 40, created  # one session per client flow
             assert created.get("0", 0) > 0, created
             assert created.get("1", 0) > 0, created
     finally:
