@@ -173,20 +173,20 @@ def table(m: dict[int, dict[str, float]], seconds: float, rounds: int) -> str:
 
 READING = """\
 How to read it: the rate the proxy reaches is the cores it gets times the work per core,
-so the last two rows say why the rates moved.  The machine has 2 cores and wrk (2 threads)
+so the last two rows say why the rates moved. The machine has 2 cores and wrk (2 threads)
 and the nginx backend run on them too (and, during these runs, other work on the machine):
-two workers never get two free cores.  A second worker can only take CPU time the others
+two workers never get two free cores. A second worker can only take CPU time the others
 leave idle, or win it from them: the scheduler shares the cores between runnable threads,
-so on a busy machine two workers get a larger share than one, which is most of what a
-rate gain here is.  CPU per new connection rises with two workers (1.1-1.25x in the runs
-so far; per keep-alive request 1.0-1.2x): each worker does the same work per connection, but
-the cores are oversubscribed (two workers, two wrk threads and nginx on two cores), so the
+so on a busy machine two workers get a larger share than one, which is most of what a rate
+gain here is. CPU per new connection rises with two workers (1.1-1.25x in the runs so far;
+per keep-alive request 1.0-1.2x): each worker does the same work per connection, but the
+cores are oversubscribed (two workers, two wrk threads and nginx on two cores), so the
 processes pay in context switches and colder caches, and each worker's accept loop finds
 fewer connections waiting per wake-up (SO_REUSEPORT splits the queue), so the cost of a
-wake-up is spread over fewer connections.  The workers
-share nothing on the data path (each has its own SO_REUSEPORT accept queue, loop, pools and
-counters; the parent idles), so with a free core per worker the rate grows with the
-workers until the client or the backend is the limit; this machine cannot show that."""
+wake-up is spread over fewer connections. The workers share nothing on the data path (each
+has its own SO_REUSEPORT accept queue, loop, pools and counters; the parent idles), so
+with a free core per worker the rate grows with the workers until the client or the
+backend is the limit; this machine cannot show that."""
 
 
 def write_section(text: str, doc: Path) -> None:
