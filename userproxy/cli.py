@@ -5,6 +5,7 @@ the flags and the parser are in ``flags.py``.  Settings: ``Settings``' defaults 
 command's own (the demo's) < the ``--config`` file < the flags (``settings_from``).
 Signals of ``run``: SIGTERM/SIGINT shut down gracefully, a second one forces it; SIGHUP
 reloads the settings and the manifests (``reload_settings``), never ending the process.
+``--workers N`` (N > 1) runs the workers' parent instead of a ``Proxy``: same signals.
 Exit status: 0 after a clean shutdown, 128 + the signal after a forced one (``StopSignals``),
 2 for invalid flags or manifests at start.
 """
@@ -32,6 +33,7 @@ from userproxy.logs import setup_logging
 from userproxy.proxy import Proxy
 from userproxy.sources.manifests import ManifestError
 from userproxy.status_cli import status_command
+from userproxy.workers.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ def install_demo_signals(proxy: Proxy) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, proxy.reload, proxy.settings)
 
 
-def reload_settings(proxy: Proxy, args: argparse.Namespace) -> None:
+def reload_settings(proxy: Proxy | Supervisor, args: argparse.Namespace) -> None:
     """SIGHUP: the settings again as at start (defaults, ``--config`` file, flags), handed
     to ``proxy.reload`` (which also re-reads the manifests).  Never raises: the process
     must outlive a bad edit, so an invalid file is logged and the last good settings stay."""
@@ -177,8 +179,9 @@ def reload_settings(proxy: Proxy, args: argparse.Namespace) -> None:
 
 async def serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run a proxy until stopped; its exit status (see StopSignals).  SIGHUP reloads the
-    settings from ``args``."""
-    proxy = Proxy(settings)
+    settings from ``args``.  With ``--workers`` above 1, the parent of the workers
+    (userproxy/workers/supervisor.py) takes the signals and passes them on."""
+    proxy = Supervisor(settings) if settings.workers > 1 else Proxy(settings)
     stopping = _handle_stop_signals(StopSignals(proxy.stop, proxy.force_stop))
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_settings, proxy, args)
     await proxy.run()

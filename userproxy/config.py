@@ -93,6 +93,7 @@ RULES: Final[Mapping[str, tuple[str, Rule]]] = {
     "outlier_base_ejection": ("--outlier-base-ejection", _POSITIVE_DURATION),
     "outlier_max_ejection": ("--outlier-max-ejection", _POSITIVE_DURATION),
     "outlier_max_ejected_percent": ("--outlier-max-ejected-percent", rules.percent),
+    "workers": ("--workers", rules.count(1)),
 }
 
 #: The settings that are durations in seconds (shown as Go durations in --help).
@@ -162,6 +163,9 @@ class Settings:
     outlier_base_ejection: float = 30.0
     outlier_max_ejection: float = 300.0
     outlier_max_ejected_percent: int = 50
+    #: Data-plane processes sharing every listening address (SO_REUSEPORT), fed by one
+    #: control plane; 1: today's single process (docs/workers.md).
+    workers: int = 1
 
     # (ip, port), or None when off; the rule has checked the text.
     @property
@@ -259,6 +263,7 @@ class SettingsValues(TypedDict, total=False):
     outlier_base_ejection: float
     outlier_max_ejection: float
     outlier_max_ejected_percent: int
+    workers: int
 
 
 def settings_values(values: Mapping[str, object]) -> SettingsValues:

@@ -181,7 +181,7 @@ _USERPROXY: Final[Mapping[Kind, str]] = {
     "accessLogFormat",
     _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout outlierBaseEjection outlierMaxEjection",
     _INT: "maxConnections serviceConnectionShare clientConnectionShare udpMaxSessions "
-    "udpSessionRate outlierConsecutiveFailures outlierMaxEjectedPercent",
+    "udpSessionRate outlierConsecutiveFailures outlierMaxEjectedPercent workers",
     _BOOL: "manageAddresses",
 }
 USERPROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {

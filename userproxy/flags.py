@@ -163,6 +163,13 @@ RUN_FLAGS: Final = (
         "config_sync_period",
         "how often to re-list Services and EndpointSlices from the API (0: never)",
     ),
+    Flag(
+        "workers",
+        "data-plane processes sharing every listening address (SO_REUSEPORT), fed by one "
+        "watch of the API or the manifests (docs/workers.md)",
+        "N",
+        _integer,
+    ),
 )
 
 #: The flags of ``run`` and ``demo``, in the order of their ``--help``.

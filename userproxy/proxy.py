@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from userproxy import __version__
@@ -26,9 +26,8 @@ from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
 from userproxy.admin.service_health import ServiceHealthServers
 from userproxy.admin.status import StatusView
-from userproxy.balancers.ipvs import default_balancer
-from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry, UnknownBalancer
 from userproxy.config import ConfigError, Settings, configz, flag_name
+from userproxy.control.handlers import Handlers
 from userproxy.control.health import HealthState
 from userproxy.control.proxier import Proxier, SyncStatus
 from userproxy.control.runner import SyncRunner
@@ -50,6 +49,7 @@ from userproxy.hostnet.node import NodeAddresses
 from userproxy.logs import setup_logging
 from userproxy.loop_lag import LoopLagProbe, build_line, loop_name
 from userproxy.metrics import Metrics
+from userproxy.proxy_setup import balancer_registry
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
 if TYPE_CHECKING:
@@ -58,6 +58,9 @@ if TYPE_CHECKING:
     from userproxy.sources.reflector import EventKind
 
 log = logging.getLogger(__name__)
+
+#: Where tests and ``explain`` have always found it (it lives in proxy_setup.py).
+_balancer_registry = balancer_registry
 
 #: Settings a running proxy takes on at ``reload()``: read afresh by the sync runner, the
 #: sweeper, the UDP session table and the shutdown sequence.  A change to any other setting
@@ -78,23 +81,6 @@ RELOADABLE = frozenset(
 )
 
 
-def _balancer_registry(settings: Settings) -> BalancerRegistry:
-    """The registry with the configured default balancer (``--balancer``, else what
-    ``--ipvs-scheduler`` selects): an approximated scheduler is reported here, once; an
-    unknown name is a ``ConfigError`` naming the setting and listing the known balancers."""
-    name, note = default_balancer(settings.balancer, settings.ipvs_scheduler, DEFAULT_BALANCER)
-    if note:
-        log.warning("%s", note)
-    try:
-        return BalancerRegistry(default=name)
-    except UnknownBalancer as exc:
-        setting = "balancer" if settings.balancer is not None else "ipvs_scheduler"
-        problem = str(exc)
-        if setting == "ipvs_scheduler":
-            problem = f"{settings.ipvs_scheduler!r} selects the {problem}"
-        raise ConfigError.of(setting, problem) from None
-
-
 class Proxy:
     """One running proxy.  Build it, ``await run()``; call ``stop()`` from anywhere on the loop."""
 
@@ -103,8 +89,15 @@ class Proxy:
         settings: Settings,
         *,
         on_synced: Callable[[SyncStatus], None] | None = None,
+        feed: Callable[[Handlers], Awaitable[None]] | None = None,
+        admin_socket: str | None = None,
     ) -> None:
         self.settings = settings
+        #: A ``--workers`` data-plane process: the objects come from the parent's one
+        #: source through ``feed`` (userproxy/workers/), not from manifests or the API.
+        self._feed = feed
+        #: A worker serves its metrics server's routes on this Unix socket, for the parent.
+        self._admin_socket = admin_socket
         nofile = raise_nofile_limit()
         udp_sessions = settings.udp_max_sessions or default_udp_sessions(nofile)
         maximum = settings.max_connections or default_max_connections(nofile, udp_sessions)
@@ -186,7 +179,7 @@ class Proxy:
         )
         self.manifests: ManifestSource | None = None
         self._client_configuration: Configuration | None = None
-        if settings.manifests:
+        if settings.manifests and feed is None:
             self.manifests = ManifestSource(
                 settings.manifests,
                 self.recorder,
@@ -296,7 +289,7 @@ class Proxy:
         ConfigError if ``--manage-addresses`` cannot create its device."""
         if self.manifests is not None:
             self.manifests.initial_load()
-        else:
+        elif self._feed is None:
             # Read before anything starts: a kubeconfig that cannot be used (or a pod
             # without a ServiceAccount token) is a ConfigError now, not a failing task.
             from userproxy.sources.kubernetes import load_client_configuration
@@ -404,6 +397,9 @@ class Proxy:
         return drain.result()
 
     async def _run_source(self) -> None:
+        if self._feed is not None:
+            await self._feed(self.recorder)
+            return
         if self.manifests is not None:
             await self.manifests.run()
             return
@@ -434,12 +430,12 @@ class Proxy:
             started.append(
                 tasks.create_task(serve_app(app, health_address, "health", self.health_ready))
             )
-        metrics_address = self.settings.metrics_address
-        if metrics_address is not None:
-            app = metrics_app(self.metrics, self.health, self._configz, self.status)
-            started.append(
-                tasks.create_task(serve_app(app, metrics_address, "metrics", self.metrics_ready))
-            )
+        for address in (self.settings.metrics_address, self._admin_socket):
+            if address is not None:
+                app = metrics_app(self.metrics, self.health, self._configz, self.status)
+                started.append(
+                    tasks.create_task(serve_app(app, address, "metrics", self.metrics_ready))
+                )
         return started
 
 

@@ -19,27 +19,35 @@ RETRY_INTERVAL = 5.0
 
 
 async def serve_app(
-    app: web.Application, address: tuple[str, int], name: str, ready: asyncio.Event
+    app: web.Application, address: tuple[str, int] | str, name: str, ready: asyncio.Event
 ) -> None:
-    """Serve ``app`` on ``address``, setting ``ready`` once listening, until cancelled."""
+    """Serve ``app`` on ``address`` (a str: a Unix socket, a ``--workers`` process's private
+    admin socket), setting ``ready`` once listening, until cancelled."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=http_logger(name))
     await runner.setup()
     try:
         while True:
             try:
-                await web.TCPSite(runner, address[0], address[1], reuse_address=True).start()
+                if isinstance(address, str):
+                    await web.UnixSite(runner, address).start()
+                else:
+                    await web.TCPSite(runner, address[0], address[1], reuse_address=True).start()
                 break
             except OSError as exc:
                 log.error(
-                    "%s server cannot listen on %s:%d: %s; retrying in %.0fs",
+                    "%s server cannot listen on %s: %s; retrying in %.0fs",
                     name,
-                    *address,
+                    _where(address),
                     exc.strerror or exc,
                     RETRY_INTERVAL,
                 )
                 await asyncio.sleep(RETRY_INTERVAL)
-        log.info("%s server listening on %s:%d", name, *address)
+        log.info("%s server listening on %s", name, _where(address))
         ready.set()
         await asyncio.Event().wait()  # until cancelled
     finally:
         await runner.cleanup()
+
+
+def _where(address: tuple[str, int] | str) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"

@@ -24,12 +24,25 @@ one pin per client, the endpoint it used last, as the legacy userspace proxier d
 affinity entry per client in a service port's ``LoadBalancerRR`` state).  Pins are keyed
 by the endpoint's address ("ip:port"), as KUBE-SEP chains are, so a change of an endpoint's
 conditions (ready -> serving and terminating) does not unpin its clients.
+
+With ``--workers N`` (N > 1) each data-plane process has its own tables, and the kernel
+hands a client's connections to any of them, so a pin one worker made is unknown to the
+others.  There ``ClientIPAffinity.deterministic`` is set and the pick is a rendezvous
+(highest random weight) hash of the client IP over the pool's endpoint addresses: every
+worker computes the same endpoint with no shared state.  The trade-off against kube-proxy's
+first-pick-then-stick (docs/workers.md): the client keeps its endpoint while that endpoint
+stays in the pool, whatever the timeout; when an endpoint joins, about 1/(n+1) of the
+clients move to it at once (kube-proxy keeps them until their timeout); when one leaves,
+only its clients move (as in kube-proxy).  The pins are still written, so ``/explain``
+shows them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
+from typing import ClassVar
 
 from userproxy.balancers.base import Balancer
 from userproxy.model import Endpoint, ListenerSpec, ServiceKey, ServicePortName
@@ -180,6 +193,10 @@ class ClientIPAffinity:
 
     __slots__ = ("_inner", "_members", "_private", "_table")
 
+    #: Set once by a ``--workers`` process (N > 1): pick by a rendezvous hash of the
+    #: client IP, the same in every worker (see the module docstring).
+    deterministic: ClassVar[bool] = False
+
     def __init__(
         self,
         inner: Balancer,
@@ -215,6 +232,11 @@ class ClientIPAffinity:
         # ``AffinityTable.get`` and ``pin`` inlined: this runs for every new connection.
         table = self._table
         now = table.clock()
+        if ClientIPAffinity.deterministic:
+            hashed = rendezvous(client_ip, self._members, exclude)
+            if hashed is not None:
+                table.pins[client_ip] = (str(hashed), now)
+            return hashed
         table.lookups += 1
         if table.lookups % _SWEEP_EVERY == 0:
             table.sweep(now)
@@ -242,3 +264,21 @@ class ClientIPAffinity:
             renewed._private = True
             self._table.retain(renewed._members)
         return renewed
+
+
+def rendezvous(
+    client_ip: str, members: dict[Address, Endpoint], exclude: Container[Endpoint] = ()
+) -> Endpoint | None:
+    """The endpoint of ``members`` (not excluded) with the highest hash of (client IP,
+    endpoint address): the same in every process (blake2b, never Python's salted
+    ``hash``), and only the clients of an endpoint that leaves move when the set changes."""
+    key = client_ip.encode() + b"|"
+    best: Endpoint | None = None
+    best_score = b""
+    for address, endpoint in members.items():
+        if endpoint in exclude:
+            continue
+        score = hashlib.blake2b(key + address.encode(), digest_size=8).digest()
+        if score > best_score:
+            best, best_score = endpoint, score
+    return best

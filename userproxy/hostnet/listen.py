@@ -27,6 +27,11 @@ __all__ = ["IPV6_FREEBIND", "IP_FREEBIND", "listening_socket"]
 IP_FREEBIND = 15
 IPV6_FREEBIND = 78
 
+#: Set once by a ``--workers`` data-plane process (userproxy/workers/child.py): every
+#: listening socket then also gets ``SO_REUSEPORT``, so the N workers share each address
+#: and the kernel spreads connections and UDP flows over them.
+REUSE_PORT = False
+
 
 def listening_socket(
     ip: str,
@@ -41,6 +46,8 @@ def listening_socket(
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if REUSE_PORT:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if freebind:
