@@ -36,6 +36,7 @@ from userproxy.sources.manifest_changes import (
     ChangedKeys,
     CrossChecks,
     changed_keys,
+    merge_slices_only,
     same_files,
 )
 from userproxy.sources.manifest_files import (
@@ -280,7 +281,13 @@ class ManifestSource:
             files = self._cache.contents(listing)
             if self._unchanged(listing, files):
                 return  # the same bytes in the same files: nothing to merge or deliver
-            state = self._cache.merged(listing)
+            keys = changed_keys(self._good, files)
+            state = None
+            if self._state is not None and not listing.problems:
+                # self._state and self._good always describe the same (last good) load.
+                state = merge_slices_only(self._state, self._good, files, keys, listing.skipped)
+            if state is None:
+                state = self._cache.merged(listing)
         except ManifestError as exc:
             self._failed(exc, changed=changed)
             return
@@ -296,7 +303,6 @@ class ManifestSource:
         self._report_skipped(state)
         # Deliver first: the checks across objects only find warnings (never a failure),
         # and they walk every object, so they must not delay a change reaching the sync.
-        keys = changed_keys(self._good, files)
         calls = await self.apply(state, keys)
         self._good = files
         try:
