@@ -181,7 +181,27 @@ def run(
     finally:
         procs.stop(proc)
     sample |= _delays("change_many", delays)
+    sample |= node_stalls(services)
     return sample
+
+
+def node_stalls(services: int) -> Sample:
+    """``bench/node_update.py --json``: the longest loop stall of a Node label change, a
+    zone change and (as root) a node address change, with ``services`` Services loaded."""
+    import subprocess
+
+    done = subprocess.run(
+        [python(), "-m", "bench.node_update", "--services", str(services), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"bench.node_update failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {str(k): float(v) for k, v in result.items()}
 
 
 def _delays(prefix: str, delays: list[float]) -> Sample:
