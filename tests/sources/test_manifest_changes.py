@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.support.manifest_cases import RecordingHandlers, age, endpoint_slice, service, write_yaml
 from userproxy.sources.manifest_changes import CrossChecks, changed_keys
 from userproxy.sources.manifest_files import ManifestCache, collect_file, load_manifests
 from userproxy.sources.manifest_read import list_manifest_files
 from userproxy.sources.manifest_warnings import Category, cross_check
 from userproxy.sources.manifests import ManifestError, ManifestSource
+
+pytestmark = pytest.mark.both_loops  # the slices and reloads yield to whichever loop runs
 
 
 def _many(directory: Path, files: int = 4, per_file: int = 5) -> list[Path]:
