@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.measure import Sample
 from bench.peers import userproxy_argv
-from bench.procs import Procs, can_connect, python, rss_bytes, wait_until
+from bench.procs import Procs, can_connect, cpu_seconds, python, rss_bytes, wait_until
 
 METRICS = ("127.0.90.9", 10249)
 PROBE_IP, PROBE_PORT = "127.0.89.1", 80
@@ -95,6 +95,30 @@ def listeners_open() -> int:
     return int(total)
 
 
+def _hex_address(ip: str, port: int) -> str:
+    """``ip:port`` as /proc/net/tcp spells a local address (IPv4, host byte order)."""
+    a, b, c, d = (int(x) for x in ip.split("."))
+    return f"{d:02X}{c:02X}{b:02X}{a:02X}:{port:04X}"
+
+
+def listening(pid: int, wanted: set[str]) -> int:
+    """How many of ``wanted`` (``_hex_address`` spellings) are in LISTEN state in the
+    network namespace of ``pid``: the kernel's view, read without asking the proxy (a
+    /metrics scrape with 10 000 Services costs the proxy about 2 s of CPU, which polling
+    it would add to the very start-up being timed)."""
+    found = 0
+    try:
+        with open(f"/proc/{pid}/net/tcp", encoding="ascii") as table:
+            next(table)
+            for line in table:
+                fields = line.split(None, 4)
+                if fields[3] == "0A" and fields[1] in wanted:
+                    found += 1
+    except OSError:
+        return -1
+    return found
+
+
 def _reached() -> str:
     try:
         with socket.create_connection((PROBE_IP, PROBE_PORT), timeout=1) as s:
@@ -170,9 +194,17 @@ def run(
 
         wait_until(served, 120, f"{services} Services served", step=0.01)
         first = time.monotonic() - t0
-        wait_until(lambda: listeners_open() >= services, 120, "all listeners open", step=0.2)
+        assert proc.pid is not None
+        pid = proc.pid
+        wanted = {_hex_address(_service_ip(i), 80) for i in range(services - 1)}
+        wanted.add(_hex_address(PROBE_IP, PROBE_PORT))
+        wait_until(lambda: listening(pid, wanted) >= services, 120, "all listening", step=0.1)
         sample["cp_served_s"] = time.monotonic() - t0
+        # CPU time moves far less with the machine's load than the wall-clock time does.
+        sample["cp_served_cpu_s"] = cpu_seconds(pid)
         sample["cp_last_listener_s"] = first
+        # The proxy's own count agrees (one scrape, after the timing).
+        wait_until(lambda: listeners_open() >= services, 120, "all listeners open", step=1.0)
         time.sleep(1.0)
         assert proc.pid is not None
         sample["cp_rss_mib"] = rss_bytes(proc.pid) / 2**20
@@ -181,7 +213,27 @@ def run(
     finally:
         procs.stop(proc)
     sample |= _delays("change_many", delays)
+    sample |= node_stalls(services)
     return sample
+
+
+def node_stalls(services: int) -> Sample:
+    """``bench/node_update.py --json``: the longest loop stall of a Node label change, a
+    zone change and (as root) a node address change, with ``services`` Services loaded."""
+    import subprocess
+
+    done = subprocess.run(
+        [python(), "-m", "bench.node_update", "--services", str(services), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"bench.node_update failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {str(k): float(v) for k, v in result.items()}
 
 
 def _delays(prefix: str, delays: list[float]) -> Sample:

@@ -200,7 +200,8 @@ class Proxier:
             return True
         for _ in self.state.fold(run.changes, run.affected):
             pass
-        for key in self._keys(run):
+        by_name = {str(key): key for key in self._keys(run)}
+        for key in _in_order(by_name):
             self._apply_one(run, key)
         return self._finish(run)
 
@@ -221,7 +222,14 @@ class Proxier:
         slicer = Slicer(bulk=len(changes.services) + len(changes.slices) >= BULK_SERVICES)
         for _ in self.state.fold(changes, run.affected):
             await slicer.tick()
-        keys = self._keys(run)
+        pending = self._keys(run)
+        slicer = Slicer(bulk=len(pending) >= BULK_SERVICES)
+        # The names to sort by, in slices too: a str() per Service is 10 ms for 10 000.
+        by_name: dict[str, ServiceKey] = {}
+        for key in pending:
+            by_name[str(key)] = key
+            await slicer.tick()
+        keys = _in_order(by_name)
         slicer = Slicer(every=4, bulk=len(keys) >= BULK_SERVICES)
         for key in keys:
             self._apply_one(run, key)
@@ -246,18 +254,17 @@ class Proxier:
             run.affected.update(self.state.services)  # nothing is planned yet
         return run
 
-    def _keys(self, run: _SyncRun) -> list[ServiceKey]:
-        """The Services this sync re-plans, in order: those the folded changes touched,
-        those with NodePorts if the node's addresses changed, those that failed before."""
+    def _keys(self, run: _SyncRun) -> set[ServiceKey]:
+        """The Services this sync re-plans: those the folded changes touched, those with
+        NodePorts if the node's addresses changed, those that failed before (put in
+        order by ``_in_order``)."""
         affected = run.affected
         if run.addresses != self.node_addresses:
             self.node_addresses = run.addresses
             services = self.state.services
             affected.update(key for key, svc in services.items() if svc.externally_accessible)
         run.retry = set(self.failed)
-        # A fixed order, so which of two Services claiming one address wins is the same
-        # every time.  (The one step not sliced: 40 000 keys sort in 15-50 ms.)
-        keys = sorted(affected | run.retry, key=str)
+        keys = affected.union(run.retry)
         run.planned = len(keys)
         return keys
 
@@ -397,6 +404,14 @@ class Proxier:
             exc = errors.get(key)
             if exc is not None and not isinstance(exc, OSError):
                 log.debug("applying %s failed", key, exc_info=exc)
+
+
+def _in_order(by_name: dict[str, ServiceKey]) -> list[ServiceKey]:
+    """The Services by name ("namespace/name"): a fixed order, so which of two Services
+    claiming one address wins is the same every time.  The one step of a sync not sliced:
+    sorting plain strings is C-level comparisons, about 2 ms for 10 000 (sorting the keys
+    with ``key=str`` called ``str()`` in the same step, 10-20 ms)."""
+    return [by_name[name] for name in sorted(by_name)]
 
 
 def _describe(exc: BaseException) -> str:

@@ -33,6 +33,7 @@ from userproxy.model import (
     SliceEndpoint,
     TrafficPolicy,
 )
+from userproxy.sources.decode_fast import plain_endpoint
 from userproxy.sources.decode_fields import (
     MAX_FIELD_CHARS,
     MAX_MESSAGE_CHARS,
@@ -355,6 +356,14 @@ def decode_endpoint_slice(obj: Mapping[str, object]) -> EndpointSlice | None:
 def _slice_endpoint(
     entry: Mapping[str, object], path: str, family: IPFamily
 ) -> SliceEndpoint | None:
+    plain = plain_endpoint(entry, family)  # the common shape, checked inline (decode_fast)
+    return plain if plain is not None else general_endpoint(entry, path, family)
+
+
+def general_endpoint(
+    entry: Mapping[str, object], path: str, family: IPFamily
+) -> SliceEndpoint | None:
+    """One endpoint of a slice, any shape; DecodeError naming the field if it is invalid."""
     addresses = [ip_literal(v, p, family) for p, v in opt_items(entry, "addresses", path)]
     conditions = opt_mapping(entry, "conditions", path)
     conditions_path = f"{path}.conditions"

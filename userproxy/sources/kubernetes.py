@@ -12,6 +12,10 @@ already; this guards against one that ignores a selector): one that does not mat
 not this proxy's, and one that stops matching is deleted.
 
 Besides: the API client configuration (:func:`load_client_configuration`).
+
+kubernetes-asyncio is imported where it is used, not with this module: importing it takes
+about 0.4 s of CPU, which a proxy reading manifests (and every ``userproxy`` command that
+only imports this module) would pay at start for nothing.
 """
 
 from __future__ import annotations
@@ -20,12 +24,9 @@ import asyncio
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import yaml
-from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio.client import ApiClient
 
 from userproxy.config import ConfigError
 from userproxy.control.handlers import Handlers
@@ -41,6 +42,10 @@ from userproxy.sources.decode import (
 )
 from userproxy.sources.list_watch import LIST_PAGE_SIZE, ListWatch
 from userproxy.sources.reflector import OnEvent, Reflector, ReflectorOptions, ResourceHandlers
+
+if TYPE_CHECKING:
+    from kubernetes_asyncio import client as k8s_client
+    from kubernetes_asyncio.client import ApiClient
 
 __all__ = ["KubernetesSource", "label_selector", "load_client_configuration", "make_api_client"]
 
@@ -59,6 +64,9 @@ async def load_client_configuration(kubeconfig: Path | None) -> k8s_client.Confi
     gives the common causes in userproxy's words; whatever else kubernetes-asyncio rejects
     keeps its text.
     """
+    from kubernetes_asyncio import client as k8s_client  # imported here: see the module
+    from kubernetes_asyncio import config as k8s_config
+
     configuration = k8s_client.Configuration()
     if kubeconfig is None:
         try:
@@ -118,6 +126,8 @@ def _check_kubeconfig(path: Path) -> None:
 
 async def make_api_client(kubeconfig: Path | None) -> ApiClient:
     """An ApiClient for ``kubeconfig`` (None: in-cluster); the caller closes it."""
+    from kubernetes_asyncio.client import ApiClient  # imported here: see the module
+
     return ApiClient(configuration=await load_client_configuration(kubeconfig))
 
 
@@ -166,6 +176,8 @@ class KubernetesSource:
         options = ReflectorOptions(
             resync_period, backoff_initial, backoff_max, watch_timeout, page_size
         )
+        from kubernetes_asyncio import client as k8s_client  # imported here: see the module
+
         self._api = api
         core = k8s_client.CoreV1Api(api)
         discovery = k8s_client.DiscoveryV1Api(api)

@@ -35,8 +35,10 @@ __all__ = [
     "Category",
     "ManifestWarning",
     "WarningLog",
+    "check_slice",
     "cluster_ip_warning",
     "cross_check",
+    "service_conflicts",
     "summarize",
     "type_warning",
 ]
@@ -220,8 +222,19 @@ def cross_check(
     ``locations`` maps (kind, namespace, name) to where the object is defined.  Slices
     are checked against their Service's ports by name and protocol, as
     ``control/endpoints.py`` matches them; addresses are claimed in the order the
-    Services come (file order), and a later claim names the earlier one.
+    Services come (file order), and a later claim names the earlier one.  The same as
+    :func:`service_conflicts` followed by :func:`check_slice` for every slice.
     """
+    yield from service_conflicts(services, locations)
+    for key, endpoint_slice in slices.items():
+        yield from check_slice(key, endpoint_slice, services, locations)
+        yield None
+
+
+def service_conflicts(
+    services: Mapping[ServiceKey, Service], locations: Mapping[tuple[str, str, str], str]
+) -> Iterator[ManifestWarning | None]:
+    """Addresses claimed by two Services, yielding None after each Service."""
     claimed: dict[_Claim, ServiceKey] = {}
     for key, service in services.items():
         if service.is_proxied:
@@ -238,25 +251,37 @@ def cross_check(
                         "(see userproxy_listener_conflicts)",
                     )
         yield None
-    for (namespace, name), endpoint_slice in slices.items():
-        where = _where(locations, "EndpointSlice", namespace, name)
-        subject = _subject("EndpointSlice", namespace, name)
-        target = services.get(endpoint_slice.service_key)
-        if target is None:
-            yield ManifestWarning(
+
+
+def check_slice(
+    key: tuple[str, str],
+    endpoint_slice: EndpointSlice,
+    services: Mapping[ServiceKey, Service],
+    locations: Mapping[tuple[str, str, str], str],
+) -> list[ManifestWarning]:
+    """The warnings of one slice: its Service is absent, or a port matches none of the
+    Service's.  They depend on the slice, its location and its Service only."""
+    namespace, name = key
+    where = _where(locations, "EndpointSlice", namespace, name)
+    subject = _subject("EndpointSlice", namespace, name)
+    target = services.get(endpoint_slice.service_key)
+    if target is None:
+        return [
+            ManifestWarning(
                 Category.NO_SERVICE,
                 where,
                 subject,
                 f"its Service {endpoint_slice.service_key} (label kubernetes.io/service-name) "
                 "is not among the Services read: its endpoints serve nothing",
             )
-            yield None
-            continue
-        ports = {(port.name, port.protocol) for port in target.ports}
-        for i, port in enumerate(endpoint_slice.ports):
-            if (port.name, port.protocol) not in ports:
-                known = ", ".join(_port_text(p.name, p.protocol) for p in target.ports)
-                yield ManifestWarning(
+        ]
+    found = []
+    ports = {(port.name, port.protocol) for port in target.ports}
+    for i, port in enumerate(endpoint_slice.ports):
+        if (port.name, port.protocol) not in ports:
+            known = ", ".join(_port_text(p.name, p.protocol) for p in target.ports)
+            found.append(
+                ManifestWarning(
                     Category.UNMATCHED_PORT,
                     where,
                     subject,
@@ -264,7 +289,8 @@ def cross_check(
                     f"Service {target.key} ({shorten(known or 'none', 200)}): its endpoints "
                     "serve nothing for it (ports match by name and protocol)",
                 )
-        yield None
+            )
+    return found
 
 
 # --------------------------------------------------------------------------- reporting

@@ -59,9 +59,9 @@ Request = tuple[str | None, tuple[str, ...]]
 
 
 def _frames_for(path: str, collector: FileContents) -> Iterator[tuple[object, ...]]:
-    """A file's result as frames: ("file", path, problems, warnings) then ("objects", ...)
-    chunks."""
-    yield ("file", path, tuple(collector.problems), tuple(collector.warnings))
+    """A file's result as frames: ("file", path, problems, warnings, digest) then
+    ("objects", ...) chunks."""
+    yield ("file", path, tuple(collector.problems), tuple(collector.warnings), collector.digest)
     seen = list(collector.seen.items())
     objects: list[Service | EndpointSlice | Node] = [
         *collector.services.values(),
@@ -118,7 +118,7 @@ class FrameReader:
         tag = frame[0]
         if tag == "file":
             self._current = FileContents(
-                self.proxy_name, problems=list(frame[2]), warnings=list(frame[3])
+                self.proxy_name, problems=list(frame[2]), warnings=list(frame[3]), digest=frame[4]
             )
             self.results[frame[1]] = self._current
         elif tag == "objects":

@@ -22,24 +22,33 @@ Invariants of a reload (the event loop keeps serving connections while it runs):
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from userproxy.control.handlers import Handlers
 from userproxy.model import Node
 from userproxy.slices import Slicer
-from userproxy.sources.diff import diff_steps
+from userproxy.sources.diff import diff_keys, diff_steps
 from userproxy.sources.inotify import Inotify, watch_directories
+from userproxy.sources.manifest_changes import (
+    ChangedKeys,
+    CrossChecks,
+    changed_keys,
+    merge_slices_only,
+    same_files,
+)
 from userproxy.sources.manifest_files import (
+    FileContents,
     ManifestCache,
     ManifestState,
     collect_file,
     load_manifests,
 )
 from userproxy.sources.manifest_read import FileList, ManifestError, list_manifest_files
-from userproxy.sources.manifest_warnings import WarningLog, cross_check
+from userproxy.sources.manifest_warnings import WarningLog
 from userproxy.sources.manifest_worker import read_in_worker
 
 __all__ = [
@@ -124,6 +133,10 @@ class ManifestSource:
         #: Some file was too fresh to trust its stamp: poll (and re-read it) again soon.
         self._recheck = False
         self._cache = ManifestCache()
+        #: What each file contributed to the last good state: a reload diffs only the keys
+        #: of the files whose contents are not these very objects.
+        self._good: dict[Path, FileContents] = {}
+        self._checks = CrossChecks()
         self._last_error: str | None = None
         self._skipped: tuple[str, ...] = ()
         self._warnings = WarningLog(logger)
@@ -142,8 +155,29 @@ class ManifestSource:
 
     def initial_load(self) -> ManifestState:
         """Load the manifests and deliver everything, then the three ``*_synced`` calls."""
+        # Nothing is served yet, and decoding 10 000 Services allocates a million objects:
+        # the cyclic collector would walk the growing heap again and again (a fifth of the
+        # load's CPU), for garbage that reference counting frees anyway.  What is alive at
+        # the end lives long: frozen, as userproxy.slices does at each bulk yield.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._initial_load()
+        finally:
+            gc.freeze()
+            if collecting:
+                gc.enable()
+
+    def _initial_load(self) -> ManifestState:
         listing = list_manifest_files(self._paths)
-        state = load_manifests(self._paths, self._proxy_name, self._cache)
+        cache = self._cache
+        for path, stamp in cache.to_read(listing):
+            cache.store(path, stamp, collect_file(path, self._proxy_name))
+        state = cache.merged(listing)
+        for _ in self._checks.steps(state, None):
+            pass
+        state = state.with_warnings(self._checks.warnings())
+        self._good = cache.contents(listing)
         self._listing = listing
         self._recheck = listing.racy()
         self._state = state
@@ -223,10 +257,18 @@ class ManifestSource:
         self._recheck = listing.racy()
         await self._reload(listing, changed=changed or forced)
 
-    async def _load(self, listing: FileList) -> ManifestState:
-        """Load the listed files without holding the loop (see the module's invariants)."""
+    async def _read(self, listing: FileList) -> None:
+        """Bring the cache up to date with the listed files without holding the loop (see
+        the module's invariants).  A file stale by its stamp whose bytes are those already
+        parsed is kept as it is (``ManifestCache.keep_unchanged``): a file written within
+        the last second is stale at every poll for that second."""
         cache = self._cache
-        stale = cache.to_read(listing)
+        stale = []
+        slicer = Slicer()
+        for path, stamp in cache.to_read(listing):
+            if not cache.keep_unchanged(path, stamp):
+                stale.append((path, stamp))
+            await slicer.check()
         if sum(stamp.size for _, stamp in stale if stamp is not None) > INLINE_BYTES:
             self.worker_reads += 1
             results = await read_in_worker([path for path, _ in stale], self._proxy_name)
@@ -236,23 +278,31 @@ class ManifestSource:
                     raise ManifestError([f"{path}: not read by the manifest reader process"])
                 cache.store(path, stamp, contents)
         else:
-            slicer = Slicer()
             for path, stamp in stale:
                 cache.store(path, stamp, collect_file(path, self._proxy_name))
                 await slicer.check()
-        state = cache.merged(listing)
-        found = []
-        slicer = Slicer(bulk=len(state.services) >= BULK_OBJECTS)
-        for warning in cross_check(state.services, state.slices, state.locations):
-            if warning is None:
-                await slicer.tick()
-            else:
-                found.append(warning)
-        return state.with_warnings(found)
+
+    async def _cross_check(self, state: ManifestState, keys: ChangedKeys) -> ManifestState:
+        """``state`` with the warnings across objects, checked again for ``keys``, in
+        slices."""
+        slicer = Slicer(bulk=len(keys.services) + len(keys.slices) >= BULK_OBJECTS)
+        for _ in self._checks.steps(state, keys):
+            await slicer.tick()
+        return state.with_warnings(self._checks.warnings())
 
     async def _reload(self, listing: FileList, *, changed: bool) -> None:
         try:
-            state = await self._load(listing)
+            await self._read(listing)
+            files = self._cache.contents(listing)
+            if self._unchanged(listing, files):
+                return  # the same bytes in the same files: nothing to merge or deliver
+            keys = changed_keys(self._good, files)
+            state = None
+            if self._state is not None and not listing.problems:
+                # self._state and self._good always describe the same (last good) load.
+                state = merge_slices_only(self._state, self._good, files, keys, listing.skipped)
+            if state is None:
+                state = self._cache.merged(listing)
         except ManifestError as exc:
             self._failed(exc, changed=changed)
             return
@@ -266,10 +316,30 @@ class ManifestSource:
             self._last_error = None
             changed = True
         self._report_skipped(state)
+        # Deliver first: the checks across objects only find warnings (never a failure),
+        # and they walk every object, so they must not delay a change reaching the sync.
+        calls = await self.apply(state, keys)
+        self._good = files
+        try:
+            state = await self._cross_check(state, keys)
+        except Exception:  # a bug in a check: no warnings, never a stopped source
+            logger.exception("unexpected error while checking the manifests")
+            self._checks = CrossChecks()  # checks everything next time
+        self._state = state
         self._warnings.report(state.warnings)
-        calls = await self.apply(state)
         if (changed or calls) and self._on_reload is not None:
             self._on_reload()
+
+    def _unchanged(self, listing: FileList, files: dict[Path, FileContents]) -> bool:
+        """Whether the last good state stands as it is: no failure since, the same entries
+        skipped and every listed file's contents the very objects it was built from."""
+        current = self._state
+        return (
+            self._last_error is None
+            and current is not None
+            and listing.skipped == current.skipped
+            and same_files(self._good, files)
+        )
 
     def _report_skipped(self, state: ManifestState) -> None:
         """Log directory entries newly skipped (not regular files), once each."""
@@ -288,18 +358,53 @@ class ManifestSource:
         if (changed or distinct) and self._on_reload_error is not None:
             self._on_reload_error(error)
 
-    async def apply(self, state: ManifestState) -> int:
+    async def apply(self, state: ManifestState, keys: ChangedKeys | None = None) -> int:
         """Deliver the differences between the current state and ``state``; make it current.
 
+        With ``keys`` only those keys are compared (a reload knows which files it re-read,
+        and every other key maps to the same object in both states), so a change to one
+        file of 10 000 Services costs that file's keys, not 20 000 comparisons.
         Delivered in slices that yield to the loop (a large reload must not hold it);
         returns the number of handler calls made (0 when nothing changed).
         """
         old = self._state if self._state is not None else ManifestState()
-        h = self._handlers
-        slicer = Slicer(bulk=max(len(old.services), len(state.services)) >= BULK_OBJECTS)
+        if keys is not None:
+            steps = self._key_steps(old, state, keys)
+            bulk = len(keys.services) + len(keys.slices) >= BULK_OBJECTS
+        else:
+            steps = self._all_steps(old, state)
+            bulk = max(len(old.services), len(state.services)) >= BULK_OBJECTS
+        slicer = Slicer(bulk=bulk)
         calls = 0
+        for called in steps:
+            calls += called
+            await slicer.tick()
+        self._state = state
+        logger.log(
+            logging.INFO if calls else logging.DEBUG,
+            "manifests reloaded: %d changes delivered",
+            calls,
+        )
+        return calls
+
+    def _key_steps(
+        self, old: ManifestState, new: ManifestState, keys: ChangedKeys
+    ) -> Iterator[bool]:
+        h = self._handlers
+        own = [self._node_name] if self._node_name in keys.nodes else []
+        return itertools.chain(
+            diff_keys(old.services, new.services, h.on_service_add, h.on_service_update,
+                      h.on_service_delete, keys=keys.services),
+            diff_keys(old.slices, new.slices, h.on_endpointslice_add,
+                      h.on_endpointslice_update, h.on_endpointslice_delete, keys=keys.slices),
+            diff_keys(old.nodes, new.nodes, h.on_node_add, h.on_node_update, h.on_node_delete,
+                      keys=own),
+        )  # fmt: skip
+
+    def _all_steps(self, old: ManifestState, state: ManifestState) -> Iterator[bool]:
+        h = self._handlers
         # diff.deliver_diff's calls, one key at a time (a state's maps never change).
-        for called in itertools.chain(
+        return itertools.chain(
             diff_steps(
                 old.services,
                 state.services,
@@ -321,13 +426,4 @@ class ManifestSource:
                 h.on_node_update,
                 h.on_node_delete,
             ),
-        ):
-            calls += called
-            await slicer.tick()
-        self._state = state
-        logger.log(
-            logging.INFO if calls else logging.DEBUG,
-            "manifests reloaded: %d changes delivered",
-            calls,
         )
-        return calls
