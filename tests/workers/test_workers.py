@@ -10,6 +10,7 @@ Addresses: 127.241.N.x (support.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -213,8 +214,12 @@ def test_udp_flows_are_spread_over_both_workers(tmp_path: Path, loop: str) -> No
         log = tmp_path / "proxy.log"
         with workers_proxy(["--manifests", str(directory)], net, log, loop):
             wait_serving(net)
-            for client in range(40):
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            # All 40 stay open to the end: a port closed and bound again would be one flow.
+            with contextlib.ExitStack() as open_sockets:
+                for client in range(40):
+                    sock = open_sockets.enter_context(
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    )
                     sock.settimeout(5)
                     sock.bind((f"127.241.{net}.50", 0))
                     for n in range(3):
