@@ -35,7 +35,13 @@ from bench.controlplane import write_manifests
 from userproxy.config import Settings
 from userproxy.proxy import Proxy
 
-URLS = ("/status", "/status?page=50&page_size=100", "/status?q=s9999", "/?page=50")
+URLS = (
+    "/status",
+    "/status?page=50&page_size=100",
+    "/status?q=s9999",
+    "/?page=50",
+    "/metrics",
+)
 
 #: Reads "URL" lines; answers "seconds bytes status" per line.
 CLIENT = """

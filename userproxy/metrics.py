@@ -45,6 +45,9 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        #: Where /metrics reads the per-port families (``watch``, ``watch_endpoints``).
+        self.listeners: ListenerSet | None = None
+        self.endpoint_counts: Callable[[], Iterable[EndpointCount]] | None = None
         r = self.registry
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -153,35 +156,16 @@ class Metrics:
             counter.labels(resource).inc()
 
     def watch(self, recorder: ChangeRecorder, listeners: ListenerSet) -> None:
-        """Register the scrape-time collectors over the recorder and the data plane."""
+        """Register the scrape-time collectors over the recorder and the data plane; the
+        per-port families are read from ``listeners`` by admin/metrics_scrape.py."""
         self.registry.register(_ControlCollector(recorder))
         self.registry.register(_DataplaneCollector(listeners))
+        self.listeners = listeners
 
     def watch_endpoints(self, counts: Callable[[], Iterable[EndpointCount]]) -> None:
         """``userproxy_endpoints{service_port,protocol,state}`` from ``counts()`` (the
-        counts of the proxier's current plans), read at scrape time."""
-        self.registry.register(_EndpointsCollector(counts))
-
-
-class _EndpointsCollector(Collector):
-    """Endpoints by state per Service port: every state of every port is present (a
-    zero is a fact a dashboard wants), ports of removed Services vanish."""
-
-    def __init__(self, counts: Callable[[], Iterable[EndpointCount]]) -> None:
-        self.counts = counts
-
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "userproxy_endpoints",
-            "Endpoints of a Service port by state: ready, serving_terminating (not ready, "
-            "serving and terminating: used only as a fallback), not_ready",
-            labels=["service_port", "protocol", "state"],
-        )
-        for count in self.counts():
-            port, protocol = count.service_port, str(count.spn.protocol)
-            for state, value in count.by_state():
-                family.add_metric([port, protocol, state], value)
-        yield family
+        counts of the proxier's current plans), read at scrape time (metrics_scrape.py)."""
+        self.endpoint_counts = counts
 
 
 class _ControlCollector(Collector):
@@ -222,10 +206,13 @@ class PortFamily:
     #: The protocol whose ports have this family (None: both).
     protocol: Literal["TCP", "UDP"] | None = None
 
+    @property
+    def labels(self) -> list[str]:
+        return ["service_port", "protocol", *([self.split] if self.split else [])]
+
     def family(self) -> CounterMetricFamily | GaugeMetricFamily:
-        labels = ["service_port", "protocol", *([self.split] if self.split else [])]
         kind = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
-        return kind(self.name, self.text, labels=labels)
+        return kind(self.name, self.text, labels=self.labels)
 
     def samples(self, totals: PortTotals) -> Iterator[tuple[list[str], int]]:
         """(extra label values, value) for one port."""
@@ -283,20 +270,13 @@ PORT_FAMILIES = (
 
 
 class _DataplaneCollector(Collector):
-    """Per service port and protocol, from the listeners' plain counters."""
+    """The data plane's process-wide families (the per-port ones, ``PORT_FAMILIES`` and
+    the ejections, are written in slices by admin/metrics_scrape.py)."""
 
     def __init__(self, listeners: ListenerSet) -> None:
         self.listeners = listeners
 
     def collect(self) -> Iterator[Metric]:
-        families = [(spec, spec.family()) for spec in PORT_FAMILIES]
-        for (service_port, protocol), totals in self.listeners.totals().items():
-            for spec, family in families:
-                if spec.protocol in (None, protocol):
-                    for extra, value in spec.samples(totals):
-                        family.add_metric([service_port, protocol, *extra], value)
-        yield from (family for _, family in families)
-        yield from _ejection_families(self.listeners)
         access_log = self.listeners.access_log
         if access_log is not None:
             lines = CounterMetricFamily(
@@ -316,31 +296,3 @@ class _DataplaneCollector(Collector):
             "same protocol, IP and port ((address, Service) pairs refused now)",
             value=self.listeners.conflicts,
         )
-
-
-def _ejection_families(listeners: ListenerSet) -> Iterator[Metric]:
-    """Outlier ejection per TCP Service port, and per endpoint while it is ejected (only
-    ejected endpoints are listed: at most the ejectable share of each pool)."""
-    total = CounterMetricFamily(
-        "userproxy_endpoint_ejections",
-        "Endpoints ejected by outlier detection (failed dials in a row), each time",
-        labels=["service_port", "protocol"],
-    )
-    now = GaugeMetricFamily(
-        "userproxy_endpoints_ejected",
-        "Endpoints ejected by outlier detection now",
-        labels=["service_port", "protocol"],
-    )
-    remaining = GaugeMetricFamily(
-        "userproxy_endpoint_ejection_remaining_seconds",
-        "Seconds until an ejected endpoint is tried again",
-        labels=["service_port", "protocol", "endpoint"],
-    )
-    for (service_port, protocol), (count, ejected) in listeners.ejections().items():
-        total.add_metric([service_port, protocol], count)
-        now.add_metric([service_port, protocol], len(ejected))
-        for ejection in ejected:
-            remaining.add_metric(
-                [service_port, protocol, str(ejection.endpoint)], ejection.remaining
-            )
-    yield from (total, now, remaining)

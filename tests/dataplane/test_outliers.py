@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import generate_latest
 
 from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import eventually, running_proxy
+from userproxy.admin.metrics_scrape import exposition
 from userproxy.dataplane.outliers import OutlierDetector
 from userproxy.dataplane.tcp_listener import TcpListener
 from userproxy.proxy import Proxy
@@ -138,8 +138,8 @@ async def until_ejected(scene: Scene, detector: OutlierDetector, ejections: int)
     raise AssertionError(f"not ejected {ejections} times: {detector.status()}")
 
 
-def metric_lines(proxy: Proxy, name: str) -> list[str]:
-    text = generate_latest(proxy.metrics.registry).decode()
+async def metric_lines(proxy: Proxy, name: str) -> list[str]:
+    text = (await exposition(proxy.metrics))[0].decode()
     return [line for line in text.splitlines() if line.startswith(name)]
 
 
@@ -167,16 +167,16 @@ async def test_refusing_backend_is_ejected_then_1000_connections_see_no_retry(
         assert min(seen.values()) >= 300, seen  # the two good ones share the load
         assert dial_counts(proxy) == (retries, failures), "a dial went to the ejected one"
         service_port = 'protocol="TCP",service_port="default/web:tcp"'
-        assert metric_lines(proxy, "userproxy_endpoint_ejections_total") == [
+        assert await metric_lines(proxy, "userproxy_endpoint_ejections_total") == [
             f"userproxy_endpoint_ejections_total{{{service_port}}} 1.0"
         ]
-        assert metric_lines(proxy, "userproxy_endpoints_ejected") == [
+        assert await metric_lines(proxy, "userproxy_endpoints_ejected") == [
             f"userproxy_endpoints_ejected{{{service_port}}} 1.0"
         ]
-        (remaining,) = metric_lines(proxy, "userproxy_endpoint_ejection_remaining_seconds")
+        (remaining,) = await metric_lines(proxy, "userproxy_endpoint_ejection_remaining_seconds")
         assert f'endpoint="{dead}"' in remaining
         assert 0 < float(remaining.split()[-1]) <= 30
-        assert metric_lines(proxy, "userproxy_upstream_dial_retries_total") == [
+        assert await metric_lines(proxy, "userproxy_upstream_dial_retries_total") == [
             f"userproxy_upstream_dial_retries_total{{{service_port}}} {retries}.0"
         ]
     ejected = [r for r in caplog.records if r.name == LOGGER]
@@ -248,7 +248,7 @@ async def test_at_most_half_the_endpoints_are_ejected(
         assert len(detector.status()) == 1
         assert dial_counts(proxy)[1] > 5 + 5, "the second dead endpoint kept being dialed"
         service_port = 'protocol="TCP",service_port="default/web:tcp"'
-        assert metric_lines(proxy, "userproxy_endpoints_ejected") == [
+        assert await metric_lines(proxy, "userproxy_endpoints_ejected") == [
             f"userproxy_endpoints_ejected{{{service_port}}} 1.0"
         ]
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]

@@ -31,7 +31,8 @@ from tests.support.manifests import endpoint_slice, fresh_net, service, write
 from tests.support.proxyrun import running_proxy
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listener_set import ListenerSet, ListenersNotOpen, TcpTimeouts
+from userproxy.dataplane.listener import ListenersNotOpen
+from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
 from userproxy.model import (
     AddressKind,
     Endpoint,

@@ -1,13 +1,13 @@
 """The metrics server (``--metrics-bind-address``, default 127.0.0.1:10249).
 
-``/metrics`` through prometheus-client's aiohttp handler (text, or OpenMetrics and gzip as
-the scraper's ``Accept`` headers ask), ``/healthz`` (as on the health server),
-``/proxyMode`` and ``/configz`` (the effective configuration as JSON); with a status view,
-``/status`` (the model of admin/status.py as JSON, docs/status.md) and ``/`` (the same as a
-server-rendered HTML page, admin/status_page.py).  Both take ``q`` (a substring of
-``namespace/name``) and ``page``; ``/status`` also ``page_size`` (default 0: every Service),
-``/`` also ``fragment`` (only the page's ``<main>``).  ``/status/events`` and
-``/status.js`` keep an open page live (admin/live.py).
+``/metrics`` (admin/metrics_scrape.py: text, or OpenMetrics and gzip as the scraper's
+``Accept`` headers ask; the per-Service-port families written in slices), ``/healthz`` (as
+on the health server), ``/proxyMode`` and ``/configz`` (the effective configuration as
+JSON); with a status view, ``/status`` (the model of admin/status.py as JSON,
+docs/status.md) and ``/`` (the same as a server-rendered HTML page, admin/status_page.py).
+Both take ``q`` (a substring of ``namespace/name``) and ``page``; ``/status`` also
+``page_size`` (default 0: every Service), ``/`` also ``fragment`` (only the page's
+``<main>``).  ``/status/events`` and ``/status.js`` keep an open page live (admin/live.py).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aiohttp import web
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from userproxy.admin.explain_route import add_explain_route
 from userproxy.admin.health import healthz_handler
 from userproxy.admin.live import add_live_routes
+from userproxy.admin.metrics_scrape import metrics_handler
 from userproxy.admin.status import StatusView
 from userproxy.admin.status_page import PAGE_SIZE, render_page
 from userproxy.control.health import HealthState
@@ -54,7 +54,7 @@ def metrics_app(
         return web.json_response(configz)
 
     app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    app.router.add_get("/metrics", metrics_handler(metrics))
     app.router.add_get("/healthz", healthz_handler(health, metrics))
     app.router.add_get("/proxyMode", proxy_mode)
     app.router.add_get("/configz", serve_configz)

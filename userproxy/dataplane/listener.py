@@ -27,7 +27,7 @@ from userproxy.dataplane.classify import NodeLocal, in_networks, parse_networks
 from userproxy.dataplane.pool import BackendPool
 from userproxy.hostnet.listen import listening_socket
 from userproxy.logs import RateLimitedLog
-from userproxy.model import ListenerSpec, ServicePortName
+from userproxy.model import ListenerSpec, Protocol, ServiceKey, ServicePortName
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class PortTotals(ListenerStats):
 
 _STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ListenerStats))
 TotalsKey = tuple[str, str]  # ("namespace/name:port", protocol)
+#: A listener's place in the listener set: (protocol, address, port).
+ListenerKey = tuple[Protocol, str, int]
 
 
 def port_key(spn: ServicePortName) -> TotalsKey:
@@ -325,3 +327,22 @@ class Listener(abc.ABC):
     @abc.abstractmethod
     def _on_readable(self) -> None:
         """The listening socket is readable: accept connections or read datagrams."""
+
+
+class ListenersNotOpen(Exception):
+    """Some listeners ``set_listeners`` was asked for are not open (all else is done)."""
+
+    def __init__(self, service: ServiceKey, failures: dict[ListenerKey, BaseException]):
+        self.service = service
+        self.failures = failures
+        reasons = dict.fromkeys(_reason(exc) for exc in failures.values())
+        super().__init__(
+            f"{len(failures)} listener{'s' if len(failures) != 1 else ''} not open "
+            f"({'; '.join(list(reasons)[:3])})"
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"

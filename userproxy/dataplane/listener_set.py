@@ -19,14 +19,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.access_log import DRAINED, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT, AccessLog
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listener import PortTotals, TotalsKey, port_key
+from userproxy.dataplane.listener import (
+    ListenerKey,
+    ListenersNotOpen,
+    PortTotals,
+    TotalsKey,
+    port_key,
+)
 from userproxy.dataplane.outliers import (
     Ejection,
     EventSink,
@@ -47,33 +53,14 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL = 1.0
 #: How often a listener whose address was taken tries to bind again.
 BIND_RETRY_INTERVAL = 5.0
-ListenerKey = tuple[Protocol, str, int]
 
 
 AnyListener = TcpListener | UdpListener
+EjectionCounts = dict[TotalsKey, tuple[int, list[Ejection]]]
 
 
 def _totals_key(listener: AnyListener) -> TotalsKey:
     return port_key(listener.spec.spn)
-
-
-class ListenersNotOpen(Exception):
-    """Some listeners ``set_listeners`` was asked for are not open (all else is done)."""
-
-    def __init__(self, service: ServiceKey, failures: dict[ListenerKey, BaseException]):
-        self.service = service
-        self.failures = failures
-        reasons = dict.fromkeys(_reason(exc) for exc in failures.values())
-        super().__init__(
-            f"{len(failures)} listener{'s' if len(failures) != 1 else ''} not open "
-            f"({'; '.join(list(reasons)[:3])})"
-        )
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,22 +312,42 @@ class ListenerSet:
         """The outlier detector of a TCP Service port served now."""
         return self._detectors.get(spn)
 
-    def ejections(self) -> dict[TotalsKey, tuple[int, list[Ejection]]]:
+    def ejections(
+        self, part: Sequence[ServicePortName] | None = None, into: EjectionCounts | None = None
+    ) -> EjectionCounts:
         """Per Service port and protocol: ejections so far (removed ports' included) and the
-        endpoints ejected now, with their return times (metrics and status pages)."""
-        result: dict[TotalsKey, tuple[int, list[Ejection]]] = {
-            key: (count, []) for key, count in self._retired_ejections.items()
-        }
-        for spn, detector in self._detectors.items():
-            key = port_key(spn)
-            count = result.get(key, (0, []))[0]
-            result[key] = (count + detector.ejections, detector.status())
-        return result
+        endpoints ejected now, with their return times (metrics and status pages).  With
+        ``part`` (of ``ejecting_ports()``), only those ports are added, to ``into``."""
+        if into is None:
+            into = {key: (count, []) for key, count in self._retired_ejections.items()}
+        for spn in self._detectors if part is None else part:
+            if (detector := self._detectors.get(spn)) is not None:
+                key = port_key(spn)
+                into[key] = (into.get(key, (0, []))[0] + detector.ejections, detector.status())
+        return into
+
+    def ejecting_ports(self) -> list[ServicePortName]:
+        """The Service ports with an outlier detector now."""
+        return list(self._detectors)
 
     def totals(self) -> dict[TotalsKey, PortTotals]:
-        """Counters per service port and protocol (read by the metrics collector)."""
-        result = {key: dataclasses.replace(t) for key, t in self._retired.items()}
-        for listener in (*self.listeners.values(), *self._draining):
+        """Counters per service port and protocol (metrics: read in slices there)."""
+        result = self.retired_totals()
+        self.add_totals(result, self.all_listeners())
+        return result
+
+    def retired_totals(self) -> dict[TotalsKey, PortTotals]:
+        """A copy of the counters of the listeners gone (the base of ``totals``)."""
+        return {key: dataclasses.replace(t) for key, t in self._retired.items()}
+
+    def all_listeners(self) -> list[AnyListener]:
+        """Every listener serving or draining now."""
+        return [*self.listeners.values(), *self._draining]
+
+    @staticmethod
+    def add_totals(result: dict[TotalsKey, PortTotals], listeners: Iterable[AnyListener]) -> None:
+        """Add ``listeners``' counters and what they hold open to ``result``."""
+        for listener in listeners:
             totals = result.setdefault(_totals_key(listener), PortTotals())
             totals.add(listener)
             if isinstance(listener, UdpListener):
@@ -352,7 +359,6 @@ class ListenerSet:
                     totals.bytes_down += conn.bytes_down
             totals.listening += listener.listening
             totals.bind_errors += listener.bind_error is not None
-        return result
 
     # -- timeouts --------------------------------------------------------------------------
     async def run_sweeper(self) -> None:
