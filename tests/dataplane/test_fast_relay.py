@@ -10,6 +10,7 @@ Addresses: 127.243.0.0/16.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import socket
@@ -76,6 +77,18 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """Counting descriptors: no collection meanwhile (collecting an earlier test's engine
+    closes its descriptors whenever it happens)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 async def relayed(
     front: socket.socket, back: socket.socket, preamble: bytes = b""
 ) -> tuple[Connection, socket.socket, socket.socket, Owner]:
@@ -111,6 +124,7 @@ def read_all(sock: socket.socket) -> bytes:
     return data
 
 
+@pytest.mark.usefixtures("no_gc")
 async def test_bytes_preamble_and_half_close_in_order() -> None:
     with listening(FRONT) as front, listening(BACK) as back:
         fast_relay.engine_for(asyncio.get_running_loop())
@@ -133,7 +147,7 @@ async def test_bytes_preamble_and_half_close_in_order() -> None:
         assert conn.end == "client_closed"
         assert not conn.upstream_reset
         assert (conn.bytes_up, conn.bytes_down) == (len(payload) + 6, len(answer))
-        assert open_fds() == before  # both of the engine's descriptors closed
+        assert open_fds() <= before  # both of the engine's descriptors closed
 
 
 async def test_endpoint_reset_reaches_the_client_as_reset() -> None:
@@ -186,6 +200,7 @@ async def test_abort_resets_both_and_a_later_join_is_refused() -> None:
         server.close()
 
 
+@pytest.mark.usefixtures("no_gc")
 async def test_many_connections_return_every_descriptor() -> None:
     with listening(FRONT) as front, listening(BACK) as back:
         fast_relay.engine_for(asyncio.get_running_loop())
@@ -198,4 +213,4 @@ async def test_many_connections_return_every_descriptor() -> None:
             assert conn.end in {"client_closed", "endpoint_closed"}
             client.close()
             server.close()
-        assert open_fds() == before
+        assert open_fds() <= before  # other tests' stragglers may close meanwhile, never open

@@ -295,6 +295,10 @@ static void handle(Engine *e, Conn *c, int i, uint32_t events) {
     Side *s = &c->side[i];
     if (s->fd < 0) return;
     if (events & EPOLLERR) {
+        /* A reset (or error) may follow bytes still queued: read those first, as the
+         * Python relay does, so the byte counts and the "reset before any byte" verdict
+         * agree; the other side gets its RST either way. */
+        if (can_read(c, i)) read_side(e, c, i);
         side_failed(c, i);
         return;
     }
@@ -603,8 +607,8 @@ static PyObject *engine_connection(Engine *e, PyObject *args) {
     e->live.prev = c;
     Py_INCREF(c);
     PyObject_GC_Track(c);
-    int one = 1;
-    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* No TCP_NODELAY here: accepted sockets inherit it from the listening socket, which
+     * TcpListener sets (one system call per listener, not one per connection). */
     if (update(c) < 0) {
         int err = errno;
         finish(c, 1, 1);

@@ -107,6 +107,9 @@ class TcpListener(Listener):
         super().close()
 
     def _prepare(self, sock: socket.socket) -> None:
+        # Accepted sockets inherit TCP_NODELAY: the compiled relay sets it nowhere else
+        # (the Python relay's transports set it again).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(BACKLOG)
 
     def _can_read(self) -> bool:
