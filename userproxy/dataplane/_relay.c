@@ -15,9 +15,10 @@
  *   descriptor, and events already fetched for it in the same batch are ignored (its
  *   memory stays alive until the batch is done: the engine's reference moves to `done`);
  * - memory per connection is bounded: bytes read from one side are written to the other
- *   at once; what the other side cannot take (at most one read, READ_CHUNK) waits in its
- *   out buffer and reading stops until it is written.  Before the upstream joins, the
- *   client's bytes wait up to PRECONNECT_LIMIT (plus one read);
+ *   at once; what the other side cannot take waits in its out buffer, and the first side
+ *   is read only while that buffer holds less than WRITE_HIGH, so it never holds more
+ *   than WRITE_HIGH plus one read (READ_CHUNK).  Before the upstream joins, the client's
+ *   bytes wait up to PRECONNECT_LIMIT (plus one read);
  * - the preamble (PROXY protocol header) is the first thing written upstream, once;
  * - half-close: an EOF read from one side becomes shutdown(SHUT_WR) on the other once its
  *   out buffer is written; both directions ended and written -> both closed cleanly;
@@ -44,6 +45,9 @@
 
 #define READ_CHUNK (256 * 1024)
 #define PRECONNECT_LIMIT (256 * 1024)
+/* A side's out buffer at which the other side stops being read (tcp_relay.WRITE_HIGH):
+ * reading on while the writer drains keeps a single bulk stream moving. */
+#define WRITE_HIGH (256 * 1024)
 #define MAX_EVENTS 256
 /* Reads of one side per readiness event while the other side takes everything: bulk
  * streams make progress without starving the loop's other callbacks. */
@@ -216,7 +220,7 @@ static int can_read(const Conn *c, int i) {
     const Side *s = &c->side[i], *o = &c->side[1 - i];
     if (s->fd < 0 || s->eof_in) return 0;
     if (!c->joined) return i == CLIENT && out_pending(o) < PRECONNECT_LIMIT;
-    return out_pending(o) == 0;
+    return out_pending(o) < WRITE_HIGH;
 }
 
 static int update(Conn *c) {
