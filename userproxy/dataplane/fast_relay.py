@@ -67,6 +67,18 @@ def relay_name() -> str:
     return "compiled" if selected else "python"
 
 
+_announced = False
+
+
+def announce_python_relay() -> None:
+    """Log once per process that TCP listeners run the Python relay, and why."""
+    global _announced  # noqa: PLW0603 - one line per process, whichever listener is first
+    if not _announced:
+        _announced = True
+        why = f"{ENV} is set" if AVAILABLE else "the compiled relay (_relay.c) is not built"
+        log.info("TCP relay: the Python relay (%s)", why)
+
+
 def engine_for(loop: asyncio.AbstractEventLoop) -> _relay.Engine:
     """The loop's engine, made and watched on first use (one per loop)."""
     engine = _engines.get(loop)

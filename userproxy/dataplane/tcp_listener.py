@@ -99,6 +99,8 @@ class TcpListener(Listener):
         self._last_source_refusals = 0
         #: The compiled relay's accept and dial, None on the pure-Python path.
         self._fast = fast_relay.FastPath(self) if fast_relay.selected else None
+        if self._fast is None:
+            fast_relay.announce_python_relay()
         limit.register(self, self._pause, self._resume, self.service)
         self._open_or_close()
 
