@@ -73,6 +73,14 @@ class Stop(Exception):
     pass
 
 
+class _Only(Exception):
+    """A partial run (``--only``) is done with its steps."""
+
+
+#: The ``--only`` names of the steps, in order.
+STEP_KEYS = ("iperf1", "iperf4", "close", "keepalive", "latency", "udp64", "udp1400", "udprate")
+
+
 def _on_term(signum: int, frame: FrameType | None) -> None:
     raise Stop(f"signal {signum}")
 
@@ -85,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", type=Path, default=ROOT / "bench" / "profiles")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument("--no-control-plane", action="store_true")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated steps (iperf1,iperf4,close,keepalive,latency,udp64,udp1400,"
+        "udprate): run just those, print the table, write nothing",
+    )
     args = parser.parse_args(argv)
+    only = {key for key in args.only.split(",") if key}
+    if only - set(STEP_KEYS):
+        parser.error(f"--only: unknown steps {sorted(only - set(STEP_KEYS))}")
     quick: bool = args.quick
     rounds: int = args.rounds or (1 if quick else 3)
     d = (
@@ -140,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             ("sockperf UDP 1400 B", True, lambda p: measure.udp(p, udp, 1400, d.udp)),
             ("sockperf UDP 50 000/s", True, lambda p: measure.udp_at_rate(p, udp, d.udp)),
         ]
+        if only:
+            steps = [s for s, key in zip(steps, STEP_KEYS, strict=True) if key in only]
         for r in range(rounds):
             turn = r % len(everyone)
             order = everyone[turn:] + everyone[:turn]
@@ -151,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     add(peer.name, sample)
                     shown = ", ".join(f"{k}={v:.4g}" for k, v in sample.items())
                     log(f"round {r + 1}/{rounds} {name:22} {peer.name:9} {shown}")
+        if only:
+            raise _Only
         for peer in (up, ha, ng, rl):
             sample = memory.idle_connections(procs, peer, idle_conns)
             add(peer.name, sample)
@@ -196,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 big_budget=20 if quick else 75,
             )
             log("control plane " + ", ".join(f"{k}={v:.4g}" for k, v in cp.items()))
+    except _Only:
+        pass
     except (KeyboardInterrupt, Stop) as exc:
         print(f"interrupted ({exc or 'Ctrl-C'}): stopping everything", file=sys.stderr)
         return 130
@@ -204,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     elapsed = time.monotonic() - started
+    if only:  # a partial run: the table only, the documents stay as they are
+        print(report.stdout_table(report.medians(results), {}))
+        return 0
     desc["load average at end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     settings = {
         "run": f"{'--quick' if quick else 'full'}, {rounds} round(s), {elapsed / 60:.1f} min",

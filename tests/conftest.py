@@ -6,6 +6,11 @@ Invariants:
   test whose loop reported anything (a callback that raised, a task destroyed while
   pending, an exception never retrieved) fails at teardown with the contexts printed, as
   uvloop's tests/_testbase does;
+- TCP listeners run the relay each test's loop factory selects (``fast_relay.selected``):
+  tests/dataplane's TCP tests run the pure-Python relay (tcp_relay.py, the reference) on
+  both loops and the compiled one (_relay.c) on uvloop, ids ``asyncio``, ``uvloop`` and
+  ``uvloop-compiled``; every other test runs what production runs (the compiled relay
+  where it is built).  Where it is not built, ``uvloop-compiled`` fails: it never skips;
 - ``slow`` marks the load, outage and subprocess tests, chosen here by directory, file or
   test function (``SLOW``) so the test modules need no marker; ``pytest -m "not slow"`` is
   the quick loop and ``.ci/run`` runs everything.
@@ -23,15 +28,43 @@ import pytest
 import uvloop
 from hypothesis import settings
 
+from userproxy.dataplane import fast_relay
+
 # Property tests assert behaviour, never speed: no per-example deadline (on a loaded
 # machine hypothesis' default 200 ms fails examples that are merely slow).
 settings.register_profile("userproxy", deadline=None)
 settings.load_profile("userproxy")
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def _on_relay(factory: LoopFactory, *, compiled: bool) -> LoopFactory:
+    """``factory``, selecting the relay new TCP listeners use as it makes the loop."""
+
+    def make() -> asyncio.AbstractEventLoop:
+        fast_relay.selected = compiled
+        return factory()
+
+    return make
+
+
+#: The relay production selects: the compiled one wherever it is built.
+DEFAULT_COMPILED = fast_relay.AVAILABLE
+LOOPS: dict[str, LoopFactory] = {
+    "asyncio": _on_relay(asyncio.new_event_loop, compiled=DEFAULT_COMPILED),
+    "uvloop": _on_relay(uvloop.new_event_loop, compiled=DEFAULT_COMPILED),
 }
+#: tests/dataplane's TCP tests: the reference relay on both loops, the compiled relay on
+#: uvloop (its engine is the same on either loop: the loop only watches one descriptor,
+#: and the compiled relay runs on asyncio in every other test).
+RELAY_LOOPS: dict[str, LoopFactory] = {
+    "asyncio": _on_relay(asyncio.new_event_loop, compiled=False),
+    "uvloop": _on_relay(uvloop.new_event_loop, compiled=False),
+    "uvloop-compiled": _on_relay(uvloop.new_event_loop, compiled=True),
+}
+#: Where RELAY_LOOPS apply (relative to tests/), and the exceptions (no TCP relay).
+RELAY_TESTS = "dataplane/"
+NOT_RELAY_TESTS = ("dataplane/test_udp.py", "dataplane/test_fast_relay.py")
 
 HERE = Path(__file__).parent
 
@@ -58,10 +91,14 @@ SLOW = (
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Data-path tests (marked ``both_loops``) run once on each loop; the rest on asyncio."""
+    """Data-path tests (marked ``both_loops``) run once on each loop (tests/dataplane's TCP
+    tests also once with each relay); the rest on asyncio."""
     if item.get_closest_marker("both_loops") is not None:
+        path = item.path.relative_to(HERE).as_posix() if item.path.is_relative_to(HERE) else ""
+        if path.startswith(RELAY_TESTS) and path not in NOT_RELAY_TESTS:
+            return RELAY_LOOPS
         return LOOPS
-    return {"asyncio": asyncio.new_event_loop}
+    return {"asyncio": LOOPS["asyncio"]}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -77,9 +114,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _fail_on_loop_errors(request: pytest.FixtureRequest) -> None:
-    """Async tests get ``loop_errors``; sync tests have no loop of the test to watch."""
+    """Async tests get ``loop_errors``; sync tests have no loop of the test to watch (and
+    run the default relay: an async test's loop factory selects its own)."""
     if inspect.iscoroutinefunction(getattr(request, "function", None)):
         request.getfixturevalue("loop_errors")
+    else:
+        fast_relay.selected = DEFAULT_COMPILED
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
-"""The soak, about a minute per event loop: fails on any cross-delivered or corrupted
-byte, any reset, truncation or refusal without a cause (a SIGKILLed backend, a drained
-listener, a Service without usable endpoints), any reset turned into a clean end in either
-direction, a descriptor or socket not returned, an error line in the proxy's log.
+"""The soak, about a minute per event loop on the Python relay, and half that on uvloop
+with the compiled relay (the relays' other tests run in tests/dataplane): fails on any
+cross-delivered or corrupted byte, any reset, truncation or refusal without a cause (a
+SIGKILLed backend, a drained listener, a Service without usable endpoints), any reset
+turned into a clean end in either direction, a descriptor or socket not returned, an
+error line in the proxy's log.
 
 USERPROXY_SOAK_SECONDS sets the length (default 60); USERPROXY_SOAK_PROXY_SRC runs the
 proxy from another source tree.  See docs/soak.md.
@@ -22,11 +24,15 @@ SOURCE = os.environ.get("USERPROXY_SOAK_PROXY_SRC")
 
 @pytest.mark.soak
 @pytest.mark.timeout(int(SECONDS) + 180)
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-def test_soak(tmp_path: Path, loop: str) -> None:
+@pytest.mark.parametrize(
+    ("loop", "relay", "share"),
+    [("uvloop", "python", 1.0), ("asyncio", "python", 1.0), ("uvloop", "compiled", 0.5)],
+)
+def test_soak(tmp_path: Path, loop: str, relay: str, share: float) -> None:
     config = SoakConfig(
         loop=loop,
-        seconds=SECONDS,
+        relay=relay,
+        seconds=SECONDS * share,
         seed=7,
         workdir=tmp_path,
         proxy_src=Path(SOURCE) if SOURCE else None,

@@ -42,7 +42,7 @@ from userproxy.dataplane.outliers import (
     union,
 )
 from userproxy.dataplane.tcp_listener import TcpListener
-from userproxy.dataplane.tcp_relay import DownstreamProtocol
+from userproxy.dataplane.tcp_relay import Relayed
 from userproxy.dataplane.udp_listener import UdpListener
 from userproxy.dataplane.udp_session import SessionTable, UdpSettings
 from userproxy.model import Endpoint, ListenerSpec, Protocol, ServiceKey, ServicePortName
@@ -297,7 +297,7 @@ class ListenerSet:
     def __iter__(self) -> Iterator[AnyListener]:
         return iter(self.listeners.values())
 
-    def connections(self) -> Iterator[DownstreamProtocol]:
+    def connections(self) -> Iterator[Relayed]:
         for listener in (*self.listeners.values(), *self._draining):
             if isinstance(listener, TcpListener):
                 yield from listener.connections

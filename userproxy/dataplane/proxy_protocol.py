@@ -39,6 +39,7 @@ __all__ = [
     "V2_SIGNATURE",
     "encode_v1",
     "encode_v2",
+    "header_between",
     "header_for",
     "proxy_header",
 ]
@@ -151,7 +152,14 @@ def header_for(version: ProxyProtocolVersion, client: socket.socket, peer: Any) 
         local = _address(client.getsockname())
     except OSError:
         local = None
-    source = _address(peer)
+    return header_between(version, _address(peer), local)
+
+
+def header_between(
+    version: ProxyProtocolVersion, source: Address | None, local: Address | None
+) -> bytes:
+    """The header for a connection from ``source`` to our ``local`` address; the "unknown"
+    header when either is not known."""
     if local is None or source is None:
         return proxy_header(version, ("", 0), ("", 0))
     return proxy_header(version, source, local)

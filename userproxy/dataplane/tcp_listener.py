@@ -12,6 +12,10 @@ The accept loop is a reader callback on a non-blocking listening socket, not
 
 Each accepted socket gets one short-lived task that wraps it and dials, ending once the
 upstream is up (the relay needs no task), so dialing never blocks accepting.
+
+Where the compiled relay is built and selected (fast_relay.py), accepting, dialing and
+relaying go through it instead, with the same counters, limits, logs and ends; this
+module's accept loop, ``_serve`` and tcp_relay.py stay the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Callable
 
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane import access_log as ends
+from userproxy.dataplane import fast_relay
 from userproxy.dataplane.access_log import AccessLog, ConnTrace
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.dial import dial
@@ -32,7 +37,12 @@ from userproxy.dataplane.listener import RESOURCE_ERRNOS, Listener
 from userproxy.dataplane.outliers import NO_EJECTION, ObservedUpstream, OutlierDetector
 from userproxy.dataplane.pool import BackendPool
 from userproxy.dataplane.proxy_protocol import header_for
-from userproxy.dataplane.tcp_relay import DownstreamProtocol, UpstreamProtocol, set_linger_zero
+from userproxy.dataplane.tcp_relay import (
+    DownstreamProtocol,
+    Relayed,
+    UpstreamProtocol,
+    set_linger_zero,
+)
 from userproxy.logs import RateLimitedLog
 from userproxy.model import Endpoint, ListenerSpec, ServiceKey
 
@@ -77,7 +87,7 @@ class TcpListener(Listener):
         #: The Service the connection limit counts this listener's connections under: all
         #: its ports and addresses share one budget.
         self.service = ServiceKey(spec.spn.namespace, spec.spn.name)
-        self.connections: set[DownstreamProtocol] = set()
+        self.connections: set[Relayed] = set()
         self._backoff: asyncio.TimerHandle | None = None
         self._backoff_delay = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -87,6 +97,10 @@ class TcpListener(Listener):
         #: The access log (``--access-log``), None while it is off (the listener set sets it).
         self.access_log: AccessLog | None = None
         self._last_source_refusals = 0
+        #: The compiled relay's accept and dial, None on the pure-Python path.
+        self._fast = fast_relay.FastPath(self) if fast_relay.selected else None
+        if self._fast is None:
+            fast_relay.announce_python_relay()
         limit.register(self, self._pause, self._resume, self.service)
         self._open_or_close()
 
@@ -95,6 +109,9 @@ class TcpListener(Listener):
         super().close()
 
     def _prepare(self, sock: socket.socket) -> None:
+        # Accepted sockets inherit TCP_NODELAY: the compiled relay sets it nowhere else
+        # (the Python relay's transports set it again).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(BACKLOG)
 
     def _can_read(self) -> bool:
@@ -110,6 +127,9 @@ class TcpListener(Listener):
     def _on_readable(self) -> None:
         sock = self._sock
         if sock is None:
+            return
+        if self._fast is not None:
+            self._fast.on_readable(sock.fileno(), ACCEPT_BATCH)
             return
         limit = self.limit
         service = self.service
@@ -220,21 +240,7 @@ class TcpListener(Listener):
                 if not isinstance(exc, (OSError, TimeoutError)):
                     load.end(endpoint)
                     raise  # cancelled: the client left
-                load.failed(endpoint)  # ends its count and counts the failure
-                self.stats.dial_failures += 1
-                outliers.failure(endpoint)
-                # Forget the client's pin so the next attempt (and the next connection)
-                # goes elsewhere: kube-proxy's fix for clients stuck on a dead pod.
-                pool.balancer.failed(conn.client_ip, endpoint)
-                _dial_error_log.log(
-                    logging.WARNING,
-                    "%s: dial %s failed (attempt %d, timeout %.2fs): %s",
-                    self.spec.spn,
-                    endpoint,
-                    attempt + 1,
-                    timeout,
-                    "timed out" if isinstance(exc, TimeoutError) else exc,
-                )
+                self._dial_failed(conn.client_ip, pool, endpoint, attempt, exc)
                 if conn.finished:
                     return
                 continue
@@ -243,6 +249,26 @@ class TcpListener(Listener):
         # No endpoint could be reached: reset the client rather than leave it hanging.
         self.stats.dial_exhausted += 1
         conn.abort(ends.NO_ENDPOINT_REACHABLE)
+
+    def _dial_failed(
+        self, client_ip: str, pool: BackendPool, endpoint: Endpoint, attempt: int, exc: OSError
+    ) -> None:
+        """Count and log a failed dial of ``endpoint`` (both relays' ladders)."""
+        self._registry.context.load.failed(endpoint)  # ends its count and counts the failure
+        self.stats.dial_failures += 1
+        self.outliers.failure(endpoint)
+        # Forget the client's pin so the next attempt (and the next connection) goes
+        # elsewhere: kube-proxy's fix for clients stuck on a dead pod.
+        pool.balancer.failed(client_ip, endpoint)
+        _dial_error_log.log(
+            logging.WARNING,
+            "%s: dial %s failed (attempt %d, timeout %.2fs): %s",
+            self.spec.spn,
+            endpoint,
+            attempt + 1,
+            DIAL_TIMEOUTS[attempt],
+            "timed out" if isinstance(exc, TimeoutError) else exc,
+        )
 
     async def _join(
         self, conn: DownstreamProtocol, sock: socket.socket, endpoint: Endpoint
@@ -293,7 +319,7 @@ class TcpListener(Listener):
         else:
             load.end(endpoint)
 
-    def connection_finished(self, conn: DownstreamProtocol) -> None:
+    def connection_finished(self, conn: Relayed) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
             self.stats.bytes_up += conn.bytes_up
@@ -327,7 +353,7 @@ class TcpListener(Listener):
              None, 0, -1.0, 0.0, 0, 0, end)
         )  # fmt: skip
 
-    def _log_finished(self, conn: DownstreamProtocol) -> None:
+    def _log_finished(self, conn: Relayed) -> None:
         assert self.access_log is not None
         trace = conn.trace
         if trace is None:  # accepted before the log was switched on

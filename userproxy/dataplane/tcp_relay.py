@@ -25,12 +25,13 @@ import asyncio
 import contextlib
 import socket
 import struct
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
 
 from userproxy.dataplane import access_log as ends
 from userproxy.model import Endpoint
 
 if TYPE_CHECKING:
+    from userproxy.dataplane._relay import Connection as CompiledConnection
     from userproxy.dataplane.access_log import ConnTrace
 
 #: Bytes a client may send before its upstream connection is up; beyond this the
@@ -46,7 +47,7 @@ WRITE_LOW = 64 * 1024
 class ConnectionOwner(Protocol):
     """What a relay reports back to its listener."""
 
-    def connection_finished(self, conn: DownstreamProtocol) -> None: ...
+    def connection_finished(self, conn: Relayed) -> None: ...
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -330,3 +331,11 @@ class DownstreamProtocol(asyncio.Protocol):
             reset(self.upstream)
         if self.downstream is not None:
             reset(self.downstream)
+
+
+if TYPE_CHECKING:
+    #: A relayed connection of either relay: this module's, or the compiled fast path's
+    #: (fast_relay.py), which has the attributes the listeners and the sweeper read.
+    Relayed: TypeAlias = DownstreamProtocol | CompiledConnection
+else:
+    Relayed = DownstreamProtocol  # only ever used in annotations
