@@ -111,8 +111,9 @@ class Metrics:
         GCCollector(registry=r)
         self.build_info = Gauge(
             "userproxy_build_info",
-            "Always 1; the labels say which userproxy, Python and event loop serve",
-            ["version", "python", "loop"],
+            "Always 1; the labels say which userproxy, Python, event loop and TCP relay "
+            "(compiled or python) serve",
+            ["version", "python", "loop", "relay"],
             registry=r,
         )
         self.loop_lag = Histogram(
@@ -129,10 +130,10 @@ class Metrics:
         )
         self._lag_max = 0.0
 
-    def set_build_info(self, version: str, python: str, loop: str) -> None:
-        """``userproxy_build_info{version,python,loop} 1`` (set once the loop runs)."""
+    def set_build_info(self, version: str, python: str, loop: str, relay: str) -> None:
+        """``userproxy_build_info{version,python,loop,relay} 1`` (set once the loop runs)."""
         self.build_info.clear()
-        self.build_info.labels(version, python, loop).set(1)
+        self.build_info.labels(version, python, loop, relay).set(1)
 
     def observe_loop_lag(self, lag: float) -> None:
         """One sample of ``userproxy.loop_lag.LoopLagProbe``."""

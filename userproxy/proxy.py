@@ -33,6 +33,7 @@ from userproxy.control.proxier import Proxier, SyncStatus
 from userproxy.control.runner import SyncRunner
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.access_log import AccessLog
+from userproxy.dataplane.fast_relay import relay_name
 from userproxy.dataplane.limits import (
     ConnectionLimit,
     default_max_connections,
@@ -308,7 +309,9 @@ class Proxy:
         # After the checks that end the process with a message of their own (exit 2).
         loop = asyncio.get_running_loop()
         log.info("%s", build_line(loop))
-        self.metrics.set_build_info(__version__, platform.python_version(), loop_name(loop))
+        self.metrics.set_build_info(
+            __version__, platform.python_version(), loop_name(loop), relay_name()
+        )
         log.info(
             "userproxy serving %s as node %s (max %d connections, %d%% per Service, "
             "%d%% per client IP)",

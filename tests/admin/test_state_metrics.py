@@ -30,6 +30,7 @@ from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy, wait_for_sync
 from userproxy import __version__
+from userproxy.dataplane.fast_relay import relay_name
 from userproxy.dataplane.listener import _StateLog
 
 pytestmark = pytest.mark.both_loops
@@ -137,6 +138,7 @@ async def test_build_process_and_endpoint_metrics_and_info_lines(
                 (
                     ("loop", loop_label()),
                     ("python", platform.python_version()),
+                    ("relay", relay_name()),
                     ("version", __version__),
                 ): 1.0
             }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import platform
 import re
 import urllib.request
@@ -39,6 +40,7 @@ from tests.support.proxyrun import (
     wait_logged,
 )
 from userproxy import __version__
+from userproxy.dataplane import fast_relay
 
 PORT = 8080
 _nets = itertools.count(200)
@@ -109,6 +111,10 @@ def test_the_log_of_a_running_proxy_tells_its_state(tmp_path: Path, loop: str) -
                 "version": __version__,
                 "python": platform.python_version(),
                 "loop": loop_named,
+                # The child picks as fast_relay does: compiled when built, unless told not to.
+                "relay": "compiled"
+                if fast_relay.AVAILABLE and not os.environ.get(fast_relay.ENV)
+                else "python",
             }
             assert "default/web:http/TCP: 0 -> 2 ready endpoints" in output, output
             assert f"default/web:http/TCP: listening on {where} (ClusterIP, 2 endpoints)" in output

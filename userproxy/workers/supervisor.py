@@ -40,6 +40,7 @@ from prometheus_client import Counter, Gauge
 
 from userproxy import __version__
 from userproxy.config import ConfigError, Settings
+from userproxy.dataplane.fast_relay import relay_name
 from userproxy.logs import setup_logging
 from userproxy.loop_lag import loop_name
 from userproxy.metrics import Metrics
@@ -190,7 +191,9 @@ class Supervisor:
                     self.settings.kubeconfig
                 )
             loop = asyncio.get_running_loop()
-            self.metrics.set_build_info(__version__, platform.python_version(), loop_name(loop))
+            self.metrics.set_build_info(
+                __version__, platform.python_version(), loop_name(loop), relay_name()
+            )
             log.info(
                 "userproxy serving %s as node %s with %d worker processes",
                 self.settings.source_description,
