@@ -9,17 +9,18 @@ import os
 import random
 
 import pytest
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.clock import FakeClock
+from userproxy.admin.metrics_scrape import port_text_now
 from userproxy.balancers.affinity import ClientIPAffinity
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.balancers.roundrobin import RoundRobin
-from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
 from userproxy.dataplane.outliers import Excluding, OutlierDetector, OutlierSettings, union
 from userproxy.dataplane.tcp_listener import TcpListener
-from userproxy.metrics import Metrics
 from userproxy.model import (
     AddressKind,
     Endpoint,
@@ -246,8 +247,6 @@ async def test_listeners_of_a_service_port_share_one_detector() -> None:
     listeners = ListenerSet(
         BalancerRegistry(), ConnectionLimit(10), TcpTimeouts(), outliers=SETTINGS
     )
-    metrics = Metrics()
-    metrics.watch(ChangeRecorder("n1", lambda: None), listeners)
     web = ServiceKey("shop", "web")
     http = ServicePortName("shop", "web", "http", Protocol.TCP)
     try:
@@ -272,9 +271,10 @@ async def test_listeners_of_a_service_port_share_one_detector() -> None:
         assert shared.max_ejected == 1  # 50 % of the union a, b, c
         fail(shared, c, 3)
         assert shared.ejected == {c}
+        text = "".join(port_text_now(listeners, None, choose_encoder("")[0]))
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in metrics.registry.collect()
+            for family in text_string_to_metric_families(text)
             for s in family.samples
             if "eject" in s.name
         }

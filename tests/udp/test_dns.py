@@ -47,6 +47,7 @@ from tests.udp.dns_backend import (
     udp_objects,
     wait_dns_answering,
 )
+from userproxy.admin.metrics_scrape import sample_value
 from userproxy.proxy import Proxy
 
 CLIENTS = 200
@@ -309,7 +310,8 @@ async def test_icmp_unreachable_ends_the_session(scene: Scene) -> None:
                 await asyncio.to_thread(query_a, sock, scene.address, name, 0.5)
 
             def closed_by_icmp() -> float:
-                value = proxy.metrics.registry.get_sample_value(
+                value = sample_value(
+                    proxy.metrics,
                     "userproxy_udp_drops_total",
                     {"service_port": SERVICE_PORT, "protocol": "UDP",
                      "reason": "backend_unreachable"},

@@ -22,6 +22,7 @@ from tests.udp.dns_backend import (
     udp_objects,
     udp_value,
 )
+from userproxy.admin.metrics_scrape import sample_value
 
 pytestmark = pytest.mark.both_loops
 
@@ -115,7 +116,8 @@ async def test_udp_metrics_move_with_traffic(tmp_path: Path, backend: UdpBackend
         await asyncio.to_thread(flood, f"{client_prefix}.2", address)
 
         def rate_limited() -> float:
-            value = proxy.metrics.registry.get_sample_value(
+            value = sample_value(
+                proxy.metrics,
                 "userproxy_udp_drops_total",
                 {"service_port": "default/dns:dns", "protocol": "UDP", "reason": "rate_limit"},
             )

@@ -19,7 +19,7 @@ both parts as prometheus-client's handler does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import hdrs, web
@@ -27,6 +27,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import utils
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from userproxy.metrics import PORT_FAMILIES, Metrics
@@ -37,7 +38,15 @@ if TYPE_CHECKING:
     from userproxy.dataplane.listener import PortTotals, TotalsKey
     from userproxy.dataplane.listener_set import EjectionCounts, ListenerSet
 
-__all__ = ["SCRAPE_SLICE", "exposition", "exposition_pieces", "metrics_handler", "port_text"]
+__all__ = [
+    "SCRAPE_SLICE",
+    "exposition",
+    "exposition_pieces",
+    "metrics_handler",
+    "port_text",
+    "port_text_now",
+    "sample_value",
+]
 
 #: The longest stretch a scrape holds the loop (seconds).
 SCRAPE_SLICE = 0.005
@@ -139,6 +148,56 @@ async def _encoded(text: list[str], slicer: Slicer) -> list[bytes]:
     return pieces
 
 
+def _lines(
+    totals: dict[TotalsKey, PortTotals],
+    counts: list[EndpointCount],
+    ejections: EjectionCounts,
+    encoder: Encoder,
+    *,
+    openmetrics: bool,
+    wanted: set[str] | None,
+) -> Iterator[str | None]:
+    """The per-port families' lines, headers included (even for no sample); ``None``
+    after each port is a point where the caller may yield to the loop.  ``wanted``
+    (``name[]``) keeps only the families with a sample of one of those names."""
+
+    def family(metric: Metric, labels: list[str]) -> _Family | None:
+        made = _Family(metric, labels, encoder, openmetrics)
+        return None if wanted is not None and made.sample not in wanted else made
+
+    for spec in PORT_FAMILIES:
+        if (made := family(spec.family(), spec.labels)) is not None:
+            yield made.header
+            for (service_port, protocol), port in totals.items():
+                if spec.protocol in (None, protocol):
+                    for extra, value in spec.samples(port):
+                        yield made.line([service_port, protocol, *extra], value)
+                yield None
+    kind, name, text, labels = _ENDPOINTS
+    if (made := family(kind(name, text, labels=labels), labels)) is not None:
+        yield made.header
+        for endpoints in counts:
+            port_name, protocol = endpoints.service_port, str(endpoints.spn.protocol)
+            for state, value in endpoints.by_state():
+                yield made.line([port_name, protocol, state], value)
+            yield None
+    for index, (kind, name, text, labels) in enumerate(_EJECTIONS):
+        if (made := family(kind(name, text, labels=labels), labels)) is None:
+            continue
+        yield made.header
+        for (port_name, protocol), (count, ejected) in ejections.items():
+            if index == 0:  # ejections so far
+                yield made.line([port_name, protocol], count)
+            elif index == 1:  # ejected now
+                yield made.line([port_name, protocol], len(ejected))
+            else:  # each ejected endpoint's time left
+                for ejection in ejected:
+                    yield made.line(
+                        [port_name, protocol, str(ejection.endpoint)], ejection.remaining
+                    )
+            yield None
+
+
 async def port_text(
     listeners: ListenerSet | None,
     counts: Callable[[], Iterable[EndpointCount]] | None,
@@ -146,54 +205,50 @@ async def port_text(
     openmetrics: bool,
     wanted: set[str] | None = None,
 ) -> list[str]:
-    """The per-port families' text (headers included, even for no sample), built in slices.
-
-    ``wanted`` (``name[]``) keeps only the families with a sample of one of those names.
-    """
+    """The per-port families' text, built in slices (``_lines``)."""
     slicer = Slicer(every=32, seconds=SCRAPE_SLICE)
+    totals = await _totals(listeners, slicer) if listeners is not None else {}
+    ejections = await _ejections(listeners, slicer) if listeners is not None else {}
     out: list[str] = []
-
-    def family(metric: Metric, labels: list[str]) -> _Family | None:
-        made = _Family(metric, labels, encoder, openmetrics)
-        if wanted is not None and made.sample not in wanted:
-            return None
-        out.append(made.header)
-        return made
-
-    totals = list((await _totals(listeners, slicer)).items()) if listeners is not None else []
-    for spec in PORT_FAMILIES:
-        made = family(spec.family(), spec.labels)
-        if made is None:
-            continue
-        for (service_port, protocol), port in totals:
-            if spec.protocol in (None, protocol):
-                for extra, value in spec.samples(port):
-                    out.append(made.line([service_port, protocol, *extra], value))
+    lines = _lines(
+        totals, _counts(counts), ejections, encoder, openmetrics=openmetrics, wanted=wanted
+    )
+    for line in lines:
+        if line is None:
             await slicer.tick()
-    kind, name, text, labels = _ENDPOINTS
-    made = family(kind(name, text, labels=labels), labels)
-    if made is not None and counts is not None:
-        for endpoints in list(counts()):
-            port_name, protocol = endpoints.service_port, str(endpoints.spn.protocol)
-            for state, value in endpoints.by_state():
-                out.append(made.line([port_name, protocol, state], value))
-            await slicer.tick()
-    ejections = list((await _ejections(listeners, slicer)).items()) if listeners else []
-    for index, (kind, name, text, labels) in enumerate(_EJECTIONS):
-        made = family(kind(name, text, labels=labels), labels)
-        if made is None:
-            continue
-        for (port_name, protocol), (count, ejected) in ejections:
-            if index == 0:  # ejections so far
-                out.append(made.line([port_name, protocol], count))
-            elif index == 1:  # ejected now
-                out.append(made.line([port_name, protocol], len(ejected)))
-            else:  # each ejected endpoint's time left
-                for ejection in ejected:
-                    endpoint = [port_name, protocol, str(ejection.endpoint)]
-                    out.append(made.line(endpoint, ejection.remaining))
-            await slicer.tick()
+        else:
+            out.append(line)
     return out
+
+
+def port_text_now(
+    listeners: ListenerSet | None,
+    counts: Callable[[], Iterable[EndpointCount]] | None,
+    encoder: Encoder,
+    openmetrics: bool = False,
+) -> list[str]:
+    """``port_text`` in one go, for tests and tools that cannot await (never the route)."""
+    totals = listeners.totals() if listeners is not None else {}
+    ejections = listeners.ejections() if listeners is not None else {}
+    lines = _lines(
+        totals, _counts(counts), ejections, encoder, openmetrics=openmetrics, wanted=None
+    )
+    return [line for line in lines if line is not None]
+
+
+def _counts(counts: Callable[[], Iterable[EndpointCount]] | None) -> list[EndpointCount]:
+    return [] if counts is None else list(counts())
+
+
+def sample_value(metrics: Metrics, name: str, labels: Mapping[str, str]) -> float | None:
+    """One per-port sample's value now, like ``CollectorRegistry.get_sample_value`` (tests)."""
+    encoder, _ = choose_encoder("")
+    text = "".join(port_text_now(metrics.listeners, metrics.endpoint_counts, encoder))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
 
 
 async def exposition_pieces(
