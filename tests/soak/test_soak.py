@@ -1,12 +1,12 @@
-"""The soak, about a minute per event loop on the Python relay, and half that on uvloop
-with the compiled relay (the relays' other tests run in tests/dataplane): fails on any
-cross-delivered or corrupted byte, any reset, truncation or refusal without a cause (a
-SIGKILLed backend, a drained listener, a Service without usable endpoints), any reset
-turned into a clean end in either direction, a descriptor or socket not returned, an
-error line in the proxy's log.
+"""The soak: 50 s on uvloop with the compiled relay (the default data path wherever it
+is built), and 40 s on each loop with the Python relay, the reference (the relays' other
+tests run in tests/dataplane): fails on any cross-delivered or corrupted byte, any reset,
+truncation or refusal without a cause (a SIGKILLed backend, a drained listener, a Service
+without usable endpoints), any reset turned into a clean end in either direction, a
+descriptor or socket not returned, an error line in the proxy's log.
 
-USERPROXY_SOAK_SECONDS sets the length (default 60); USERPROXY_SOAK_PROXY_SRC runs the
-proxy from another source tree.  See docs/soak.md.
+USERPROXY_SOAK_SECONDS sets the length (default 50; the Python relay's runs take 0.8 of
+it); USERPROXY_SOAK_PROXY_SRC runs the proxy from another source tree.  See docs/soak.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from tests.soak.harness import SoakConfig, run_soak
 
-SECONDS = float(os.environ.get("USERPROXY_SOAK_SECONDS", "60"))
+SECONDS = float(os.environ.get("USERPROXY_SOAK_SECONDS", "50"))
 SOURCE = os.environ.get("USERPROXY_SOAK_PROXY_SRC")
 
 
@@ -26,7 +26,7 @@ SOURCE = os.environ.get("USERPROXY_SOAK_PROXY_SRC")
 @pytest.mark.timeout(int(SECONDS) + 180)
 @pytest.mark.parametrize(
     ("loop", "relay", "share"),
-    [("uvloop", "python", 1.0), ("asyncio", "python", 1.0), ("uvloop", "compiled", 0.5)],
+    [("uvloop", "python", 0.8), ("asyncio", "python", 0.8), ("uvloop", "compiled", 1.0)],
 )
 def test_soak(tmp_path: Path, loop: str, relay: str, share: float) -> None:
     config = SoakConfig(
