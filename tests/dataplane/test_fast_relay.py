@@ -214,3 +214,60 @@ async def test_many_connections_return_every_descriptor() -> None:
             client.close()
             server.close()
         assert open_fds() <= before  # other tests' stragglers may close meanwhile, never open
+
+
+def epoll_entries(epfd: int) -> set[int]:
+    """The descriptors registered in the epoll set ``epfd`` (/proc/self/fdinfo)."""
+    with open(f"/proc/self/fdinfo/{epfd}") as info:
+        return {int(line.split()[1]) for line in info if line.startswith("tfd:")}
+
+
+async def test_a_finished_connection_leaves_the_epoll_set_even_when_duplicated() -> None:
+    """close() alone would leave the entry while a duplicate of the socket lives (a fork,
+    a dup): the engine removes it first, so no later poll reports a freed connection."""
+    with listening(FRONT) as front, listening(BACK) as back:
+        conn, client, server, owner = await relayed(front, back)
+        engine = fast_relay.engine_for(asyncio.get_running_loop())
+        registered = epoll_entries(engine.fileno())
+        assert len(registered) >= 2  # the relay's two descriptors
+        copies = [os.dup(fd) for fd in registered]
+        try:
+            conn.abort("drained")
+            assert owner.finished == [conn]
+            assert epoll_entries(engine.fileno()) == set(), "an entry outlived its connection"
+            client.sendall(b"after the end")  # the socket lives on through the copy
+            await asyncio.sleep(0.05)  # the engine's poll runs, and must find nothing
+        finally:
+            for fd in copies:
+                os.close(fd)
+        client.close()
+        server.close()
+
+
+async def test_closing_the_engine_resets_what_it_holds() -> None:
+    """An engine closed with connections open cuts them with a RST, not a FIN that would
+    pass a truncated stream off as complete."""
+    from userproxy.dataplane import _relay
+
+    with listening(FRONT) as front, listening(BACK) as back:
+        engine = _relay.Engine()
+        try:
+            client = socket.create_connection(front.getsockname(), 5)
+            got = _relay.accept(front.fileno())
+            assert got is not None
+            fd, ip, _ = got
+            conn = engine.connection(Owner(), ip, fd)
+            ufd, connected = _relay.connect(*back.getsockname())
+            assert connected
+            assert conn.join(ufd, b"")
+            server, _ = back.accept()
+        finally:
+            engine.close()
+        client.settimeout(5)
+        server.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            read_all(client)
+        with pytest.raises(ConnectionResetError):
+            read_all(server)
+        client.close()
+        server.close()

@@ -37,6 +37,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <stdint.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -52,6 +53,10 @@
 /* Reads of one side per readiness event while the other side takes everything: bulk
  * streams make progress without starving the loop's other callbacks. */
 #define READS_PER_EVENT 4
+/* Bytes one poll() may move before it leaves the rest to the next one (level-triggered
+ * epoll reports them again): the Python relay reads at most one 256 KiB chunk per
+ * readiness event, and a poll must not hold the loop for hundreds of megabytes. */
+#define POLL_BUDGET (4 * 1024 * 1024)
 
 enum { CLIENT = 0, UPSTREAM = 1 };
 
@@ -90,10 +95,12 @@ struct Engine {
     PyObject *done;      /* list of finished connections whose owners are not told yet */
     int flushing;
     char *buf;
+    long budget;         /* bytes this poll() may still read (POLL_BUDGET) */
 };
 
 static PyTypeObject EngineType, ConnType;
-static PyObject *S_CLIENT_CLOSED, *S_ENDPOINT_CLOSED, *S_CLIENT_RESET, *S_ENDPOINT_RESET;
+static PyObject *S_CLIENT_CLOSED, *S_ENDPOINT_CLOSED, *S_CLIENT_RESET, *S_ENDPOINT_RESET,
+    *S_PROXY_ERROR;
 static PyObject *S_connection_finished;
 
 static double monotonic(void) {
@@ -112,6 +119,18 @@ static void set_end(Conn *c, PyObject *end) {
         Py_INCREF(end);
         Py_SETREF(c->end, end);
     }
+}
+
+/* A descriptor argument: a non-negative int, else an exception (never truncated). */
+static int as_fd(PyObject *arg) {
+    int overflow = 0;
+    long value = PyLong_AsLongAndOverflow(arg, &overflow);
+    if (value == -1 && PyErr_Occurred()) return -1;
+    if (overflow || value < 0 || value > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return -1;
+    }
+    return (int)value;
 }
 
 /* -- buffers ------------------------------------------------------------------------- */
@@ -151,23 +170,33 @@ static void out_free(Side *s) {
 static void finish(Conn *c, int rst_client, int rst_upstream) {
     if (c->finished) return;
     c->finished = 1;
+    Engine *e = c->engine;
     for (int i = 0; i < 2; i++) {
         Side *s = &c->side[i];
         if (s->fd >= 0) {
             if (i == CLIENT ? rst_client : rst_upstream) linger_zero(s->fd);
-            close(s->fd); /* also leaves the epoll set */
+            /* Leave the epoll set explicitly: close() alone leaves it only when no other
+             * descriptor (a dup, a forked child) refers to the socket, and an entry left
+             * behind would carry this freed connection's address into a later batch. */
+            if (s->registered && e != NULL && e->epfd >= 0)
+                (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+            close(s->fd);
             s->fd = -1;
         }
         s->registered = 0;
         out_free(s);
     }
-    Engine *e = c->engine;
     c->prev->next = c->next;
     c->next->prev = c->prev;
     c->prev = c->next = NULL;
     if (e != NULL) {
-        /* The live list's reference moves to `done`. */
-        if (PyList_Append(e->done, (PyObject *)c) < 0) PyErr_Clear();
+        /* The live list's reference moves to `done`.  If even that append fails (out of
+         * memory), the reference is kept, not dropped: a leak, where dropping it could
+         * free the connection while later events of this batch still point at it. */
+        if (PyList_Append(e->done, (PyObject *)c) < 0) {
+            PyErr_Clear();
+            return;
+        }
     }
     Py_DECREF(c);
 }
@@ -182,6 +211,15 @@ static void side_failed(Conn *c, int i) {
         set_end(c, S_ENDPOINT_RESET);
     }
     finish(c, i == UPSTREAM, i == CLIENT);
+}
+
+/* The engine itself failed (out of memory, epoll_ctl): neither peer did anything wrong,
+ * so both get a RST (a FIN would pass a truncated stream off as complete) and the end is
+ * the proxy's (HAProxy's "P"), not counted against the endpoint. */
+static void internal_failure(Conn *c) {
+    if (c->finished) return;
+    set_end(c, S_PROXY_ERROR);
+    finish(c, 1, 1);
 }
 
 static void half_closed(Conn *c) {
@@ -252,6 +290,7 @@ static void read_side(Engine *e, Conn *c, int i) {
     for (int round = 0; round < READS_PER_EVENT && can_read(c, i); round++) {
         ssize_t n = recv(s->fd, e->buf, READ_CHUNK, 0);
         if (n > 0) {
+            e->budget -= n;
             c->active = 1;
             if (i == CLIENT) c->bytes_up += n; else c->bytes_down += n;
             size_t done = 0;
@@ -269,7 +308,7 @@ static void read_side(Engine *e, Conn *c, int i) {
             if (done < (size_t)n && out_append(o, e->buf + done, (size_t)n - done) < 0) {
                 /* Out of memory: the bytes cannot be kept, so the stream cannot stay
                  * whole: reset both sides rather than pass on a gap. */
-                side_failed(c, i);
+                internal_failure(c);
                 return;
             }
             if ((size_t)n < READ_CHUNK) return; /* drained for now */
@@ -316,6 +355,7 @@ static void handle(Engine *e, Conn *c, int i, uint32_t events) {
     }
     if (events & (EPOLLIN | EPOLLHUP)) {
         if (s->mask & EPOLLIN) {
+            if (e->budget <= 0) return; /* this poll moved enough: the next one reads it */
             read_side(e, c, i);
         } else if (events & EPOLLHUP) {
             /* Hung up while we do not read it: leave the set until reading resumes,
@@ -325,7 +365,7 @@ static void handle(Engine *e, Conn *c, int i, uint32_t events) {
             s->mask = 0;
         }
     }
-    if (!c->finished && update(c) < 0) side_failed(c, i);
+    if (!c->finished && update(c) < 0) internal_failure(c);
 }
 
 /* Tell the owners of finished connections; re-entrant calls only queue.  An owner that
@@ -408,7 +448,7 @@ static PyObject *conn_join(Conn *c, PyObject *args) {
         PyMem_Free(old);
         if (bad) {
             PyBuffer_Release(&preamble);
-            side_failed(c, CLIENT);
+            internal_failure(c);
             flush_done(e);
             return PyErr_NoMemory();
         }
@@ -418,7 +458,7 @@ static PyObject *conn_join(Conn *c, PyObject *args) {
         side_failed(c, UPSTREAM);
     } else {
         maybe_done(c);
-        if (!c->finished && update(c) < 0) side_failed(c, UPSTREAM);
+        if (!c->finished && update(c) < 0) internal_failure(c);
     }
     flush_done(e);
     Py_RETURN_TRUE;
@@ -519,12 +559,13 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     return (PyObject *)e;
 }
 
-/* Close every live connection without telling anyone (the loop is going away). */
+/* Reset every live connection without telling anyone (the loop is going away): a RST,
+ * not a FIN, since their streams are cut short. */
 static void engine_drop_all(Engine *e) {
     while (e->live.next != &e->live) {
         Conn *c = e->live.next;
         c->engine = NULL;
-        finish(c, 0, 0);
+        finish(c, 1, 1);
     }
 }
 
@@ -569,6 +610,7 @@ static PyObject *engine_len(Engine *e, PyObject *unused) {
 static PyObject *engine_poll(Engine *e, PyObject *unused) {
     if (e->epfd < 0 || e->done == NULL) Py_RETURN_NONE;
     struct epoll_event events[MAX_EVENTS];
+    e->budget = POLL_BUDGET;
     int n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
     for (int k = 0; k < n; k++) {
         uint64_t data = events[k].data.u64;
@@ -666,8 +708,8 @@ static PyObject *address_tuple(const struct sockaddr_storage *ss) {
 }
 
 static PyObject *mod_accept(PyObject *m, PyObject *arg) {
-    int lfd = PyLong_AsLong(arg);
-    if (lfd == -1 && PyErr_Occurred()) return NULL;
+    int lfd = as_fd(arg);
+    if (lfd < 0) return NULL;
     struct sockaddr_storage ss;
     socklen_t len;
     int fd;
@@ -744,14 +786,14 @@ bad:
 }
 
 static PyObject *mod_connect_state(PyObject *m, PyObject *arg) {
-    int fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
+    int fd = as_fd(arg);
+    if (fd < 0) return NULL;
     return PyLong_FromLong(connect_state(fd));
 }
 
 static PyObject *mod_connect_error(PyObject *m, PyObject *arg) {
-    int fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
+    int fd = as_fd(arg);
+    if (fd < 0) return NULL;
     int err = 0;
     socklen_t elen = sizeof err;
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0) err = errno;
@@ -759,16 +801,16 @@ static PyObject *mod_connect_error(PyObject *m, PyObject *arg) {
 }
 
 static PyObject *mod_reset(PyObject *m, PyObject *arg) {
-    int fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
+    int fd = as_fd(arg);
+    if (fd < 0) return NULL;
     linger_zero(fd);
     close(fd);
     Py_RETURN_NONE;
 }
 
 static PyObject *mod_local_address(PyObject *m, PyObject *arg) {
-    int fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
+    int fd = as_fd(arg);
+    if (fd < 0) return NULL;
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
     if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0) Py_RETURN_NONE;
@@ -798,9 +840,10 @@ PyMODINIT_FUNC PyInit__relay(void) {
     S_ENDPOINT_CLOSED = PyUnicode_InternFromString("endpoint_closed");
     S_CLIENT_RESET = PyUnicode_InternFromString("client_reset");
     S_ENDPOINT_RESET = PyUnicode_InternFromString("endpoint_reset");
+    S_PROXY_ERROR = PyUnicode_InternFromString("proxy_error");
     S_connection_finished = PyUnicode_InternFromString("connection_finished");
     if (!S_CLIENT_CLOSED || !S_ENDPOINT_CLOSED || !S_CLIENT_RESET || !S_ENDPOINT_RESET ||
-        !S_connection_finished)
+        !S_PROXY_ERROR || !S_connection_finished)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

@@ -57,6 +57,7 @@ NO_ENDPOINT_REACHABLE: Final = "no_endpoint_reachable"  # Envoy "UF": every dial
 SOURCE_RANGE_REFUSED: Final = "source_range_refused"  # loadBalancerSourceRanges
 NO_ENDPOINTS_FOR_CLASS: Final = "no_endpoints_for_class"  # e.g. eTP Local, no local pod
 CONNECTION_LIMIT_REFUSED: Final = "connection_limit_refused"  # Envoy "UO": over its share
+PROXY_ERROR: Final = "proxy_error"  # HAProxy "P": the compiled relay itself failed; both reset
 # UDP only.
 EVICTED: Final = "evicted"  # the least recently used session, at --udp-max-sessions
 ENDPOINT_UNREACHABLE: Final = "endpoint_unreachable"  # ICMP port unreachable

@@ -137,20 +137,25 @@ class FastPath:
                 continue
             try:
                 conn = engine.connection(self, client_ip, fd)  # owns fd from here, even failing
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:
                 limit.release(service, client_ip)
                 log.debug("%s: cannot relay an accepted socket: %s", listener.spec.spn, exc)
                 continue
-            if listener.access_log is not None:
-                conn.trace = ConnTrace(client_port, self.loop.time())
-            version = listener.spec.proxy_protocol
-            preamble = (
-                b""
-                if version is None
-                else header_between(version, (client_ip, client_port), _relay.local_address(fd))
-            )
+            # Counted at once: whatever fails below, connection_finished finds it.
             listener.connections.add(conn)
-            self.dial(conn, pool, preamble, [], 0)
+            try:
+                if listener.access_log is not None:
+                    conn.trace = ConnTrace(client_port, self.loop.time())
+                version = listener.spec.proxy_protocol
+                preamble = (
+                    b""
+                    if version is None
+                    else header_between(version, (client_ip, client_port), _relay.local_address(fd))
+                )
+                self.dial(conn, pool, preamble, [], 0)
+            except BaseException:
+                conn.abort(ends.PROXY_ERROR)  # never a client left hanging
+                raise
 
     # -- dialing: the ladder of tcp_listener.DIAL_TIMEOUTS, without a task ----------------------
     def dial(
@@ -222,13 +227,15 @@ class FastPath:
         listener = self.listener
         endpoint = conn.endpoint
         outliers = listener.outliers
-        if endpoint is not None and outliers.settings.enabled:
-            # As ObservedUpstream: a reset before any byte came back is a failed dial.
-            if conn.upstream_reset and not conn.bytes_down:
-                outliers.failure(endpoint)
-            else:
-                outliers.success(endpoint)
-        listener.connection_finished(conn)
+        try:
+            if endpoint is not None and outliers.settings.enabled:
+                # As ObservedUpstream: a reset before any byte came back is a failed dial.
+                if conn.upstream_reset and not conn.bytes_down:
+                    outliers.failure(endpoint)
+                else:
+                    outliers.success(endpoint)
+        finally:  # the limit, the load and the access log hear of it whatever happened
+            listener.connection_finished(conn)
 
 
 class _Wait:
