@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from kubernetes_asyncio import client as k8s_client
     from kubernetes_asyncio.client import ApiClient
 
+    from userproxy.config import Settings
+
 __all__ = ["KubernetesSource", "label_selector", "load_client_configuration", "make_api_client"]
 
 _M = TypeVar("_M", Service, EndpointSlice)
@@ -234,3 +236,29 @@ class KubernetesSource:
     async def close(self) -> None:
         """Close the API client (call after :meth:`run` has ended)."""
         await self._api.close()
+
+
+async def run_api_source(
+    configuration: k8s_client.Configuration,
+    handlers: Handlers,
+    settings: Settings,
+    on_event: OnEvent | None = None,
+) -> None:
+    """``userproxy run``'s API source until cancelled: a client for ``configuration`` and
+    a ``KubernetesSource`` with the settings' node, proxy name and resync period (used by
+    the single process and by the workers' parent alike)."""
+    from kubernetes_asyncio.client import ApiClient
+
+    api = ApiClient(configuration=configuration)
+    try:
+        source = KubernetesSource(
+            api,
+            handlers,
+            node_name=settings.hostname,
+            proxy_name=settings.service_proxy_name,
+            resync_period=settings.config_sync_period,
+            on_event=on_event,
+        )
+        await source.run()
+    finally:
+        await api.close()

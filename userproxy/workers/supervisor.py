@@ -293,24 +293,12 @@ class Supervisor:
         if self.manifests is not None:
             await self.manifests.run()
             return
-        from kubernetes_asyncio.client import ApiClient
-
-        from userproxy.sources.kubernetes import KubernetesSource
+        from userproxy.sources.kubernetes import run_api_source
 
         assert self._client_configuration is not None  # loaded by run()
-        api = ApiClient(configuration=self._client_configuration)
-        try:
-            source = KubernetesSource(
-                api,
-                self.forwarder,
-                node_name=self.settings.hostname,
-                proxy_name=self.settings.service_proxy_name,
-                resync_period=self.settings.config_sync_period,
-                on_event=self._source_event,
-            )
-            await source.run()
-        finally:
-            await api.close()
+        await run_api_source(
+            self._client_configuration, self.forwarder, self.settings, self._source_event
+        )
 
     def _source_event(self, kind: EventKind, resource: str) -> None:
         self.metrics.source_event(kind, resource)
