@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 
 from bench.peers import HTTP, IPERF, SP_TCP, SP_UDP, Peer, UdpBackend
@@ -59,15 +60,27 @@ def _run(argv: list[str], timeout: float) -> str:
     return res.stdout + res.stderr
 
 
-def iperf(peer: Peer, streams: int, seconds: float) -> Sample:
-    """Bulk TCP throughput (Gbit/s received) and the proxy's CPU seconds per GB."""
-    meter = _Cpu(peer)
+#: iperf3 errors that say the server was between two tests (``iperf3 -s`` serves one test
+#: at a time and re-opens its listening socket after each), not that the path is broken.
+_IPERF_RETRY = ("unable to connect to server", "the server is busy")
+
+
+def iperf(peer: Peer, streams: int, seconds: float, attempts: int = 4) -> Sample:
+    """Bulk TCP throughput (Gbit/s received) and the proxy's CPU seconds per GB.  A run
+    the iperf3 server refused because it was between tests is tried again (up to
+    ``attempts`` runs, a second apart); any other error ends the measurement."""
     argv = ["iperf3", "-c", peer.host, "-p", str(IPERF), "-t", f"{seconds:g}", "-P", str(streams)]
-    out = _run([*argv, "-J"], timeout=seconds + 30)
-    cpu = meter.used()
-    data = json.loads(out[out.index("{") :]) if "{" in out else {}
-    if "error" in data or "end" not in data:
-        raise RuntimeError(f"iperf3 through {peer.name}: {data.get('error', out[-500:])}")
+    for attempt in range(1, attempts + 1):
+        meter = _Cpu(peer)
+        out = _run([*argv, "-J"], timeout=seconds + 30)
+        cpu = meter.used()
+        data = json.loads(out[out.index("{") :]) if "{" in out else {}
+        if "error" not in data and "end" in data:
+            break
+        error = str(data.get("error", out[-500:]))
+        if attempt == attempts or not any(e in error for e in _IPERF_RETRY):
+            raise RuntimeError(f"iperf3 through {peer.name}: {error}")
+        time.sleep(1.0)
     received = data["end"]["sum_received"]
     gbytes = received["bytes"] / 1e9
     sample = {f"tcp{streams}_gbps": received["bits_per_second"] / 1e9}
