@@ -178,8 +178,8 @@ and the nginx backend run on them too (and, during these runs, other work on the
 two workers never get two free cores. A second worker can only take CPU time the others
 leave idle, or win it from them: the scheduler shares the cores between runnable threads,
 so on a busy machine two workers get a larger share than one, which is most of what a rate
-gain here is. CPU per new connection rises with two workers (1.1-1.25x in the runs so far;
-per keep-alive request 1.0-1.2x): each worker does the same work per connection, but the
+gain here is. CPU per new connection rises with two workers (1.0-1.25x in the runs so far;
+per keep-alive request 1.0-1.25x): each worker does the same work per connection, but the
 cores are oversubscribed (two workers, two wrk threads and nginx on two cores), so the
 processes pay in context switches and colder caches, and each worker's accept loop finds
 fewer connections waiting per wake-up (SO_REUSEPORT splits the queue), so the cost of a
