@@ -7,7 +7,8 @@ Signals of ``run``: SIGTERM/SIGINT shut down gracefully, a second one forces it;
 reloads the settings and the manifests (``reload_settings``), never ending the process.
 ``--workers N`` (N > 1) runs the workers' parent instead of a ``Proxy``: same signals.
 Exit status: 0 after a clean shutdown, 128 + the signal after a forced one (``StopSignals``),
-2 for invalid flags or manifests at start.
+2 for invalid flags or manifests at start, 1 when ``--handoff-socket`` finds a running
+proxy it cannot take over from (userproxy/handoff/taker.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from userproxy.configfile import describe, load_config_file
 from userproxy.demo import DEMO_DEFAULTS
 from userproxy.explain_cli import explain_command
 from userproxy.flags import DEFAULT, build_parser
+from userproxy.handoff.taker import HandoffRefused
 from userproxy.logs import setup_logging
 from userproxy.proxy import Proxy
 from userproxy.sources.manifests import ManifestError
@@ -226,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"userproxy: invalid manifests:\n{exc}", file=sys.stderr)
         return 2
+    except HandoffRefused as exc:  # the running proxy serves on, untouched
+        print(f"userproxy: --handoff-socket: {exc}", file=sys.stderr)
+        return 1
     return status or 0  # None from the demo
 
 

@@ -94,6 +94,7 @@ RULES: Final[Mapping[str, tuple[str, Rule]]] = {
     "outlier_max_ejection": ("--outlier-max-ejection", _POSITIVE_DURATION),
     "outlier_max_ejected_percent": ("--outlier-max-ejected-percent", rules.percent),
     "workers": ("--workers", rules.count(1)),
+    "handoff_socket": ("--handoff-socket", rules.path),
 }
 
 #: The settings that are durations in seconds (shown as Go durations in --help).
@@ -166,6 +167,9 @@ class Settings:
     #: Data-plane processes sharing every listening address (SO_REUSEPORT), fed by one
     #: control plane; 1: today's single process (docs/workers.md).
     workers: int = 1
+    #: The Unix socket a running proxy hands its listening sockets over on, and a new one
+    #: takes them from (userproxy/handoff/); None: off.
+    handoff_socket: Path | None = None
 
     # (ip, port), or None when off; the rule has checked the text.
     @property
@@ -214,6 +218,12 @@ class Settings:
                 "min_sync_period",
                 f"{format_duration(self.min_sync_period)} is greater than the sync period "
                 f"({format_duration(self.sync_period)})",
+            )
+        if self.handoff_socket is not None and self.workers > 1:
+            raise ConfigError.of(
+                "handoff_socket",
+                "cannot be combined with --workers (a handoff moves one process's sockets; "
+                "the workers' parent holds none)",
             )
         if self.outlier_base_ejection > self.outlier_max_ejection:
             raise ConfigError.of(
@@ -264,6 +274,7 @@ class SettingsValues(TypedDict, total=False):
     outlier_max_ejection: float
     outlier_max_ejected_percent: int
     workers: int
+    handoff_socket: Path | None
 
 
 def settings_values(values: Mapping[str, object]) -> SettingsValues:

@@ -170,6 +170,15 @@ RUN_FLAGS: Final = (
         "N",
         _integer,
     ),
+    Flag(
+        "handoff_socket",
+        "hand the listening sockets to a new userproxy started with the same PATH (and take "
+        "them from a running one): upgrades and restarts refuse no connection "
+        "(docs/deploy.md)",
+        "PATH",
+        Path,
+        empty=None,
+    ),
 )
 
 #: The flags of ``run`` and ``demo``, in the order of their ``--help``.

@@ -88,6 +88,22 @@ class Metrics:
             "healthCheckNodePort servers that could not bind (retried every sync)",
             registry=r,
         )
+        self.handoffs = Counter(
+            "userproxy_handoffs",
+            "Listening-socket handoffs (--handoff-socket) completed, by this process's role: "
+            "given (it drained afterwards) or taken (it took over)",
+            ["role"],
+            registry=r,
+        )
+        self.handoff_refusals = Counter(
+            "userproxy_handoff_refusals",
+            "Handoffs this process refused, by reason (credentials, exchange, version, "
+            "draining, busy)",
+            ["reason"],
+            registry=r,
+        )
+        for role in ("given", "taken"):
+            self.handoffs.labels(role)
         self.reload_errors = Counter(
             "userproxy_manifest_reload_errors",
             "Manifest reloads that failed (the last good state kept serving)",

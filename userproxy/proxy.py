@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import platform
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -41,11 +42,14 @@ from userproxy.dataplane.limits import (
     raise_nofile_limit,
     warn_if_over_nofile,
 )
-from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import SWEEP_INTERVAL, ListenerSet, TcpTimeouts
 from userproxy.dataplane.outliers import OutlierSettings
 from userproxy.dataplane.udp_session import UdpSettings
 from userproxy.effects import HostEffects, ServiceAddressSync
+from userproxy.handoff.coordinator import Handoff
+from userproxy.handoff.giver import Offered
 from userproxy.hostnet.address_device import AddressManager
+from userproxy.hostnet.listen import SocketKey, open_sockets, socket_key
 from userproxy.hostnet.node import NodeAddresses
 from userproxy.logs import setup_logging
 from userproxy.loop_lag import LoopLagProbe, build_line, loop_name
@@ -189,6 +193,25 @@ class Proxy:
                 poll_interval=settings.manifest_poll_interval,
                 on_reload_error=self._reload_failed,
             )
+        #: ``--handoff-socket``: take the listening sockets from a running proxy, and
+        #: give them to the next one (userproxy/handoff/).
+        self.handoff: Handoff | None = None
+        if settings.handoff_socket is not None and feed is None:
+            self.handoff = Handoff(
+                settings.handoff_socket,
+                self,
+                on_taken=self._took_over,
+                on_given=self._handed_off,
+                on_refused=lambda reason: self.metrics.handoff_refusals.labels(reason).inc(),
+                addresses_device=settings.address_device if settings.manage_addresses else None,
+            )
+        #: A successor took the listening sockets over: drain, keep what it adopted.
+        self.handed_off = False
+        #: Whether the managed addresses stay on the device at exit: a successor adopted
+        #: them, or one is taking over (it may still fail, and the old process needs them).
+        self._keep_addresses = False
+        #: The admin servers' tasks by the key of the socket each listens on.
+        self._admin_servers: dict[SocketKey, asyncio.Task[None]] = {}
         #: Set once each admin server listens (tests and the demo wait on these).
         self.health_ready = asyncio.Event()
         self.metrics_ready = asyncio.Event()
@@ -227,6 +250,52 @@ class Proxy:
 
     def stop(self) -> None:
         """Begin the shutdown sequence (idempotent)."""
+        self._stop.set()
+
+    # -- a handoff's old side (handoff.giver.Host) -----------------------------------------
+    @property
+    def draining(self) -> bool:
+        """Stopping, or handed off: no handoff may start."""
+        return self._stop.is_set() or self.handed_off
+
+    def offer(self) -> list[Offered]:
+        """Every listening socket this process holds, with what it serves."""
+        serves = {
+            socket_key(listener.SOCK_TYPE, listener.spec.ip, listener.spec.port): str(
+                listener.spec.spn
+            )
+            for listener in self.listeners
+            if listener.listening
+        }
+        for name, address in (
+            ("healthz", self.settings.healthz_address),
+            ("metrics", self.settings.metrics_address),
+        ):
+            if address is not None:
+                serves[socket_key(socket.SOCK_STREAM, *address)] = name
+        return [
+            Offered(key, sock, serves.get(key, "health check port")) for key, sock in open_sockets()
+        ]
+
+    def hand_off(self, taken: set[SocketKey], addresses_device: str | None) -> None:
+        """A successor serves now: stop accepting (TCP connections go on, UDP sessions
+        still get their replies), stop serving the admin sockets it took, report
+        draining; ``_handed_off`` then starts the drain."""
+        self.handed_off = True
+        self.health.draining = True
+        self.listeners.stop_accepting(keep_udp_replies=True)
+        for key, task in self._admin_servers.items():
+            if key in taken:
+                task.cancel()
+        if addresses_device is not None and addresses_device == self.settings.address_device:
+            self._keep_addresses = True
+
+    def _took_over(self) -> None:
+        self.metrics.handoffs.labels("taken").inc()
+        self._keep_addresses = False  # this process owns them now
+
+    def _handed_off(self) -> None:
+        self.metrics.handoffs.labels("given").inc()
         self._stop.set()
 
     def force_stop(self) -> None:
@@ -297,6 +366,11 @@ class Proxy:
 
             self._client_configuration = await load_client_configuration(self.settings.kubeconfig)
         self._open_access_log()
+        if self.handoff is not None:
+            # After every check that ends the process with exit 2: a process that cannot
+            # run never touches the running one.
+            await self.handoff.take()
+            self._keep_addresses = self.handoff.taking_over
         if self.addresses is not None:
             try:
                 await self.addresses.open()
@@ -337,9 +411,15 @@ class Proxy:
                     control.append(
                         tasks.create_task(self.address_sync.run(), name="service-addresses")
                     )
+                if self.handoff is not None:
+                    control.append(tasks.create_task(self._run_handoff(), name="handoff"))
                 await self._stop.wait()
-                log.info("shutting down: no longer accepting connections")
-                self.listeners.stop_accepting()
+                if self.handed_off:
+                    log.info("handed off: draining what is open")
+                    await self.service_health.close()  # the successor answers them now
+                else:
+                    log.info("shutting down: no longer accepting connections")
+                    self.listeners.stop_accepting()
                 open_now = self.listeners.limit.active
                 if open_now and self.settings.shutdown_grace and not self._force.is_set():
                     # Logged here, with the listeners closed, so the line comes before
@@ -350,9 +430,17 @@ class Proxy:
                         self.settings.shutdown_grace,
                         open_now,
                     )
+                # After a handoff, the admin servers the successor did not take over stay
+                # up through the drain: their /healthz says "draining".
+                serving = set(self._admin_servers.values()) if self.handed_off else set()
                 for task in control:
+                    if task not in serving:
+                        task.cancel()
+                aborted = await self._drain() if serving else None
+                for task in serving:
                     task.cancel()
-            aborted = await self._drain()
+            if aborted is None:
+                aborted = await self._drain()
             if aborted:
                 log.warning(
                     "aborted %d connections still open %s",
@@ -365,7 +453,7 @@ class Proxy:
             access_log, self.listeners.access_log = self.listeners.access_log, None
             if access_log is not None:  # after the drain: its aborted connections are in it
                 await asyncio.to_thread(access_log.close)
-            if self.addresses is not None:
+            if self.addresses is not None and not self._keep_addresses:
                 # Last: removing the addresses would break connections still draining.
                 await self.addresses.close()
             self.stopped.set()
@@ -381,10 +469,17 @@ class Proxy:
             raise ConfigError(f"--access-log: cannot open {path}: {exc.strerror or exc}") from exc
         log.info("access log: %s (%s)", path, self.settings.access_log_format)
 
+    async def _run_handoff(self) -> None:
+        assert self.handoff is not None
+        await self.handoff.run(self.synced.wait)
+        # (cancelled at shutdown)
+
     async def _drain(self) -> int:
-        """Wait up to ``shutdown_grace`` for open connections to end, or until
-        ``force_stop()``; abort the rest; the number aborted."""
+        """Wait up to ``shutdown_grace`` for open connections (after a handoff: and UDP
+        sessions) to end, or until ``force_stop()``; abort the rest; the number aborted."""
         grace = 0.0 if self._force.is_set() else self.settings.shutdown_grace
+        if self.handed_off:
+            grace = await self._wait_udp_sessions(grace)
         drain = asyncio.ensure_future(self.listeners.drain(grace))
         forced = asyncio.ensure_future(self._force.wait())
         try:
@@ -398,6 +493,19 @@ class Proxy:
         if drain.cancelled():
             return await self.listeners.drain(0.0)  # grace 0: abort every connection now
         return drain.result()
+
+    async def _wait_udp_sessions(self, grace: float) -> float:
+        """After a handoff: sweep (idle timeouts) while UDP sessions are kept for their
+        replies, for up to ``grace`` seconds or until forced; the grace left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.listeners.sessions_replying() and not self._force.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(SWEEP_INTERVAL, left))
+            await self.listeners.sweep(loop.time())
+        return max(0.0, deadline - loop.time()) if not self._force.is_set() else 0.0
 
     async def _run_source(self) -> None:
         if self._feed is not None:
@@ -414,19 +522,24 @@ class Proxy:
         )
 
     def _admin_tasks(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        servers: list[tuple[tuple[str, int] | str | None, str, asyncio.Event]] = [
+            (self.settings.healthz_address, "health", self.health_ready),
+            (self.settings.metrics_address, "metrics", self.metrics_ready),
+            (self._admin_socket, "metrics", self.metrics_ready),
+        ]
         started = []
-        health_address = self.settings.healthz_address
-        if health_address is not None:
-            app = health_app(self.health, self.metrics)
-            started.append(
-                tasks.create_task(serve_app(app, health_address, "health", self.health_ready))
+        for address, name, ready in servers:
+            if address is None:
+                continue
+            app = (
+                health_app(self.health, self.metrics)
+                if name == "health"
+                else metrics_app(self.metrics, self.health, self._configz, self.status)
             )
-        for address in (self.settings.metrics_address, self._admin_socket):
-            if address is not None:
-                app = metrics_app(self.metrics, self.health, self._configz, self.status)
-                started.append(
-                    tasks.create_task(serve_app(app, address, "metrics", self.metrics_ready))
-                )
+            task = tasks.create_task(serve_app(app, address, name, ready))
+            started.append(task)
+            if not isinstance(address, str):  # a TCP address a successor may take over
+                self._admin_servers[socket_key(socket.SOCK_STREAM, *address)] = task
         return started
 
 

@@ -12,10 +12,13 @@ import logging
 from aiohttp import web
 
 from userproxy.admin.http_log import http_logger
+from userproxy.hostnet.listen import listening_socket
 
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL = 5.0
+#: aiohttp's TCPSite default.
+BACKLOG = 128
 
 
 async def serve_app(
@@ -31,7 +34,9 @@ async def serve_app(
                 if isinstance(address, str):
                     await web.UnixSite(runner, address).start()
                 else:
-                    await web.TCPSite(runner, address[0], address[1], reuse_address=True).start()
+                    # Made (or taken over in a handoff) where every listening socket is.
+                    sock = listening_socket(address[0], address[1], freebind=False, backlog=BACKLOG)
+                    await web.SockSite(runner, sock).start()
                 break
             except OSError as exc:
                 log.error(

@@ -34,10 +34,13 @@ class HealthReport:
     node_eligible: bool
     last_updated: float | None  # wall clock of the last applied sync
     current_time: float  # wall clock
+    #: Handed its listening sockets to a successor (``--handoff-socket``) and finishing
+    #: what it holds: alive, but not the node's service proxy any more.
+    draining: bool = False
 
     @property
     def healthy(self) -> bool:
-        return self.live and self.node_eligible
+        return self.live and self.node_eligible and not self.draining
 
     def livez_body(self) -> dict[str, object]:
         return {
@@ -46,7 +49,10 @@ class HealthReport:
         }
 
     def healthz_body(self) -> dict[str, object]:
-        return {**self.livez_body(), "nodeEligible": self.node_eligible}
+        body = {**self.livez_body(), "nodeEligible": self.node_eligible}
+        if self.draining:  # only then: kube-proxy's body otherwise, field for field
+            body["draining"] = True
+        return body
 
 
 class HealthState:
@@ -64,6 +70,8 @@ class HealthState:
         self.recorder = recorder
         self.proxier = proxier
         self.timeout = 2 * sync_period
+        #: Set once the proxy handed off its listening sockets (``HealthReport.draining``).
+        self.draining = False
         self._clock = clock
         self._wall_clock = wall_clock
 
@@ -78,4 +86,4 @@ class HealthState:
         last_updated = (
             None if status.last_sync_at is None else wall_now - (now - status.last_sync_at)
         )
-        return HealthReport(live, eligible, last_updated, wall_now)
+        return HealthReport(live, eligible, last_updated, wall_now, self.draining)

@@ -102,6 +102,9 @@ class ListenerSet:
         #: Closed TCP listeners whose connections are still open; each is retired (its
         #: counters kept in ``_retired``) by the sweep after its last connection ends.
         self._draining: set[TcpListener] = set()
+        #: UDP listeners that stopped reading after a handoff but still send their
+        #: sessions' replies (``stop_accepting(keep_udp_replies=True)``); closed by ``drain``.
+        self._replying: list[UdpListener] = []
         self._unsupported_warned: set[ListenerKey] = set()
         #: Counters of listeners that are gone, so totals never go backwards.
         self._retired: dict[TotalsKey, PortTotals] = {}
@@ -413,11 +416,19 @@ class ListenerSet:
             self._retire(listener)
 
     # -- shutdown --------------------------------------------------------------------------
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, *, keep_udp_replies: bool = False) -> None:
+        """Close every listener; open TCP connections go on.  UDP sessions end now, or
+        with ``keep_udp_replies`` (a handoff: a successor reads the same sockets) go on
+        until they expire or ``drain`` ends them, their replies still sent from the
+        listening socket."""
         for key in list(self.listeners):
             listener = self.listeners.pop(key)
             if isinstance(listener, UdpListener):
                 listener.session_end = DRAINED  # its sessions end now, for the access log
+                if keep_udp_replies:
+                    listener.stop_reading()
+                    self._replying.append(listener)
+                    continue
             listener.close_reason = None  # the proxy logs one line for them all
             listener.close()
             if isinstance(listener, TcpListener):
@@ -429,8 +440,13 @@ class ListenerSet:
         self._wanted.clear()
         self._refused.clear()
 
+    def sessions_replying(self) -> int:
+        """UDP sessions still open on listeners that stopped reading (a handoff)."""
+        return sum(len(listener.sessions) for listener in self._replying)
+
     async def drain(self, grace: float) -> int:
-        """Wait up to ``grace`` seconds for open connections to end; abort the rest.
+        """Wait up to ``grace`` seconds for open connections to end; abort the rest; end
+        the UDP sessions kept for replies.
 
         Returns the number of connections that had to be aborted.
         """
@@ -439,6 +455,11 @@ class ListenerSet:
                 await self.limit.wait_empty()
         except TimeoutError:
             pass
+        for udp in self._replying:
+            udp.close_reason = None
+            udp.close()
+            self._retire(udp)
+        self._replying.clear()
         left = list(self.connections())
         for listener in (*self.listeners.values(), *self._draining):
             if isinstance(listener, TcpListener):

@@ -76,6 +76,8 @@ class UdpListener(Listener):
         self.access_log: AccessLog | None = None
         #: How its sessions end when the listener closes (``drained`` at shutdown).
         self.session_end = ends.LISTENER_CLOSED
+        #: Set by ``stop_reading``: never reads again, still replies.
+        self.replying_only = False
         self._open_or_close()
 
     @property
@@ -96,6 +98,15 @@ class UdpListener(Listener):
     def _close_socket(self) -> None:
         super()._close_socket()
         self.table.close_all(self)
+
+    def stop_reading(self) -> None:
+        """Take no more datagrams (a successor reads this socket now: a handoff); the
+        sessions go on, their replies sent from this socket, until ``close``."""
+        self.replying_only = True
+        self._pause()
+
+    def _can_read(self) -> bool:
+        return not self.replying_only
 
     # -- datagrams from clients ------------------------------------------------------------
     def _on_readable(self) -> None:
