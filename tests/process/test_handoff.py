@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -279,12 +280,17 @@ def metric(address: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+@dataclass(frozen=True)
+class OldProxy:
+    address: tuple[str, int]
+    sock: Path
+    log: Path
+    proc: subprocess.Popen[str]
+
+
 @contextlib.contextmanager
-def old_proxy(
-    tmp_path: Path, host: int, *extra: str
-) -> Iterator[tuple[tuple[str, int], Path, Path]]:
-    """An old proxy with a handoff socket serving an echo Service at 127.0.120.HOST:8080;
-    yields the Service's address, the handoff socket and the proxy's log."""
+def old_proxy(tmp_path: Path, host: int, *extra: str) -> Iterator[OldProxy]:
+    """An old proxy with a handoff socket serving an echo Service at 127.0.120.HOST:8080."""
     sock = handoff_dir(tmp_path)
     backend = Backend(f"{BACKEND}.{host}", echo)
     manifests = tmp_path / "manifests"
@@ -293,10 +299,10 @@ def old_proxy(
     write(manifests / "svc.json", *tcp_objects("echo", address[0], backend.ip, backend.port))
     log = tmp_path / "old.log"
     try:
-        with proxy_process(run_args(manifests, sock, *extra), log=log):
+        with proxy_process(run_args(manifests, sock, *extra), log=log) as proc:
             wait_listening(address)
             wait_logged(log, "handoff: listening on")
-            yield address, sock, log
+            yield OldProxy(address, sock, log, proc)
     finally:
         backend.stop()
     assert_clean_log(log)
@@ -320,7 +326,8 @@ def test_a_new_process_that_dies_before_taking_over_changes_nothing(tmp_path: Pa
             }
         )
     )
-    with old_proxy(tmp_path, 30) as (address, sock, log), Prober(address) as prober:
+    with old_proxy(tmp_path, 30) as old, Prober(old.address) as prober:
+        sock, log = old.sock, old.log
         new_log = tmp_path / "new.log"
         args = ["run", "--kubeconfig", str(kubeconfig), "--handoff-socket", str(sock)]
         with proxy_process(args, log=new_log) as new:
