@@ -212,7 +212,7 @@ class AddressManager:
         for a in await dump_addresses(ipr):
             if a.index == index and a.proto == ADDRESS_PROTO and a.text not in self._added:
                 log.info(
-                    "manage-addresses: adopting %s on %s left by an earlier run",
+                    "manage-addresses: adopting %s on %s (added by an earlier or handing-off run)",
                     a.text,
                     self._device,
                 )
