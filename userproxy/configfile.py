@@ -178,7 +178,7 @@ KUBE_PROXY_FIELDS: Final[Mapping[str, tuple[Kind, str | None]]] = {
 _USERPROXY: Final[Mapping[Kind, str]] = {
     _STRINGS: "manifests",
     _STR: "serviceProxyName loop logLevel logFormat addressDevice balancer accessLog "
-    "accessLogFormat",
+    "accessLogFormat handoffSocket",
     _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout outlierBaseEjection outlierMaxEjection",
     _INT: "maxConnections serviceConnectionShare clientConnectionShare udpMaxSessions "
     "udpSessionRate outlierConsecutiveFailures outlierMaxEjectedPercent workers",
