@@ -293,6 +293,7 @@ class Proxy:
     def _took_over(self) -> None:
         self.metrics.handoffs.labels("taken").inc()
         self._keep_addresses = False  # this process owns them now
+        self.listeners.retry_binds_soon()
 
     def _handed_off(self) -> None:
         self.metrics.handoffs.labels("given").inc()

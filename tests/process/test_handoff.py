@@ -11,6 +11,7 @@ Addresses: Services on 127.0.120.N, backends on 127.0.121.N (no other test uses 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -29,7 +30,7 @@ import pytest
 
 from tests.process.test_cli import exchange
 from tests.support.backends import Backend, UdpBackend, echo
-from tests.support.load import UdpLoad, nginx_http, start_wrk, wrk_result
+from tests.support.load import UdpLoad, WrkResult, nginx_http, start_wrk, wrk_result
 from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import (
     assert_clean_log,
@@ -128,51 +129,72 @@ class Prober:
                 self.failures.append(repr(exc))
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_three_handoffs_under_load_refuse_and_lose_nothing(tmp_path: Path, loop: str) -> None:
-    """wrk (Connection: close, 32 connections, 20 s) and a UDP request/reply client run
-    through the proxy; handoffs at 10 s, 13 s and 16 s: 0 socket errors, 0 non-2xx, every
-    UDP request answered; each old process exits 0 by itself."""
-    host = 1 if loop == "asyncio" else 2
+@dataclass(frozen=True)
+class LoadOutcome:
+    wrk: WrkResult
+    udp_sent: int
+    udp_answered: int
+
+
+def handoffs_under_load(tmp_path: Path, loop: str, host: int) -> LoadOutcome:
+    """wrk (Connection: close, 32 connections, 20 s) and a UDP request/reply client
+    through a proxy on ``loop``; handoffs at 10 s, 13 s and 16 s; each old process must
+    exit 0 by itself, and no log may show an error."""
     ip = f"{SVC}.{host}"
+    tmp_path.mkdir()
     sock = handoff_dir(tmp_path)
     udp_backend = UdpBackend(f"{BACKEND}.{host}")
     manifests = tmp_path / "manifests"
     manifests.mkdir()
-    with nginx_http(tmp_path / "nginx", f"{BACKEND}.{host}", 8081) as http:
-        write(
-            manifests / "svc.json",
-            *tcp_objects("web", ip, *http),
-            *udp_objects("dns", ip, udp_backend),
-        )
-        args = run_args(manifests, sock, "--loop", loop, "--shutdown-grace", "3s")
-        procs: list[subprocess.Popen[str]] = []
-        logs = [tmp_path / f"proxy-{i}.log" for i in range(4)]
-        with contextlib.ExitStack() as stack:
-            procs.append(stack.enter_context(proxy_process(args, log=logs[0])))
-            wait_listening((ip, 8080))
-            wait_logged(logs[0], "handoff: listening on")
-            started = time.monotonic()
-            wrk = start_wrk(f"http://{ip}:8080/", 20)
-            with UdpLoad((ip, 53)) as udp:
-                for i, at in enumerate((10, 13, 16), start=1):
-                    time.sleep(max(0.0, started + at - time.monotonic()))
-                    procs.append(stack.enter_context(proxy_process(args, log=logs[i])))
-                    wait_logged(logs[i], "handoff: took over", within=10)
-                    wait_logged(logs[i], "handoff: listening on", within=10)
-                result = wrk_result(wrk, timeout=30)
-                sent, answered = udp.stop(settle=1.0)
-            for old in procs[:3]:
-                assert old.wait(10) == 0, [log.read_text()[-2000:] for log in logs]
-            assert procs[3].poll() is None
-            for log in logs:
-                assert_clean_log(log)
-                assert "ERROR" not in log.read_text(), log.read_text()[-3000:]
-    udp_backend.stop()
-    assert result.requests > 1000, result.output
-    assert result.errors == 0, result.output
-    assert sent > 5000, sent
-    assert answered == sent, (sent, answered)
+    try:
+        with nginx_http(tmp_path / "nginx", f"{BACKEND}.{host}", 8081) as http:
+            write(
+                manifests / "svc.json",
+                *tcp_objects("web", ip, *http),
+                *udp_objects("dns", ip, udp_backend),
+            )
+            args = run_args(manifests, sock, "--loop", loop, "--shutdown-grace", "3s")
+            procs: list[subprocess.Popen[str]] = []
+            logs = [tmp_path / f"proxy-{i}.log" for i in range(4)]
+            with contextlib.ExitStack() as stack:
+                procs.append(stack.enter_context(proxy_process(args, log=logs[0])))
+                wait_listening((ip, 8080))
+                wait_logged(logs[0], "handoff: listening on")
+                started = time.monotonic()
+                wrk = start_wrk(f"http://{ip}:8080/", 20)
+                with UdpLoad((ip, 53)) as udp:
+                    for i, at in enumerate((10, 13, 16), start=1):
+                        time.sleep(max(0.0, started + at - time.monotonic()))
+                        procs.append(stack.enter_context(proxy_process(args, log=logs[i])))
+                        wait_logged(logs[i], "handoff: took over", within=10)
+                        wait_logged(logs[i], "handoff: listening on", within=10)
+                    result = wrk_result(wrk, timeout=30)
+                    sent, answered = udp.stop(settle=1.0)
+                for old in procs[:3]:
+                    assert old.wait(10) == 0, [log.read_text()[-2000:] for log in logs]
+                assert procs[3].poll() is None
+                for log in logs:
+                    assert_clean_log(log)
+                    assert "ERROR" not in log.read_text(), log.read_text()[-3000:]
+    finally:
+        udp_backend.stop()
+    return LoadOutcome(result, sent, answered)
+
+
+def test_three_handoffs_under_load_refuse_and_lose_nothing_on_both_loops(tmp_path: Path) -> None:
+    """Both loops at once (one proxy chain each, on its own addresses, so the suite waits
+    20 s, not 40): 0 socket errors, 0 non-2xx, every UDP request answered."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = {
+            loop: pool.submit(handoffs_under_load, tmp_path / loop, loop, host)
+            for loop, host in (("asyncio", 1), ("uvloop", 2))
+        }
+        outcomes = {loop: run.result(timeout=90) for loop, run in runs.items()}
+    for loop, outcome in outcomes.items():
+        assert outcome.wrk.requests > 1000, (loop, outcome.wrk.output)
+        assert outcome.wrk.errors == 0, (loop, outcome.wrk.output)
+        assert outcome.udp_sent > 5000, (loop, outcome.udp_sent)
+        assert outcome.udp_answered == outcome.udp_sent, (loop, outcome)
 
 
 def test_open_connection_drains_through_the_old_process(tmp_path: Path) -> None:

@@ -1,11 +1,11 @@
-"""The soak: 50 s on uvloop with the compiled relay (the default data path wherever it
-is built), and 40 s on each loop with the Python relay, the reference (the relays' other
+"""The soak: 40 s on uvloop with the compiled relay (the default data path wherever it
+is built), and 32 s on each loop with the Python relay, the reference (the relays' other
 tests run in tests/dataplane): fails on any cross-delivered or corrupted byte, any reset,
 truncation or refusal without a cause (a SIGKILLed backend, a drained listener, a Service
 without usable endpoints), any reset turned into a clean end in either direction, a
 descriptor or socket not returned, an error line in the proxy's log.
 
-USERPROXY_SOAK_SECONDS sets the length (default 50; the Python relay's runs take 0.8 of
+USERPROXY_SOAK_SECONDS sets the length (default 40; the Python relay's runs take 0.8 of
 it); USERPROXY_SOAK_PROXY_SRC runs the proxy from another source tree.  See docs/soak.md.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 from tests.soak.harness import SoakConfig, run_soak
 
-SECONDS = float(os.environ.get("USERPROXY_SOAK_SECONDS", "50"))
+SECONDS = float(os.environ.get("USERPROXY_SOAK_SECONDS", "40"))
 SOURCE = os.environ.get("USERPROXY_SOAK_PROXY_SRC")
 
 

@@ -364,6 +364,12 @@ class ListenerSet:
             totals.bind_errors += listener.bind_error is not None
 
     # -- timeouts --------------------------------------------------------------------------
+    def retry_binds_soon(self) -> None:
+        """Retry the failed binds at the next sweep, not a retry interval later (after a
+        handoff: an address the old process opened after it listed its sockets is free
+        now)."""
+        self._last_bind_retry = float("-inf")
+
     async def run_sweeper(self) -> None:
         """Forever: ``sweep`` once a second."""
         while True:
