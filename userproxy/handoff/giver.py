@@ -160,7 +160,7 @@ class Giver:
                 "userproxy": __version__,
             }
             await send(conn, message, [o.sock.fileno() for o in chunk])
-        reply, stray = await receive(conn)  # as long as the successor needs for its sync
+        reply, stray = await receive(conn, within=None)  # as long as its first sync takes
         for sock in stray:
             sock.close()
         if reply.get("serving") is not True:

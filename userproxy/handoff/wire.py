@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "ANSWER_TIMEOUT",
     "EXCHANGE",
     "MAX_FDS",
     "VERSION",
@@ -53,6 +54,10 @@ VERSION = 1
 MAX_FDS = 200
 #: Bytes per message: 200 socket entries of JSON fit with room to spare.
 MAX_MESSAGE = 64 * 1024
+#: How long either side waits for an answer that needs no work from the other side (the
+#: hello, the sockets, "done"); "serving" is waited for as long as the new process's
+#: first sync takes.
+ANSWER_TIMEOUT = 30.0
 
 Message = dict[str, Any]
 
@@ -106,9 +111,20 @@ async def send(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -
             raise ExchangeError(f"the other process went away ({exc.strerror or exc})") from exc
 
 
-async def receive(sock: socket.socket) -> tuple[Message, list[socket.socket]]:
+async def receive(
+    sock: socket.socket, within: float | None = ANSWER_TIMEOUT
+) -> tuple[Message, list[socket.socket]]:
     """One message and the sockets that came with it; ExchangeError at the end of the
-    connection or for anything that is not a JSON object."""
+    connection, after ``within`` seconds (None: no limit), or for anything that is not
+    a JSON object."""
+    try:
+        async with asyncio.timeout(within):
+            return await _receive(sock)
+    except TimeoutError:
+        raise ExchangeError(f"no answer within {within:g} s") from None
+
+
+async def _receive(sock: socket.socket) -> tuple[Message, list[socket.socket]]:
     space = socket.CMSG_SPACE(MAX_FDS * struct.calcsize("i"))
     while True:
         try:
