@@ -10,6 +10,7 @@ so a ``Settings`` built directly holds the same invariants.  The fixed choices a
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -233,6 +234,25 @@ class Settings:
             )
 
 
+#: Settings a running proxy takes on at reload (``Proxy.reload``, SIGHUP): read afresh by
+#: the sync runner, the sweeper, the UDP session table and the shutdown sequence.  A change
+#: to any other setting (addresses bound, the loop, the source, the node's name, the limits
+#: sized at start, the UDP rate each listener takes when it opens, --manage-addresses ...)
+#: needs a restart; reload names it and keeps the old value.
+RELOADABLE = frozenset(
+    {
+        "log_level",
+        "log_format",
+        "min_sync_period",
+        "sync_period",
+        "shutdown_grace",
+        "tcp_fin_timeout",
+        "tcp_idle_timeout",
+        "udp_idle_timeout",
+    }
+)
+
+
 class SettingsValues(TypedDict, total=False):
     """Keyword arguments of ``Settings``, any of them: a layer of the CLI's precedence
     (the demo's defaults, the config file's values, the flags given).  Each value is what
@@ -314,3 +334,18 @@ def configz(settings: Settings) -> dict[str, object]:
         },
         "userproxy.io": own,
     }
+
+
+def reloaded(old: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
+    """``old`` with ``new``'s values of the ``RELOADABLE`` settings; the names of the
+    changed settings taken on, and of the changed ones that need a restart (kept as they
+    were).  ConfigError if the combination is invalid."""
+    changed = [
+        name
+        for name in old.__dataclass_fields__
+        if getattr(old, name) != getattr(new, name) and name != "in_cluster"
+    ]
+    applied = [name for name in changed if name in RELOADABLE]
+    restart = [name for name in changed if name not in RELOADABLE]
+    effective = dataclasses.replace(old, **{name: getattr(new, name) for name in applied})
+    return effective, applied, restart

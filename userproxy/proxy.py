@@ -6,7 +6,7 @@ process should exit 2), starts every long-lived task in one TaskGroup and waits 
 control plane, let open connections finish for up to ``shutdown_grace`` seconds, then abort
 the rest; ``force_stop()`` (a second signal) ends the wait at once, and the managed
 addresses are still removed.  ``reload(settings)`` (SIGHUP) takes on the settings listed in
-``RELOADABLE`` while connections go on, and names the changed ones that need a restart.
+``config.RELOADABLE`` while connections go on, and names the changed ones that need a restart.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from userproxy.admin.metrics_server import metrics_app
 from userproxy.admin.server import serve_app
 from userproxy.admin.service_health import ServiceHealthServers
 from userproxy.admin.status import StatusView
-from userproxy.config import ConfigError, Settings, configz, flag_name
+from userproxy.config import ConfigError, Settings, configz, flag_name, reloaded
 from userproxy.control.handlers import Handlers
 from userproxy.control.health import HealthState
 from userproxy.control.proxier import Proxier, SyncStatus
@@ -35,26 +35,15 @@ from userproxy.control.runner import SyncRunner
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.dataplane.access_log import AccessLog
 from userproxy.dataplane.fast_relay import relay_name
-from userproxy.dataplane.limits import (
-    ConnectionLimit,
-    default_max_connections,
-    default_udp_sessions,
-    raise_nofile_limit,
-    warn_if_over_nofile,
-)
-from userproxy.dataplane.listener_set import SWEEP_INTERVAL, ListenerSet, TcpTimeouts
-from userproxy.dataplane.outliers import OutlierSettings
-from userproxy.dataplane.udp_session import UdpSettings
 from userproxy.effects import HostEffects, ServiceAddressSync
 from userproxy.handoff.coordinator import Handoff
-from userproxy.handoff.giver import Offered
 from userproxy.hostnet.address_device import AddressManager
-from userproxy.hostnet.listen import SocketKey, open_sockets, socket_key
+from userproxy.hostnet.listen import SocketKey, socket_key
 from userproxy.hostnet.node import NodeAddresses
 from userproxy.logs import setup_logging
 from userproxy.loop_lag import LoopLagProbe, build_line, loop_name
 from userproxy.metrics import Metrics
-from userproxy.proxy_setup import balancer_registry
+from userproxy.proxy_setup import balancer_registry, listener_set
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
 if TYPE_CHECKING:
@@ -66,24 +55,6 @@ log = logging.getLogger(__name__)
 
 #: Where tests and ``explain`` have always found it (it lives in proxy_setup.py).
 _balancer_registry = balancer_registry
-
-#: Settings a running proxy takes on at ``reload()``: read afresh by the sync runner, the
-#: sweeper, the UDP session table and the shutdown sequence.  A change to any other setting
-#: (addresses bound, the loop, the source, the node's name, the limits sized at start, the
-#: UDP rate each listener takes when it opens, --manage-addresses ...) needs a restart;
-#: reload names it and keeps the old value.
-RELOADABLE = frozenset(
-    {
-        "log_level",
-        "log_format",
-        "min_sync_period",
-        "sync_period",
-        "shutdown_grace",
-        "tcp_fin_timeout",
-        "tcp_idle_timeout",
-        "udp_idle_timeout",
-    }
-)
 
 
 class Proxy:
@@ -103,35 +74,9 @@ class Proxy:
         self._feed = feed
         #: A worker serves its metrics server's routes on this Unix socket, for the parent.
         self._admin_socket = admin_socket
-        nofile = raise_nofile_limit()
-        udp_sessions = settings.udp_max_sessions or default_udp_sessions(nofile)
-        maximum = settings.max_connections or default_max_connections(nofile, udp_sessions)
-        warn_if_over_nofile(maximum, nofile, udp_sessions)
         self.registry = _balancer_registry(settings)
-        self.limit = ConnectionLimit(
-            maximum,
-            service_share=settings.service_connection_share,
-            client_share=settings.client_connection_share,
-        )
-        self.listeners = ListenerSet(
-            self.registry,
-            self.limit,
-            TcpTimeouts(
-                fin=settings.tcp_fin_timeout,
-                idle=settings.tcp_idle_timeout,
-            ),
-            UdpSettings(
-                idle_timeout=settings.udp_idle_timeout,
-                max_sessions=udp_sessions,
-                session_rate=settings.udp_session_rate,
-            ),
-            OutlierSettings(
-                consecutive_failures=settings.outlier_consecutive_failures,
-                base_ejection=settings.outlier_base_ejection,
-                max_ejection=settings.outlier_max_ejection,
-                max_ejected_percent=settings.outlier_max_ejected_percent,
-            ),
-        )
+        self.listeners = listener_set(settings, self.registry)
+        self.limit = self.listeners.limit
         # The runner calls the proxier's sync and nothing else (kube-proxy's runner.go):
         # every effect of a sync goes through the HostEffects the proxier is given.  (A
         # lambda: the proxier is built below, from the recorder, which needs the runner.)
@@ -193,23 +138,6 @@ class Proxy:
                 poll_interval=settings.manifest_poll_interval,
                 on_reload_error=self._reload_failed,
             )
-        #: ``--handoff-socket``: take the listening sockets from a running proxy, and
-        #: give them to the next one (userproxy/handoff/).
-        self.handoff: Handoff | None = None
-        if settings.handoff_socket is not None and feed is None:
-            self.handoff = Handoff(
-                settings.handoff_socket,
-                self,
-                on_taken=self._took_over,
-                on_given=self._handed_off,
-                on_refused=lambda reason: self.metrics.handoff_refusals.labels(reason).inc(),
-                addresses_device=settings.address_device if settings.manage_addresses else None,
-            )
-        #: A successor took the listening sockets over: drain, keep what it adopted.
-        self.handed_off = False
-        #: Whether the managed addresses stay on the device at exit: a successor adopted
-        #: them, or one is taking over (it may still fail, and the old process needs them).
-        self._keep_addresses = False
         #: The admin servers' tasks by the key of the socket each listens on.
         self._admin_servers: dict[SocketKey, asyncio.Task[None]] = {}
         #: Set once each admin server listens (tests and the demo wait on these).
@@ -222,6 +150,19 @@ class Proxy:
         self.synced = asyncio.Event()
         self.stopped = asyncio.Event()
         self._next_sync = asyncio.Event()
+        #: ``--handoff-socket``: take the listening sockets from a running proxy, and
+        #: give them to the next one (userproxy/handoff/).
+        self.handoff: Handoff | None = None
+        if settings.handoff_socket is not None and feed is None:
+            self.handoff = Handoff(
+                settings,
+                self.listeners,
+                self.health,
+                self.metrics,
+                self._admin_servers,
+                stop=self.stop,
+                stopping=self._stop.is_set,
+            )
 
     def _synced(self, status: SyncStatus) -> None:
         """A sync ended: record it, tell the caller, wake everyone waiting for it."""
@@ -252,52 +193,10 @@ class Proxy:
         """Begin the shutdown sequence (idempotent)."""
         self._stop.set()
 
-    # -- a handoff's old side (handoff.giver.Host) -----------------------------------------
     @property
-    def draining(self) -> bool:
-        """Stopping, or handed off: no handoff may start."""
-        return self._stop.is_set() or self.handed_off
-
-    def offer(self) -> list[Offered]:
-        """Every listening socket this process holds, with what it serves."""
-        serves = {
-            socket_key(listener.SOCK_TYPE, listener.spec.ip, listener.spec.port): str(
-                listener.spec.spn
-            )
-            for listener in self.listeners
-            if listener.listening
-        }
-        for name, address in (
-            ("healthz", self.settings.healthz_address),
-            ("metrics", self.settings.metrics_address),
-        ):
-            if address is not None:
-                serves[socket_key(socket.SOCK_STREAM, *address)] = name
-        return [
-            Offered(key, sock, serves.get(key, "health check port")) for key, sock in open_sockets()
-        ]
-
-    def hand_off(self, taken: set[SocketKey], addresses_device: str | None) -> None:
-        """A successor serves now: stop accepting (TCP connections go on, UDP sessions
-        still get their replies), stop serving the admin sockets it took, report
-        draining; ``_handed_off`` then starts the drain."""
-        self.handed_off = True
-        self.health.draining = True
-        self.listeners.stop_accepting(keep_udp_replies=True)
-        for key, task in self._admin_servers.items():
-            if key in taken:
-                task.cancel()
-        if addresses_device is not None and addresses_device == self.settings.address_device:
-            self._keep_addresses = True
-
-    def _took_over(self) -> None:
-        self.metrics.handoffs.labels("taken").inc()
-        self._keep_addresses = False  # this process owns them now
-        self.listeners.retry_binds_soon()
-
-    def _handed_off(self) -> None:
-        self.metrics.handoffs.labels("given").inc()
-        self._stop.set()
+    def handed_off(self) -> bool:
+        """A successor took the listening sockets over (``--handoff-socket``)."""
+        return self.handoff is not None and self.handoff.handed_off
 
     def force_stop(self) -> None:
         """Shut down without waiting for open connections (a second SIGTERM/SIGINT): they
@@ -316,16 +215,8 @@ class Proxy:
         (in the source's task).  ``self.settings`` and /configz show the settings in
         effect.  Never raises: a combination that fails validation (a file checked at
         start that is gone now) is logged and nothing changes."""
-        old = self.settings
-        changed = [
-            name
-            for name in old.__dataclass_fields__
-            if getattr(old, name) != getattr(new, name) and name != "in_cluster"
-        ]
-        applied = [name for name in changed if name in RELOADABLE]
-        restart = [name for name in changed if name not in RELOADABLE]
         try:
-            effective = dataclasses.replace(old, **{name: getattr(new, name) for name in applied})
+            effective, applied, restart = reloaded(self.settings, new)
         except ConfigError as exc:
             log.error("settings not reloaded, keeping the last good ones: %s", exc)
             return
@@ -371,7 +262,6 @@ class Proxy:
             # After every check that ends the process with exit 2: a process that cannot
             # run never touches the running one.
             await self.handoff.take()
-            self._keep_addresses = self.handoff.taking_over
         if self.addresses is not None:
             try:
                 await self.addresses.open()
@@ -409,11 +299,11 @@ class Proxy:
                     *self._admin_tasks(tasks),
                 ]
                 if self.address_sync is not None:
-                    control.append(
-                        tasks.create_task(self.address_sync.run(), name="service-addresses")
-                    )
+                    sync = self.address_sync.run()
+                    control.append(tasks.create_task(sync, name="service-addresses"))
                 if self.handoff is not None:
-                    control.append(tasks.create_task(self._run_handoff(), name="handoff"))
+                    handoff = self.handoff.run(self.synced.wait)
+                    control.append(tasks.create_task(handoff, name="handoff"))
                 await self._stop.wait()
                 if self.handed_off:
                     log.info("handed off: draining what is open")
@@ -454,7 +344,8 @@ class Proxy:
             access_log, self.listeners.access_log = self.listeners.access_log, None
             if access_log is not None:  # after the drain: its aborted connections are in it
                 await asyncio.to_thread(access_log.close)
-            if self.addresses is not None and not self._keep_addresses:
+            keep = self.handoff is not None and self.handoff.keep_addresses
+            if self.addresses is not None and not keep:
                 # Last: removing the addresses would break connections still draining.
                 await self.addresses.close()
             self.stopped.set()
@@ -470,17 +361,12 @@ class Proxy:
             raise ConfigError(f"--access-log: cannot open {path}: {exc.strerror or exc}") from exc
         log.info("access log: %s (%s)", path, self.settings.access_log_format)
 
-    async def _run_handoff(self) -> None:
-        assert self.handoff is not None
-        await self.handoff.run(self.synced.wait)
-        # (cancelled at shutdown)
-
     async def _drain(self) -> int:
         """Wait up to ``shutdown_grace`` for open connections (after a handoff: and UDP
         sessions) to end, or until ``force_stop()``; abort the rest; the number aborted."""
         grace = 0.0 if self._force.is_set() else self.settings.shutdown_grace
-        if self.handed_off:
-            grace = await self._wait_udp_sessions(grace)
+        if self.handoff is not None and self.handoff.handed_off:
+            grace = await self.handoff.wait_udp_sessions(grace, self._force)
         drain = asyncio.ensure_future(self.listeners.drain(grace))
         forced = asyncio.ensure_future(self._force.wait())
         try:
@@ -494,19 +380,6 @@ class Proxy:
         if drain.cancelled():
             return await self.listeners.drain(0.0)  # grace 0: abort every connection now
         return drain.result()
-
-    async def _wait_udp_sessions(self, grace: float) -> float:
-        """After a handoff: sweep (idle timeouts) while UDP sessions are kept for their
-        replies, for up to ``grace`` seconds or until forced; the grace left."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self.listeners.sessions_replying() and not self._force.is_set():
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            await asyncio.sleep(min(SWEEP_INTERVAL, left))
-            await self.listeners.sweep(loop.time())
-        return max(0.0, deadline - loop.time()) if not self._force.is_set() else 0.0
 
     async def _run_source(self) -> None:
         if self._feed is not None:

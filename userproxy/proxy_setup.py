@@ -1,4 +1,5 @@
-"""The balancer registry a proxy starts with (``--balancer`` / ``--ipvs-scheduler``)."""
+"""What a proxy's data plane starts with: the balancer registry (``--balancer`` /
+``--ipvs-scheduler``) and the listener set, sized and tuned by the settings."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ import logging
 from userproxy.balancers.ipvs import default_balancer
 from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry, UnknownBalancer
 from userproxy.config import ConfigError, Settings
+from userproxy.dataplane.limits import (
+    ConnectionLimit,
+    default_max_connections,
+    default_udp_sessions,
+    raise_nofile_limit,
+    warn_if_over_nofile,
+)
+from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.outliers import OutlierSettings
+from userproxy.dataplane.udp_session import UdpSettings
 
 #: The proxy's logger: the warning is the proxy's start-up line, as it was before this
 #: function moved here (operators and tests look for it there).
@@ -28,3 +39,34 @@ def balancer_registry(settings: Settings) -> BalancerRegistry:
         if setting == "ipvs_scheduler":
             problem = f"{settings.ipvs_scheduler!r} selects the {problem}"
         raise ConfigError.of(setting, problem) from None
+
+
+def listener_set(settings: Settings, registry: BalancerRegistry) -> ListenerSet:
+    """The listener set of ``settings``: the connection limit (``--max-connections``,
+    by default derived from the open-files limit, which is raised first; the shares per
+    Service and client), the TCP timeouts, the UDP session limits, outlier ejection."""
+    nofile = raise_nofile_limit()
+    udp_sessions = settings.udp_max_sessions or default_udp_sessions(nofile)
+    maximum = settings.max_connections or default_max_connections(nofile, udp_sessions)
+    warn_if_over_nofile(maximum, nofile, udp_sessions)
+    limit = ConnectionLimit(
+        maximum,
+        service_share=settings.service_connection_share,
+        client_share=settings.client_connection_share,
+    )
+    return ListenerSet(
+        registry,
+        limit,
+        TcpTimeouts(fin=settings.tcp_fin_timeout, idle=settings.tcp_idle_timeout),
+        UdpSettings(
+            idle_timeout=settings.udp_idle_timeout,
+            max_sessions=udp_sessions,
+            session_rate=settings.udp_session_rate,
+        ),
+        OutlierSettings(
+            consecutive_failures=settings.outlier_consecutive_failures,
+            base_ejection=settings.outlier_base_ejection,
+            max_ejection=settings.outlier_max_ejection,
+            max_ejected_percent=settings.outlier_max_ejected_percent,
+        ),
+    )

@@ -216,11 +216,12 @@ def connect_as_nobody(path: Path) -> str:
             except PermissionError:
                 outcome = b"EACCES"
             else:
-                conn.send(b'{"exchange": "userproxy-handoff", "versions": [1]}')
                 conn.settimeout(5)
                 try:
+                    conn.send(b'{"exchange": "userproxy-handoff", "versions": [1]}')
                     outcome = b"ANSWER" if conn.recv(65536) else b"CLOSED"
-                except ConnectionResetError:  # closed with the hello unread: no answer
+                except (BrokenPipeError, ConnectionResetError):
+                    # Closed before the hello was sent, or with it unread: no answer.
                     outcome = b"CLOSED"
         finally:
             os.write(write, outcome)

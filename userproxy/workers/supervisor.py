@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import platform
@@ -39,12 +38,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge
 
 from userproxy import __version__
-from userproxy.config import ConfigError, Settings
+from userproxy.config import ConfigError, Settings, reloaded
 from userproxy.dataplane.fast_relay import relay_name
 from userproxy.logs import setup_logging
 from userproxy.loop_lag import loop_name
 from userproxy.metrics import Metrics
-from userproxy.proxy import RELOADABLE
 from userproxy.sources.manifests import ManifestError, ManifestSource
 from userproxy.workers.channel import Call, Hello, Reload, encode
 from userproxy.workers.forwarder import Forwarder
@@ -144,17 +142,12 @@ class Supervisor:
         """SIGHUP: the workers take on the new settings (``Proxy.reload``, which logs what
         it applied and what needs a restart); the parent takes on the same RELOADABLE
         ones (its log settings, /configz); the manifests are read again."""
-        applied = {
-            name: getattr(settings, name)
-            for name in RELOADABLE
-            if getattr(settings, name) != getattr(self.settings, name)
-        }
         try:
-            self.settings = dataclasses.replace(self.settings, **applied)
+            self.settings, applied, _restart = reloaded(self.settings, settings)
         except ConfigError as exc:
             log.error("settings not reloaded, keeping the last good ones: %s", exc)
             return
-        if {"log_level", "log_format"} & applied.keys():
+        if {"log_level", "log_format"} & set(applied):
             setup_logging(self.settings.log_level, self.settings.log_format)
         frame = encode(Reload(settings))
         for slot in self.slots:
