@@ -171,6 +171,21 @@ CASES: dict[str, Case] = {
         upc("tcpIdleTimeout: 0s"),
         error="must be greater than 0",
     ),
+    "endpoint-drain": Case(
+        "endpoint_drain", "--endpoint-drain 90s", upc("endpointDrain: 90s"), 90.0
+    ),
+    "endpoint-drain-zero": Case(
+        "endpoint_drain",
+        "--endpoint-drain 0s",
+        upc("endpointDrain: 0s"),
+        error="must be greater than 0",
+    ),
+    "handoff-socket": Case(
+        "handoff_socket",
+        "--handoff-socket /run/userproxy/handoff.sock",
+        upc("handoffSocket: /run/userproxy/handoff.sock"),
+        Path("/run/userproxy/handoff.sock"),
+    ),
     "udp-idle-timeout": Case(
         "udp_idle_timeout", "--udp-idle-timeout 250ms", kpc("udpIdleTimeout: 250ms"), 0.25
     ),

@@ -96,6 +96,7 @@ RULES: Final[Mapping[str, tuple[str, Rule]]] = {
     "outlier_max_ejected_percent": ("--outlier-max-ejected-percent", rules.percent),
     "workers": ("--workers", rules.count(1)),
     "handoff_socket": ("--handoff-socket", rules.path),
+    "endpoint_drain": ("--endpoint-drain", _POSITIVE_DURATION),
 }
 
 #: The settings that are durations in seconds (shown as Go durations in --help).
@@ -171,6 +172,9 @@ class Settings:
     #: The Unix socket a running proxy hands its listening sockets over on, and a new one
     #: takes them from (userproxy/handoff/); None: off.
     handoff_socket: Path | None = None
+    #: Reset TCP connections whose endpoint left its pool this long ago (None: never, as
+    #: kube-proxy; dataplane/endpoint_drain.py).
+    endpoint_drain: float | None = None
 
     # (ip, port), or None when off; the rule has checked the text.
     @property
@@ -249,6 +253,7 @@ RELOADABLE = frozenset(
         "tcp_fin_timeout",
         "tcp_idle_timeout",
         "udp_idle_timeout",
+        "endpoint_drain",
     }
 )
 
@@ -295,6 +300,7 @@ class SettingsValues(TypedDict, total=False):
     outlier_max_ejected_percent: int
     workers: int
     handoff_socket: Path | None
+    endpoint_drain: float | None
 
 
 def settings_values(values: Mapping[str, object]) -> SettingsValues:

@@ -179,7 +179,8 @@ _USERPROXY: Final[Mapping[Kind, str]] = {
     _STRINGS: "manifests",
     _STR: "serviceProxyName loop logLevel logFormat addressDevice balancer accessLog "
     "accessLogFormat handoffSocket",
-    _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout outlierBaseEjection outlierMaxEjection",
+    _DURATION: "shutdownGrace tcpFinTimeout tcpIdleTimeout outlierBaseEjection outlierMaxEjection "
+    "endpointDrain",
     _INT: "maxConnections serviceConnectionShare clientConnectionShare udpMaxSessions "
     "udpSessionRate outlierConsecutiveFailures outlierMaxEjectedPercent workers",
     _BOOL: "manageAddresses",

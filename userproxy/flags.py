@@ -203,6 +203,11 @@ COMMON_FLAGS: Final = (
     Flag("tcp_fin_timeout", "how long a half-closed TCP connection may live"),
     Flag("tcp_idle_timeout", "close TCP connections idle this long (default: never)"),
     Flag(
+        "endpoint_drain",
+        "reset TCP connections to an endpoint that left its Service's pool this long ago "
+        "(default: never, as kube-proxy)",
+    ),
+    Flag(
         "max_connections",
         "concurrent proxied connections, two open files each (default: half the open-files "
         "limit, max 100000)",

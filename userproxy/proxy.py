@@ -230,6 +230,7 @@ class Proxy:
             fin=effective.tcp_fin_timeout,
             idle=effective.tcp_idle_timeout,
         )
+        self.listeners.endpoint_drain.after = effective.endpoint_drain
         table = self.listeners.udp_sessions
         table.settings = dataclasses.replace(
             table.settings, idle_timeout=effective.udp_idle_timeout

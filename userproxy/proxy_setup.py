@@ -44,7 +44,8 @@ def balancer_registry(settings: Settings) -> BalancerRegistry:
 def listener_set(settings: Settings, registry: BalancerRegistry) -> ListenerSet:
     """The listener set of ``settings``: the connection limit (``--max-connections``,
     by default derived from the open-files limit, which is raised first; the shares per
-    Service and client), the TCP timeouts, the UDP session limits, outlier ejection."""
+    Service and client), the TCP timeouts, the UDP session limits, outlier ejection,
+    endpoint drain."""
     nofile = raise_nofile_limit()
     udp_sessions = settings.udp_max_sessions or default_udp_sessions(nofile)
     maximum = settings.max_connections or default_max_connections(nofile, udp_sessions)
@@ -54,7 +55,7 @@ def listener_set(settings: Settings, registry: BalancerRegistry) -> ListenerSet:
         service_share=settings.service_connection_share,
         client_share=settings.client_connection_share,
     )
-    return ListenerSet(
+    listeners = ListenerSet(
         registry,
         limit,
         TcpTimeouts(fin=settings.tcp_fin_timeout, idle=settings.tcp_idle_timeout),
@@ -70,3 +71,5 @@ def listener_set(settings: Settings, registry: BalancerRegistry) -> ListenerSet:
             max_ejected_percent=settings.outlier_max_ejected_percent,
         ),
     )
+    listeners.endpoint_drain.after = settings.endpoint_drain
+    return listeners

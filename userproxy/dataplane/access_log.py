@@ -58,6 +58,7 @@ SOURCE_RANGE_REFUSED: Final = "source_range_refused"  # loadBalancerSourceRanges
 NO_ENDPOINTS_FOR_CLASS: Final = "no_endpoints_for_class"  # e.g. eTP Local, no local pod
 CONNECTION_LIMIT_REFUSED: Final = "connection_limit_refused"  # Envoy "UO": over its share
 PROXY_ERROR: Final = "proxy_error"  # HAProxy "P": the compiled relay itself failed; both reset
+ENDPOINT_DRAINED: Final = "endpoint_drained"  # --endpoint-drain: its endpoint left the pool
 # UDP only.
 EVICTED: Final = "evicted"  # the least recently used session, at --udp-max-sessions
 ENDPOINT_UNREACHABLE: Final = "endpoint_unreachable"  # ICMP port unreachable

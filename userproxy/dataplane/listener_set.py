@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.access_log import DRAINED, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT, AccessLog
 from userproxy.dataplane.classify import NodeLocal
+from userproxy.dataplane.endpoint_drain import EndpointDrain
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import (
     ListenerKey,
@@ -115,6 +116,8 @@ class ListenerSet:
         self._detectors: dict[ServicePortName, OutlierDetector] = {}
         self._detectors_of: dict[ServiceKey, set[ServicePortName]] = {}
         self._retired_ejections: dict[TotalsKey, int] = {}
+        #: ``--endpoint-drain``: resets connections whose endpoint left its pool (the sweep).
+        self.endpoint_drain = EndpointDrain()
         #: Told ``(kind, sentence)`` when a listener cannot bind (or can again) and when an
         #: endpoint is ejected or returns: the status page's timeline (admin/events.py).
         self.on_event: EventSink = ignore_event
@@ -377,9 +380,10 @@ class ListenerSet:
             await self.sweep(asyncio.get_running_loop().time())
 
     async def sweep(self, now: float) -> None:
-        """Returns from ejection, bind retries, TCP idle and half-close timeouts, retiring
-        drained listeners: a walk over every listener and connection, in slices (with
-        10 000 listeners one walk takes 5-10 ms, which must not hold the loop at once).
+        """Returns from ejection, bind retries, TCP idle and half-close timeouts, endpoint
+        drain (``--endpoint-drain``), retiring drained listeners: a walk over every
+        listener and connection, in slices (with 10 000 listeners one walk takes 5-10 ms,
+        which must not hold the loop at once).
 
         What changes between two slices is seen at the next sweep: the walk goes over
         snapshots, and a connection that ended meanwhile is skipped (its transports are
@@ -417,6 +421,7 @@ class ListenerSet:
                     elif now - conn.idle_since >= idle:
                         log.debug("closing a connection idle for %.0fs", idle)
                         conn.abort(IDLE_TIMEOUT)
+        await self.endpoint_drain.sweep(now, [*self.listeners.values(), *self._draining], slicer)
         for listener in [d for d in self._draining if not d.connections]:
             self._draining.discard(listener)
             self._retire(listener)
