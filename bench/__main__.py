@@ -18,7 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import chart, controlplane, measure, memory, peers, profile, report, workers
+from bench import (
+    chart,
+    controlplane,
+    handoff,
+    measure,
+    memory,
+    peers,
+    profile,
+    report,
+    workers,
+)
 from bench.procs import Procs, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             assert peer.proc is not None
             procs.stop(peer.proc)
         workers_text = workers.run(procs, tmp, seconds=d.wrk, rounds=rounds, log=log)
+        handoff_text = handoff.run(procs, tmp, log=log)
         if not args.no_control_plane:
             log(f"control plane: {services} Services")
             cp = controlplane.run(
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report.keep_sections(args.output, text)  # bench.balancers', bench.status' figures
     args.output.write_text(text)
     workers.write_section(workers_text, args.output)  # --workers 1 vs 2: bench/workers.py
+    handoff.write_section(handoff_text, args.output)  # replacing the proxy: bench/handoff.py
     png = args.output.with_suffix(".png")
     try:
         chart.chart(m, cp, png)

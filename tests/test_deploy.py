@@ -273,9 +273,11 @@ def test_args_use_only_flags_userproxy_run_knows() -> None:
 def test_daemonset_pod_spec() -> None:
     daemonset = the_object("DaemonSet")
     spec = daemonset["spec"]
+    # A surge rollout: the new pod takes the old one's listening sockets over the handoff
+    # socket, which both mount from the node.
     assert spec["updateStrategy"] == {
         "type": "RollingUpdate",
-        "rollingUpdate": {"maxUnavailable": 1},
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
     }
     pod = spec["template"]["spec"]
     assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
@@ -366,3 +368,26 @@ def test_max_connections_fit_the_memory_limit() -> None:
     assert len(given) == 1, c["args"]
     connections = int(given[0])
     assert 55 + connections * 3.6 / 1024 <= 0.9 * limit, (connections, limit)
+
+
+def test_daemonset_hands_the_sockets_over_on_a_rollout() -> None:
+    """Old and new pod mount one node directory for the handoff socket; an init container
+    makes it the proxy user's own (mode 0700), as userproxy requires."""
+    pod = the_object("DaemonSet")["spec"]["template"]["spec"]
+    c = container()
+    flags = [arg.partition("=")[2] for arg in c["args"] if arg.startswith("--handoff-socket=")]
+    assert len(flags) == 1, c["args"]
+    sock = Path(flags[0])
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["handoff"] == str(sock.parent)
+    assert volumes["handoff"]["hostPath"] == {"path": str(sock.parent), "type": "DirectoryOrCreate"}
+    (init,) = pod["initContainers"]
+    assert init["image"] == c["image"]
+    assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]} == {
+        "handoff": str(sock.parent)
+    }
+    script = init["command"][-1]
+    assert f"os.chown('{sock.parent}', {UID}, {UID})" in script
+    assert f"os.chmod('{sock.parent}', 0o700)" in script
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
