@@ -235,8 +235,9 @@ How to read it: a handoff passes the listening sockets themselves, so the kernel
 has a moment without a listener on the address: no connection is refused and none is cut
 (the old process finishes what it accepted). HAProxy's `-x` does the same over its stats
 socket. A restart closes the listening socket and opens a new one: the kernel refuses
-(`connect` errors) until the new process has read its configuration and listened, and a
-crash does so too, and also cuts what was open (`read` errors). The handoff's time is the
+every connection until the new process has read its configuration and listened (wrk counts
+a refused connection as a `write` error: its connect does not block, so the refusal shows
+at the first write), and a crash does so too, and also cuts what was open (`read` errors). The handoff's time is the
 new process's start-up and first sync, during which the old one serves on."""
 
 
