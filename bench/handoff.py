@@ -237,8 +237,9 @@ has a moment without a listener on the address: no connection is refused and non
 socket. A restart closes the listening socket and opens a new one: the kernel refuses
 every connection until the new process has read its configuration and listened (wrk counts
 a refused connection as a `write` error: its connect does not block, so the refusal shows
-at the first write), and a crash does so too, and also cuts what was open (`read` errors). The handoff's time is the
-new process's start-up and first sync, during which the old one serves on."""
+at the first write), and a crash does so too, and also cuts what was open (`read`
+errors). The handoff's time is the new process's start-up and first sync, during which the
+old one serves on."""
 
 
 def write_section(text: str, doc: Path) -> None:
