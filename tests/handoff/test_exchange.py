@@ -75,6 +75,9 @@ class FakeHost:
     def offer(self) -> Iterable[Offered]:
         return []
 
+    def expect_successor(self, addresses_device: str | None) -> None:
+        pass
+
     def hand_off(self, taken: set[SocketKey], addresses_device: str | None) -> None:
         self.handed.append(taken)
 

@@ -80,7 +80,7 @@ class Handoff:
         """Step 1 (see the module docstring); ConfigError for an unsafe path,
         HandoffRefused when the old process cannot be taken over from."""
         handoff_path.check(self.path)
-        takeover = await connect(self.path)
+        takeover = await connect(self.path, self._device)
         if takeover is None:
             return
         inherit((key, sock) for key, sock, _serves in takeover.sockets)
@@ -154,6 +154,11 @@ class Handoff:
         return [
             Offered(key, sock, serves.get(key, "health check port")) for key, sock in open_sockets()
         ]
+
+    def expect_successor(self, addresses_device: str | None) -> None:
+        """Keep the managed addresses at exit while a successor on the same device holds
+        the sockets (it adopts them), also if this process is stopped before it serves."""
+        self.keep_addresses = addresses_device is not None and addresses_device == self._device
 
     def hand_off(self, taken: set[SocketKey], addresses_device: str | None) -> None:
         """A successor serves now: stop accepting (TCP connections go on, UDP sessions

@@ -59,6 +59,11 @@ class Host(Protocol):
         """Every listening socket the proxy holds now."""
         ...
 
+    def expect_successor(self, addresses_device: str | None) -> None:
+        """A successor holds the sockets now and will manage the service addresses on
+        ``addresses_device`` (None: none, or the exchange was abandoned)."""
+        ...
+
     def hand_off(self, taken: set[SocketKey], addresses_device: str | None) -> None:
         """Stop accepting (the successor serves ``taken``), keep what is open, drain."""
         ...
@@ -139,8 +144,15 @@ class Giver:
             await self._refuse(conn, "busy", f"pid {pid}: another handoff is under way")
             return
         self._busy = True
+        device = hello.get("addresses_device")
+        # From the first socket sent: should this process stop before the successor says
+        # it serves (SIGTERM), the successor still holds the sockets and needs the addresses.
+        self.host.expect_successor(device if isinstance(device, str) else None)
         try:
             await self._offer(conn, pid)
+        except ExchangeError:
+            self.host.expect_successor(None)  # it went away: nothing changed here
+            raise
         finally:
             self._busy = False
 

@@ -84,8 +84,10 @@ class Takeover:
             sock.close()
 
 
-async def connect(path: Path) -> Takeover | None:
-    """Ask the process at ``path`` for its listening sockets (see the module docstring)."""
+async def connect(path: Path, addresses_device: str | None = None) -> Takeover | None:
+    """Ask the process at ``path`` for its listening sockets (see the module docstring);
+    ``addresses_device``: the device whose service addresses this process will manage
+    (the old process keeps them from the moment it hands its sockets over)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.setblocking(False)
     try:
@@ -104,7 +106,12 @@ async def connect(path: Path) -> Takeover | None:
                 f"{path} is served by pid {pid} of uid {uid}, not this user or root; "
                 "not taking sockets from it"
             )
-        hello = {"exchange": EXCHANGE, "versions": [VERSION], "userproxy": __version__}
+        hello = {
+            "exchange": EXCHANGE,
+            "versions": [VERSION],
+            "userproxy": __version__,
+            "addresses_device": addresses_device,
+        }
         await send(conn, hello)
         sockets: list[tuple[SocketKey, socket.socket, str]] = []
         try:

@@ -8,8 +8,9 @@ more sockets than that go in several messages (``"more": true`` on all but the l
 
 The exchange, taker (the new process) first:
 
-1. taker -> giver: ``{"exchange": "userproxy-handoff", "versions": [N, ...], "userproxy"}``
-   (the versions it reads);
+1. taker -> giver: ``{"exchange": "userproxy-handoff", "versions": [N, ...], "userproxy",
+   "addresses_device": NAME | null}`` (the versions it reads; the device whose addresses
+   it will manage);
 2. giver -> taker: ``{"error", "reason", "versions"}`` and the end (``reason``: exchange,
    version, draining or busy); or the sockets:
    ``{"sockets": [{"kind", "ip", "port", "serves"}, ...], "more", "pid", "userproxy"}``
