@@ -8,6 +8,7 @@ import logging
 from userproxy.balancers.ipvs import default_balancer
 from userproxy.balancers.registry import DEFAULT_BALANCER, BalancerRegistry, UnknownBalancer
 from userproxy.config import ConfigError, Settings
+from userproxy.dataplane.deadlines import TcpTimeouts
 from userproxy.dataplane.limits import (
     ConnectionLimit,
     default_max_connections,
@@ -15,7 +16,7 @@ from userproxy.dataplane.limits import (
     raise_nofile_limit,
     warn_if_over_nofile,
 )
-from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ListenerSet
 from userproxy.dataplane.outliers import OutlierSettings
 from userproxy.dataplane.udp_session import UdpSettings
 

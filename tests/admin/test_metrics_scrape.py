@@ -18,8 +18,9 @@ from userproxy.admin import metrics_scrape
 from userproxy.admin.metrics_scrape import exposition, port_text
 from userproxy.control.endpoint_counts import EndpointCount
 from userproxy.dataplane.listener import PortTotals
-from userproxy.dataplane.listener_set import EjectionCounts, ListenerSet
+from userproxy.dataplane.listener_set import ListenerSet
 from userproxy.dataplane.outliers import Ejection
+from userproxy.dataplane.port_outliers import EjectionCounts
 from userproxy.metrics import PORT_FAMILIES, Metrics
 from userproxy.model import Endpoint, Protocol, ServicePortName
 

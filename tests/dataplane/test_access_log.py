@@ -31,8 +31,9 @@ from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane import access_log
 from userproxy.dataplane import access_log as ends
 from userproxy.dataplane.access_log import AccessLog
+from userproxy.dataplane.deadlines import TcpTimeouts
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ListenerSet
 from userproxy.dataplane.udp_session import UdpSettings
 from userproxy.model import (
     AddressKind,

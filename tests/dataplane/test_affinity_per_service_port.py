@@ -31,8 +31,9 @@ from tests.support.manifests import endpoint_slice, service, write
 from tests.support.proxyrun import eventually, free_port, running_proxy
 from userproxy.balancers.affinity import ClientIPAffinity
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.deadlines import TcpTimeouts
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ListenerSet
 from userproxy.model import (
     AddressKind,
     Endpoint,

@@ -17,8 +17,9 @@ from userproxy.admin.metrics_scrape import port_text_now
 from userproxy.balancers.affinity import ClientIPAffinity
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.balancers.roundrobin import RoundRobin
+from userproxy.dataplane.deadlines import TcpTimeouts
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ListenerSet
 from userproxy.dataplane.outliers import Excluding, OutlierDetector, OutlierSettings, union
 from userproxy.dataplane.tcp_listener import TcpListener
 from userproxy.model import (

@@ -20,8 +20,9 @@ from tests.support.manifest_cases import documents, node_yaml, service_yaml, sli
 from tests.support.manifests import fresh_net
 from userproxy.balancers.registry import BalancerRegistry
 from userproxy.control.trackers import ChangeRecorder
+from userproxy.dataplane.deadlines import TcpTimeouts
 from userproxy.dataplane.limits import ConnectionLimit
-from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ListenerSet
 from userproxy.metrics import Metrics
 from userproxy.model import (
     AddressKind,

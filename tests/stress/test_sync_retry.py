@@ -30,9 +30,10 @@ from tests.support.backends import Backend, ask, name_server
 from tests.support.manifests import endpoint_slice, fresh_net, service, write
 from tests.support.proxyrun import running_proxy
 from userproxy.balancers.registry import BalancerRegistry
+from userproxy.dataplane.deadlines import TcpTimeouts
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import ListenersNotOpen
-from userproxy.dataplane.listener_set import ListenerSet, TcpTimeouts
+from userproxy.dataplane.listener_set import ListenerSet
 from userproxy.model import (
     AddressKind,
     Endpoint,

@@ -36,7 +36,8 @@ from userproxy.slices import Slicer
 if TYPE_CHECKING:
     from userproxy.control.endpoint_counts import EndpointCount
     from userproxy.dataplane.listener import PortTotals, TotalsKey
-    from userproxy.dataplane.listener_set import EjectionCounts, ListenerSet
+    from userproxy.dataplane.listener_set import ListenerSet
+    from userproxy.dataplane.port_outliers import EjectionCounts
 
 __all__ = [
     "SCRAPE_SLICE",

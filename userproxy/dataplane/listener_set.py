@@ -20,11 +20,11 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 from userproxy.balancers.registry import BalancerRegistry
-from userproxy.dataplane.access_log import DRAINED, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT, AccessLog
+from userproxy.dataplane.access_log import DRAINED, AccessLog
 from userproxy.dataplane.classify import NodeLocal
+from userproxy.dataplane.deadlines import TcpTimeouts, sweep_timeouts
 from userproxy.dataplane.endpoint_drain import EndpointDrain
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import (
@@ -35,18 +35,17 @@ from userproxy.dataplane.listener import (
     port_key,
 )
 from userproxy.dataplane.outliers import (
-    Ejection,
     EventSink,
     OutlierDetector,
     OutlierSettings,
     ignore_event,
-    union,
 )
+from userproxy.dataplane.port_outliers import EjectionCounts, PortOutliers
 from userproxy.dataplane.tcp_listener import TcpListener
 from userproxy.dataplane.tcp_relay import Relayed
 from userproxy.dataplane.udp_listener import UdpListener
 from userproxy.dataplane.udp_session import SessionTable, UdpSettings
-from userproxy.model import Endpoint, ListenerSpec, Protocol, ServiceKey, ServicePortName
+from userproxy.model import ListenerSpec, Protocol, ServiceKey, ServicePortName
 from userproxy.slices import Slicer
 
 log = logging.getLogger(__name__)
@@ -57,20 +56,10 @@ BIND_RETRY_INTERVAL = 5.0
 
 
 AnyListener = TcpListener | UdpListener
-EjectionCounts = dict[TotalsKey, tuple[int, list[Ejection]]]
 
 
 def _totals_key(listener: AnyListener) -> TotalsKey:
     return port_key(listener.spec.spn)
-
-
-@dataclass(frozen=True, slots=True)
-class TcpTimeouts:
-    """``fin`` bounds a half-closed connection; ``idle`` (None = off) an idle one.  A
-    removed listener's connections have no deadline of their own (see the module)."""
-
-    fin: float = 120.0
-    idle: float | None = None
 
 
 class ListenerSet:
@@ -109,13 +98,12 @@ class ListenerSet:
         self._unsupported_warned: set[ListenerKey] = set()
         #: Counters of listeners that are gone, so totals never go backwards.
         self._retired: dict[TotalsKey, PortTotals] = {}
-        #: One outlier detector per TCP Service port, shared by all its listeners (so an
-        #: endpoint failing through the ClusterIP is avoided through the NodePort too),
-        #: fed the union of their pools; the ejections of removed ones are kept.
-        self.outlier_settings = outliers or OutlierSettings()
-        self._detectors: dict[ServicePortName, OutlierDetector] = {}
-        self._detectors_of: dict[ServiceKey, set[ServicePortName]] = {}
-        self._retired_ejections: dict[TotalsKey, int] = {}
+        #: One outlier detector per TCP Service port (port_outliers.py).  A lambda: the
+        #: owner sets ``on_event`` after construction.
+        self._outliers = PortOutliers(
+            outliers or OutlierSettings(),
+            lambda kind, text: self.on_event(kind, text),  # noqa: PLW0108
+        )
         #: ``--endpoint-drain``: resets connections whose endpoint left its pool (the sweep).
         self.endpoint_drain = EndpointDrain()
         #: Told ``(kind, sentence)`` when a listener cannot bind (or can again) and when an
@@ -178,39 +166,8 @@ class ListenerSet:
             self._by_service[service] = owned
         else:
             self._by_service.pop(service, None)
-        self._update_detectors(service, {key: wanted[key] for key in owned})
+        self._outliers.update(service, {key: wanted[key] for key in owned}, self.listeners)
         return failures
-
-    def _update_detectors(
-        self, service: ServiceKey, owned: dict[ListenerKey, ListenerSpec]
-    ) -> None:
-        """One detector per TCP Service port of ``service`` (UDP has no dial to fail), fed
-        the endpoints of all its listeners' pools, and given to those listeners."""
-        pools: dict[ServicePortName, list[tuple[Endpoint, ...]]] = {}
-        for spec in owned.values():
-            if spec.spn.protocol is Protocol.TCP:
-                lists = pools.setdefault(spec.spn, [])
-                lists.append(spec.pool.endpoints)
-                if spec.node_pool is not None:
-                    lists.append(spec.node_pool.endpoints)
-        for spn in self._detectors_of.get(service, set()) - pools.keys():
-            gone = self._detectors.pop(spn)
-            port = port_key(spn)
-            self._retired_ejections[port] = self._retired_ejections.get(port, 0) + gone.ejections
-        for spn, lists in pools.items():
-            detector = self._detectors.get(spn)
-            if detector is None:
-                detector = self._detectors[spn] = OutlierDetector(str(spn), self.outlier_settings)
-                detector.on_event = self.on_event
-            detector.set_endpoints(union(lists))
-        for key, spec in owned.items():
-            listener = self.listeners.get(key)
-            if isinstance(listener, TcpListener):
-                listener.outliers = self._detectors[spec.spn]
-        if pools:
-            self._detectors_of[service] = set(pools)
-        else:
-            self._detectors_of.pop(service, None)
 
     def _claim(
         self, service: ServiceKey, specs: Sequence[ListenerSpec]
@@ -316,25 +273,17 @@ class ListenerSet:
 
     def outliers(self, spn: ServicePortName) -> OutlierDetector | None:
         """The outlier detector of a TCP Service port served now."""
-        return self._detectors.get(spn)
+        return self._outliers.get(spn)
 
     def ejections(
         self, part: Sequence[ServicePortName] | None = None, into: EjectionCounts | None = None
     ) -> EjectionCounts:
-        """Per Service port and protocol: ejections so far (removed ports' included) and the
-        endpoints ejected now, with their return times (metrics and status pages).  With
-        ``part`` (of ``ejecting_ports()``), only those ports are added, to ``into``."""
-        if into is None:
-            into = {key: (count, []) for key, count in self._retired_ejections.items()}
-        for spn in self._detectors if part is None else part:
-            if (detector := self._detectors.get(spn)) is not None:
-                key = port_key(spn)
-                into[key] = (into.get(key, (0, []))[0] + detector.ejections, detector.status())
-        return into
+        """``PortOutliers.ejections``: for the metrics and the status pages."""
+        return self._outliers.ejections(part, into)
 
     def ejecting_ports(self) -> list[ServicePortName]:
         """The Service ports with an outlier detector now."""
-        return list(self._detectors)
+        return self._outliers.ports()
 
     def totals(self) -> dict[TotalsKey, PortTotals]:
         """Counters per service port and protocol (metrics: read in slices there)."""
@@ -390,7 +339,7 @@ class ListenerSet:
         gone: a reset through one could touch a reused descriptor)."""
         self.udp_sessions.expire(now)
         slicer = Slicer(every=256)
-        for detector in list(self._detectors.values()):
+        for detector in self._outliers.detectors():
             detector.refresh()  # a return is logged on time even without traffic
             await slicer.tick()
         if now - self._last_bind_retry >= BIND_RETRY_INTERVAL:
@@ -401,27 +350,9 @@ class ListenerSet:
                     listener.retry_bind()
                     self._note_bind(listener, before)
                 await slicer.tick()
-        fin, idle = self.timeouts.fin, self.timeouts.idle
-        for listener in [*self.listeners.values(), *self._draining]:
-            await slicer.tick()
-            if not isinstance(listener, TcpListener) or not listener.connections:
-                continue
-            for conn in list(listener.connections):
-                await slicer.tick()
-                if conn.finished:
-                    continue  # ended since the snapshot: its transports are gone
-                if conn.half_closed_at is not None and now - conn.half_closed_at >= fin:
-                    log.debug("closing a connection half-closed for %.0fs", fin)
-                    conn.abort(HALF_CLOSE_TIMEOUT)
-                    continue
-                if idle is not None:
-                    if conn.active:
-                        conn.active = False
-                        conn.idle_since = now
-                    elif now - conn.idle_since >= idle:
-                        log.debug("closing a connection idle for %.0fs", idle)
-                        conn.abort(IDLE_TIMEOUT)
-        await self.endpoint_drain.sweep(now, [*self.listeners.values(), *self._draining], slicer)
+        walked = [*self.listeners.values(), *self._draining]
+        await sweep_timeouts(now, walked, self.timeouts, slicer)
+        await self.endpoint_drain.sweep(now, walked, slicer)
         for listener in [d for d in self._draining if not d.connections]:
             self._draining.discard(listener)
             self._retire(listener)
