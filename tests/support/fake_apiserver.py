@@ -1,7 +1,8 @@
 """A fake Kubernetes API server speaking the real wire protocol, for the watch source's tests.
 
 It serves cluster-wide (and namespaced) LIST and WATCH of Services, EndpointSlices and
-Nodes over plain HTTP on 127.0.0.1, the way the API server does it:
+Nodes over plain HTTP on 127.0.0.1, the way the API server does it (and the pods'
+port-forward WebSocket: fake_portforward.py):
 
 * LIST answers ``{kind: XList, apiVersion, metadata: {resourceVersion[, continue]}, items}``
   (items without kind/apiVersion), with ``labelSelector`` (``key``, ``!key``, ``key=value``,
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Final
 
 from aiohttp import web
+
+from tests.support.fake_portforward import portforward_handler
 
 __all__ = ["FakeApiServer", "RecordedRequest", "write_kubeconfig"]
 
@@ -197,6 +200,9 @@ class FakeApiServer:
         self.requests: list[RecordedRequest] = []
         self.list_requests: Counter[str] = Counter()
         self.watch_requests: Counter[str] = Counter()
+        #: Pods whose ports the port-forward endpoint reaches: (namespace, name) -> the
+        #: local address their ports listen on (tests/support/fake_portforward.py).
+        self.pods: dict[_Key, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,6 +232,9 @@ class FakeApiServer:
             self._handle("endpointslices"),
         )
         app.router.add_get("/api/v1/nodes", self._handle("nodes"))
+        forward = portforward_handler(self.pods)
+        app.router.add_get("/api/v1/namespaces/{namespace}/pods/{name}/portforward", forward)
+        app.router.add_post("/api/v1/namespaces/{namespace}/pods/{name}/portforward", forward)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
