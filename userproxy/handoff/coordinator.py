@@ -157,8 +157,10 @@ class Handoff:
 
     def expect_successor(self, addresses_device: str | None) -> None:
         """Keep the managed addresses at exit while a successor on the same device holds
-        the sockets (it adopts them), also if this process is stopped before it serves."""
-        self.keep_addresses = addresses_device is not None and addresses_device == self._device
+        the sockets (it adopts them), also if this process is stopped before it serves.
+        After the handoff nothing changes it: the successor serves, whatever came next."""
+        if not self.handed_off:
+            self.keep_addresses = addresses_device is not None and addresses_device == self._device
 
     def hand_off(self, taken: set[SocketKey], addresses_device: str | None) -> None:
         """A successor serves now: stop accepting (TCP connections go on, UDP sessions
