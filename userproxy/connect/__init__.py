@@ -1,6 +1,13 @@
 """``userproxy connect``: a cluster's Services on a developer's machine (issue 16).
 
-Built so far: ``portforward``, reaching a pod's port through the API server's
-port-forward WebSocket.  The command itself (local addresses, names, the relay and the
-watch) is not built yet.
+Built so far, each with its tests (tests/connect/):
+
+- ``portforward``: a pod's port through the API server's port-forward WebSocket;
+- ``relay``: one local connection relayed through such a port-forward (a Protocol);
+- ``addresses``: a stable local address per Service;
+- ``hosts_file``: the managed block of a hosts file.
+
+Not built yet: the command itself (the watch of the chosen namespaces, a listener per
+Service port choosing a ready pod per connection, the DNS responder, the summary), and
+its docs.
 """
