@@ -5,9 +5,9 @@ Built so far, each with its tests (tests/connect/):
 - ``portforward``: a pod's port through the API server's port-forward WebSocket;
 - ``relay``: one local connection relayed through such a port-forward (a Protocol);
 - ``addresses``: a stable local address per Service;
-- ``hosts_file``: the managed block of a hosts file.
+- ``hosts_file``: the managed block of a hosts file;
+- ``dns``: the DNS responder (UDP and TCP) for the Services' names.
 
 Not built yet: the command itself (the watch of the chosen namespaces, a listener per
-Service port choosing a ready pod per connection, the DNS responder, the summary), and
-its docs.
+Service port choosing a ready pod per connection, the summary), and its docs.
 """
