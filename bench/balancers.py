@@ -44,7 +44,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench import peers
+from bench import peers, report
 from bench.procs import Procs, can_connect, cpu_seconds, python, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,6 @@ BACKENDS = {
 }
 HET, FAST = 9001, 9002  # backend ports: heterogeneous, instant
 SERVICE_PORT_HET, SERVICE_PORT_FAST = 8080, 8081
-START, END = "<!-- bench.balancers:start -->", "<!-- bench.balancers:end -->"
 READING = """How to read it:
 
 - Each backend serves one request at a time, so round-robin and random queue a third of
@@ -346,19 +345,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def write_section(text: str, doc: Path) -> None:
-    """Replace the section between the markers in ``doc`` (or append it)."""
+    """Replace this bench's section of ``doc`` (or append it)."""
     section = (
-        f"{START}\n## Balancers (`python -m bench.balancers`)\n\n{text}\n\n"
+        f"## Balancers (`python -m bench.balancers`)\n\n{text}\n\n"
         f"![balancers](balancers.png)\n\n{READING}\n"
-        f"{END}"
     )
-    current = doc.read_text() if doc.exists() else ""
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        current = head + section + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(current)
+    report.replace_section(doc, "balancers", section)
 
 
 def main(argv: list[str] | None = None) -> int:

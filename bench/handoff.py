@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import report
 from bench.peers import (
     BACKEND,
     HTTP,
@@ -46,7 +47,6 @@ from bench.peers import (
 from bench.procs import Procs, can_connect, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- bench.handoff:start -->", "<!-- bench.handoff:end -->"
 SECONDS, AT = 20, 10
 
 _TOTAL = re.compile(r"(\d+) requests in ")
@@ -245,14 +245,8 @@ old one serves on."""
 def write_section(text: str, doc: Path) -> None:
     """Replace this bench's section of ``doc`` (or append it)."""
     title = "## Handoff under load (`python -m bench.handoff`)"
-    section = f"{START}\n{title}\n\n{text}\n\n{READING}\n{END}"
-    current = doc.read_text() if doc.exists() else ""
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        current = head + section + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(current)
+    section = f"{title}\n\n{text}\n\n{READING}"
+    report.replace_section(doc, "handoff", section)
 
 
 def main(argv: list[str] | None = None) -> int:

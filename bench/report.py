@@ -376,6 +376,20 @@ def stdout_table(m: Medians, cp: dict[str, float]) -> str:
 _SECTION = re.compile(r"<!-- (bench\.[\w.]+):start -->.*?<!-- \1:end -->", re.DOTALL)
 
 
+def replace_section(doc: Path, name: str, section: str) -> None:
+    """Put ``section`` between ``doc``'s ``<!-- bench.NAME:start -->`` and ``:end`` markers
+    (the markers included, replacing what stood there), or append it with its markers."""
+    start, end = f"<!-- bench.{name}:start -->", f"<!-- bench.{name}:end -->"
+    marked = f"{start}\n{section.strip()}\n{end}"
+    current = doc.read_text() if doc.exists() else ""
+    if start in current and end in current:
+        head, rest = current.split(start, 1)
+        current = head + marked + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + marked + "\n"
+    doc.write_text(current)
+
+
 def keep_sections(doc: Path, text: str) -> str:
     """``text`` (a new docs/benchmarks.md) with every section another benchmark wrote
     between ``<!-- bench.NAME:start -->`` and ``<!-- bench.NAME:end -->`` in the current

@@ -25,11 +25,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import report
 from bench.peers import HTTP, Peer, _wait_peer, start_backends, userproxy_argv, userproxy_manifests
 from bench.procs import Procs, children, cpu_seconds, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- bench.workers:start -->", "<!-- bench.workers:end -->"
 HOSTS = {1: "127.241.200.1", 2: "127.241.200.2"}
 
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
@@ -191,14 +191,8 @@ backend is the limit; this machine cannot show that."""
 
 def write_section(text: str, doc: Path) -> None:
     """Replace this bench's section of ``doc`` (or append it)."""
-    section = f"{START}\n## Workers (`python -m bench.workers`)\n\n{text}\n\n{READING}\n{END}"
-    current = doc.read_text() if doc.exists() else ""
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        current = head + section + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(current)
+    section = f"## Workers (`python -m bench.workers`)\n\n{text}\n\n{READING}"
+    report.replace_section(doc, "workers", section)
 
 
 def main(argv: list[str] | None = None) -> int:
