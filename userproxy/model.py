@@ -228,6 +228,9 @@ class SliceEndpoint:
     zone: str | None = None
     zone_hints: frozenset[str] = frozenset()
     node_hints: frozenset[str] = frozenset()
+    #: The name of the pod behind the address (``targetRef`` of kind Pod), for reaching
+    #: it through the API server (``userproxy connect``); None when the slice names none.
+    pod: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +280,8 @@ class Endpoint:
     is_local: bool = False
     zone_hints: frozenset[str] = frozenset()
     node_hints: frozenset[str] = frozenset()
+    #: The pod behind the address, in the Service's namespace (``SliceEndpoint.pod``).
+    pod: str | None = None
 
     @property
     def address(self) -> tuple[str, int]:

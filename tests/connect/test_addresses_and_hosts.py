@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.manifests import endpoint_slice, service
 from userproxy.connect.addresses import AddressBook, AddressesExhausted
 from userproxy.connect.hosts_file import (
     BEGIN,
@@ -20,6 +21,8 @@ from userproxy.connect.hosts_file import (
     remove_block,
     write_block,
 )
+from userproxy.control.endpoints import build_endpoints
+from userproxy.sources.decode import decode_endpoint_slice, decode_service
 
 
 def test_a_service_has_the_same_address_in_every_run() -> None:
@@ -95,3 +98,27 @@ def test_a_block_left_by_a_crash_is_replaced_and_a_broken_one_is_an_error(tmp_pa
     with pytest.raises(HostsFileError, match=r"hosts:2: the userproxy block is not terminated"):
         write_block(hosts, {})
     assert hosts.read_text().endswith("127.77.0.1\told\n")  # untouched
+
+
+def test_the_pod_behind_an_endpoint_is_kept_from_the_slice() -> None:
+    """``userproxy connect`` reaches a pod by name: the slice's targetRef is kept through
+    decoding (both decoders) and into the Service's endpoints; anything but a named Pod
+    reference is no pod, and never an error (kube-proxy ignores the field)."""
+
+    raw = endpoint_slice("web-a", "web", 8080, ["10.1.0.1", "10.1.0.2", "10.1.0.3"])
+    entries = raw["endpoints"]
+    entries[0]["targetRef"] = {"kind": "Pod", "namespace": "default", "name": "web-1"}
+    entries[1]["targetRef"] = {"kind": "Node", "name": "n1"}
+    entries[2]["targetRef"] = "garbage"
+    entries[2]["hints"] = {"forZones": [{"name": "a"}]}  # the general decoder's path
+    decoded = decode_endpoint_slice(raw)
+    assert decoded is not None
+    assert [e.pod for e in decoded.endpoints] == ["web-1", None, None]
+    svc = decode_service(service("web", "10.96.0.10", 80))
+    assert svc is not None
+    (endpoints,) = build_endpoints(svc, [decoded], "node-a").values()
+    assert {e.ip: e.pod for e in endpoints} == {
+        "10.1.0.1": "web-1",
+        "10.1.0.2": None,
+        "10.1.0.3": None,
+    }

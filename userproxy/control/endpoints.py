@@ -92,6 +92,7 @@ def _endpoint(slice_ep: SliceEndpoint, port: int, node_name: str) -> Endpoint:
         is_local=bool(node_name) and slice_ep.node_name == node_name,
         zone_hints=slice_ep.zone_hints,
         node_hints=slice_ep.node_hints,
+        pod=slice_ep.pod,
     )
 
 

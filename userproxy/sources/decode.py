@@ -58,6 +58,7 @@ from userproxy.sources.decode_fields import (
     opt_str,
     quote,
     shorten,
+    target_pod,
     unknown_value,
 )
 
@@ -388,6 +389,7 @@ def general_endpoint(
         zone=zone,
         zone_hints=zone_hints,
         node_hints=node_hints,
+        pod=target_pod(entry.get("targetRef")),
     )
 
 

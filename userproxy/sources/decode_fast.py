@@ -13,7 +13,7 @@ Invariant: when it returns an endpoint, the general path returns an equal one.
 from __future__ import annotations
 
 from userproxy.model import IPFamily, SliceEndpoint
-from userproxy.sources.decode_fields import DecodeError, ip_literal
+from userproxy.sources.decode_fields import DecodeError, ip_literal, target_pod
 
 __all__ = ["plain_endpoint"]
 
@@ -63,6 +63,7 @@ def plain_endpoint(entry: object, family: IPFamily) -> SliceEndpoint | None:
         zone=zone or None,
         zone_hints=_NO_NAMES,
         node_hints=_NO_NAMES,
+        pod=target_pod(entry.get("targetRef")),
     )
 
 

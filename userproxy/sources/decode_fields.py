@@ -38,6 +38,15 @@ _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
+def target_pod(target_ref: object) -> str | None:
+    """The pod an endpoint's ``targetRef`` names, or None: kube-proxy ignores the field,
+    so a missing, other-kind or malformed one is never an error here."""
+    if type(target_ref) is not dict or target_ref.get("kind") != "Pod":
+        return None
+    name = target_ref.get("name")
+    return name if type(name) is str and name else None
+
+
 def shorten(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` characters, ending with an ellipsis when cut."""
     if len(text) <= limit:
