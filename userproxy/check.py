@@ -26,6 +26,7 @@ from userproxy.config import ConfigError, Settings
 from userproxy.control.proxier import NoEffects, Proxier
 from userproxy.control.trackers import ChangeRecorder
 from userproxy.model import AddressKind, Endpoint, IPFamily, ListenerSpec, ServiceKey, ServiceType
+from userproxy.proxy_setup import balancer_registry
 from userproxy.sources.manifest_files import ManifestState, load_manifests
 from userproxy.sources.manifest_read import MAX_SHOWN_PROBLEMS, ManifestError
 from userproxy.sources.manifest_warnings import summarize
@@ -96,9 +97,10 @@ def check_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def plan_manifests(
-    state: ManifestState, settings: Settings
+    state: ManifestState, settings: Settings, registry: BalancerRegistry | None = None
 ) -> dict[ServiceKey, tuple[ListenerSpec, ...]]:
-    """The listeners ``run`` would want for ``state``: one sync of the real proxier.
+    """The listeners ``run`` would want for ``state``: one sync of the real proxier, with
+    ``registry`` (``run``'s, from the settings' default balancer) or the default one.
 
     NodePort listeners carry the stand-in addresses of :data:`_NODE_PLACEHOLDERS`.
     """
@@ -107,7 +109,7 @@ def plan_manifests(
     proxier = Proxier(
         recorder,
         NoEffects(),
-        BalancerRegistry(),
+        registry or BalancerRegistry(),
         node_addresses=lambda: tuple(_NODE_PLACEHOLDERS),
     )
     proxier.sync()
@@ -128,7 +130,12 @@ def check(settings: Settings, out: TextIO) -> int:
             "invalid, nothing would be served\n"
         )
         return 2
-    specs = plan_manifests(state, settings)
+    try:
+        registry = balancer_registry(settings)  # an unknown default balancer: as `run`
+    except ConfigError as exc:
+        print(f"userproxy: {exc}", file=sys.stderr)
+        return 2
+    specs = plan_manifests(state, settings, registry)
     for line in _report(state, specs, settings):
         out.write(line + "\n")
     return 0

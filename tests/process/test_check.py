@@ -128,6 +128,26 @@ def test_config_file_settings_apply_and_its_api_source_is_replaced(tmp_path: Pat
     assert "Traceback" not in result.stderr
 
 
+def test_an_unknown_default_balancer_in_the_config_file_is_an_error_as_in_run(
+    tmp_path: Path,
+) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(GOOD)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "apiVersion: userproxy.io/v1alpha1\nkind: UserProxyConfiguration\nbalancer: nope\n"
+    )
+    result = run_cli("check", "--manifests", str(manifest), "--config", str(config))
+    assert result.returncode == 2, result.stdout
+    assert "balancer" in result.stderr
+    assert "nope" in result.stderr
+    assert "Traceback" not in result.stderr
+    config.write_text(
+        "apiVersion: userproxy.io/v1alpha1\nkind: UserProxyConfiguration\nbalancer: maglev\n"
+    )
+    assert run_cli("check", "--manifests", str(manifest), "--config", str(config)).returncode == 0
+
+
 def test_check_binds_nothing(tmp_path: Path) -> None:
     """The Service's address is held by another socket; check neither minds nor takes it."""
     manifest = tmp_path / "m.yaml"
