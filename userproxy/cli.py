@@ -154,11 +154,13 @@ def _handle_stop_signals(handler: StopSignals) -> StopSignals:
     return handler
 
 
-def install_demo_signals(proxy: Proxy) -> None:
-    """The demo's signals, as ``run``'s: SIGTERM/SIGINT stop and a second one forces; SIGHUP
-    re-reads the manifests only (a demo's ``--config`` file is read once, at start)."""
-    _handle_stop_signals(StopSignals(proxy.stop, proxy.force_stop))
+def install_demo_signals(proxy: Proxy) -> Callable[[], int]:
+    """The signals of the demo and ``connect``, as ``run``'s: SIGTERM/SIGINT stop and a
+    second one forces; SIGHUP re-reads the manifests only (the settings are read once, at
+    start).  Returns the getter of the exit status (``StopSignals.exit_status``)."""
+    stopping = _handle_stop_signals(StopSignals(proxy.stop, proxy.force_stop))
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, proxy.reload, proxy.settings)
+    return lambda: stopping.exit_status
 
 
 def reload_settings(proxy: Proxy | Supervisor, args: argparse.Namespace) -> None:
@@ -214,6 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 main_coroutine: Coroutine[Any, Any, int | None] = run_demo(
                     settings, install_demo_signals
                 )
+            elif args.command == "connect":
+                from userproxy.connect.command import CONNECT_DEFAULTS, ConnectOptions, run_connect
+
+                options = ConnectOptions.from_args(args)
+                settings, described, origins = settings_from(
+                    args, defaults=CONNECT_DEFAULTS, fixed={"kubeconfig": options.kubeconfig}
+                )
+                main_coroutine = run_connect(settings, options, install_demo_signals)
             else:
                 settings, described, origins = settings_from(args)
                 main_coroutine = serve(settings, args)

@@ -133,7 +133,7 @@ async def _ready(proxy: Proxy, settings: Settings) -> None:
                 await proxy.metrics_ready.wait()
 
 
-async def run_demo(settings: Settings, install_signals: Callable[[Proxy], None]) -> None:
+async def run_demo(settings: Settings, install_signals: Callable[[Proxy], object]) -> None:
     runners = await start_backends()
     try:
         proxy = Proxy(settings)

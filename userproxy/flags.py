@@ -32,6 +32,7 @@ from userproxy.config import (
     flag_name,
 )
 from userproxy.config_rules import format_duration, parse_go_duration, show
+from userproxy.connect.command import CONNECT_DEFAULTS, add_connect_arguments
 from userproxy.dataplane.access_log import ACCESS_LOG_FORMATS
 from userproxy.demo import DEMO_DEFAULTS
 from userproxy.explain_cli import add_explain_parser
@@ -314,6 +315,16 @@ COMMON_FLAGS: Final = (
 )
 
 
+#: Settings that mean nothing on a developer's machine (no node, no node addresses, no
+#: UDP: the API's port-forward is TCP only).
+_NOT_FOR_CONNECT: Final = frozenset({
+    "hostname", "manage_addresses", "address_device", "nodeport_addresses", "cluster_cidr",
+    "service_proxy_name", "ipvs_scheduler", "udp_idle_timeout", "udp_max_sessions",
+    "udp_session_rate",
+})  # fmt: skip
+CONNECT_FLAGS: Final = tuple(f for f in COMMON_FLAGS if f.setting not in _NOT_FOR_CONNECT)
+
+
 def _add_flags(
     parser: argparse.ArgumentParser, flags: Sequence[Flag], defaults: Mapping[str, object]
 ) -> None:
@@ -358,6 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="demo manifests (default: examples/demo if present, else a packaged copy)",
     )
     _add_flags(demo, COMMON_FLAGS, DEMO_DEFAULTS)
+    connect = commands.add_parser(
+        "connect",
+        help="serve a cluster's Services on this machine, by name, through the API server",
+        description="Serve the Services of a cluster on loopback addresses of this machine, "
+        "balanced over their ready pods, reached through the API server's port-forward "
+        "(docs/connect.md).",
+    )
+    add_connect_arguments(connect)  # userproxy/connect/command.py
+    for flag in CONNECT_FLAGS:
+        flag.add_to(connect, CONNECT_DEFAULTS)
+    connect.set_defaults(config=None)
     add_check_parser(commands)  # its logic lives in userproxy/check.py
     add_explain_parser(commands)  # userproxy/explain.py
     add_cleanup_parser(commands)  # and this one's in userproxy/cleanup.py

@@ -180,7 +180,8 @@ class Proxy:
         self.metrics.reload_errors.inc()
         self.events.reload_failed(error)
 
-    def _source_event(self, kind: EventKind, resource: str) -> None:
+    def source_event(self, kind: EventKind, resource: str) -> None:
+        """The API source reported ``kind`` for ``resource``: counted and on the timeline."""
         self.metrics.source_event(kind, resource)
         self.events.source_event(kind, resource)
 
@@ -393,7 +394,7 @@ class Proxy:
 
         assert self._client_configuration is not None  # loaded by run()
         await run_api_source(
-            self._client_configuration, self.recorder, self.settings, self._source_event
+            self._client_configuration, self.recorder, self.settings, self.source_event
         )
 
     def _admin_tasks(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:

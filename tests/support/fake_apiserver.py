@@ -203,6 +203,9 @@ class FakeApiServer:
         #: Pods whose ports the port-forward endpoint reaches: (namespace, name) -> the
         #: local address their ports listen on (tests/support/fake_portforward.py).
         self.pods: dict[_Key, str] = {}
+        #: Namespaces that exist besides those of the stored objects (GET
+        #: /api/v1/namespaces/NAME answers 404 for any other).
+        self.namespaces: set[str] = {"default", "kube-system"}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -232,6 +235,7 @@ class FakeApiServer:
             self._handle("endpointslices"),
         )
         app.router.add_get("/api/v1/nodes", self._handle("nodes"))
+        app.router.add_get("/api/v1/namespaces/{name}", self._namespace)
         forward = portforward_handler(self.pods)
         app.router.add_get("/api/v1/namespaces/{namespace}/pods/{name}/portforward", forward)
         app.router.add_post("/api/v1/namespaces/{namespace}/pods/{name}/portforward", forward)
@@ -406,6 +410,16 @@ class FakeApiServer:
         return [r for r in self.requests if r.resource == resource and not r.watch]
 
     # ------------------------------------------------------------------ HTTP
+
+    async def _namespace(self, request: web.Request) -> web.StreamResponse:
+        """A Namespace: one of ``namespaces`` or of a stored object's, else 404."""
+        name = request.match_info["name"]
+        known = self.namespaces | {key[0] for objects in self._objects.values() for key in objects}
+        if name not in known:
+            return _status(404, "NotFound", f'namespaces "{name}" not found')
+        body = {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": name},
+                "status": {"phase": "Active"}}  # fmt: skip
+        return web.json_response(body)
 
     def _handle(self, resource: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:

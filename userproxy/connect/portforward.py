@@ -35,9 +35,12 @@ DATA, ERROR = 0, 1
 _PORT = struct.Struct("<H")
 
 
-class PortForwardError(Exception):
+class PortForwardError(ConnectionError):
     """The port-forward was refused or failed; the message is the API server's or the
-    kubelet's (e.g. ``error forwarding port 80 to pod web-1, uid ...: connection refused``)."""
+    kubelet's (e.g. ``error forwarding port 80 to pod web-1, uid ...: connection refused``).
+
+    A ``ConnectionError``: to a listener dialing through it (connect/dialer.py), a refused
+    port-forward is a failed dial like a refused connect, and the next endpoint is tried."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,12 @@ import errno
 import os
 import select
 import socket
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["dial"]
+if TYPE_CHECKING:
+    from userproxy.model import Endpoint, ListenerSpec
+
+__all__ = ["Dialer", "dial"]
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
 
@@ -87,3 +91,22 @@ async def _wait_connected(
     finally:
         timer.cancel()
         loop.remove_writer(fd)
+
+
+class Dialer(Protocol):
+    """Another way to reach an endpoint than a TCP connect to its address (``userproxy
+    connect`` goes through the API server's port-forward, connect/dialer.py).
+
+    The contract is :func:`dial`'s: return a connected non-blocking TCP socket, raise
+    ``OSError`` (or ``TimeoutError``) when ``endpoint`` cannot be reached, so the listener
+    counts a failed dial and tries the next endpoint, and own nothing once cancelled.
+    ``within`` is the listener's timeout for this attempt, which a slower path may extend.
+    """
+
+    async def __call__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        spec: ListenerSpec,
+        endpoint: Endpoint,
+        within: float,
+    ) -> socket.socket: ...

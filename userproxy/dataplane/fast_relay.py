@@ -70,12 +70,14 @@ def relay_name() -> str:
 _announced = False
 
 
-def announce_python_relay() -> None:
-    """Log once per process that TCP listeners run the Python relay, and why."""
+def announce_python_relay(why: str | None = None) -> None:
+    """Log once per process that TCP listeners run the Python relay, and why (by default:
+    not selected, or not built)."""
     global _announced  # noqa: PLW0603 - one line per process, whichever listener is first
     if not _announced:
         _announced = True
-        why = f"{ENV} is set" if AVAILABLE else "the compiled relay (_relay.c) is not built"
+        if why is None:
+            why = f"{ENV} is set" if AVAILABLE else "the compiled relay (_relay.c) is not built"
         log.info("TCP relay: the Python relay (%s)", why)
 
 

@@ -25,6 +25,7 @@ from userproxy.balancers.registry import BalancerRegistry
 from userproxy.dataplane.access_log import DRAINED, AccessLog
 from userproxy.dataplane.classify import NodeLocal
 from userproxy.dataplane.deadlines import TcpTimeouts, sweep_timeouts
+from userproxy.dataplane.dial import Dialer
 from userproxy.dataplane.endpoint_drain import EndpointDrain
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import (
@@ -106,6 +107,8 @@ class ListenerSet:
         )
         #: ``--endpoint-drain``: resets connections whose endpoint left its pool (the sweep).
         self.endpoint_drain = EndpointDrain()
+        #: How TCP listeners made from now on reach endpoints (None: by their address).
+        self.dialer: Dialer | None = None
         #: Told ``(kind, sentence)`` when a listener cannot bind (or can again) and when an
         #: endpoint is ejected or returns: the status page's timeline (admin/events.py).
         self.on_event: EventSink = ignore_event
@@ -238,7 +241,7 @@ class ListenerSet:
             udp = UdpListener(spec, self.registry, self.udp_sessions, self.node_local)
             udp.access_log = self.access_log
             return udp
-        tcp = TcpListener(spec, self.registry, self.limit, self.node_local)
+        tcp = TcpListener(spec, self.registry, self.limit, self.node_local, self.dialer)
         tcp.access_log = self.access_log
         return tcp
 

@@ -31,7 +31,7 @@ from userproxy.dataplane import access_log as ends
 from userproxy.dataplane import fast_relay
 from userproxy.dataplane.access_log import AccessLog, ConnTrace
 from userproxy.dataplane.classify import NodeLocal
-from userproxy.dataplane.dial import dial
+from userproxy.dataplane.dial import Dialer, dial
 from userproxy.dataplane.limits import ConnectionLimit
 from userproxy.dataplane.listener import RESOURCE_ERRNOS, Listener
 from userproxy.dataplane.outliers import NO_EJECTION, ObservedUpstream, OutlierDetector
@@ -81,9 +81,12 @@ class TcpListener(Listener):
         registry: BalancerRegistry,
         limit: ConnectionLimit,
         node_local: NodeLocal,
+        dialer: Dialer | None = None,
     ) -> None:
         super().__init__(spec, registry, node_local)
         self.limit = limit
+        #: How endpoints are reached when not by their address (None: ``dial``).
+        self.dialer = dialer
         #: The Service the connection limit counts this listener's connections under: all
         #: its ports and addresses share one budget.
         self.service = ServiceKey(spec.spn.namespace, spec.spn.name)
@@ -97,10 +100,13 @@ class TcpListener(Listener):
         #: The access log (``--access-log``), None while it is off (the listener set sets it).
         self.access_log: AccessLog | None = None
         self._last_source_refusals = 0
-        #: The compiled relay's accept and dial, None on the pure-Python path.
-        self._fast = fast_relay.FastPath(self) if fast_relay.selected else None
+        #: The compiled relay's accept and dial, None on the pure-Python path (also taken
+        #: with a dialer of its own: the engine dials addresses only).
+        self._fast = fast_relay.FastPath(self) if fast_relay.selected and dialer is None else None
         if self._fast is None:
-            fast_relay.announce_python_relay()
+            fast_relay.announce_python_relay(
+                None if dialer is None else "endpoints are reached through a dialer of its own"
+            )
         limit.register(self, self._pause, self._resume, self.service)
         self._open_or_close()
 
@@ -235,7 +241,10 @@ class TcpListener(Listener):
             # together sees the ones still dialing and spreads at once (least-connections).
             load.start(endpoint)
             try:
-                sock = await dial(self.loop, endpoint.ip, endpoint.port, timeout)
+                if self.dialer is None:
+                    sock = await dial(self.loop, endpoint.ip, endpoint.port, timeout)
+                else:
+                    sock = await self.dialer(self.loop, self.spec, endpoint, timeout)
             except BaseException as exc:
                 if not isinstance(exc, (OSError, TimeoutError)):
                     load.end(endpoint)

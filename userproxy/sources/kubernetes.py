@@ -49,7 +49,13 @@ if TYPE_CHECKING:
 
     from userproxy.config import Settings
 
-__all__ = ["KubernetesSource", "label_selector", "load_client_configuration", "make_api_client"]
+__all__ = [
+    "KubernetesSource",
+    "if_selected",
+    "label_selector",
+    "load_client_configuration",
+    "make_api_client",
+]
 
 _M = TypeVar("_M", Service, EndpointSlice)
 
@@ -57,8 +63,11 @@ _M = TypeVar("_M", Service, EndpointSlice)
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
-async def load_client_configuration(kubeconfig: Path | None) -> k8s_client.Configuration:
-    """The API client configuration of ``kubeconfig``, or the in-cluster one when None.
+async def load_client_configuration(
+    kubeconfig: Path | None, context: str | None = None
+) -> k8s_client.Configuration:
+    """The API client configuration of ``kubeconfig`` (its ``context``, else its current
+    context), or the in-cluster one when None.
 
     Called before anything starts, so that an unusable kubeconfig, or a pod without a
     ServiceAccount token, stops the process with one line (``ConfigError``, ``setting``
@@ -82,10 +91,11 @@ async def load_client_configuration(kubeconfig: Path | None) -> k8s_client.Confi
                 problem=f"in-cluster configuration: {exc}",
             ) from None
         return configuration
-    _check_kubeconfig(kubeconfig)
+    _check_kubeconfig(kubeconfig, context)
     try:
         await k8s_config.load_kube_config(
             config_file=str(kubeconfig),
+            context=context,
             client_configuration=configuration,
             persist_config=False,
         )
@@ -97,8 +107,9 @@ async def load_client_configuration(kubeconfig: Path | None) -> k8s_client.Confi
     return configuration
 
 
-def _check_kubeconfig(path: Path) -> None:
-    """The kubeconfig is a readable YAML mapping whose current-context is among its contexts."""
+def _check_kubeconfig(path: Path, context: str | None = None) -> None:
+    """The kubeconfig is a readable YAML mapping whose ``context`` (None: its
+    current-context) is among its contexts."""
 
     def fail(problem: str) -> ConfigError:
         problem = f"{path}: {problem}"
@@ -116,14 +127,15 @@ def _check_kubeconfig(path: Path) -> None:
         raise fail(f"not a kubeconfig (YAML syntax error{at})") from None
     if not isinstance(document, dict):
         raise fail("not a kubeconfig (not a YAML mapping)")
-    current = document.get("current-context")
+    current = context or document.get("current-context")
     if not current:
         raise fail("has no current-context (set one with kubectl config use-context)")
     contexts = document.get("contexts")
     contexts = contexts if isinstance(contexts, list) else []
     names = [c.get("name") for c in contexts if isinstance(c, dict)]
     if current not in names:
-        raise fail(f"current-context {current!r} is not among its contexts {names}")
+        which = "context" if context else "current-context"
+        raise fail(f"{which} {current!r} is not among its contexts {names}")
 
 
 async def make_api_client(kubeconfig: Path | None) -> ApiClient:
@@ -140,7 +152,7 @@ def label_selector(proxy_name: str | None) -> str:
     return f"!{HEADLESS_LABEL},{SERVICE_PROXY_NAME_LABEL}={proxy_name}"
 
 
-def _if_selected(
+def if_selected(
     decode: Callable[[dict[str, object]], _M | None], proxy_name: str | None, obj: dict[str, object]
 ) -> _M | None:
     return decode(obj) if is_selected(decode_labels(obj), proxy_name) else None
@@ -187,7 +199,7 @@ class KubernetesSource:
         h = handlers
         self.services: Reflector[Service] = Reflector(
             ListWatch("services", "Service", True, core.list_service_for_all_namespaces, selector),
-            functools.partial(_if_selected, decode_service, proxy_name),
+            functools.partial(if_selected, decode_service, proxy_name),
             ResourceHandlers(
                 h.on_service_add, h.on_service_update, h.on_service_delete, h.on_services_synced
             ),
@@ -202,7 +214,7 @@ class KubernetesSource:
                 discovery.list_endpoint_slice_for_all_namespaces,
                 selector,
             ),
-            functools.partial(_if_selected, decode_endpoint_slice, proxy_name),
+            functools.partial(if_selected, decode_endpoint_slice, proxy_name),
             ResourceHandlers(
                 h.on_endpointslice_add,
                 h.on_endpointslice_update,

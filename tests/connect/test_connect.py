@@ -1,0 +1,204 @@
+"""``userproxy connect`` end to end, on both loops side by side, against the fake API
+server and its pod port-forward (tests/connect/cluster.py): names (hosts file and DNS,
+asked through the C library and dnspython), balancing over every ready pod, following
+slice changes within a second, 10 MB through the port-forward, a pod's reset passed on as
+a reset, a 10 s API outage, the hosts block removed at exit and after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import dns.resolver
+import pytest
+
+from tests.connect.cluster import (
+    Connect,
+    FakeCluster,
+    connect_process,
+    fake_cluster,
+    http_by_name,
+    resolve_by_hosts_file,
+)
+from tests.support.proxyrun import assert_clean_log, wait_logged
+
+pytestmark = pytest.mark.timeout(180)
+
+LOOPS = {"asyncio": 134, "uvloop": 135}
+NAMES = ("web", "web.default", "web.default.svc", "web.default.svc.cluster.local")
+
+
+def _dns(child: Connect, name: str, *, tcp: bool = False) -> str:
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [child.dns[0]]
+    resolver.port = child.dns[1]
+    resolver.lifetime = 3.0
+    return str(resolver.resolve(name, "A", tcp=tcp)[0])
+
+
+def _exchange(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload`` and read as many bytes back, both at once (no half-close: the
+    port-forward has none)."""
+    with socket.create_connection(address, timeout=20) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(payload,))
+        sender.start()
+        got = bytearray()
+        while len(got) < len(payload):
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            got += data
+        sender.join()
+        return bytes(got)
+
+
+def _read_until_end(address: tuple[str, int]) -> tuple[int, str]:
+    """(bytes read, how the stream ended: "reset" or "eof")."""
+    total = 0
+    with socket.create_connection(address, timeout=10) as sock:
+        try:
+            while data := sock.recv(1 << 16):
+                total += len(data)
+        except ConnectionResetError:
+            return total, "reset"
+    return total, "eof"
+
+
+async def _check_names(child: Connect) -> str:
+    """Every name of web resolves to one address, by DNS (UDP and TCP) and the hosts file;
+    a name of another namespace's Service and an unknown name do not."""
+    address = child.address("web.default")
+    for name in NAMES:
+        assert await asyncio.to_thread(_dns, child, name) == address
+    assert await asyncio.to_thread(_dns, child, "web.default", tcp=True) == address
+    with pytest.raises(dns.resolver.NoNameservers):  # REFUSED: not ours to answer
+        await asyncio.to_thread(_dns, child, "example.com")
+    with pytest.raises(dns.resolver.NoNameservers):
+        await asyncio.to_thread(_dns, child, "other.team")  # -n default only
+    found = await asyncio.to_thread(resolve_by_hosts_file, child.hosts, [*NAMES, "db.default"])
+    assert {found[name] for name in NAMES} == {address}
+    assert found["db.default"] == child.address("db.default")
+    return address
+
+
+async def _bodies(child: Connect, count: int) -> Counter[str]:
+    return Counter(await asyncio.to_thread(http_by_name, child.hosts, "http://web.default/", count))
+
+
+async def _first_seen(child: Connect, pod: str, within: float) -> float:
+    """Seconds until a new connection by name reaches ``pod`` (one request per try)."""
+    start = time.monotonic()
+    address = (child.address("web.default"), 80)
+    while time.monotonic() - start < within:
+        body = await asyncio.to_thread(_get, address)
+        if body == pod:
+            return time.monotonic() - start
+    raise AssertionError(f"{pod} got no connection within {within}s")
+
+
+def _get(address: tuple[str, int]) -> str:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: web.default\r\n\r\n")
+        reply = b""
+        while data := sock.recv(4096):
+            reply += data
+    return reply.partition(b"\r\n\r\n")[2].decode()
+
+
+async def test_connect_end_to_end_on_both_loops(tmp_path: Path) -> None:
+    async with fake_cluster() as cluster:
+        kubeconfig = cluster.api.kubeconfig(tmp_path / "kubeconfig")
+        original_hosts = "127.0.0.1\tlocalhost\n# the user's own line\n"
+        with contextlib.ExitStack() as stack:
+            children = {
+                loop: stack.enter_context(
+                    connect_process(
+                        tmp_path, kubeconfig, loop=loop, net=net, hosts_text=original_hosts
+                    )
+                )
+                for loop, net in LOOPS.items()
+            }
+            for child in children.values():
+                await asyncio.to_thread(child.summary)
+            await _scenario(cluster, children)
+            for loop, child in children.items():
+                child.proc.send_signal(signal.SIGINT)
+                assert await asyncio.to_thread(child.proc.wait, 15) == 0, loop
+                assert child.hosts.read_text() == original_hosts, loop
+                assert_clean_log(child.log)
+
+
+async def _scenario(cluster: FakeCluster, children: dict[str, Connect]) -> None:
+    both = children.values()
+    # Names, and the summary: UDP listed as not forwardable, another namespace not served.
+    for child in both:
+        await _check_names(child)
+        text = child.log.read_text()
+        assert "dns.default: 53/UDP: not forwardable" in text
+        assert "other.team" not in text
+    # Every ready pod gets requests, not only the first.
+    for loop, child in children.items():
+        assert set(await _bodies(child, 30)) == {"web-1", "web-2", "web-3"}, loop
+    # A pod removed from the slice gets no new connection 1 s after the change.
+    cluster.set_web(1, 2)
+    await asyncio.sleep(1.0)
+    for loop, child in children.items():
+        assert set(await _bodies(child, 20)) == {"web-1", "web-2"}, loop
+    # A new pod gets connections within a second of the slice change.
+    cluster.set_web(1, 2, 4)
+    seen = await asyncio.gather(*(_first_seen(c, "web-4", 1.0) for c in both))
+    assert max(seen) < 1.0, seen
+    # 10 MB through the port-forward, the same SHA-256 both ways.
+    payload = os.urandom(10 << 20)
+    for loop, child in children.items():
+        echoed = await asyncio.to_thread(_exchange, (child.address("db.default"), 5432), payload)
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest(), loop
+    # A pod that resets mid-stream: the client sees a reset after what was sent.
+    for loop, child in children.items():
+        total, end = await asyncio.to_thread(
+            _read_until_end, (child.address("flaky.default"), 7000)
+        )
+        assert end == "reset", (loop, total)
+    # An API outage of 10 s: the children keep running; once it is back they follow
+    # the cluster again (a new pod) and serve by name.
+    await cluster.api.stop()
+    await asyncio.sleep(10)
+    for loop, child in children.items():
+        assert child.proc.poll() is None, loop
+    await cluster.api.start()
+    cluster.set_web(1, 5)
+    seen = await asyncio.gather(*(_first_seen(c, "web-5", 15.0) for c in both))
+    for loop, child in children.items():
+        assert set(await _bodies(child, 10)) == {"web-1", "web-5"}, (loop, seen)
+
+
+async def test_hosts_block_left_by_a_crash_is_replaced_and_removed(tmp_path: Path) -> None:
+    async with fake_cluster() as cluster:
+        kubeconfig = cluster.api.kubeconfig(tmp_path / "kubeconfig")
+        original = "127.0.0.1\tlocalhost\n"
+        with connect_process(tmp_path, kubeconfig, loop="uvloop", net=136) as child:
+            await asyncio.to_thread(child.summary)
+            await asyncio.to_thread(wait_logged, child.hosts, "web.default.svc.cluster.local")
+            child.proc.kill()  # a crash: nothing removes the block
+            await asyncio.to_thread(child.proc.wait, 10)
+        stale = child.hosts.read_text()
+        assert "# BEGIN userproxy connect" in stale
+        cluster.api.delete("services", "db")
+        with connect_process(tmp_path, kubeconfig, loop="asyncio", net=136) as again:
+            await asyncio.to_thread(again.summary)
+            await asyncio.to_thread(wait_logged, again.hosts, "web.default.svc.cluster.local")
+            text = again.hosts.read_text()
+            assert text.count("# BEGIN userproxy connect") == 1
+            assert "db.default" not in text  # nothing of the crashed run's block is left
+            assert "removed the block an earlier run left behind" in again.log.read_text()
+            again.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(again.proc.wait, 15) == 0
+        assert again.hosts.read_text() == original
