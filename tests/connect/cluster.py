@@ -167,9 +167,11 @@ def connect_process(
     hosts_text: str = "127.0.0.1\tlocalhost\n",
 ) -> Iterator[Connect]:
     """``userproxy connect`` with a hosts file and the DNS responder, Services on
-    127.0.<net>.0/24, DNS on 127.0.130.<net - 130>:5353."""
+    127.0.<net>.0/24, DNS on 127.0.130.<net - 130>:5353; its files in ``tmp_path /
+    connect-<net>`` (open to every user: the child may run as another)."""
     work = tmp_path / f"connect-{net}"
     work.mkdir(exist_ok=True)
+    work.chmod(0o777)
     hosts = work / "hosts"
     if not hosts.exists():
         hosts.write_text(hosts_text)
@@ -224,3 +226,19 @@ def _in_mount_namespace(hosts: Path, command: list[str]) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def unprivileged_prefix(work: Path) -> list[str]:
+    """A command prefix that runs a child as the unprivileged user nobody (uid 65534, no
+    capabilities): ``setpriv`` when nobody can reach the interpreter, the project and
+    ``work``; else (a checkout in a private directory) a user namespace in which the
+    child is uid 65534, with no privilege in the machine's network namespace, and reads
+    the checkout through the mapping of its owner."""
+    setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(
+        [*setpriv, sys.executable, "-c", f"import os, userproxy; os.listdir({str(work)!r})"],
+        cwd=REPO, env=_env(), capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    if probe.returncode == 0:
+        return setpriv
+    return ["unshare", "--user", "--map-user=65534", "--map-group=65534"]

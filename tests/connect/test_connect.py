@@ -10,13 +10,16 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import dns.resolver
 import pytest
 
@@ -27,8 +30,9 @@ from tests.connect.cluster import (
     fake_cluster,
     http_by_name,
     resolve_by_hosts_file,
+    unprivileged_prefix,
 )
-from tests.support.proxyrun import assert_clean_log, wait_logged
+from tests.support.proxyrun import assert_clean_log, free_port, wait_logged
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -202,3 +206,80 @@ async def test_hosts_block_left_by_a_crash_is_replaced_and_removed(tmp_path: Pat
             again.proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(again.proc.wait, 15) == 0
         assert again.hosts.read_text() == original
+
+
+async def test_an_unprivileged_user_gets_dns_and_port_80_on_the_offset_port() -> None:
+    """As uid 65534 without capabilities (unprivileged_prefix): the DNS responder answers
+    (on 5353) and web's port 80 is served on 80 + 10000, as the header says; nothing
+    listens on 80."""
+    work = Path(tempfile.mkdtemp(prefix="userproxy-connect-"))  # not under pytest's 0700
+    try:
+        os.chmod(work, 0o755)
+        async with fake_cluster() as cluster:
+            kubeconfig = cluster.api.kubeconfig(work / "kubeconfig")
+            kubeconfig.chmod(0o644)
+            prefix = unprivileged_prefix(work)
+            with connect_process(work, kubeconfig, loop="uvloop", net=137, prefix=prefix) as child:
+                await asyncio.to_thread(child.summary)
+                text = child.log.read_text()
+                assert "ports below 1024 are served 10000 higher" in text, text
+                assert "80->10080" in text
+                address = await asyncio.to_thread(_dns, child, "web.default")
+                assert address == child.address("web.default")
+                reached = await asyncio.to_thread(_get, (address, 10080))
+                assert reached in {"web-1", "web-2", "web-3"}
+                with pytest.raises(ConnectionRefusedError):
+                    await asyncio.to_thread(_get, (address, 80))
+                child.proc.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(child.proc.wait, 15) == 0
+            assert_clean_log(child.log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def test_the_status_page_metrics_and_access_log_work_as_in_run(tmp_path: Path) -> None:
+    """The admin flags of ``run``: /status lists the local Services and their pods,
+    /metrics counts the connections, the access log has a line per connection naming
+    the pod's address."""
+    port = free_port()
+    access = tmp_path / "access.log"
+    args = ["--metrics-bind-address", f"127.0.0.1:{port}", "--access-log", str(access)]
+    async with fake_cluster() as cluster, aiohttp.ClientSession() as session:
+        kubeconfig = cluster.api.kubeconfig(tmp_path / "kubeconfig")
+        with connect_process(tmp_path, kubeconfig, loop="asyncio", net=139, args=args) as child:
+            await asyncio.to_thread(child.summary)
+            address = (child.address("web.default"), 80)
+            bodies = [await asyncio.to_thread(_get, address) for _ in range(6)]
+            assert set(bodies) == {"web-1", "web-2", "web-3"}
+            async with session.get(f"http://127.0.0.1:{port}/status") as response:
+                status = await response.json()
+            names = {s["name"] for s in status["services"]}
+            assert {"web", "db", "flaky"} <= names
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                metrics = await response.text()
+            assert "userproxy_connections_accepted_total" in metrics
+            lines = await asyncio.to_thread(wait_logged, access, "127.0.131.", count=6)
+            assert lines.count(f"{address[0]}:80") >= 6, lines
+            child.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(child.proc.wait, 15) == 0
+        assert_clean_log(child.log)
+
+
+async def test_direct_connects_to_the_pod_ips(tmp_path: Path) -> None:
+    """``--direct``: the pods' IPs are dialed (the API server's port-forward knows no pod
+    here, so it could not have been used), and an endpoint without a pod serves too."""
+    async with fake_cluster() as cluster:
+        cluster.set_web(1, podless=[2])
+        cluster.add_pod("web-2", 2)  # listening, but named in no targetRef
+        cluster.api.pods.clear()
+        kubeconfig = cluster.api.kubeconfig(tmp_path / "kubeconfig")
+        args = ["--direct"]
+        with connect_process(tmp_path, kubeconfig, loop="uvloop", net=140, args=args) as child:
+            await asyncio.to_thread(child.summary)
+            assert "connecting to the pods' IPs (--direct)" in child.log.read_text()
+            address = (child.address("web.default"), 80)
+            bodies = {await asyncio.to_thread(_get, address) for _ in range(6)}
+            assert bodies == {"web-1", "web-2"}
+            child.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(child.proc.wait, 15) == 0
+        assert_clean_log(child.log)

@@ -62,6 +62,9 @@ class HostsBlock:
                 log.error("cannot update the names: %s", exc)
 
     async def close(self) -> None:
+        """Remove the block, if :meth:`start` made it (a broken block is the user's)."""
+        if self._entries is None:
+            return
         if self._writing is not None:
             with contextlib.suppress(Exception):
                 await self._writing
