@@ -150,7 +150,7 @@ async def test_a_refused_port_forward_resets_that_service_only(tmp_path: Path) -
                 assert await asyncio.to_thread(_outcome, closed) == "reset"
                 assert await asyncio.to_thread(_outcome, web) in {"web-1", "web-2"}
             text = await asyncio.to_thread(wait_logged, child.log, "dial 127.0.131.20:8080 failed")
-            assert "ghost-0:8080: the API server answered 404" in text
+            assert "ghost-0:8080: the API server answered 404: no such pod" in text
             assert "error forwarding port 8999 to pod closed-0" in text
             assert "endpoint 127.0.131.7 left out: it names no pod" in text
             child.proc.send_signal(signal.SIGTERM)

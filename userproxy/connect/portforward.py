@@ -132,6 +132,14 @@ class PortForward:
         return -2, b""  # text or ping: not part of v4's binary framing
 
 
+#: What a refused upgrade means (aiohttp keeps no body of a failed WebSocket handshake).
+_REFUSALS = {
+    401: "the kubeconfig's credentials were refused",
+    403: "forbidden (the user needs the create verb on pods/portforward)",
+    404: "no such pod (deleted or not yet created)",
+}
+
+
 async def open_forward(
     session: aiohttp.ClientSession, endpoint: ApiEndpoint, namespace: str, pod: str, port: int
 ) -> PortForward:
@@ -147,8 +155,9 @@ async def open_forward(
             autoping=True,
         )
     except aiohttp.WSServerHandshakeError as exc:
+        why = _REFUSALS.get(exc.status, exc.message)
         raise PortForwardError(
-            f"{namespace}/{pod}:{port}: the API server answered {exc.status} {exc.message}"
+            f"{namespace}/{pod}:{port}: the API server answered {exc.status}: {why}"
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
         message = f"{namespace}/{pod}:{port}: cannot reach the API server: {exc}"

@@ -26,8 +26,11 @@ from typing import cast
 
 from userproxy.connect.portforward import PortForward, PortForwardError
 from userproxy.dataplane.tcp_relay import reset
+from userproxy.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
+#: A pod that refuses every connection would log a line per connection otherwise.
+_reset_log = RateLimitedLog(log)
 
 __all__ = ["ForwardedConnection"]
 
@@ -153,7 +156,7 @@ class ForwardedConnection(asyncio.Protocol):
         return False
 
     def _reset(self, why: str) -> None:
-        log.warning("connect: %s; the client was reset", why)
+        _reset_log.log(logging.WARNING, "connect: %s; the client was reset", why, key=why)
         if self._on_error is not None:
             self._on_error(why)
         if self._transport is not None and not self._lost:
