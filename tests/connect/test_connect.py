@@ -283,3 +283,41 @@ async def test_direct_connects_to_the_pod_ips(tmp_path: Path) -> None:
             child.proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(child.proc.wait, 15) == 0
         assert_clean_log(child.log)
+
+
+def _end_when_the_pod_goes(address: tuple[str, int], cluster: FakeCluster) -> float:
+    """Echo through ``address``, stop db-0's servers, and the seconds until the client's
+    connection ended (FIN or RST)."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+        for backend in cluster.pods["db-0"]:
+            backend.stop()  # the pod is gone: its connections are closed
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(4096) == b""
+        return time.monotonic() - started
+
+
+async def test_a_pod_that_dies_ends_its_connections_and_nothing_leaks(tmp_path: Path) -> None:
+    """An open connection to a pod that goes away ends (no hang); 60 connections later
+    the child holds as many descriptors as before them (the bridge's pairs, WebSockets
+    and relays are all closed)."""
+    async with fake_cluster() as cluster:
+        kubeconfig = cluster.api.kubeconfig(tmp_path / "kubeconfig")
+        with connect_process(tmp_path, kubeconfig, loop="uvloop", net=141) as child:
+            await asyncio.to_thread(child.summary)
+            web = (child.address("web.default"), 80)
+            await asyncio.to_thread(_get, web)  # the port-forward's client session is made
+            before = len(os.listdir(f"/proc/{child.proc.pid}/fd"))
+            for _ in range(60):
+                await asyncio.to_thread(_get, web)
+            db = (child.address("db.default"), 5432)
+            ended_after = await asyncio.to_thread(_end_when_the_pod_goes, db, cluster)
+            assert ended_after < 5, ended_after
+            await asyncio.sleep(0.5)
+            after = len(os.listdir(f"/proc/{child.proc.pid}/fd"))
+            assert after <= before, (before, after)
+            child.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(child.proc.wait, 15) == 0
+        assert_clean_log(child.log)
