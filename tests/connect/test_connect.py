@@ -67,12 +67,12 @@ def _exchange(address: tuple[str, int], payload: bytes) -> bytes:
 def _read_until_end(address: tuple[str, int]) -> tuple[int, str]:
     """(bytes read, how the stream ended: "reset" or "eof")."""
     total = 0
-    with socket.create_connection(address, timeout=10) as sock:
-        try:
+    try:
+        with socket.create_connection(address, timeout=10) as sock:
             while data := sock.recv(1 << 16):
                 total += len(data)
-        except ConnectionResetError:
-            return total, "reset"
+    except ConnectionResetError:
+        return total, "reset"
     return total, "eof"
 
 
