@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.connect.cluster import (
     resolve_by_hosts_file,
     unprivileged_prefix,
 )
+from tests.support.backends import echo_through
 from tests.support.proxyrun import assert_clean_log, free_port, wait_logged
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,22 +46,6 @@ def _dns(child: Connect, name: str, *, tcp: bool = False) -> str:
     resolver.port = child.dns[1]
     resolver.lifetime = 3.0
     return str(resolver.resolve(name, "A", tcp=tcp)[0])
-
-
-def _exchange(address: tuple[str, int], payload: bytes) -> bytes:
-    """Send ``payload`` and read as many bytes back, both at once (no half-close: the
-    port-forward has none)."""
-    with socket.create_connection(address, timeout=20) as sock:
-        sender = threading.Thread(target=sock.sendall, args=(payload,))
-        sender.start()
-        got = bytearray()
-        while len(got) < len(payload):
-            data = sock.recv(1 << 16)
-            if not data:
-                break
-            got += data
-        sender.join()
-        return bytes(got)
 
 
 def _read_until_end(address: tuple[str, int]) -> tuple[int, str]:
@@ -163,7 +147,7 @@ async def _scenario(cluster: FakeCluster, children: dict[str, Connect]) -> None:
     # 10 MB through the port-forward, the same SHA-256 both ways.
     payload = os.urandom(10 << 20)
     for loop, child in children.items():
-        echoed = await asyncio.to_thread(_exchange, (child.address("db.default"), 5432), payload)
+        echoed = await asyncio.to_thread(echo_through, (child.address("db.default"), 5432), payload)
         assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest(), loop
     # A pod that resets mid-stream: the client sees a reset after what was sent.
     for loop, child in children.items():

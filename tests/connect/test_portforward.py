@@ -13,13 +13,12 @@ import hashlib
 import os
 import socket
 import struct
-import threading
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
-from tests.support.backends import Backend, echo
+from tests.support.backends import Backend, echo, echo_through
 from tests.support.fake_apiserver import FakeApiServer
 from userproxy.connect.portforward import (
     PROTOCOL,
@@ -79,21 +78,6 @@ async def test_a_refused_port_and_an_unknown_pod_are_clear_errors(api: FakeApiSe
             await open_forward(session, ApiEndpoint("http://127.0.133.9:9"), "default", "x", 80)
 
 
-def _transfer(address: tuple[str, int], payload: bytes) -> bytes:
-    """Send ``payload`` while reading as many bytes back (an echo), in two threads."""
-    with socket.create_connection(address, timeout=20) as conn:
-        sender = threading.Thread(target=conn.sendall, args=(payload,))
-        sender.start()
-        got = bytearray()
-        while len(got) < len(payload):
-            chunk = conn.recv(1 << 16)
-            if not chunk:
-                break
-            got += chunk
-        sender.join(20)
-        return bytes(got)
-
-
 @pytest.mark.both_loops
 async def test_ten_megabytes_keep_their_sha256_both_ways(api: FakeApiServer) -> None:
     """A local listener whose connections go through the port-forward to an echo pod."""
@@ -112,7 +96,7 @@ async def test_ten_megabytes_keep_their_sha256_both_ways(api: FakeApiServer) -> 
         try:
             address = server.sockets[0].getsockname()[:2]
             payload = os.urandom(10 * 1024 * 1024)
-            got = await asyncio.to_thread(_transfer, address, payload)
+            got = await asyncio.to_thread(echo_through, address, payload)
             assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
             assert errors == []
         finally:

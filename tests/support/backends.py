@@ -116,6 +116,22 @@ def ask(
         return sock.makefile("rb").readline().decode().strip()
 
 
+def echo_through(address: tuple[str, int], payload: bytes, timeout: float = 20.0) -> bytes:
+    """Send ``payload`` to an echo at ``address`` while reading as many bytes back (two
+    threads, no half-close: a port-forward has none); what came back."""
+    with socket.create_connection(address, timeout=timeout) as conn:
+        sender = threading.Thread(target=conn.sendall, args=(payload,))
+        sender.start()
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+        sender.join(timeout)
+        return bytes(got)
+
+
 def recv_all(sock: socket.socket) -> bytes:
     chunks = []
     while data := sock.recv(1 << 16):

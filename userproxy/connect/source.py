@@ -84,31 +84,31 @@ class ConnectSource:
             else:
                 list_services = functools.partial(core.list_namespaced_service, namespace)
                 list_slices = functools.partial(discovery.list_namespaced_endpoint_slice, namespace)
-            services = Reflector(
-                ListWatch("services", "Service", True, list_services, service_selector),
-                functools.partial(if_selected, decode_service, None),
-                ResourceHandlers(
-                    handlers.on_service_add,
-                    handlers.on_service_update,
-                    handlers.on_service_delete,
-                    services_synced,
-                ),
-                options,
-                on_event,
-            )
-            slices = Reflector(
-                ListWatch("endpointslices", "EndpointSlice", True, list_slices, common),
-                functools.partial(if_selected, decode_endpoint_slice, None),
-                ResourceHandlers(
-                    handlers.on_endpointslice_add,
-                    handlers.on_endpointslice_update,
-                    handlers.on_endpointslice_delete,
-                    slices_synced,
-                ),
-                options,
-                on_event,
-            )
-            self.reflectors += [services, slices]
+            h = handlers
+            self.reflectors.append(
+                Reflector(
+                    ListWatch("services", "Service", True, list_services, service_selector),
+                    functools.partial(if_selected, decode_service, None),
+                    ResourceHandlers(
+                        h.on_service_add, h.on_service_update, h.on_service_delete,
+                        services_synced,
+                    ),
+                    options,
+                    on_event,
+                )
+            )  # fmt: skip
+            self.reflectors.append(
+                Reflector(
+                    ListWatch("endpointslices", "EndpointSlice", True, list_slices, common),
+                    functools.partial(if_selected, decode_endpoint_slice, None),
+                    ResourceHandlers(
+                        h.on_endpointslice_add, h.on_endpointslice_update,
+                        h.on_endpointslice_delete, slices_synced,
+                    ),
+                    options,
+                    on_event,
+                )
+            )  # fmt: skip
 
     @property
     def synced(self) -> bool:
