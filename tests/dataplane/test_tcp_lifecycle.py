@@ -4,15 +4,17 @@ listeners whose spec did not change, and both IP families."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 
 from tests.support.backends import Backend, ask, echo, name_server
 from tests.support.manifests import endpoint_slice, fresh_net, service, write
-from tests.support.proxyrun import running_proxy, wait_for_sync
+from tests.support.proxyrun import eventually, running_proxy, wait_for_sync
 
 pytestmark = pytest.mark.both_loops
 
@@ -157,3 +159,34 @@ async def test_dual_stack_service_uses_each_familys_endpoints(tmp_path: Path) ->
     finally:
         v4.stop()
         v6.stop()
+
+
+async def test_a_removed_listener_is_freed_without_the_cyclic_collector(tmp_path: Path) -> None:
+    """A removed Service's listeners (and, on the compiled relay, their fast path) hold no
+    reference cycle: reference counting frees them.  A cycle would be freed only by the
+    cyclic collector, and never once a bulk sync had frozen the heap (slices.py): a soak
+    writing big manifests grew the proxy by about 100 MB a minute that way."""
+    cluster_ip, backend_ip = _addresses()
+    backend = Backend(backend_ip, echo)
+    path = tmp_path / "s.json"
+    write(
+        path,
+        service("gone", cluster_ip, 8080),
+        endpoint_slice("gone-1", "gone", backend.port, [backend.ip]),
+    )
+    try:
+        async with running_proxy(tmp_path) as proxy:
+            assert await asyncio.to_thread(ask, (cluster_ip, 8080)) == "hi"
+            listeners = [weakref.ref(listener) for listener in proxy.listeners.listeners.values()]
+            assert listeners
+            gc.collect()
+            gc.disable()
+            try:
+                syncs = proxy.proxier.status.syncs
+                write(path, service("other", "127.0.0.254", 8080))
+                await wait_for_sync(proxy, syncs)
+                await eventually(lambda: all(ref() is None for ref in listeners), 3.0)
+            finally:
+                gc.enable()
+    finally:
+        backend.stop()

@@ -113,6 +113,11 @@ class TcpListener(Listener):
     def close(self) -> None:
         self.limit.unregister(self)
         super().close()
+        # The fast path refers to this listener (its connections report their end to
+        # it, and it counts them here): without this, the two would be a cycle that only
+        # the cyclic collector frees, and never once a bulk sync froze them
+        # (userproxy/slices.py).  Nothing accepts through it after close.
+        self._fast = None
 
     def _prepare(self, sock: socket.socket) -> None:
         # Accepted sockets inherit TCP_NODELAY: the compiled relay sets it nowhere else
