@@ -144,6 +144,8 @@ async def _scenario(cluster: FakeCluster, children: dict[str, Connect]) -> None:
     cluster.set_web(1, 2, 4)
     seen = await asyncio.gather(*(_first_seen(c, "web-4", 1.0) for c in both))
     assert max(seen) < 1.0, seen
+    for child in both:  # the summary is printed again with the pods now ready
+        await asyncio.to_thread(wait_logged, child.log, "web-1 web-2 web-4")
     # 10 MB through the port-forward, the same SHA-256 both ways.
     payload = os.urandom(10 << 20)
     for loop, child in children.items():

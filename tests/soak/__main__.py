@@ -18,6 +18,12 @@ from tests.soak.harness import SoakConfig, run_soak
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__)
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument(
+        "--relay",
+        choices=["compiled", "python"],
+        default="compiled",
+        help="the proxy's TCP relay (compiled: the default data path; python: the reference)",
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seconds", type=float, help="overrides --minutes")
     parser.add_argument("--seed", type=int, default=1)
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="userproxy-soak-"))
     config = SoakConfig(
         loop=args.loop,
+        relay=args.relay,
         seconds=seconds,
         seed=args.seed,
         workdir=workdir,
