@@ -241,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HandoffRefused as exc:  # the running proxy serves on, untouched
         print(f"userproxy: --handoff-socket: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
+        print("userproxy: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     return status or 0  # None from the demo
 
 
