@@ -72,6 +72,8 @@ HERE = Path(__file__).parent
 #: run the proxy as a subprocess, hold load or an outage, build network namespaces, fuzz,
 #: or wait out a grace period or timeout of seconds (3 s and more each).
 SLOW = (
+    "connect/test_connect.py",
+    "connect/test_connect_errors.py",
     "netns",
     "process",
     "soak",
