@@ -81,8 +81,11 @@ class Summary:
         if text != self._last:
             self._last = text
             stamp = time.strftime("%H:%M:%S")
-            self.out.write(f"{stamp} Services served here:\n{text}")
-            self.out.flush()
+            try:
+                self.out.write(f"{stamp} Services served here:\n{text}")
+                self.out.flush()
+            except (OSError, ValueError):  # a closed pipe or terminal: go on serving
+                pass
         self.after_print()
 
     def close(self) -> None:
