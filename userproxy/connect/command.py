@@ -73,12 +73,15 @@ class ConnectOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConnectOptions:
+        from userproxy.sources.kubernetes import kubeconfig_context
+
         kubeconfig = args.kubeconfig or default_kubeconfig()
         namespaces: tuple[str, ...] = ()
-        if not args.all_namespaces:
-            namespaces = tuple(dict.fromkeys(args.namespace or ())) or (
-                context_namespace(kubeconfig, args.context) or "default",
-            )
+        if args.namespace and not args.all_namespaces:
+            namespaces = tuple(dict.fromkeys(args.namespace))
+        elif not args.all_namespaces:  # the context's namespace, as kubectl takes it
+            given = kubeconfig_context(kubeconfig, args.context).get("namespace")
+            namespaces = (given if isinstance(given, str) and given else "default",)
         for namespace in namespaces:
             if not _NAMESPACE.match(namespace):
                 raise ConfigError(f"--namespace: {namespace!r} is not a namespace name")
@@ -101,23 +104,6 @@ def default_kubeconfig() -> Path:
     """kubectl's: the first file of ``$KUBECONFIG``, else ``~/.kube/config``."""
     paths = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
     return Path(paths[0]) if paths else Path.home() / ".kube" / "config"
-
-
-def context_namespace(kubeconfig: Path, context: str | None) -> str | None:
-    """The namespace ``context`` (None: the current one) of ``kubeconfig`` names, if any;
-    None also when the file cannot be read (loading it later says why)."""
-    import yaml
-
-    try:
-        document = yaml.safe_load(kubeconfig.read_text(encoding="utf-8"))
-        name = context or document.get("current-context")
-        for entry in document.get("contexts") or ():
-            if entry.get("name") == name:
-                namespace = (entry.get("context") or {}).get("namespace")
-                return namespace if isinstance(namespace, str) and namespace else None
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        return None
-    return None
 
 
 def add_connect_arguments(parser: argparse.ArgumentParser) -> None:

@@ -89,12 +89,16 @@ def _read(path: Path) -> str:
         raise HostsFileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
 
 
-def write_block(path: Path, entries: Mapping[str, Iterable[str]]) -> None:
-    """Make ``path`` hold exactly one managed block, for ``entries``."""
-    rest = _without_block(_read(path), path)
+def write_block(path: Path, entries: Mapping[str, Iterable[str]]) -> bool:
+    """Make ``path`` hold exactly one managed block, for ``entries``; whether it held one
+    before (at start: one a crashed run left)."""
+    text = _read(path)
+    rest = _without_block(text, path)
+    had_block = rest != text
     if rest and not rest.endswith("\n"):
         rest += "\n"
     _replace(path, rest + render(entries))
+    return had_block
 
 
 def remove_block(path: Path) -> bool:

@@ -105,10 +105,9 @@ class LocalServices:
         self.services: dict[ServiceName, LocalService] = {}
         self.names: dict[str, str] = {}
         self._delivered: dict[ServiceName, Service] = {}
-        self._slices: dict[tuple[str, str], EndpointSlice] = {}
+        #: What was delivered of each EndpointSlice, by its Service and its name.
+        self._slices: dict[ServiceName, dict[str, EndpointSlice]] = {}
         self._podless_noted: set[tuple[str, str, str]] = set()
-        #: Ready pods (or addresses, for endpoints without a pod) by Service and slice.
-        self._ready: dict[ServiceName, dict[str, tuple[str, ...]]] = {}
 
     # -- Services ---------------------------------------------------------------------------
     def on_service_add(self, service: Service) -> None:
@@ -224,27 +223,49 @@ class LocalServices:
 
     # -- EndpointSlices ---------------------------------------------------------------------
     def on_endpointslice_add(self, endpoint_slice: EndpointSlice) -> None:
-        served = self._reachable(endpoint_slice)
-        self._slices[(endpoint_slice.namespace, endpoint_slice.name)] = served
-        self.handlers.on_endpointslice_add(served)
-        self._note_ready(endpoint_slice)
+        self._replace(None, endpoint_slice)
 
     def on_endpointslice_update(self, old: EndpointSlice, new: EndpointSlice) -> None:
-        key = (new.namespace, new.name)
-        served = self._reachable(new)
-        before = self._slices.get(key)
-        self._slices[key] = served
-        if before is None:
-            self.handlers.on_endpointslice_add(served)
-        else:
-            self.handlers.on_endpointslice_update(before, served)
-        self._note_ready(new)
+        self._replace(old, new)
 
     def on_endpointslice_delete(self, endpoint_slice: EndpointSlice) -> None:
-        before = self._slices.pop((endpoint_slice.namespace, endpoint_slice.name), None)
-        if before is not None:
+        self._replace(endpoint_slice, None)
+
+    def _replace(self, old: EndpointSlice | None, new: EndpointSlice | None) -> None:
+        """Pass on the change from what was delivered for ``old`` to ``new``'s reachable
+        part (None: absent); ``on_change()`` when a Service's ready pods changed."""
+        keys = {(s.namespace, s.service_name) for s in (old, new) if s is not None}
+        ready = {key: self.ready_pods(key) for key in keys}
+        before = self._pop(old) if old is not None else None
+        served = None
+        if new is not None:
+            served = self._reachable(new)
+            self._slices.setdefault((new.namespace, new.service_name), {})[new.name] = served
+        if before is not None and served is not None:
+            self.handlers.on_endpointslice_update(before, served)
+        elif served is not None:
+            self.handlers.on_endpointslice_add(served)
+        elif before is not None:
             self.handlers.on_endpointslice_delete(before)
-        self._note_ready(endpoint_slice, gone=True)
+        if any(self.ready_pods(key) != was for key, was in ready.items() if key in self.services):
+            self.on_change()
+
+    def _pop(self, endpoint_slice: EndpointSlice) -> EndpointSlice | None:
+        """Forget what was delivered for ``endpoint_slice``; what that was."""
+        service = (endpoint_slice.namespace, endpoint_slice.service_name)
+        slices = self._slices.get(service)
+        if slices is None:
+            return None
+        delivered = slices.pop(endpoint_slice.name, None)
+        if not slices:
+            del self._slices[service]
+        return delivered
+
+    def ready_pods(self, service: ServiceName) -> tuple[str, ...]:
+        """The ready pods of ``service`` among what is served (an endpoint without a pod,
+        with ``--direct``: its address)."""
+        slices = self._slices.get(service, {}).values()
+        return tuple(sorted({e.pod or e.address for s in slices for e in s.endpoints if e.ready}))
 
     def on_endpointslices_synced(self) -> None:
         self.handlers.on_endpointslices_synced()
@@ -268,30 +289,6 @@ class LocalServices:
                     endpoint.address,
                 )
         return dataclasses.replace(endpoint_slice, endpoints=kept)
-
-    def _note_ready(self, endpoint_slice: EndpointSlice, *, gone: bool = False) -> None:
-        key = (endpoint_slice.namespace, endpoint_slice.service_name)
-        ready = (
-            ()
-            if gone
-            else tuple(sorted(e.pod or e.address for e in endpoint_slice.endpoints if e.ready))
-        )
-        slices = self._ready.setdefault(key, {})
-        if slices.get(endpoint_slice.name, ()) == ready:
-            return
-        if ready:
-            slices[endpoint_slice.name] = ready
-        else:
-            slices.pop(endpoint_slice.name, None)
-        if not slices:
-            del self._ready[key]
-        if key in self.services:
-            self.on_change()
-
-    def ready_pods(self, service: ServiceName) -> tuple[str, ...]:
-        """The ready pods of ``service`` (an endpoint without a pod: its address)."""
-        slices = self._ready.get(service, {})
-        return tuple(sorted({pod for pods in slices.values() for pod in pods}))
 
     # -- Nodes: this machine is no node; the source delivers none -------------------------------
     def on_node_add(self, node: Node) -> None:

@@ -36,8 +36,7 @@ class HostsBlock:
     async def start(self) -> None:
         """ConfigError (exit 2) when the file cannot be written or its block is broken."""
         try:
-            stale = await asyncio.to_thread(remove_block, self.path)
-            await asyncio.to_thread(write_block, self.path, {})
+            stale = await asyncio.to_thread(write_block, self.path, {})
         except HostsFileError as exc:
             raise ConfigError(f"--hosts-file: {exc}", setting="hosts_file") from None
         if stale:

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KubernetesSource",
     "if_selected",
+    "kubeconfig_context",
     "label_selector",
     "load_client_configuration",
     "make_api_client",
@@ -71,7 +72,7 @@ async def load_client_configuration(
 
     Called before anything starts, so that an unusable kubeconfig, or a pod without a
     ServiceAccount token, stops the process with one line (``ConfigError``, ``setting``
-    ``kubeconfig``) instead of failing inside the running source.  :func:`_check_kubeconfig`
+    ``kubeconfig``) instead of failing inside the running source.  :func:`kubeconfig_context`
     gives the common causes in userproxy's words; whatever else kubernetes-asyncio rejects
     keeps its text.
     """
@@ -91,7 +92,7 @@ async def load_client_configuration(
                 problem=f"in-cluster configuration: {exc}",
             ) from None
         return configuration
-    _check_kubeconfig(kubeconfig, context)
+    kubeconfig_context(kubeconfig, context)
     try:
         await k8s_config.load_kube_config(
             config_file=str(kubeconfig),
@@ -107,9 +108,10 @@ async def load_client_configuration(
     return configuration
 
 
-def _check_kubeconfig(path: Path, context: str | None = None) -> None:
-    """The kubeconfig is a readable YAML mapping whose ``context`` (None: its
-    current-context) is among its contexts."""
+def kubeconfig_context(path: Path, context: str | None = None) -> dict[str, object]:
+    """The ``context`` entry (None: the current-context) of the kubeconfig at ``path``,
+    e.g. its ``namespace``; ConfigError unless the file is a readable YAML mapping that
+    has that context."""
 
     def fail(problem: str) -> ConfigError:
         problem = f"{path}: {problem}"
@@ -136,6 +138,8 @@ def _check_kubeconfig(path: Path, context: str | None = None) -> None:
     if current not in names:
         which = "context" if context else "current-context"
         raise fail(f"{which} {current!r} is not among its contexts {names}")
+    entry = contexts[names.index(current)].get("context")
+    return entry if isinstance(entry, dict) else {}
 
 
 async def make_api_client(kubeconfig: Path | None) -> ApiClient:
